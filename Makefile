@@ -1,0 +1,42 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   builds and runs the main job (python -m pyqkv)
+#   make test   builds and runs the test suite
+# Both use the virtual environment .venv: when the python3 on PATH already has a usable torch
+# (2.11 - 2.14) the venv sees it (--system-site-packages); otherwise torch 2.13.0 is installed there.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -c requirements/constraints.txt
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+HAVE_TORCH := $(shell $(PYTHON) -c "import torch; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); assert (2, 11) <= v < (2, 15)" 2>/dev/null && echo yes)
+
+.PHONY: demo test bench build clean
+
+demo: $(VENV)/.built
+	$(PY) -m pyqkv
+
+test: $(VENV)/.built
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.built
+	$(PY) -m pyqkv bench
+
+build: $(VENV)/.built
+
+$(VENV)/.ready: requirements/test.txt requirements/constraints.txt
+ifeq ($(HAVE_TORCH),yes)
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+else
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+endif
+	$(PY) -c "import pytest, hypothesis, einops, transformers, ninja" 2>/dev/null || $(PIP) -r requirements/test.txt
+	touch $@
+
+# --no-build-isolation: compile against the torch in the venv, never a freshly downloaded one.
+$(VENV)/.built: $(VENV)/.ready $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf build *.egg-info pyqkv/*.so $(VENV)/.built

@@ -1,0 +1,69 @@
+// Host-side argument checks and mask preparation for the attention op, shared by CPU and CUDA.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <limits>
+
+#include "checks.h"
+
+namespace pyqkv {
+
+struct AttnDims {
+  int64_t B, S, H, Dh, K, Hkv;
+};
+
+inline AttnDims check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const c10::optional<at::Tensor>& mask) {
+  PYQKV_CHECK_RANK(q, "q", 4, "[B, S, H, Dh]");
+  PYQKV_CHECK_RANK(k, "k", 4, "[B, K, Hkv, Dh]");
+  PYQKV_CHECK_RANK(v, "v", 4, "[B, K, Hkv, Dh]");
+  PYQKV_CHECK_FLOATING(q, "q");
+  PYQKV_CHECK_SAME_DTYPE(k, "k", q, "q");
+  PYQKV_CHECK_SAME_DTYPE(v, "v", q, "q");
+  PYQKV_CHECK_SAME_DEVICE(k, "k", q, "q");
+  PYQKV_CHECK_SAME_DEVICE(v, "v", q, "q");
+  AttnDims d{q.size(0), q.size(1), q.size(2), q.size(3), k.size(1), k.size(2)};
+  TORCH_CHECK_VALUE(d.Dh > 0 && d.H > 0, "q: expected H > 0 heads of Dh > 0 features, got shape ", shape_str(q));
+  TORCH_CHECK_VALUE(k.size(0) == d.B && k.size(3) == d.Dh, "k: expected shape [", d.B, ", K, Hkv, ", d.Dh,
+                    "] (B and Dh of q ", shape_str(q), "), got ", shape_str(k));
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v: expected the shape of k ", shape_str(k), ", got ",
+                    shape_str(v));
+  TORCH_CHECK_VALUE(d.Hkv > 0 && d.H % d.Hkv == 0, "k: expected a KV head count that divides H=", d.H,
+                    " (q ", shape_str(q), "), got Hkv=", d.Hkv, " (k ", shape_str(k), ")");
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    PYQKV_CHECK_SAME_DEVICE(m, "mask", q, "q");
+    if (m.dim() == 2) {
+      TORCH_CHECK_VALUE(m.size(0) == d.B && m.size(1) == d.K, "mask: expected a 2-D padding mask [B, K] = [",
+                        d.B, ", ", d.K, "], got ", shape_str(m));
+      TORCH_CHECK_TYPE(!at::isComplexType(m.scalar_type()), "mask: expected a bool, integer or float padding mask, got ",
+                       m.scalar_type());
+    } else if (m.dim() == 4) {
+      TORCH_CHECK_TYPE(at::isFloatingType(m.scalar_type()),
+                       "mask: expected a floating-point additive 4-D mask (0 = visible, very negative = hidden), got ",
+                       m.scalar_type());
+      TORCH_CHECK_VALUE((m.size(0) == d.B || m.size(0) == 1) && (m.size(1) == 1 || m.size(1) == d.H) &&
+                            m.size(2) == d.S && m.size(3) == d.K,
+                        "mask: expected a 4-D additive mask [B or 1, 1 or H, S, K] = [", d.B, ", 1 or ", d.H, ", ",
+                        d.S, ", ", d.K, "], got ", shape_str(m));
+    } else {
+      TORCH_CHECK_VALUE(false, "mask: expected a 2-D padding mask [B, K] or a 4-D additive mask [B, 1 or H, S, K], got ",
+                        m.dim(), "-D with shape ", shape_str(m));
+    }
+  }
+  return d;
+}
+
+// An additive mask entry at or below this value means "hidden" (weight exactly 0, a fully hidden row
+// gives zeros): half the most negative finite value of the mask's own dtype, which is how Hugging Face
+// writes hidden entries (torch.finfo(dtype).min). Larger negative values are ordinary biases.
+inline double hidden_threshold(at::ScalarType mask_dtype) {
+  switch (mask_dtype) {
+    case at::kHalf: return -0.5 * 65504.0;
+    case at::kBFloat16: return -0.5 * 3.3895313892515355e38;
+    case at::kFloat: return -0.5 * std::numeric_limits<float>::max();
+    default: return -0.5 * std::numeric_limits<double>::max();
+  }
+}
+
+}  // namespace pyqkv

@@ -1,0 +1,31 @@
+// Argument checks for kv_append, shared by the CPU and CUDA kernels.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "checks.h"
+
+namespace pyqkv {
+
+inline void check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                            const at::Tensor& v_new, int64_t start) {
+  PYQKV_CHECK_RANK(k_cache, "k_cache", 4, "[B, Hkv, capacity, Dh]");
+  PYQKV_CHECK_RANK(k_new, "k_new", 4, "[B, S, Hkv, Dh]");
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache: expected the shape of k_cache ",
+                    shape_str(k_cache), ", got ", shape_str(v_cache));
+  TORCH_CHECK_VALUE(v_new.sizes() == k_new.sizes(), "v_new: expected the shape of k_new ",
+                    shape_str(k_new), ", got ", shape_str(v_new));
+  const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), cap = k_cache.size(2), Dh = k_cache.size(3);
+  TORCH_CHECK_VALUE(k_new.size(0) == B && k_new.size(2) == Hkv && k_new.size(3) == Dh,
+                    "k_new: expected shape [", B, ", S, ", Hkv, ", ", Dh,
+                    "] (B, Hkv, Dh of the cache [B, Hkv, capacity, Dh]), got ", shape_str(k_new));
+  const int64_t S = k_new.size(1);
+  TORCH_CHECK_VALUE(start >= 0 && start + S <= cap, "start: expected 0 <= start and start + S <= capacity ",
+                    cap, " (S = ", S, "), got start=", start);
+  for (auto* p : {&k_cache, &v_cache, &k_new, &v_new}) {
+    const char* name = p == &k_cache ? "k_cache" : p == &v_cache ? "v_cache" : p == &k_new ? "k_new" : "v_new";
+    PYQKV_CHECK_SAME_DTYPE(*p, name, k_cache, "k_cache");
+    PYQKV_CHECK_SAME_DEVICE(*p, name, k_cache, "k_cache");
+  }
+}
+
+}  // namespace pyqkv

@@ -1,0 +1,28 @@
+// The op schemas of pyqkv: declared once here; each backend registers kernels in its own file
+// (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for CUDA). Notation: B batch, S query positions, K key
+// positions, H query heads, Hkv key/value heads, Dh head dim, D model dim.
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyqkv, m) {
+  // Fused QKV weight -> per-head weights in HookedTransformer format.
+  // weight: [D, n_out] (conv1d) or [n_out, D] (Linear), n_out = (H + 2 Hkv) Dh.
+  // Returns W_Q [H, D, Dh], W_K [Hkv, D, Dh], W_V [Hkv, D, Dh]. A bias is split as a [1, n_out]
+  // conv1d weight, so one kernel serves both.
+  m.def("split_qkv(Tensor weight, int n_heads, int n_kv_heads, int d_head, str layout, bool conv1d)"
+        " -> (Tensor, Tensor, Tensor)");
+  // The inverse of split_qkv: per-head weights -> one fused weight in the given layout/orientation.
+  m.def("pack_qkv(Tensor W_Q, Tensor W_K, Tensor W_V, str layout, bool conv1d) -> Tensor");
+
+  // Per-head projection  b s n d, n d e -> b s n e  (+ b[n, e]).
+  m.def("per_head_proj(Tensor x, Tensor W, Tensor? b) -> Tensor");
+
+  // Scaled, masked attention. q [B,S,H,Dh]; k, v [B,K,Hkv,Dh] (any strides); mask None,
+  // [B,K] padding (nonzero = attend) or [B,1|H,S,K] additive. Causal is bottom-right aligned.
+  // Returns z [B,S,H,Dh], lse [B,H,S] (float32, -inf on fully masked rows) and pattern [B,H,S,K]
+  // (an empty tensor unless return_pattern).
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
+        " bool return_pattern) -> (Tensor, Tensor, Tensor)");
+
+  // Writes k_new/v_new [B,S,Hkv,Dh] into caches [B,Hkv,capacity,Dh] at positions start..start+S-1.
+  m.def("kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, int start) -> ()");
+}

@@ -1,0 +1,324 @@
+"""Typed Python wrappers over the native ops (torch.ops.pyqkv.*), with their fake kernels (so
+torch.compile can trace them) and autograd formulas.
+
+Notation: B batch, S query positions, K key positions (cache included), H query heads, Hkv key/value
+heads, Dh head dim, D model dim. The argument checks live in C++ (csrc/checks.h and each op's header),
+so that torch.ops.pyqkv.* called directly is as safe as these wrappers; they surface here as
+ValueError / TypeError naming the argument, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from pyqkv import _C  # noqa: F401  (loads the shared library: runs its TORCH_LIBRARY registrations)
+
+LAYOUTS = ("blocked", "interleaved", "grouped", "codegen")
+
+_ops = torch.ops.pyqkv
+
+
+def _check_layout(layout) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate in: float64 for float64, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# split_qkv / pack_qkv
+
+
+def split_qkv(weight, bias, *, n_heads: int, n_kv_heads: Optional[int] = None, d_head: int, layout: str, conv1d: bool):
+    """Split a fused QKV weight (and bias) into per-head weights in HookedTransformer format.
+
+    weight: [D, (H + 2 Hkv) Dh] when conv1d (GPT-2's Conv1D stores [in, out]), else [(H + 2 Hkv) Dh, D]
+    (nn.Linear stores [out, in]). bias: [(H + 2 Hkv) Dh] or None. layout: where each head sits in the
+    fused output ("blocked", "interleaved", "grouped", "codegen"; SPEC §5).
+
+    Returns W_Q [H, D, Dh], W_K [Hkv, D, Dh], W_V [Hkv, D, Dh], b_Q [H, Dh], b_K [Hkv, Dh], b_V [Hkv, Dh]
+    (the biases are None when bias is None). For GPT-2, W_Q[h] = c_attn.weight[:, h*Dh:(h+1)*Dh].
+    """
+    _check_layout(layout)
+    n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    W_Q, W_K, W_V = _ops.split_qkv(weight, n_heads, n_kv_heads, d_head, layout, conv1d)
+    if bias is None:
+        return W_Q, W_K, W_V, None, None, None
+    n_out = (n_heads + 2 * n_kv_heads) * d_head
+    if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != n_out:
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias: expected shape ({n_out},) = (n_heads + 2 * n_kv_heads) * d_head, got {got}")
+    # A bias is a fused weight with one input row: the same kernel splits it.
+    b_Q, b_K, b_V = _ops.split_qkv(bias.unsqueeze(0), n_heads, n_kv_heads, d_head, layout, True)
+    return W_Q, W_K, W_V, b_Q.squeeze(1), b_K.squeeze(1), b_V.squeeze(1)
+
+
+def pack_qkv(W_Q, W_K, W_V, b_Q=None, b_K=None, b_V=None, *, layout: str = "blocked", conv1d: bool = True):
+    """The inverse of split_qkv: per-head weights -> (fused weight, fused bias or None).
+
+    With the defaults the result is the blocked [D, (H + 2 Hkv) Dh] weight that the one-GEMM projection
+    uses: x @ weight + bias gives [all Q heads | all K heads | all V heads].
+    """
+    _check_layout(layout)
+    weight = _ops.pack_qkv(W_Q, W_K, W_V, layout, conv1d)
+    biases = (b_Q, b_K, b_V)
+    if all(b is None for b in biases):
+        return weight, None
+    for name, b, W in (("b_Q", b_Q, W_Q), ("b_K", b_K, W_K), ("b_V", b_V, W_V)):
+        want = (W.shape[0], W.shape[2])
+        if not isinstance(b, torch.Tensor) or tuple(b.shape) != want:
+            got = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+            raise ValueError(f"{name}: expected shape {want} (heads, Dh of the weight), got {got}")
+    bias = _ops.pack_qkv(b_Q.unsqueeze(1), b_K.unsqueeze(1), b_V.unsqueeze(1), layout, True)
+    return weight, bias.squeeze(0)
+
+
+@torch.library.register_fake("pyqkv::split_qkv")
+def _split_qkv_fake(weight, n_heads, n_kv_heads, d_head, layout, conv1d):
+    torch._check(weight.dim() == 2, lambda: f"weight: expected 2-D, got {weight.dim()}-D")
+    D = weight.shape[0] if conv1d else weight.shape[1]
+    return (
+        weight.new_empty(n_heads, D, d_head),
+        weight.new_empty(n_kv_heads, D, d_head),
+        weight.new_empty(n_kv_heads, D, d_head),
+    )
+
+
+@torch.library.register_fake("pyqkv::pack_qkv")
+def _pack_qkv_fake(W_Q, W_K, W_V, layout, conv1d):
+    H, D, Dh = W_Q.shape
+    n_out = (H + 2 * W_K.shape[0]) * Dh
+    return W_Q.new_empty(D, n_out) if conv1d else W_Q.new_empty(n_out, D)
+
+
+def _split_qkv_setup(ctx, inputs, output):
+    weight, n_heads, n_kv_heads, d_head, layout, conv1d = inputs
+    ctx.layout, ctx.conv1d = layout, conv1d
+
+
+def _split_qkv_backward(ctx, gQ, gK, gV):
+    # split is a permutation of elements: its gradient is the inverse permutation, pack.
+    return _ops.pack_qkv(gQ, gK, gV, ctx.layout, ctx.conv1d), None, None, None, None, None
+
+
+def _pack_qkv_setup(ctx, inputs, output):
+    W_Q, W_K, W_V, layout, conv1d = inputs
+    ctx.heads = (W_Q.shape[0], W_K.shape[0], W_Q.shape[2])
+    ctx.layout, ctx.conv1d = layout, conv1d
+
+
+def _pack_qkv_backward(ctx, grad):
+    H, Hkv, Dh = ctx.heads
+    gQ, gK, gV = _ops.split_qkv(grad, H, Hkv, Dh, ctx.layout, ctx.conv1d)
+    return gQ, gK, gV, None, None
+
+
+torch.library.register_autograd("pyqkv::split_qkv", _split_qkv_backward, setup_context=_split_qkv_setup)
+torch.library.register_autograd("pyqkv::pack_qkv", _pack_qkv_backward, setup_context=_pack_qkv_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# per_head_proj
+
+
+def per_head_proj(x, W, b=None):
+    """b s n d, n d e -> b s n e: head n of x [B, S, n, D] projected with its own W[n] [D, E], plus b[n].
+
+    When x is a broadcast view of one residual (stride 0 over n, e.g. `resid[:, :, None].expand(...)`),
+    this is one GEMM over the residual and the n-fold copy is never materialized.
+    Returns [B, S, n, E].
+    """
+    return _ops.per_head_proj(x, W, b)
+
+
+@torch.library.register_fake("pyqkv::per_head_proj")
+def _per_head_proj_fake(x, W, b):
+    torch._check(x.dim() == 4 and W.dim() == 3, lambda: "x: expected [B, S, n, D] and W [n, D, E]")
+    return x.new_empty(x.shape[0], x.shape[1], x.shape[2], W.shape[2])
+
+
+def _per_head_proj_setup(ctx, inputs, output):
+    x, W, b = inputs
+    ctx.save_for_backward(x, W)
+    ctx.has_bias = b is not None
+
+
+def _per_head_proj_backward(ctx, grad):
+    x, W = ctx.saved_tensors
+    gx = gW = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.einsum("bsne,nde->bsnd", grad, W)
+    if ctx.needs_input_grad[1]:
+        if x.stride(2) == 0:  # broadcast residual: one GEMM over the residual, no n-fold copy
+            gW = torch.einsum("bsd,bsne->nde", x[:, :, 0], grad)
+        else:
+            gW = torch.einsum("bsnd,bsne->nde", x, grad)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = grad.sum(dim=(0, 1))
+    return gx, gW, gb
+
+
+torch.library.register_autograd("pyqkv::per_head_proj", _per_head_proj_backward, setup_context=_per_head_proj_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# attention
+
+
+def attention(q, k, v, *, scale: float, causal: bool, mask=None, return_pattern: bool = False):
+    """Scaled, masked attention with GQA by index. Returns (z, lse, pattern).
+
+    q: [B, S, H, Dh]; k, v: [B, K, Hkv, Dh], any strides (views into one fused projection are read in
+    place). Query head h reads KV head h // (H / Hkv); K and V are never repeated in memory.
+    mask: None; a padding mask [B, K] (bool True / nonzero = attend); or an additive float mask
+    [B or 1, 1 or H, S, K] (0 = visible; at most half the dtype's most negative value = hidden).
+    causal: bottom-right aligned, so query i sees keys 0 .. K - S + i; a one-token decode step sees the
+    whole cache:
+
+        S=2, K=4:   keys 0 1 2 3
+            query 0:     x x x .
+            query 1:     x x x x
+
+    Returns z [B, S, H, Dh] (q's dtype), lse [B, H, S] (float32; float64 for float64 inputs; -inf on a
+    row with no visible key) and pattern [B, H, S, K] (None unless return_pattern). A row with no
+    visible key gives zeros in z and pattern, never NaN. Half types accumulate in float32.
+    """
+    z, lse, pattern = _ops.attention(q, k, v, mask, float(scale), bool(causal), bool(return_pattern))
+    return z, lse, (pattern if return_pattern else None)
+
+
+@torch.library.register_fake("pyqkv::attention")
+def _attention_fake(q, k, v, mask, scale, causal, return_pattern):
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q, k: expected 4-D [B, S, H, Dh] / [B, K, Hkv, Dh]")
+    B, S, H, Dh = q.shape
+    K = k.shape[1]
+    z = q.new_empty(B, S, H, Dh)
+    lse = q.new_empty(B, H, S, dtype=_acc_dtype(q.dtype))
+    pattern = q.new_empty(B, H, S, K) if return_pattern else q.new_empty(0)
+    return z, lse, pattern
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, mask, scale, causal, return_pattern = inputs
+    ctx.scale, ctx.causal = scale, causal
+    ctx.mask_shape = None if mask is None else mask.shape
+    ctx.save_for_backward(q, k, v, mask)
+
+
+def _attention_backward(ctx, grad_z, grad_lse, grad_pattern):
+    """Exact gradients from the recomputed pattern P (in the accumulation dtype):
+    dV = Pᵀ dZ, dP = dZ Vᵀ (+ the pattern's own gradient), dS = P ⊙ (dP − rowsum(dP ⊙ P)) + P ⊙ dlse,
+    dQ = scale · dS K, dK = scale · dSᵀ Q, d(additive mask) = dS. GQA heads sum into their KV head."""
+    q, k, v, mask = ctx.saved_tensors
+    B, S, H, Dh = q.shape
+    K, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    acc = _acc_dtype(q.dtype)
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    _, _, P = _ops.attention(qa, ka, va, mask, ctx.scale, ctx.causal, True)
+    P5 = P.view(B, Hkv, G, S, K)
+    q5 = qa.view(B, S, Hkv, G, Dh).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, S, Dh]
+    kt, vt = ka.permute(0, 2, 1, 3), va.permute(0, 2, 1, 3)  # [B, Hkv, K, Dh]
+    if grad_z is None:
+        grad_z = q.new_zeros(B, S, H, Dh)
+    gz5 = grad_z.to(acc).reshape(B, S, Hkv, G, Dh).permute(0, 2, 3, 1, 4)
+
+    dP = torch.einsum("bngsd,bnkd->bngsk", gz5, vt)
+    if grad_pattern is not None and grad_pattern.numel() > 0:
+        dP = dP + grad_pattern.to(acc).reshape(B, Hkv, G, S, K)
+    dS = P5 * (dP - (dP * P5).sum(-1, keepdim=True))
+    if grad_lse is not None:
+        dS = dS + P5 * grad_lse.to(acc).reshape(B, Hkv, G, S, 1)
+
+    gq = gk = gv = gmask = None
+    if ctx.needs_input_grad[0]:
+        gq = (torch.einsum("bngsk,bnkd->bsngd", dS, kt) * ctx.scale).reshape(B, S, H, Dh).to(q.dtype)
+    if ctx.needs_input_grad[1]:
+        gk = (torch.einsum("bngsk,bngsd->bknd", dS, q5) * ctx.scale).to(k.dtype)
+    if ctx.needs_input_grad[2]:
+        gv = torch.einsum("bngsk,bngsd->bknd", P5, gz5).to(v.dtype)
+    if ctx.needs_input_grad[3] and mask is not None and mask.dim() == 4:
+        dS4 = dS.reshape(B, H, S, K)
+        dims = [d for d in range(2) if ctx.mask_shape[d] == 1]
+        gmask = (dS4.sum(dim=dims, keepdim=True) if dims else dS4).to(mask.dtype)
+    return gq, gk, gv, gmask, None, None, None
+
+
+torch.library.register_autograd("pyqkv::attention", _attention_backward, setup_context=_attention_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# The split form of attention, for a hook on the scores: the [B, H, S, K] scores must exist for the hook
+# to see them, so these are composed of ATen ops (autograd and every device for free). Same semantics
+# as the fused op: GQA by index, bottom-right causal, hidden entries at the dtype's most negative value.
+
+
+def _grouped_queries(q, Hkv):
+    """q [B, S, H, Dh] -> [B, Hkv, G*S, Dh]: the G query heads of each KV head stacked along S."""
+    B, S, H, Dh = q.shape
+    G = H // Hkv
+    return q.reshape(B, S, Hkv, G, Dh).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, Dh)
+
+
+def attn_scores(q, k, *, scale: float, causal: bool, mask=None, dtype: Optional[torch.dtype] = None):
+    """Scaled, masked scores [B, H, S, K] (what hook_attn_scores sees), in `dtype` (default q's).
+
+    Hidden entries (causal, padding or an additive entry at or below half the dtype's minimum) hold the
+    dtype's most negative finite value, so attn_softmax gives them weight exactly 0.
+    """
+    B, S, H, Dh = q.shape
+    K, Hkv = k.shape[1], k.shape[2]
+    dtype = q.dtype if dtype is None else dtype
+    qg = _grouped_queries(q.to(dtype), Hkv)
+    scores = (qg @ k.to(dtype).permute(0, 2, 3, 1)).reshape(B, H, S, K) * scale
+    hidden = torch.zeros((), dtype=torch.bool, device=q.device)
+    if causal:
+        i = torch.arange(S, device=q.device).view(S, 1)
+        j = torch.arange(K, device=q.device).view(1, K)
+        hidden = hidden | (j > (K - S) + i)
+    if mask is not None and mask.dim() == 2:
+        hidden = hidden | (mask == 0).view(B, 1, 1, K)
+    elif mask is not None:
+        scores = scores + mask.to(dtype)
+        hidden = hidden | (mask <= torch.finfo(mask.dtype).min / 2)
+    return scores.masked_fill(hidden, torch.finfo(dtype).min)
+
+
+def attn_softmax(scores, *, dtype: Optional[torch.dtype] = None):
+    """Pattern [B, H, S, K] from scores: softmax in the accumulation dtype; entries at or below half the
+    dtype's most negative value get weight 0 and a row with none left is all zeros (never NaN)."""
+    hidden = scores <= torch.finfo(scores.dtype).min / 2
+    s = scores.to(_acc_dtype(scores.dtype)).masked_fill(hidden, float("-inf"))
+    any_visible = ~hidden.all(dim=-1, keepdim=True)
+    pattern = torch.softmax(s.masked_fill(~any_visible, 0.0), dim=-1).masked_fill(~any_visible, 0.0)
+    return pattern.to(scores.dtype if dtype is None else dtype)
+
+
+def attn_apply(pattern, v):
+    """z [B, S, H, Dh] = pattern [B, H, S, K] · v [B, K, Hkv, Dh], GQA by index."""
+    B, H, S, K = pattern.shape
+    Hkv, Dh = v.shape[2], v.shape[3]
+    G = H // Hkv
+    z = pattern.reshape(B, Hkv, G * S, K) @ v.to(pattern.dtype).permute(0, 2, 1, 3)  # [B, Hkv, G*S, Dh]
+    return z.reshape(B, Hkv, G, S, Dh).permute(0, 3, 1, 2, 4).reshape(B, S, H, Dh)
+
+
+# --------------------------------------------------------------------------------------------------
+# kv_append
+
+
+def kv_append(k_cache, v_cache, k_new, v_new, start: int) -> None:
+    """Write k_new, v_new [B, S, Hkv, Dh] into k_cache, v_cache [B, Hkv, capacity, Dh] at positions
+    start .. start + S - 1, in place (the schema marks both caches as mutated). No reallocation: the
+    caller (pyqkv.KVCache) owns growth."""
+    _ops.kv_append(k_cache, v_cache, k_new, v_new, int(start))
+
+
+@torch.library.register_fake("pyqkv::kv_append")
+def _kv_append_fake(k_cache, v_cache, k_new, v_new, start):
+    return None
