@@ -1,0 +1,512 @@
+"""Bridge: hookable fused-QKV attention that builds an intermediate only when a hook or the cache asks.
+
+Notation: B batch, S positions in this call, K key positions (cache included), H heads, Hkv KV heads,
+Dh head dim, D model dim. Data flows one way: validate and pick a path here -> pyqkv.ops -> kernels.
+
+Paths (DESIGN.md, "Fast-path selection"):
+- nothing hooked at hook_attn_scores / hook_pattern: the fused attention op, no [B,H,S,K] tensor;
+- a hook on hook_pattern only: the same op also writes the pattern; z is recomputed from the pattern
+  only if a hook replaced or edited it in place (or needs its gradient);
+- a hook on hook_attn_scores: the split form (scores -> softmax -> apply);
+- fork flags with nothing hooked at the fork point: the fused GEMM, never an H-fold copy of the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyqkv import ops
+from pyqkv.cache import KVCache
+from pyqkv.conversions import make_rule
+from pyqkv.hooks import HookedMixin, HookPoint, attach_bwd_hooks, run_fwd_hooks
+
+# Canonical hook points in firing order (SPEC §2).
+HOOK_NAMES = (
+    "hook_in",
+    "hook_attn_in",
+    "hook_q_input",
+    "hook_k_input",
+    "hook_v_input",
+    "hook_q",
+    "hook_k",
+    "hook_v",
+    "hook_rot_q",
+    "hook_rot_k",
+    "hook_attn_scores",
+    "hook_pattern",
+    "hook_z",
+    "hook_result",
+    "hook_out",
+)
+
+# A second name for the same point: one hook, not two.
+HOOK_ALIASES = {
+    "q.hook_out": "hook_q",
+    "k.hook_out": "hook_k",
+    "v.hook_out": "hook_v",
+    "o.hook_in": "hook_z",
+    "o.hook_out": "hook_out",
+    "hook_hidden_states": "hook_out",
+}
+
+# Points that fire only when a config flag is on.
+GATING_FLAGS = {
+    "hook_attn_in": "use_attn_in",
+    "hook_q_input": "use_split_qkv_input",
+    "hook_k_input": "use_split_qkv_input",
+    "hook_v_input": "use_split_qkv_input",
+    "hook_result": "use_attn_result",
+}
+ROTARY_POINTS = ("hook_rot_q", "hook_rot_k")
+
+
+@dataclass
+class BridgeConfig:
+    """Shapes and flags of one Bridge. The three use_* flags may be changed at any time."""
+
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    layout: str = "blocked"
+    scale: float = 1.0
+    reorder_and_upcast_attn: bool = False
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    use_split_qkv_input: bool = False
+    use_attn_in: bool = False
+    use_attn_result: bool = False
+
+    def __setattr__(self, name, value):
+        if name in ("use_split_qkv_input", "use_attn_in", "use_attn_result"):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+            other = {"use_split_qkv_input": "use_attn_in", "use_attn_in": "use_split_qkv_input"}.get(name)
+            if value and other and getattr(self, other, False):
+                raise ValueError(f"{name}: cannot be set while {other} is set (they are mutually exclusive)")
+        super().__setattr__(name, value)
+
+
+def attention_scale(d_head, *, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, layer_idx=None):
+    """GPT-2's rule: Dh^-0.5 unless scale_attn_weights is False, divided by (layer_idx + 1) when asked."""
+    scale = d_head**-0.5 if scale_attn_weights else 1.0
+    if scale_attn_by_inverse_layer_idx:
+        if layer_idx is None:
+            raise ValueError("layer_idx: expected an int when scale_attn_by_inverse_layer_idx is set, got None")
+        scale /= float(layer_idx + 1)
+    return scale
+
+
+class Bridge(nn.Module, HookedMixin):
+    """One attention layer with a fused QKV weight, re-computed in hookable steps.
+
+    Args:
+        weight: fused QKV weight, [D, (H + 2 Hkv) Dh] when conv1d (GPT-2's Conv1D) else
+            [(H + 2 Hkv) Dh, D] (nn.Linear), in the given `layout`.
+        bias: fused QKV bias [(H + 2 Hkv) Dh] or None.
+        out_weight: output projection, [H Dh, D] when conv1d else [D, H Dh]. out_bias: [D] or None.
+        n_heads, n_kv_heads (default n_heads), d_head; layout: "blocked", "interleaved", "grouped",
+            "codegen" (SPEC §5); conv1d: the orientation of both weights.
+        scale: attention scale; default from scale_attn_weights / scale_attn_by_inverse_layer_idx /
+            layer_idx (GPT-2's options).
+        reorder_and_upcast_attn: scores and softmax in float32, pattern cast back to V's dtype.
+        attn_dropout, resid_dropout: dropout probabilities used in train() mode.
+        use_split_qkv_input, use_attn_in, use_attn_result: SPEC §3 flags (also settable on .cfg).
+        hook_conversions: {hook name: einops pattern or rule object} overriding the hook format of a point
+            (see pyqkv.conversions for each point's kernel layout).
+
+    Forward: bridge(x [B, S, D], attention_mask=None, kv_cache=None) -> [B, S, D].
+    """
+
+    def __init__(
+        self,
+        weight,
+        bias,
+        out_weight,
+        out_bias,
+        *,
+        n_heads: int,
+        n_kv_heads: Optional[int] = None,
+        d_head: int,
+        layout: str = "blocked",
+        conv1d: bool = True,
+        scale: Optional[float] = None,
+        layer_idx: Optional[int] = None,
+        scale_attn_weights: bool = True,
+        scale_attn_by_inverse_layer_idx: bool = False,
+        reorder_and_upcast_attn: bool = False,
+        attn_dropout: float = 0.0,
+        resid_dropout: float = 0.0,
+        use_split_qkv_input: bool = False,
+        use_attn_in: bool = False,
+        use_attn_result: bool = False,
+        hook_conversions: Optional[dict] = None,
+    ):
+        nn.Module.__init__(self)
+        for name, value in (("n_heads", n_heads), ("d_head", d_head)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if not isinstance(n_kv_heads, int) or n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads: expected a positive divisor of n_heads={n_heads}, got {n_kv_heads!r}")
+        for name, t in (("weight", weight), ("out_weight", out_weight)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"{name}: expected a floating-point Tensor, got {_describe(t)}")
+        if scale is None:
+            scale = attention_scale(
+                d_head,
+                scale_attn_weights=scale_attn_weights,
+                scale_attn_by_inverse_layer_idx=scale_attn_by_inverse_layer_idx,
+                layer_idx=layer_idx,
+            )
+        with torch.no_grad():
+            # Split with the source layout, then pack blocked: every layout runs the same one-GEMM forward
+            # with Q, K, V as zero-copy column blocks of its output.
+            split = ops.split_qkv(
+                weight, bias, n_heads=n_heads, n_kv_heads=n_kv_heads, d_head=d_head, layout=layout, conv1d=conv1d
+            )
+            fused_w, fused_b = ops.pack_qkv(*split, layout="blocked", conv1d=True)
+        D = fused_w.shape[0]
+        hd = n_heads * d_head
+        want = (hd, D) if conv1d else (D, hd)
+        if tuple(out_weight.shape) != want:
+            raise ValueError(
+                f"out_weight: expected shape {want} ({'conv1d [H*Dh, D]' if conv1d else 'Linear [D, H*Dh]'}), "
+                f"got {tuple(out_weight.shape)}"
+            )
+        if out_bias is not None and (not isinstance(out_bias, torch.Tensor) or tuple(out_bias.shape) != (D,)):
+            raise ValueError(f"out_bias: expected shape ({D},), got {_describe(out_bias)}")
+
+        self.qkv_weight = nn.Parameter(fused_w)  # [D, (H + 2 Hkv) Dh], blocked, x @ W orientation
+        self.qkv_bias = None if fused_b is None else nn.Parameter(fused_b)
+        self.out_weight = nn.Parameter((out_weight if conv1d else out_weight.t()).detach().clone().contiguous())
+        self.out_bias = None if out_bias is None else nn.Parameter(out_bias.detach().clone())
+
+        self.cfg = BridgeConfig(
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            d_head=d_head,
+            d_model=D,
+            layout=layout,
+            scale=float(scale),
+            reorder_and_upcast_attn=bool(reorder_and_upcast_attn),
+            attn_dropout=float(attn_dropout),
+            resid_dropout=float(resid_dropout),
+        )
+        self.cfg.use_split_qkv_input = use_split_qkv_input
+        self.cfg.use_attn_in = use_attn_in
+        self.cfg.use_attn_result = use_attn_result
+
+        self._points = {name: HookPoint(name) for name in HOOK_NAMES}
+        conversions = dict(hook_conversions or {})
+        unknown = [n for n in conversions if HOOK_ALIASES.get(n, n) not in self._points]
+        if unknown:
+            raise KeyError(f"hook_conversions: unknown hook points {unknown}; valid: {', '.join(HOOK_NAMES)}")
+        self._rules = {
+            name: make_rule(name, conversions.get(name, _alias_value(conversions, name)), d_head=d_head)
+            for name in HOOK_NAMES
+        }
+
+    # ---------------------------------------------------------------------------------------------
+    # Construction from Hugging Face modules
+
+    @classmethod
+    def from_hf(cls, module, **flags) -> "Bridge":
+        """Wrap a Hugging Face attention module (GPT2Attention). Flags: use_split_qkv_input, use_attn_in,
+        use_attn_result, hook_conversions. The Bridge copies the weights it needs, not the module."""
+        from pyqkv import hf
+
+        return hf.bridge_from_module(module, **flags)
+
+    # ---------------------------------------------------------------------------------------------
+    # Weights in HookedTransformer format, from the native split op
+
+    def _split(self):
+        c = self.cfg
+        return ops.split_qkv(
+            self.qkv_weight, self.qkv_bias, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, d_head=c.d_head,
+            layout="blocked", conv1d=True,
+        )
+
+    @property
+    def W_Q(self) -> torch.Tensor:
+        """[H, D, Dh]"""
+        return self._split()[0]
+
+    @property
+    def W_K(self) -> torch.Tensor:
+        """[Hkv, D, Dh] (not expanded to H)"""
+        return self._split()[1]
+
+    @property
+    def W_V(self) -> torch.Tensor:
+        """[Hkv, D, Dh]"""
+        return self._split()[2]
+
+    @property
+    def b_Q(self) -> torch.Tensor:
+        """[H, Dh] (zeros when the layer has no QKV bias)"""
+        return self._bias_or_zeros(0, self.cfg.n_heads)
+
+    @property
+    def b_K(self) -> torch.Tensor:
+        """[Hkv, Dh]"""
+        return self._bias_or_zeros(1, self.cfg.n_kv_heads)
+
+    @property
+    def b_V(self) -> torch.Tensor:
+        """[Hkv, Dh]"""
+        return self._bias_or_zeros(2, self.cfg.n_kv_heads)
+
+    def _bias_or_zeros(self, which, heads):
+        if self.qkv_bias is None:
+            return self.qkv_weight.new_zeros(heads, self.cfg.d_head)
+        return self._split()[3 + which]
+
+    @property
+    def W_O(self) -> torch.Tensor:
+        """[H, Dh, D]: a view of the output weight"""
+        c = self.cfg
+        return self.out_weight.view(c.n_heads, c.d_head, c.d_model)
+
+    @property
+    def b_O(self) -> torch.Tensor:
+        """[D] (zeros when the layer has no output bias)"""
+        return self.out_bias if self.out_bias is not None else self.out_weight.new_zeros(self.cfg.d_model)
+
+    # ---------------------------------------------------------------------------------------------
+    # Hook points
+
+    def hook_points(self) -> dict:
+        return self._points
+
+    def hook_aliases(self) -> dict:
+        return HOOK_ALIASES
+
+    def hook_gate(self, name: str) -> Optional[str]:
+        flag = GATING_FLAGS.get(name)
+        if flag is not None and not getattr(self.cfg, flag):
+            return f"set {flag} first (bridge.cfg.{flag} = True)"
+        if name in ROTARY_POINTS:
+            return "this layer has no rotary embedding"
+        return None
+
+    def set_hook_prefix(self, prefix: str) -> None:
+        """Name the points `prefix + local name` (e.g. "blocks.3.attn.") for hooks used inside a model."""
+        for name, point in self._points.items():
+            point.name = prefix + name
+
+    def _hooked(self, name: str) -> bool:
+        point = self._points[name]
+        return bool(point.fwd or point.bwd)
+
+    def _fire(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Run the hooks of one point on `tensor` (kernel layout); returns the activation to continue with.
+        With no hook this is a list check: no conversion, no call."""
+        point = self._points[name]
+        if not (point.fwd or point.bwd):
+            return tensor
+        rule = self._rules[name]
+        hooked = rule.convert(tensor)
+        hooked = run_fwd_hooks(point, hooked)
+        attach_bwd_hooks(point, hooked)
+        back = rule.revert(hooked)
+        if back.shape != tensor.shape:
+            raise ValueError(
+                f"{point.name}: conversion rule {rule!r} reverted the hook's tensor to shape {tuple(back.shape)}; "
+                f"expected the kernel layout {tuple(tensor.shape)}"
+            )
+        return back
+
+    # ---------------------------------------------------------------------------------------------
+    # Forward
+
+    def forward(self, x: torch.Tensor, attention_mask=None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """x [B, S, D] -> [B, S, D].
+
+        attention_mask: None (causal only); a padding mask [B, K] (bool True / 1 = attend) over all key
+        positions, cache included; or a 4-D additive float mask [B, 1 or H, S, K] (0 = visible, very
+        negative = hidden) or 4-D bool mask (True = attend), which is authoritative: no causal mask is
+        added to it. kv_cache: a pyqkv.KVCache; this call's keys and values are appended to it in place.
+        """
+        c = self.cfg
+        H, Hkv, Dh, D = c.n_heads, c.n_kv_heads, c.d_head, c.d_model
+        self._check_input(x)
+        if kv_cache is not None and not isinstance(kv_cache, KVCache):
+            raise TypeError(f"kv_cache: expected a pyqkv.KVCache or None, got {_describe(kv_cache)}")
+        B, S, _ = x.shape
+        past = 0 if kv_cache is None else kv_cache.length
+        mask, causal = self._prepare_mask(attention_mask, B, S, past + S, x.device)
+
+        x = self._fire("hook_in", x)
+        q, k, v = self._project_qkv(x)  # [B, S, H*Dh], [B, S, Hkv*Dh] x 2 (kernel layout)
+        q = self._fire("hook_q", q)
+        k = self._fire("hook_k", k)
+        v = self._fire("hook_v", v)
+        q4, k4, v4 = q.view(B, S, H, Dh), k.view(B, S, Hkv, Dh), v.view(B, S, Hkv, Dh)
+
+        if kv_cache is None:
+            return self._attend_and_project(q4, k4, v4, mask, causal)
+        kv_cache.check_compatible(k4)
+        grad_through_cache = torch.is_grad_enabled() and (k4.requires_grad or v4.requires_grad)
+        past_k, past_v = (kv_cache.keys, kv_cache.values) if grad_through_cache and past else (None, None)
+        k_all, v_all = kv_cache.append(k4, v4)
+        if grad_through_cache and past:
+            # The cache holds detached copies: attend over [past, new] with the new rows still in the graph.
+            k_all, v_all = torch.cat([past_k, k4], dim=1), torch.cat([past_v, v4], dim=1)
+        elif grad_through_cache:
+            k_all, v_all = k4, v4
+        try:
+            return self._attend_and_project(q4, k_all, v_all, mask, causal)
+        except BaseException:
+            kv_cache.length = past  # a failure mid-way leaves the cache as it was
+            raise
+
+    def _check_input(self, x) -> None:
+        D = self.cfg.d_model
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a Tensor [B, S, D={D}], got {_describe(x)}")
+        if x.dim() != 3 or x.shape[-1] != D:
+            raise ValueError(f"x: expected shape [B, S, D={D}], got {tuple(x.shape)}")
+        w = self.qkv_weight
+        if x.dtype != w.dtype or x.device != w.device:
+            raise TypeError(f"x: expected {w.dtype} on {w.device} (the Bridge's weights), got {x.dtype} on {x.device}")
+
+    def _prepare_mask(self, mask, B, S, K, device):
+        """(mask for the op, causal). Validates shape, dtype and device before any state changes."""
+        if mask is None:
+            return None, True
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"attention_mask: expected a Tensor or None, got {_describe(mask)}")
+        if mask.device != device:
+            raise ValueError(f"attention_mask: expected device {device}, got {mask.device}")
+        if mask.dim() == 2:
+            if tuple(mask.shape) != (B, K):
+                raise ValueError(
+                    f"attention_mask: expected a padding mask [B, K] = [{B}, {K}] (K = cached + new positions), "
+                    f"got {tuple(mask.shape)}"
+                )
+            if mask.is_complex():
+                raise TypeError(f"attention_mask: expected bool, integer or float, got {mask.dtype}")
+            return mask, True
+        if mask.dim() == 4:
+            H = self.cfg.n_heads
+            if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (S, K):
+                raise ValueError(
+                    f"attention_mask: expected a 4-D mask [B or 1, 1 or H, S, K] = [{B}, 1 or {H}, {S}, {K}], "
+                    f"got {tuple(mask.shape)}"
+                )
+            if mask.dtype == torch.bool:  # True = attend (Hugging Face's sdpa masks) -> additive
+                mask = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(
+                    ~mask, torch.finfo(torch.float32).min
+                )
+            elif not mask.is_floating_point():
+                raise TypeError(f"attention_mask: expected a float additive or bool 4-D mask, got {mask.dtype}")
+            return mask, False
+        raise ValueError(
+            f"attention_mask: expected None, a padding mask [B, K] or a 4-D mask [B, 1 or H, S, K], got "
+            f"{mask.dim()}-D {tuple(mask.shape)}"
+        )
+
+    def _project_qkv(self, x):
+        """Q, K, V in kernel layout: column blocks of one fused GEMM, unless a fork point is hooked."""
+        c = self.cfg
+        B, S, D = x.shape
+        H, Hkv, Dh = c.n_heads, c.n_kv_heads, c.d_head
+        forks = {}  # "q" / "k" / "v" -> per-head input [B, S, heads, D] chosen by a hooked fork point
+        if c.use_attn_in and self._hooked("hook_attn_in"):
+            # A real copy: a hook may edit one head's input in place, which a broadcast view cannot take.
+            attn_in = self._fire("hook_attn_in", x.unsqueeze(2).expand(B, S, H, D).contiguous())
+            forks = {"q": attn_in, "k": attn_in[:, :, :Hkv], "v": attn_in[:, :, :Hkv]}
+        elif c.use_split_qkv_input:
+            for kind, heads in (("q", H), ("k", Hkv), ("v", Hkv)):
+                if self._hooked(f"hook_{kind}_input"):
+                    forks[kind] = self._fire(f"hook_{kind}_input", x.unsqueeze(2).expand(B, S, heads, D).contiguous())
+
+        out = {}
+        if len(forks) < 3:
+            # Unhooked fork points read the residual directly: the fused GEMM equals the per-head
+            # projection of an H-fold copy of x, without making the copy.
+            qkv = _linear(x, self.qkv_weight, self.qkv_bias)  # [B, S, (H + 2 Hkv) Dh]
+            out = {"q": qkv[..., : H * Dh], "k": qkv[..., H * Dh : (H + Hkv) * Dh], "v": qkv[..., (H + Hkv) * Dh :]}
+        if forks:
+            W_Q, W_K, W_V, b_Q, b_K, b_V = self._split()
+            weights = {"q": (W_Q, b_Q), "k": (W_K, b_K), "v": (W_V, b_V)}
+            for kind, per_head_in in forks.items():
+                W, b = weights[kind]
+                out[kind] = ops.per_head_proj(per_head_in, W, b).flatten(2)
+        return out["q"], out["k"], out["v"]
+
+    def _attend_and_project(self, q4, k_all, v_all, mask, causal):
+        c = self.cfg
+        B, S, H, Dh = q4.shape
+        dropout_p = c.attn_dropout if self.training else 0.0
+        pattern_point = self._points["hook_pattern"]
+        if self._hooked("hook_attn_scores"):
+            score_dtype = torch.float32 if c.reorder_and_upcast_attn else q4.dtype
+            scores = ops.attn_scores(q4, k_all, scale=c.scale, causal=causal, mask=mask, dtype=score_dtype)
+            scores = self._fire("hook_attn_scores", scores)
+            pattern = ops.attn_softmax(scores, dtype=v_all.dtype)
+            if dropout_p:
+                pattern = F.dropout(pattern, dropout_p, training=True)
+            z = ops.attn_apply(self._fire("hook_pattern", pattern), v_all)
+        elif pattern_point.fwd or pattern_point.bwd or dropout_p:
+            z, _, pattern = ops.attention(q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask, return_pattern=True)
+            if dropout_p:
+                pattern = F.dropout(pattern, dropout_p, training=True)
+            version = pattern._version
+            hooked = self._fire("hook_pattern", pattern)
+            edited = not _same_view(hooked, pattern) or pattern._version != version
+            if edited or dropout_p or pattern_point.bwd:
+                # The pattern changed (or its gradient is watched): z must come from it.
+                z = ops.attn_apply(hooked, v_all)
+        else:
+            z, _, _ = ops.attention(q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask)
+
+        z = self._fire("hook_z", z.reshape(B, S, H * Dh))
+        if c.use_attn_result and self._hooked("hook_result"):
+            result = ops.per_head_proj(z.view(B, S, H, Dh), self.W_O)  # [B, S, H, D] before b_O
+            out = self._fire("hook_result", result).sum(dim=2)
+            if self.out_bias is not None:
+                out = out + self.out_bias
+        else:
+            out = _linear(z, self.out_weight, self.out_bias)
+        if self.training and c.resid_dropout:
+            out = F.dropout(out, c.resid_dropout, training=True)
+        return self._fire("hook_out", out)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"n_heads={c.n_heads}, n_kv_heads={c.n_kv_heads}, d_head={c.d_head}, d_model={c.d_model}, "
+            f"layout={c.layout!r}, scale={c.scale:.4g}"
+        )
+
+
+def _linear(x, weight_in_out, bias):
+    """x [..., in] @ W [in, out] + b as one addmm over the flattened leading dims."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.mm(x2, weight_in_out) if bias is None else torch.addmm(bias, x2, weight_in_out)
+    return y.view(*x.shape[:-1], weight_in_out.shape[1])
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def _alias_value(conversions: dict, canonical: str):
+    for alias, target in HOOK_ALIASES.items():
+        if target == canonical and alias in conversions:
+            return conversions[alias]
+    return None
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"Tensor {tuple(obj.shape)} {obj.dtype}"
+    return type(obj).__name__

@@ -1,0 +1,258 @@
+"""Hook points and the hook API researchers know from TransformerLens, without its costs.
+
+A HookPoint is a plain object, not a Module: a point with no hooks costs one list check on the forward
+path. Hook functions are `fn(tensor, hook) -> Tensor | None`: None keeps the (possibly in-place edited)
+activation, a returned tensor replaces it. `hook.name` is the canonical name, `hook.ctx` a dict the hook
+may use. Nothing per call is kept once the call returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+
+HookFn = Callable[[torch.Tensor, "HookPoint"], Optional[torch.Tensor]]
+NameFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
+
+
+@dataclass(eq=False)
+class HookHandle:
+    """One registered hook; `remove()` takes it off its point (idempotent)."""
+
+    point: "HookPoint"
+    fn: HookFn
+    dir: str
+    is_permanent: bool
+
+    def remove(self) -> None:
+        hooks = self.point.fwd if self.dir == "fwd" else self.point.bwd
+        if self in hooks:
+            hooks.remove(self)
+
+
+@dataclass(eq=False)
+class HookPoint:
+    """A named place in the forward where hooks may read or replace an activation.
+
+    name: the canonical name (e.g. "hook_pattern", or "blocks.3.attn.hook_pattern" inside a model).
+    fwd / bwd: registered HookHandles in run order. ctx: scratch space for hooks; cleared by reset_hooks.
+    """
+
+    name: str
+    fwd: list = field(default_factory=list)
+    bwd: list = field(default_factory=list)
+    ctx: dict = field(default_factory=dict)
+
+    def add(self, fn: HookFn, dir: str = "fwd", prepend: bool = False, is_permanent: bool = False) -> HookHandle:
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir: expected 'fwd' or 'bwd', got {dir!r}")
+        if not callable(fn):
+            raise TypeError(f"hook for {self.name}: expected a callable fn(tensor, hook), got {type(fn).__name__}")
+        handle = HookHandle(self, fn, dir, is_permanent)
+        hooks = self.fwd if dir == "fwd" else self.bwd
+        hooks.insert(0, handle) if prepend else hooks.append(handle)
+        return handle
+
+    def remove(self, including_permanent: bool = False) -> None:
+        keep = (lambda h: h.is_permanent) if not including_permanent else (lambda h: False)
+        self.fwd[:] = [h for h in self.fwd if keep(h)]
+        self.bwd[:] = [h for h in self.bwd if keep(h)]
+        if including_permanent:
+            self.ctx.clear()
+
+    def __repr__(self) -> str:
+        return f"HookPoint({self.name!r}, fwd={len(self.fwd)}, bwd={len(self.bwd)})"
+
+
+def check_hook_output(point: HookPoint, fn: HookFn, out, like: torch.Tensor) -> torch.Tensor:
+    """A hook's replacement must be a tensor of the activation's shape, dtype and device."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{point.name}: hook {_fn_name(fn)} returned {type(out).__name__}; expected None or a Tensor")
+    if out.shape != like.shape:
+        raise ValueError(
+            f"{point.name}: hook {_fn_name(fn)} returned shape {tuple(out.shape)}; expected {tuple(like.shape)}"
+        )
+    if out.dtype != like.dtype or out.device != like.device:
+        raise TypeError(
+            f"{point.name}: hook {_fn_name(fn)} returned {out.dtype} on {out.device}; expected {like.dtype} on "
+            f"{like.device}"
+        )
+    return out
+
+
+def run_fwd_hooks(point: HookPoint, tensor: torch.Tensor) -> torch.Tensor:
+    """Run the point's forward hooks in order on a hook-format tensor; returns the final activation."""
+    for handle in list(point.fwd):
+        out = handle.fn(tensor, point)
+        if out is not None:
+            tensor = check_hook_output(point, handle.fn, out, tensor)
+    return tensor
+
+
+def attach_bwd_hooks(point: HookPoint, tensor: torch.Tensor) -> None:
+    """Register the point's backward hooks on the activation: each sees the gradient in hook format and
+    may replace it. The registration lives on this call's autograd graph only."""
+    if not point.bwd or not tensor.requires_grad:
+        return
+    handles = list(point.bwd)
+
+    def on_grad(grad):
+        for handle in handles:
+            out = handle.fn(grad, point)
+            if out is not None:
+                grad = check_hook_output(point, handle.fn, out, grad)
+        return grad
+
+    tensor.register_hook(on_grad)
+
+
+def _fn_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+class ActivationCache(dict):
+    """Hook name -> detached hook-format tensor, as `run_with_cache` returns it."""
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.items())
+        return f"ActivationCache({body})"
+
+
+class HookedMixin:
+    """The hook API over a set of hook points: add_hook, hooks(), run_with_hooks, run_with_cache.
+
+    A subclass provides `hook_points()` (canonical name -> HookPoint), `hook_aliases()` (alias ->
+    canonical name) and `hook_gate(name)` (None when the point can fire, else the reason it cannot,
+    e.g. a config flag that is off), and a `__call__` that runs the forward.
+    """
+
+    # --- provided by the subclass -----------------------------------------------------------------
+    def hook_points(self) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def hook_aliases(self) -> dict:
+        return {}
+
+    def hook_gate(self, name: str) -> Optional[str]:
+        return None
+
+    # --- lookup -----------------------------------------------------------------------------------
+    def _resolve(self, name: str) -> str:
+        points = self.hook_points()
+        canonical = self.hook_aliases().get(name, name)
+        if canonical not in points:
+            valid = sorted(points) + sorted(self.hook_aliases())
+            raise KeyError(f"unknown hook point {name!r}; valid names: {', '.join(valid)}")
+        return canonical
+
+    def _select(self, name_or_filter: NameFilter, *, by_name_strict: bool) -> list:
+        """Canonical names chosen by a name, a list of names, a glob or a predicate.
+
+        An exact name (or alias) of a gated point raises when by_name_strict; filters skip gated points.
+        """
+        points = self.hook_points()
+        if name_or_filter is None:
+            return [n for n in points if self.hook_gate(n) is None]
+        if callable(name_or_filter) and not isinstance(name_or_filter, str):
+            return [n for n in points if self.hook_gate(n) is None and name_or_filter(n)]
+        names = [name_or_filter] if isinstance(name_or_filter, str) else list(name_or_filter)
+        chosen = []
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"names_filter: expected hook names (str), got {type(name).__name__}")
+            if any(c in name for c in "*?[") and name not in points:
+                chosen += [n for n in points if fnmatch.fnmatchcase(n, name) and self.hook_gate(n) is None]
+                continue
+            canonical = self._resolve(name)
+            reason = self.hook_gate(canonical)
+            if reason is not None:
+                if by_name_strict:
+                    raise ValueError(f"{name}: this hook point does not fire: {reason}")
+                continue
+            chosen.append(canonical)
+        return list(dict.fromkeys(chosen))
+
+    # --- registration -----------------------------------------------------------------------------
+    def add_hook(self, name_or_filter, fn: HookFn, dir: str = "fwd", prepend: bool = False,
+                 is_permanent: bool = False) -> list:
+        """Add `fn` at one point (a name or alias) or at every point a filter selects.
+
+        Returns the handles. A gated point named explicitly raises ValueError (e.g. "set
+        use_split_qkv_input first"); an unknown name raises KeyError listing the valid names.
+        """
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir: expected 'fwd' or 'bwd', got {dir!r}")
+        points = self.hook_points()
+        names = self._select(name_or_filter, by_name_strict=True)
+        return [points[n].add(fn, dir=dir, prepend=prepend, is_permanent=is_permanent) for n in names]
+
+    def remove_hooks(self, dir: str = "both", including_permanent: bool = False) -> None:
+        """Remove hooks in direction `dir` ("fwd", "bwd" or "both"); permanent ones only when asked."""
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"dir: expected 'fwd', 'bwd' or 'both', got {dir!r}")
+        for point in self.hook_points().values():
+            for d in ("fwd", "bwd"):
+                if dir in (d, "both"):
+                    hooks = point.fwd if d == "fwd" else point.bwd
+                    hooks[:] = [h for h in hooks if h.is_permanent and not including_permanent]
+            if including_permanent:
+                point.ctx.clear()
+
+    def reset_hooks(self, including_permanent: bool = False) -> None:
+        """Remove every hook (permanent ones too when asked) and clear the points' ctx."""
+        self.remove_hooks("both", including_permanent=including_permanent)
+        for point in self.hook_points().values():
+            point.ctx.clear()
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True):
+        """`with model.hooks(fwd_hooks=[(name, fn)], bwd_hooks=[...]):` adds the hooks for the body and
+        removes exactly those on exit, also when the body (or adding a later hook) raises."""
+        added = []
+        try:
+            for d, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+                for name, fn in pairs:
+                    added += self.add_hook(name, fn, dir=d)
+            yield self
+        finally:
+            if reset_hooks_end:
+                for handle in added:
+                    handle.remove()
+
+    def run_with_hooks(self, *args, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, **kwargs):
+        """Run the forward with temporary hooks. Backward hooks stay until the context ends, so with
+        bwd_hooks call backward inside `with model.hooks(...)` instead, or pass reset_hooks_end=False."""
+        with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, reset_hooks_end=reset_hooks_end):
+            return self(*args, **kwargs)
+
+    def run_with_cache(self, *args, names_filter: NameFilter = None, **kwargs):
+        """Run the forward and return (output, cache): canonical names (and aliases asked for by name)
+        mapped to detached hook-format tensors. A gated point is skipped, even when named."""
+        cache = ActivationCache()
+        selected = self._select(names_filter, by_name_strict=False)
+        aliases_asked = {}
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        if names_filter is not None and not callable(names_filter):
+            for name in names_filter:
+                canonical = self.hook_aliases().get(name)
+                if canonical is not None:
+                    aliases_asked.setdefault(canonical, []).append(name)
+
+        def save(tensor, hook):
+            cache[hook.name] = tensor.detach()
+            for alias in aliases_asked.get(hook.name, ()):
+                cache[alias] = cache[hook.name]
+
+        points = self.hook_points()
+        added = [points[n].add(save) for n in selected]
+        try:
+            out = self(*args, **kwargs)
+        finally:
+            for handle in added:
+                handle.remove()
+        return out, cache
