@@ -456,7 +456,12 @@ class Bridge(nn.Module, HookedMixin):
                 pattern = F.dropout(pattern, dropout_p, training=True)
             z = ops.attn_apply(self._fire("hook_pattern", pattern), v_all)
         elif pattern_point.fwd or pattern_point.bwd or dropout_p:
-            z, _, pattern = ops.attention(q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask, return_pattern=True)
+            # Under inference_mode the pattern is made as a normal tensor: inference tensors have no
+            # version counter, and the counter is how an in-place edit by a hook is noticed.
+            with torch.inference_mode(False):
+                z, _, pattern = ops.attention(
+                    q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask, return_pattern=True
+                )
             if dropout_p:
                 pattern = F.dropout(pattern, dropout_p, training=True)
             version = pattern._version

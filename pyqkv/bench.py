@@ -1,0 +1,303 @@
+"""Microbenchmarks of one GPT-2-small attention layer (D = 768, H = 12, Dh = 64), side by side in one
+process, reported as medians of interleaved runs and ratios. Used by `pyqkv bench` (and the demo);
+bench/attention_layer.py runs the same thing from a checkout.
+
+Rows (prefill): the Bridge fast path; the Bridge with a read-only hook_pattern hook; the Bridge with
+use_split_qkv_input and no hook; the pure-PyTorch materialized layer (three GEMMs, [B,H,S,K] scores and
+pattern, like the reference system); PyTorch's best fused path (addmm + SDPA(is_causal) + addmm).
+Decode: one token per step after a prefill, the Bridge with KVCache against the materialized layer
+with a torch.cat cache. Timings are never used in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pyqkv.bridge import Bridge
+from pyqkv.cache import KVCache
+
+GPT2_SMALL = dict(d_model=768, n_heads=12, d_head=64)
+
+
+@dataclass
+class LayerWeights:
+    """A GPT-2-style layer's weights in x @ W orientation, with random values (std 0.02, as GPT-2's init)."""
+
+    W_qkv: torch.Tensor  # [D, 3D] blocked: [Q heads | K heads | V heads]
+    b_qkv: torch.Tensor  # [3D]
+    W_out: torch.Tensor  # [D, D]
+    b_out: torch.Tensor  # [D]
+    n_heads: int
+    d_head: int
+
+    @classmethod
+    def random(cls, d_model=768, n_heads=12, d_head=64, dtype=torch.float32, device="cpu", seed=0):
+        g = torch.Generator().manual_seed(seed)
+        D, n = d_model, 3 * n_heads * d_head
+
+        def rnd(*shape):
+            return (torch.randn(*shape, generator=g) * 0.02).to(dtype=dtype, device=device)
+
+        return cls(rnd(D, n), rnd(n), rnd(n_heads * d_head, D), rnd(D), n_heads, d_head)
+
+    def bridge(self, **flags) -> Bridge:
+        return Bridge(self.W_qkv, self.b_qkv, self.W_out, self.b_out, n_heads=self.n_heads, d_head=self.d_head,
+                      layout="blocked", conv1d=True, **flags).eval()
+
+
+class MaterializedLayer:
+    """The layer computed the way the reference system does it: Q, K and V by three separate GEMMs,
+    [B,H,S,K] scores and pattern materialized, a torch.cat cache (O(K) copy per token)."""
+
+    def __init__(self, w: LayerWeights):
+        hd = w.n_heads * w.d_head
+        self.H, self.Dh = w.n_heads, w.d_head
+        self.Wq, self.Wk, self.Wv = (w.W_qkv[:, i * hd : (i + 1) * hd].contiguous() for i in range(3))
+        self.bq, self.bk, self.bv = (w.b_qkv[i * hd : (i + 1) * hd] for i in range(3))
+        self.W_out, self.b_out = w.W_out, w.b_out
+        self.k_cache = self.v_cache = None
+
+    def reset(self):
+        self.k_cache = self.v_cache = None
+
+    def __call__(self, x, use_cache=False):
+        B, S, D = x.shape
+        heads = lambda t: t.view(B, S, self.H, self.Dh).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(x @ self.Wq + self.bq), heads(x @ self.Wk + self.bk), heads(x @ self.Wv + self.bv)
+        if use_cache:
+            if self.k_cache is not None:
+                k, v = torch.cat([self.k_cache, k], dim=2), torch.cat([self.v_cache, v], dim=2)
+            self.k_cache, self.v_cache = k, v
+        K = k.shape[2]
+        scores = (q @ k.transpose(-1, -2)) * self.Dh**-0.5
+        hidden = torch.ones(S, K, dtype=torch.bool, device=x.device).triu(K - S + 1)  # bottom-right causal
+        pattern = scores.masked_fill(hidden, torch.finfo(scores.dtype).min).softmax(-1)
+        z = (pattern @ v).transpose(1, 2).reshape(B, S, self.H * self.Dh)
+        return z @ self.W_out + self.b_out
+
+
+class TorchFusedLayer:
+    """PyTorch's best fused path for the same layer: addmm + SDPA(is_causal=True) + addmm."""
+
+    def __init__(self, w: LayerWeights):
+        self.w = w
+
+    def __call__(self, x):
+        B, S, D = x.shape
+        H, Dh = self.w.n_heads, self.w.d_head
+        qkv = torch.addmm(self.w.b_qkv, x.reshape(B * S, D), self.w.W_qkv).view(B, S, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, S, Dh] views
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.addmm(self.w.b_out, z.transpose(1, 2).reshape(B * S, H * Dh), self.w.W_out).view(B, S, D)
+
+
+def prefill_rows(w: LayerWeights, *, with_compile: bool = False) -> dict:
+    """Row name -> callable(x). Each Bridge row has its own Bridge with its hooks installed once."""
+    fast = w.bridge()
+    pattern_hooked = w.bridge()
+    pattern_hooked.add_hook("hook_pattern", lambda pattern, hook: None, is_permanent=True)
+    split_input = w.bridge(use_split_qkv_input=True)
+    rows = {
+        "pyqkv fast path": fast,
+        "pyqkv + read-only hook_pattern": pattern_hooked,
+        "pyqkv use_split_qkv_input": split_input,
+        "reference (materialized)": MaterializedLayer(w),
+        "torch fused (addmm+SDPA)": TorchFusedLayer(w),
+    }
+    if with_compile:
+        rows["torch.compile(pyqkv)"] = torch.compile(copy.deepcopy(fast))
+    return rows
+
+
+def time_interleaved(fns: dict, args: tuple, *, reps: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each fn, running every fn once per round in rotating order so slow
+    drifts of the machine hit all rows alike."""
+    names = list(fns)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for name in names:
+                fns[name](*args)
+        times = {name: [] for name in names}
+        for r in range(reps):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                fns[name](*args)
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def gemm_rate(dtype=torch.float32, m=4096, k=768, n=2304, reps=10) -> float:
+    """The machine's measured GEMM rate (GFLOP/s) at the projection's shape."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    t = time_interleaved({"mm": torch.mm}, (a, b), reps=reps)["mm"]
+    return 2 * m * k * n / t / 1e9
+
+
+def layer_flops(B, S, D, H, Dh, causal=True) -> float:
+    """FLOPs of the layer: QKV and output GEMMs plus QKᵀ and PV over the causal half."""
+    pairs = S * (S + 1) / 2 if causal else S * S
+    return 2 * B * S * D * 3 * H * Dh + 2 * B * S * H * Dh * D + 2 * 2 * B * H * pairs * Dh
+
+
+def decode_step_times(w: LayerWeights, B: int, context: int, steps: int) -> dict:
+    """Per-step seconds of single-token decoding after a prefill of `context` tokens:
+    {row: [t_step0, t_step1, ...]} for the Bridge + KVCache and the materialized torch.cat cache."""
+    bridge, ref = w.bridge(), MaterializedLayer(w)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randn(B, context, w.W_qkv.shape[0], generator=g, dtype=w.W_qkv.dtype)
+    tokens = torch.randn(steps, B, 1, w.W_qkv.shape[0], generator=g, dtype=w.W_qkv.dtype)
+    out = {"pyqkv + KVCache": [], "reference + torch.cat": []}
+    with torch.inference_mode():
+        cache = KVCache()
+        bridge(prompt, kv_cache=cache)
+        ref.reset()
+        ref(prompt, use_cache=True)
+        for s in range(steps):
+            t0 = time.perf_counter()
+            bridge(tokens[s], kv_cache=cache)
+            t1 = time.perf_counter()
+            ref(tokens[s], use_cache=True)
+            t2 = time.perf_counter()
+            out["pyqkv + KVCache"].append(t1 - t0)
+            out["reference + torch.cat"].append(t2 - t1)
+    return out
+
+
+def peak_memory_mb(row: str, B: int, S: int) -> float:
+    """Extra peak resident memory (MB) of one call of a prefill row, measured in a fresh process so no
+    other row's high-water mark hides it: VmHWM after the call minus VmHWM after building the inputs.
+    (VmHWM belongs to the new address space; ru_maxrss would carry over the parent's peak across exec.)"""
+    code = (
+        "import torch; from pyqkv import bench; "
+        f"w = bench.LayerWeights.random(); rows = bench.prefill_rows(w); x = torch.randn({B}, {S}, 768); "
+        f"fn = rows[{row!r}]; fn(x[:, :8]); base = bench.high_water_kib()\n"
+        "with torch.inference_mode(): fn(x)\n"
+        "print(bench.high_water_kib() - base)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(res.stdout.strip().splitlines()[-1]) / 1024
+
+
+def high_water_kib() -> int:
+    """This process's peak resident set size (VmHWM), KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def format_table(header, rows) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def run(seq_lens=(128, 512, 1024), contexts=(512, 2000), batch=4, reps=7, steps=64, memory=True,
+        with_compile=False, quiet=False) -> dict:
+    torch.manual_seed(0)
+    w = LayerWeights.random(**GPT2_SMALL)
+    D, H, Dh = GPT2_SMALL["d_model"], GPT2_SMALL["n_heads"], GPT2_SMALL["d_head"]
+    rows = prefill_rows(w, with_compile=with_compile)
+    result = {"config": dict(batch=batch, dtype="float32", threads=torch.get_num_threads(), torch=torch.__version__,
+                             **GPT2_SMALL), "prefill": {}, "decode": {}}
+    rate = gemm_rate()
+    result["gemm_gflops"] = rate
+    say = (lambda *a: None) if quiet else print
+    say(f"GPT-2-small attention layer, float32, batch {batch}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}; machine GEMM rate {rate:.1f} GFLOP/s")
+    baseline = "torch fused (addmm+SDPA)"
+    for S in seq_lens:
+        x = torch.randn(batch, S, D)
+        med = time_interleaved(rows, (x,), reps=reps)
+        mem = {name: peak_memory_mb(name, batch, S) for name in rows if "compile" not in name} if memory else {}
+        flops = layer_flops(batch, S, D, H, Dh)
+        entry = {}
+        for name, t in med.items():
+            entry[name] = {"median_ms": t * 1e3, "vs_torch_fused": t / med[baseline],
+                           "vs_fast_path": t / med["pyqkv fast path"], "peak_mb": mem.get(name)}
+        entry["pyqkv fast path"]["gflops"] = flops / med["pyqkv fast path"] / 1e9
+        result["prefill"][S] = entry
+        table = [[name, f"{e['median_ms']:.2f}", f"{e['vs_torch_fused']:.2f}x", f"{e['vs_fast_path']:.2f}x",
+                  "-" if e["peak_mb"] is None else f"{e['peak_mb']:.0f}"] for name, e in entry.items()]
+        say(f"\nprefill S={S} (fast path {entry['pyqkv fast path']['gflops']:.1f} GFLOP/s = "
+            f"{entry['pyqkv fast path']['gflops'] / rate:.0%} of GEMM rate)")
+        say(format_table(["row", "median ms", "vs torch fused", "vs fast path", "peak MB"], table))
+    for ctx in contexts:
+        per_step = decode_step_times(w, batch, ctx, steps)
+        entry = {}
+        for name, ts in per_step.items():
+            half = len(ts) // 2
+            entry[name] = {"median_ms": statistics.median(ts) * 1e3,
+                           "first_half_ms": statistics.median(ts[:half]) * 1e3,
+                           "second_half_ms": statistics.median(ts[half:]) * 1e3}
+        ratio = entry["pyqkv + KVCache"]["median_ms"] / entry["reference + torch.cat"]["median_ms"]
+        entry["ratio"] = ratio
+        result["decode"][ctx] = entry
+        table = [[name, f"{e['median_ms']:.3f}", f"{e['first_half_ms']:.3f}", f"{e['second_half_ms']:.3f}"]
+                 for name, e in entry.items() if name != "ratio"]
+        say(f"\ndecode after a {ctx}-token prefill, {steps} steps (pyqkv / reference = {ratio:.2f}x)")
+        say(format_table(["row", "median ms/step", "first half", "second half"], table))
+    return result
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seqs = sorted(int(s) for s in result["prefill"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in result["prefill"][seqs[0]]:
+        ax.plot(seqs, [result["prefill"][s][name]["median_ms"] for s in seqs], marker="o", label=name)
+    ax.set_xlabel("sequence length S")
+    ax.set_ylabel("median ms per layer call")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_title(f"GPT-2-small attention layer, float32, batch {result['config']['batch']}")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="pyqkv bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq", type=int, nargs="+", default=[128, 512, 1024], help="prefill sequence lengths")
+    p.add_argument("--context", type=int, nargs="+", default=[512, 2000], help="decode context lengths")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--reps", type=int, default=7, help="interleaved rounds per prefill size")
+    p.add_argument("--steps", type=int, default=64, help="decode steps per context")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-row peak-memory subprocesses")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile(bridge) row")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG of time against S (needs matplotlib)")
+    a = p.parse_args(argv)
+    result = run(a.seq, a.context, a.batch, a.reps, a.steps, memory=not a.no_memory, with_compile=a.compile)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"\nwrote {a.json}")
+    if a.plot:
+        try:
+            plot(result, a.plot)
+            print(f"wrote {a.plot}")
+        except ImportError:
+            print("--plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
