@@ -13,6 +13,7 @@ reference to the model.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Optional
 
@@ -95,7 +96,8 @@ class HFAttention(nn.Module):
         hf_cache = next((c for c in (past_key_values, layer_past, cache) if c is not None), None)
         captured = {}
         handle = None
-        if output_attentions:
+        recorder = _attention_recorder()  # model-level output_attentions (transformers >= 5)
+        if output_attentions or recorder is not None:
             handle = self.bridge.hook_points()["hook_pattern"].add(lambda t, hook: captured.setdefault("p", t))
         try:
             if hf_cache is None or isinstance(hf_cache, KVCache):
@@ -105,7 +107,10 @@ class HFAttention(nn.Module):
         finally:
             if handle is not None:
                 handle.remove()
-        return out, captured.get("p")
+        pattern = captured.get("p")
+        if recorder is not None and pattern is not None:
+            recorder.append(pattern)
+        return out, pattern
 
     def _forward_with_hf_cache(self, hidden_states, attention_mask, hf_cache):
         if isinstance(hf_cache, tuple):
@@ -150,6 +155,41 @@ class HFAttention(nn.Module):
         else:  # any other cache type keeps its own storage: give it the new rows the ordinary way
             self_cache.update(keys_hf[:, :, past:], values_hf[:, :, past:], idx)
         return out
+
+
+def _output_capturing():
+    """transformers' output-capturing module (transformers >= 5) when transformers is loaded, else None.
+    Looked up in sys.modules: this module never imports transformers itself."""
+    return sys.modules.get("transformers.utils.output_capturing")
+
+
+def _attention_recorder():
+    """The list transformers >= 5 collects `output_attentions` patterns into during this forward, or None.
+    HF fills it from forward hooks on GPT2Attention modules, which an HFAttention is not, so HFAttention
+    appends its pattern itself."""
+    collector = getattr(_output_capturing(), "_active_collector", None)
+    collected = collector.get() if collector is not None else None
+    recorder = collected.get("attentions") if isinstance(collected, dict) else None
+    return recorder if isinstance(recorder, list) else None
+
+
+def _install_hf_recording_hooks(model: nn.Module, target_names) -> None:
+    """transformers >= 5 installs its output-recording hooks on the first output_attentions request, on
+    the model whose forward records (the nearest PreTrainedModel above the attention modules). Let it do
+    so now, while the original modules are in the tree: after detach they record again."""
+    install = getattr(_output_capturing(), "maybe_install_capturing_hooks", None)
+    if install is None:
+        return
+    owners = {}
+    for name in target_names:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            owner = model.get_submodule(".".join(parts[:i]))
+            if hasattr(owner, "_can_record_outputs") and hasattr(owner, "config"):
+                owners[id(owner)] = owner
+                break
+    for owner in owners.values():
+        install(owner)
 
 
 def _replicates_dynamic(cache) -> bool:
@@ -220,6 +260,7 @@ def attach(model: nn.Module, **flags) -> AttachedModel:
         )
     # Build every Bridge first: an unsupported configuration raises before the model is touched.
     built = [(name, m, bridge_from_module(m, **flags)) for name, m in targets]
+    _install_hf_recording_hooks(model, [name for name, _ in targets])
     bridges = []
     for i, (name, module, bridge) in enumerate(built):
         layer_idx = module.layer_idx if getattr(module, "layer_idx", None) is not None else i

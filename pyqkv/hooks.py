@@ -243,13 +243,18 @@ class HookedMixin:
                 if canonical is not None:
                     aliases_asked.setdefault(canonical, []).append(name)
 
-        def save(tensor, hook):
-            cache[hook.name] = tensor.detach()
-            for alias in aliases_asked.get(hook.name, ()):
-                cache[alias] = cache[hook.name]
+        def saver(name):
+            # Keyed by the name in this object's namespace (the one names_filter used), not hook.name:
+            # a Bridge inside an attached model has points named "blocks.{i}.attn.hook_*".
+            def save(tensor, hook):
+                cache[name] = tensor.detach()
+                for alias in aliases_asked.get(name, ()):
+                    cache[alias] = cache[name]
+
+            return save
 
         points = self.hook_points()
-        added = [points[n].add(save) for n in selected]
+        added = [points[n].add(saver(n)) for n in selected]
         try:
             out = self(*args, **kwargs)
         finally:

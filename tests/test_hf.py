@@ -1,0 +1,352 @@
+"""Hugging Face glue (pyqkv.hf): attach / detach on GPT-2 models built from small random configs (no
+downloads), compared with the unattached HF model itself: logits, padded batches, cached greedy
+generation, model-level hooks, cache keyword names, output_attentions, and that `import pyqkv` does not
+import transformers."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyqkv
+from test_bridge_oracle import assert_close, causal_additive_mask, gpt2_config, no_hooks_left
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache, GPT2LMHeadModel, GPT2Model  # noqa: E402
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention  # noqa: E402
+
+IMPLS = ["eager", "sdpa"]
+
+
+def make_model(device, cls=GPT2LMHeadModel, impl="eager", seed=0, **overrides):
+    cfg = gpt2_config(initializer_range=0.2, **overrides)
+    cfg._attn_implementation = impl
+    torch.manual_seed(seed)
+    return cls(cfg).to(device).eval()
+
+
+def inputs(device, B=2, S=9, left_pad=(0, 3), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (B, S), generator=g).to(device)
+    am = torch.ones(B, S, dtype=torch.long, device=device)
+    for b, n in enumerate(left_pad[:B]):
+        am[b, :n] = 0
+        ids[b, :n] = 0
+    return ids, am
+
+
+def bridges_of(model):
+    return [m for m in model.modules() if isinstance(m, pyqkv.Bridge)]
+
+
+def ablate_head_pre_hook(head, Dh=16):
+    """HF-side oracle for a hook_z head ablation: zero the head's slice of c_proj's input."""
+    def pre(module, args):
+        (z,) = args
+        z = z.clone()
+        z[..., head * Dh:(head + 1) * Dh] = 0
+        return (z,)
+    return pre
+
+
+# ----------------------------------------------------------------------------------------------------
+# attach / detach
+
+
+@pytest.mark.parametrize("cls", [GPT2Model, GPT2LMHeadModel])
+def test_attach_replaces_every_attention(device, cls):
+    model = make_model(device, cls, n_layer=3)
+    originals = [m for m in model.modules() if isinstance(m, GPT2Attention)]
+    assert len(originals) == 3
+    h = pyqkv.hf.attach(model)
+    assert not any(isinstance(m, GPT2Attention) for m in model.modules())
+    found = bridges_of(model)
+    assert len(found) == 3 and [id(b) for b in found] == [id(b) for b in h.bridges]
+    assert all(not any(p is q for q in model.parameters()) for o in originals for p in o.parameters()), \
+        "the replaced modules' parameters must not stay in the model"
+    with pytest.raises(ValueError, match="already attached"):
+        pyqkv.hf.attach(model)
+    pyqkv.hf.detach(model)
+    assert [m for m in model.modules() if isinstance(m, GPT2Attention)] == originals
+    assert not bridges_of(model)
+
+
+def test_attach_rejects_models_without_gpt2_attention(device):
+    with pytest.raises(TypeError, match="GPT2Attention"):
+        pyqkv.hf.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("cls", [GPT2LMHeadModel, GPT2Model])
+def test_model_outputs_equal_hf(device, impl, padded, cls):
+    model = make_model(device, cls, impl=impl)
+    ids, am = inputs(device, left_pad=(0, 3) if padded else (0, 0))
+    with torch.no_grad():
+        ref = model(ids, attention_mask=am)
+    h = pyqkv.hf.attach(model)
+    with torch.no_grad():
+        out = model(ids, attention_mask=am)
+    key = "logits" if cls is GPT2LMHeadModel else "last_hidden_state"
+    assert not torch.isnan(out[key]).any(), "NaN in the attached model's output"
+    keep = am.bool()
+    assert_close(out[key][keep], ref[key][keep], f"{key} at non-padded positions", atol=1e-5, rtol=1e-5)
+    assert len(h.bridges) == 2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_cached_greedy_generation_identical(device, impl, padded):
+    model = make_model(device, impl=impl)
+    ids, am = inputs(device, left_pad=(0, 3) if padded else (0, 0))
+    kw = dict(attention_mask=am, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        ref_nocache = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(ref, ref_nocache)
+    pyqkv.hf.attach(model)
+    with torch.no_grad():
+        out = model.generate(ids, **kw)
+        out_nocache = model.generate(ids, use_cache=False, **kw)
+    assert out.tolist() == ref.tolist()
+    assert out_nocache.tolist() == ref.tolist()
+
+
+def test_generation_with_ablation_hook_matches_hf(device):
+    """A head ablated through model-level hooks during cached generation equals HF with the same head
+    zeroed by hand (a pre-hook on c_proj)."""
+    model = make_model(device)
+    ids, am = inputs(device, left_pad=(0, 2))
+    kw = dict(attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    handle = model.transformer.h[1].attn.c_proj.register_forward_pre_hook(ablate_head_pre_hook(2))
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        ref_logits = model(ids, attention_mask=am).logits
+    handle.remove()
+    h = pyqkv.hf.attach(model)
+
+    def ablate(z, hook):
+        z[:, :, 2] = 0
+
+    with torch.no_grad(), h.hooks(fwd_hooks=[("blocks.1.attn.hook_z", ablate)]):
+        out = model.generate(ids, **kw)
+        logits = model(ids, attention_mask=am).logits
+    assert no_hooks_left(h)
+    keep = am.bool()
+    assert_close(logits[keep], ref_logits[keep], "ablated logits", atol=1e-5, rtol=1e-5)
+    assert out.tolist() == ref.tolist()
+    with torch.no_grad():
+        plain = model(ids, attention_mask=am).logits
+    assert not torch.allclose(plain[keep], logits[keep], atol=1e-3), "ablation had no effect"
+
+
+def test_detach_restores_original_outputs(device):
+    model = make_model(device)
+    ids, am = inputs(device)
+    with torch.no_grad():
+        before = model(ids, attention_mask=am).logits
+    originals = [blk.attn for blk in model.transformer.h]
+    h = pyqkv.hf.attach(model)
+    with torch.no_grad():
+        model(ids, attention_mask=am)
+        pyqkv.hf.detach(model)
+        after = model(ids, attention_mask=am).logits
+    assert [blk.attn for blk in model.transformer.h] == originals
+    assert torch.equal(after, before)
+    # weight edits made through the Bridge are carried back
+    h = pyqkv.hf.attach(model)
+    with torch.no_grad():
+        h.bridges[0].out_weight.mul_(2.0)
+        h.bridges[1].qkv_bias.add_(0.3)
+        edited = model(ids, attention_mask=am).logits
+        pyqkv.hf.detach(model)
+        restored = model(ids, attention_mask=am).logits
+    keep = am.bool()
+    assert not torch.allclose(edited[keep], before[keep], atol=1e-3), "the edit had no effect"
+    assert_close(restored[keep], edited[keep], "weights written back on detach", atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model-level hooks
+
+
+def test_model_level_run_with_cache(device):
+    model = make_model(device)
+    ids, am = inputs(device, left_pad=(0, 0))
+    with torch.no_grad():
+        ref = model(ids, output_attentions=True)
+    h = pyqkv.hf.attach(model)
+    names = ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern", "blocks.1.attn.hook_k",
+             "blocks.0.attn.q.hook_out"]
+    out, cache = h.run_with_cache(ids, names_filter=names)
+    assert set(cache) == set(names) | {"blocks.0.attn.hook_q"}
+    assert cache["blocks.1.attn.hook_pattern"].shape == (2, 4, 9, 9)
+    assert cache["blocks.1.attn.hook_k"].shape == (2, 9, 4, 16)
+    assert cache["blocks.0.attn.q.hook_out"].shape == (2, 9, 4, 16)
+    for i in (0, 1):
+        assert_close(cache[f"blocks.{i}.attn.hook_pattern"], ref.attentions[i], f"layer {i} pattern vs HF")
+    assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    assert no_hooks_left(h)
+    _, cache = h.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_z"))
+    assert set(cache) == {"blocks.0.attn.hook_z", "blocks.1.attn.hook_z"}
+    _, everything = h.run_with_cache(ids)
+    assert "blocks.1.attn.hook_out" in everything and "blocks.1.attn.hook_result" not in everything
+
+
+def test_model_level_add_hook_names_and_errors(device):
+    model = make_model(device)
+    ids, _ = inputs(device)
+    h = pyqkv.hf.attach(model)
+    seen = []
+    h.add_hook("blocks.1.attn.hook_pattern", lambda t, hook: seen.append((hook.name, tuple(t.shape))))
+    h.add_hook("blocks.0.attn.o.hook_in", lambda t, hook: seen.append((hook.name, tuple(t.shape))))
+    with torch.no_grad():
+        model(ids)
+    assert seen == [("blocks.0.attn.hook_z", (2, 9, 4, 16)), ("blocks.1.attn.hook_pattern", (2, 4, 9, 9))]
+    h.reset_hooks()
+    assert no_hooks_left(h)
+    with pytest.raises(KeyError, match="blocks.0.attn.hook_pattern"):
+        h.add_hook("blocks.9.attn.hook_pattern", lambda t, hook: None)
+    with pytest.raises(ValueError, match="use_attn_result"):
+        h.add_hook("blocks.0.attn.hook_result", lambda t, hook: None)
+    # a flag set later on one Bridge opens its gated point
+    h.bridges[0].cfg.use_attn_result = True
+    assert len(h.add_hook("blocks.0.attn.hook_result", lambda t, hook: None)) == 1
+    h.reset_hooks()
+
+
+def test_model_level_hooks_context_leaves_nothing(device):
+    model = make_model(device)
+    ids, am = inputs(device)
+    h = pyqkv.hf.attach(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with h.hooks(fwd_hooks=[("blocks.0.attn.hook_z", lambda t, hook: None)],
+                     bwd_hooks=[("blocks.1.attn.hook_q", lambda g, hook: None)]):
+            model(ids, attention_mask=am)
+            raise RuntimeError("inside")
+    assert no_hooks_left(h)
+    assert all(no_hooks_left(b) for b in h.bridges)
+
+
+def test_attach_with_flags(device):
+    model = make_model(device)
+    ids, am = inputs(device)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=am).logits
+    h = pyqkv.hf.attach(model, use_split_qkv_input=True, use_attn_result=True)
+    assert all(b.cfg.use_split_qkv_input and b.cfg.use_attn_result for b in h.bridges)
+    out, cache = h.run_with_cache(ids, attention_mask=am)
+    assert cache["blocks.0.attn.hook_result"].shape == (2, 9, 4, 64)
+    assert cache["blocks.1.attn.hook_k_input"].shape == (2, 9, 4, 64)
+    keep = am.bool()
+    assert_close(out.logits[keep], ref[keep], "all points hooked", atol=1e-5, rtol=1e-5)
+
+
+def test_bridge_level_cache_inside_attached_model(device):
+    """A Bridge used on its own after attach keeps answering in its own names (aliases included)."""
+    model = make_model(device)
+    h = pyqkv.hf.attach(model)
+    b = h.bridges[0]
+    x = torch.randn(2, 5, 64, device=device)
+    _, cache = b.run_with_cache(x, names_filter=["q.hook_out", "hook_pattern"])
+    assert "q.hook_out" in cache and "hook_pattern" in cache, sorted(cache)
+
+
+def test_model_level_backward_hook(device):
+    model = make_model(device)
+    ids, _ = inputs(device)
+    h = pyqkv.hf.attach(model)
+    grads = []
+    with h.hooks(bwd_hooks=[("blocks.0.attn.hook_pattern", lambda g, hook: grads.append(g.shape))]):
+        model(ids).logits.sum().backward()
+    assert grads == [torch.Size([2, 4, 9, 9])]
+    assert all(b.qkv_weight.grad is not None for b in h.bridges)
+
+
+# ----------------------------------------------------------------------------------------------------
+# An attached layer called directly: cache keyword names, output_attentions
+
+
+@pytest.mark.parametrize("kwarg", ["past_key_values", "layer_past", "cache", "pyqkv"])
+def test_layer_accepts_cache_under_every_name(device, kwarg):
+    model = make_model(device)
+    orig = model.transformer.h[1].attn
+    pyqkv.hf.attach(model)
+    layer = model.transformer.h[1].attn
+    assert layer.layer_idx == 1
+    x = torch.randn(2, 8, 64, device=device)
+    ref_cache, steps = DynamicCache(), [(0, 5), (5, 6), (6, 8)]
+    if kwarg == "pyqkv":
+        ours, kw = pyqkv.KVCache(), "past_key_values"
+    else:
+        ours, kw = DynamicCache(), kwarg
+    with torch.no_grad():
+        for a, b in steps:
+            mask = causal_additive_mask(b - a, b, device=device)
+            xs = x[:, a:b].contiguous()  # HF's Conv1D needs a viewable input
+            ref = orig(xs, past_key_values=ref_cache, attention_mask=mask)[0]
+            out = layer(xs, attention_mask=mask, **{kw: ours})[0]
+            assert_close(out, ref, f"cache under {kwarg}, positions {a}:{b}", atol=1e-5, rtol=1e-5)
+    if kwarg == "pyqkv":
+        assert ours.length == 8
+    else:
+        assert ours.get_seq_length(1) == 8, "the HF cache must see every position"
+        assert_close(ours.layers[1].keys, ref_cache.layers[1].keys, "cached keys in HF layout", atol=1e-6)
+        assert_close(ours.layers[1].values, ref_cache.layers[1].values, "cached values", atol=1e-6)
+
+
+def test_layer_output_attentions(device):
+    model = make_model(device)
+    orig = model.transformer.h[0].attn
+    pyqkv.hf.attach(model)
+    layer = model.transformer.h[0].attn
+    x = torch.randn(2, 6, 64, device=device)
+    mask = causal_additive_mask(6, device=device)
+    with torch.no_grad():
+        ref_out, ref_pat = orig(x, attention_mask=mask)
+        out, pat = layer(x, attention_mask=mask, output_attentions=True)
+        _, none = layer(x, attention_mask=mask)
+    assert none is None
+    assert pat.shape == (2, 4, 6, 6)
+    assert_close(pat, ref_pat, "pattern", atol=1e-6)
+    assert_close(out, ref_out, "output", atol=1e-5, rtol=1e-5)
+    assert no_hooks_left(layer.bridge)
+
+
+@pytest.mark.parametrize("asked_before_attach", [True, False])
+def test_model_output_attentions(device, asked_before_attach):
+    """model(..., output_attentions=True).attentions: one pattern per layer, as HF returns them, while
+    attached and again after detach (whenever HF installed its recording hooks)."""
+    model = make_model(device)
+    reference_model = copy.deepcopy(model)
+    ids, _ = inputs(device, left_pad=(0, 0))
+    with torch.no_grad():
+        ref = reference_model(ids, output_attentions=True).attentions
+        if asked_before_attach:
+            model(ids, output_attentions=True)
+        h = pyqkv.hf.attach(model)
+        got = model(ids, output_attentions=True).attentions
+        plain = model(ids).attentions if hasattr(model(ids), "attentions") else None
+        pyqkv.hf.detach(model)
+        after = model(ids, output_attentions=True).attentions
+    assert got is not None and len(got) == len(ref) == 2, f"attached model returned {len(got or ())} attentions"
+    assert not plain, "attentions recorded although not asked for"
+    for i in range(2):
+        assert_close(got[i], ref[i], f"attentions[{i}]", atol=1e-6)
+    assert after is not None and len(after) == 2, f"after detach: {len(after or ())} attentions"
+    assert no_hooks_left(h)
+
+
+# ----------------------------------------------------------------------------------------------------
+# transformers stays optional
+
+
+def test_import_pyqkv_does_not_import_transformers():
+    code = "import pyqkv, sys; b = pyqkv.Bridge; assert 'transformers' not in sys.modules, 'transformers imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = "import pyqkv.hf, sys; assert 'transformers' not in sys.modules, 'pyqkv.hf imported transformers'"
+    subprocess.run([sys.executable, "-c", code], check=True)
