@@ -96,8 +96,12 @@ class KVCache:
     def _grow(self, need: int, like: torch.Tensor) -> None:
         B, _, Hkv, Dh = like.shape
         capacity = max(need, 2 * self.capacity, self._initial_capacity or self.MIN_CAPACITY)
-        k = like.new_empty(B, Hkv, capacity, Dh)
-        v = like.new_empty(B, Hkv, capacity, Dh)
+        # Normal tensors even under torch.inference_mode: an inference tensor could not be appended to
+        # in place by a later call made outside inference mode (e.g. prefill in inference_mode, decode
+        # under no_grad).
+        with torch.inference_mode(False):
+            k = like.new_empty(B, Hkv, capacity, Dh)
+            v = like.new_empty(B, Hkv, capacity, Dh)
         if self.length:
             k[:, :, : self.length] = self.k_storage[:, :, : self.length]
             v[:, :, : self.length] = self.v_storage[:, :, : self.length]

@@ -485,6 +485,38 @@ def test_kv_cache_ignores_garbage_beyond_length(device):
         assert_close(torch.cat([o1, o2], 1), exp["hook_out"], f"NaN beyond length, hook={hook}")
 
 
+@pytest.mark.parametrize("capacity", [4, 16], ids=["regrow", "in-place"])
+@pytest.mark.parametrize("first,second", [("inference", "no_grad"), ("no_grad", "inference"), ("inference", "inference")])
+def test_kv_cache_across_inference_mode(device, first, second, capacity):
+    """A cache filled under torch.inference_mode keeps working outside it (and the other way round)."""
+    b, oracle, _ = plain_bridge(device)
+    x = randx(device, S=8)
+    mode = {"inference": torch.inference_mode, "no_grad": torch.no_grad}
+    cache = pyqkv.KVCache(capacity=capacity)
+    with mode[first]():
+        o1 = b(x[:, :3], kv_cache=cache)
+    with mode[second]():
+        o2 = b(x[:, 3:], kv_cache=cache)
+    with torch.no_grad():
+        o3 = b(x[:, :1], kv_cache=pyqkv.KVCache())
+    assert_close(torch.cat([o1, o2], 1), oracle(x), f"{first} then {second}")
+    assert_close(o3, oracle(x[:, :1]))
+
+
+def test_pattern_edit_under_inference_mode(device):
+    b, oracle, _ = plain_bridge(device)
+    x = randx(device)
+
+    def uniform_head0(t, hook):
+        t[:, 0] = torch.ones_like(t[:, 0]).tril() / torch.arange(1, 8, device=t.device).view(7, 1)
+
+    exp = oracle(x, edits={"hook_pattern": lambda p: torch.cat(
+        [(torch.ones_like(p[:, :1]).tril() / torch.arange(1, 8, device=p.device).view(7, 1)), p[:, 1:]], 1)})
+    with torch.inference_mode():
+        out = b.run_with_hooks(x, fwd_hooks=[("hook_pattern", uniform_head0)])
+    assert_close(out, exp, "in-place pattern edit under inference_mode")
+
+
 def test_kv_cache_reuse_with_other_shapes_raises(device):
     b, _, _ = plain_bridge(device)  # Hkv = 2, Dh = 16
     cache = pyqkv.KVCache()
