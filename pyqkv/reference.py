@@ -122,22 +122,26 @@ def visible_keys(B, H, S, K, *, causal, mask=None, device=None):
     return vis
 
 
-def attention(q, k, v, *, scale, causal, mask=None, return_pattern=False):
+def attention(q, k, v, *, scale, causal, mask=None, return_pattern=False, compute_dtype=torch.float64):
     """q [B,S,H,Dh], k/v [B,K,Hkv,Dh] -> (z [B,S,H,Dh], lse [B,H,S], pattern [B,H,S,K] or None).
 
     Computed in float64 (float32 accumulation would do; float64 makes the oracle exact enough to judge
     float32 kernels) and cast back to q's dtype. GQA: query head h reads kv head h // (H / Hkv).
     A query row with no visible key gives zeros in z and pattern, and lse = -inf.
+
+    compute_dtype: the dtype every step runs in. The tests also run the oracle in the inputs' own low
+    precision (e.g. bfloat16) to measure how much error plain PyTorch makes there: the tolerance rule
+    |kernel - ref_fp64| <= 2 |ref_in_dtype - ref_fp64| + atol (DESIGN.md, Testing).
     """
     B, S, H, Dh = q.shape
     K, Hkv = k.shape[1], k.shape[2]
     group = H // Hkv
-    qf, kf, vf = (t.double().transpose(1, 2) for t in (q, k, v))  # [B, heads, seq, Dh]
+    qf, kf, vf = (t.to(compute_dtype).transpose(1, 2) for t in (q, k, v))  # [B, heads, seq, Dh]
     kf = kf.repeat_interleave(group, dim=1)
     vf = vf.repeat_interleave(group, dim=1)
     scores = (qf @ kf.transpose(-1, -2)) * scale  # [B,H,S,K]
     if mask is not None and mask.dim() == 4:
-        scores = scores + mask.double()
+        scores = scores + mask.to(compute_dtype)
     vis = visible_keys(B, H, S, K, causal=causal, mask=mask, device=q.device)
     scores = scores.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf on rows with no visible key
@@ -151,14 +155,15 @@ def attention(q, k, v, *, scale, causal, mask=None, return_pattern=False):
     )
 
 
-def attn_scores(q, k, *, scale, causal, mask=None):
-    """Scaled, masked scores [B,H,S,K] in q's dtype; hidden entries hold the dtype's most negative value."""
+def attn_scores(q, k, *, scale, causal, mask=None, compute_dtype=torch.float64):
+    """Scaled, masked scores [B,H,S,K] in q's dtype; hidden entries hold the dtype's most negative value.
+    compute_dtype: the dtype the product and the mask addition run in (see attention)."""
     B, S, H, _ = q.shape
     K, Hkv = k.shape[1], k.shape[2]
-    qf = q.double().transpose(1, 2)
-    kf = k.double().transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    qf = q.to(compute_dtype).transpose(1, 2)
+    kf = k.to(compute_dtype).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
     scores = (qf @ kf.transpose(-1, -2)) * scale
     if mask is not None and mask.dim() == 4:
-        scores = scores + mask.double()
+        scores = scores + mask.to(compute_dtype)
     vis = visible_keys(B, H, S, K, causal=causal, mask=mask, device=q.device)
     return scores.to(q.dtype).masked_fill(~vis, torch.finfo(q.dtype).min)
