@@ -69,8 +69,10 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const int64_t qb = task % n_qblocks, h = (task / n_qblocks) % H, b = task / (n_qblocks * H);
       const int64_t hk = h / group;  // GQA: the KV head this query head reads
       const int64_t i0 = qb * kQueryBlock, nq = std::min(kQueryBlock, S - i0);
-      // The last key any row of this block may see; keys past it are skipped block-wise.
-      const int64_t key_end = causal ? std::min(K, causal_offset + i0 + nq) : K;
+      // The last key any row of this block may see; keys past it are skipped block-wise. With causal
+      // and K < S the leading query rows see no key at all: clamp at 0 (a negative end would make the
+      // pattern's zero-fill below start before the row).
+      const int64_t key_end = causal ? std::max<int64_t>(0, std::min(K, causal_offset + i0 + nq)) : K;
 
       for (int64_t r = 0; r < nq; ++r) {
         const scalar_t* src = qp + b * qs.b + (i0 + r) * qs.s + h * qs.h;

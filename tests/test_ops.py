@@ -1,0 +1,740 @@
+"""The native ops (pyqkv.ops) against the pure-PyTorch oracle (pyqkv.reference).
+
+Data movement (split_qkv, pack_qkv, kv_append) must match exactly; arithmetic (per_head_proj,
+attention and its split form) must satisfy the one tolerance rule in tests/tolerance.py. Every op also
+passes torch.library.opcheck, gradcheck in float64 and a torch.compile trace (its fake kernel).
+
+Notation: B batch, S query positions, K key positions, H query heads, Hkv key/value heads, Dh head dim,
+D model dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import DTYPES
+from tolerance import assert_close_by_rule
+from torch.profiler import ProfilerActivity, profile
+
+from pyqkv import ops
+from pyqkv import reference as ref
+
+LAYOUT_HEADS = [  # (layout, H, Hkv): every head arrangement each layout supports
+    ("blocked", 4, 4),
+    ("blocked", 4, 2),
+    ("blocked", 4, 1),
+    ("interleaved", 4, 4),
+    ("grouped", 6, 2),
+    ("grouped", 4, 1),
+    ("grouped", 4, 4),
+    ("codegen", 8, 8),
+]
+
+
+def rand(*shape, dtype=torch.float32, device="cpu"):
+    """Standard normal values drawn on the CPU (identical on every device), then moved."""
+    return torch.randn(*shape).to(device=device, dtype=dtype)
+
+
+def qkv_views(B, S, K, H, Hkv, Dh, *, dtype, device):
+    """q [B,S,H,Dh], k, v [B,K,Hkv,Dh] as non-contiguous views of fused projections [B, L, (H+2Hkv) Dh]
+    (blocked: all Q heads, all K heads, all V heads), which is how the Bridge calls attention. With
+    K == S all three come from one tensor; otherwise q from one of length S, k and v from one of length K."""
+    n = (H + 2 * Hkv) * Dh
+
+    def split(fused):
+        q, k, v = fused.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        return q.unflatten(-1, (H, Dh)), k.unflatten(-1, (Hkv, Dh)), v.unflatten(-1, (Hkv, Dh))
+
+    fused_q = rand(B, S, n, dtype=dtype, device=device)
+    q, k, v = split(fused_q)
+    if K != S:
+        _, k, v = split(rand(B, K, n, dtype=dtype, device=device))
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    return q, k, v
+
+
+def alibi_bias(B, H, S, K, *, dtype, device):
+    """ALiBi-like finite biases [B, H, S, K]: head h adds -slope_h * (distance of key j from the last key)."""
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
+    dist = (K - 1 - torch.arange(K)).float()
+    return (-slopes.view(1, H, 1, 1) * dist.view(1, 1, 1, K)).expand(B, H, S, K).to(device=device, dtype=dtype)
+
+
+MASK_KINDS = [
+    "none",
+    "bool2d",  # [B, K] bool, True = attend
+    "int2d",  # [B, K] int64 0/1
+    "float2d",  # [B, K] float 0/1 in q's dtype
+    "add4d_b1",  # [B, 1, S, K] additive, hidden = finfo(dtype).min
+    "add4d_bh",  # [B, H, S, K] additive, hidden = finfo(dtype).min
+    "add4d_bcast",  # [1, 1, S, K] expanded to [B, 1, S, K] (stride 0 over B), as HF passes it
+    "add4d_fp32",  # [B, 1, S, K] float32 whatever q's dtype
+    "alibi",  # [B, H, S, K] finite biases only
+    "alibi_hidden",  # ALiBi biases plus hidden entries
+]
+
+
+def make_mask(kind, B, H, S, K, *, dtype, device):
+    """A mask of the given kind. Random hidden entries hide ~25% of the keys; batch row 1 of the 2-D
+    masks is left-padded (its first 3 keys hidden)."""
+    if kind == "none":
+        return None
+    if kind.endswith("2d"):
+        keep = torch.rand(B, K) > 0.25
+        keep[-1, :3] = False
+        mask_dtype = {"bool2d": torch.bool, "int2d": torch.int64, "float2d": dtype}[kind]
+        return keep.to(device=device, dtype=mask_dtype)
+    mask_dtype = torch.float32 if kind == "add4d_fp32" else dtype
+    heads = 1 if kind in ("add4d_b1", "add4d_fp32", "add4d_bcast") else H
+    batch = 1 if kind == "add4d_bcast" else B
+    hidden = torch.rand(batch, heads, S, K) < 0.25
+    if kind == "alibi":
+        return alibi_bias(B, H, S, K, dtype=mask_dtype, device=device)
+    bias = alibi_bias(B, H, S, K, dtype=torch.float32, device="cpu") if kind == "alibi_hidden" else 0.0
+    m = (torch.zeros(batch, heads, S, K) + bias).to(device=device, dtype=mask_dtype)
+    m = m.masked_fill(hidden.to(device), torch.finfo(mask_dtype).min)
+    return m.expand(B, 1, S, K) if kind == "add4d_bcast" else m
+
+
+# --------------------------------------------------------------------------------------------------
+# split_qkv / pack_qkv: pure data movement, so exact equality.
+
+
+def fused_weight(D, n_out, *, conv1d, contiguous, dtype, device):
+    """A fused weight, [D, n_out] (conv1d) or [n_out, D] (Linear); non-contiguous when asked (a
+    transposed view, as `module.weight.t()` gives)."""
+    shape = (D, n_out) if conv1d else (n_out, D)
+    w = rand(*shape, dtype=dtype, device=device) if contiguous else rand(*shape[::-1], dtype=dtype, device=device).t()
+    assert w.is_contiguous() == contiguous
+    return w
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("conv1d", [True, False], ids=["conv1d", "linear"])
+@pytest.mark.parametrize("layout,H,Hkv", LAYOUT_HEADS)
+def test_split_qkv_matches_reference(layout, H, Hkv, conv1d, dtype, device):
+    D, Dh = 12, 3
+    n_out = (H + 2 * Hkv) * Dh
+    bias = rand(n_out, dtype=dtype, device=device)
+    for contiguous in (True, False):
+        w = fused_weight(D, n_out, conv1d=conv1d, contiguous=contiguous, dtype=dtype, device=device)
+        got = ops.split_qkv(w, bias, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout=layout, conv1d=conv1d)
+        want = ref.split_qkv(w, bias, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout=layout, conv1d=conv1d)
+        shapes = [(H, D, Dh), (Hkv, D, Dh), (Hkv, D, Dh), (H, Dh), (Hkv, Dh), (Hkv, Dh)]
+        for name, g, r, shape in zip(["W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V"], got, want, shapes):
+            assert g.shape == shape and g.dtype == dtype and g.device == w.device, name
+            assert torch.equal(g, r), f"{name} differs from the reference ({layout}, contiguous={contiguous})"
+
+        # The inverse: pack(split(w)) == w, in the same layout and orientation, bias included.
+        w2, b2 = ops.pack_qkv(*got, layout=layout, conv1d=conv1d)
+        assert w2.shape == w.shape and torch.equal(w2, w), "pack_qkv(split_qkv(w)) != w"
+        assert torch.equal(b2, bias), "pack_qkv(split_qkv(bias)) != bias"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("conv1d", [True, False], ids=["conv1d", "linear"])
+@pytest.mark.parametrize("layout,H,Hkv", LAYOUT_HEADS)
+def test_pack_qkv_matches_reference(layout, H, Hkv, conv1d, dtype, device):
+    D, Dh = 10, 4
+    W_Q, W_K, W_V = rand(H, D, Dh, dtype=dtype, device=device), rand(Hkv, D, Dh, dtype=dtype, device=device), rand(
+        Hkv, D, Dh, dtype=dtype, device=device
+    )
+    W_K = W_K.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous inputs are read through strides
+    b_Q, b_K, b_V = rand(H, Dh, dtype=dtype, device=device), rand(Hkv, Dh, dtype=dtype, device=device), rand(
+        Hkv, Dh, dtype=dtype, device=device
+    )
+    w, b = ops.pack_qkv(W_Q, W_K, W_V, b_Q, b_K, b_V, layout=layout, conv1d=conv1d)
+    assert torch.equal(w, ref.pack_qkv(W_Q, W_K, W_V, layout=layout, conv1d=conv1d))
+    assert torch.equal(b, ref.pack_qkv_bias(b_Q, b_K, b_V, layout=layout))
+    w_only, none = ops.pack_qkv(W_Q, W_K, W_V, layout=layout, conv1d=conv1d)
+    assert none is None and torch.equal(w_only, w)
+    # split(pack(W)) == W
+    back = ops.split_qkv(w, b, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout=layout, conv1d=conv1d)
+    for name, g, r in zip(["W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V"], back, (W_Q, W_K, W_V, b_Q, b_K, b_V)):
+        assert torch.equal(g, r), f"split_qkv(pack_qkv(...)) changed {name}"
+
+
+def test_pack_qkv_defaults_to_blocked_conv1d(device):
+    """The one-GEMM path: pack_qkv's default output is [D, (H+2Hkv) Dh] with [all Q | all K | all V]."""
+    H, Hkv, D, Dh = 4, 2, 8, 3
+    W_Q, W_K, W_V = (rand(n, D, Dh, device=device) for n in (H, Hkv, Hkv))
+    w, b = ops.pack_qkv(W_Q, W_K, W_V)
+    assert b is None and w.shape == (D, (H + 2 * Hkv) * Dh)
+    x = rand(5, D, device=device)
+    y = x @ w
+    for h in range(H):
+        torch.testing.assert_close(y[:, h * Dh : (h + 1) * Dh], x @ W_Q[h])
+    for g in range(Hkv):
+        torch.testing.assert_close(y[:, (H + g) * Dh : (H + g + 1) * Dh], x @ W_K[g])
+        torch.testing.assert_close(y[:, (H + Hkv + g) * Dh : (H + Hkv + g + 1) * Dh], x @ W_V[g])
+
+
+def test_split_qkv_gpt2_rule(device):
+    """GPT-2's Conv1D c_attn [D, 3D]: W_Q[h] = c_attn.weight[:, h*Dh:(h+1)*Dh], K and V after D and 2D."""
+    H, Dh = 12, 8
+    D = H * Dh
+    weight, bias = rand(D, 3 * D, device=device), rand(3 * D, device=device)
+    W_Q, W_K, W_V, b_Q, b_K, b_V = ops.split_qkv(weight, bias, n_heads=H, d_head=Dh, layout="blocked", conv1d=True)
+    for h in range(H):
+        cols = slice(h * Dh, (h + 1) * Dh)
+        assert torch.equal(W_Q[h], weight[:, cols]) and torch.equal(b_Q[h], bias[cols])
+        assert torch.equal(W_K[h], weight[:, D:][:, cols]) and torch.equal(b_K[h], bias[D:][cols])
+        assert torch.equal(W_V[h], weight[:, 2 * D :][:, cols]) and torch.equal(b_V[h], bias[2 * D :][cols])
+
+
+def heads_as_models_read_them(y, layout, H, Hkv, Dh):
+    """The fused projection output y [N, n_out] cut into q [N,H,Dh], k, v [N,Hkv,Dh] the way the models
+    themselves do it (written from their code, independent of pyqkv.reference.fused_columns)."""
+    N = y.shape[0]
+    if layout == "blocked":  # GPT-2 / Phi-3 / BigCode: [all Q | all K | all V]
+        q, k, v = y.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        return q.reshape(N, H, Dh), k.reshape(N, Hkv, Dh), v.reshape(N, Hkv, Dh)
+    if layout == "interleaved":  # GPT-NeoX: view(..., H, 3 * Dh) then chunk into q, k, v
+        q, k, v = y.view(N, H, 3 * Dh).chunk(3, dim=-1)
+        return q, k, v
+    if layout == "grouped":  # Falcon new_decoder_architecture / InternLM2: (Hkv, G + 2, Dh)
+        g = y.view(N, Hkv, H // Hkv + 2, Dh)
+        return g[:, :, :-2].reshape(N, H, Dh), g[:, :, -2], g[:, :, -1]
+    if layout == "codegen":  # CodeGen: reshape(mp_num, -1), split into query, value, key of D/mp each
+        mp = 4
+        parts = y.view(N, mp, -1).split(H // mp * Dh, dim=-1)
+        query, value, key = (p.reshape(N, mp, H // mp, Dh).reshape(N, H, Dh) for p in parts)
+        return query, key, value
+    raise AssertionError(layout)
+
+
+@pytest.mark.parametrize("conv1d", [True, False], ids=["conv1d", "linear"])
+@pytest.mark.parametrize("layout,H,Hkv", LAYOUT_HEADS)
+def test_split_qkv_agrees_with_the_models(layout, H, Hkv, conv1d, device):
+    """Per-head projections with the split weights equal the heads a model cuts from x @ W_fused + b."""
+    D, Dh, N = 8, 2, 5
+    n_out = (H + 2 * Hkv) * Dh
+    w = fused_weight(D, n_out, conv1d=conv1d, contiguous=True, dtype=torch.float64, device=device)
+    bias = rand(n_out, dtype=torch.float64, device=device)
+    x = rand(N, D, dtype=torch.float64, device=device)
+    y = x @ (w if conv1d else w.t()) + bias
+    W_Q, W_K, W_V, b_Q, b_K, b_V = ops.split_qkv(w, bias, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout=layout, conv1d=conv1d)
+    for name, got, W, b in zip("qkv", heads_as_models_read_them(y, layout, H, Hkv, Dh), (W_Q, W_K, W_V), (b_Q, b_K, b_V)):
+        torch.testing.assert_close(torch.einsum("nd,hde->nhe", x, W) + b, got, msg=lambda m: f"{name}: {m}")
+
+
+# --------------------------------------------------------------------------------------------------
+# per_head_proj
+
+
+def per_head_refs(x, W, b, dtype):
+    """(reference in float64, reference in dtype) for the tolerance rule."""
+    hi = ref.per_head_proj(x.double(), W.double(), None if b is None else b.double())
+    return hi, ref.per_head_proj(x, W, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("x_kind", ["contiguous", "strided", "broadcast"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_per_head_proj_matches_reference(x_kind, with_bias, dtype, device):
+    B, S, n, D, E = 2, 7, 5, 24, 6
+    if x_kind == "contiguous":
+        x = rand(B, S, n, D, dtype=dtype, device=device)
+    elif x_kind == "strided":  # heads-major storage seen through a permuted view
+        x = rand(n, B, D, S, dtype=dtype, device=device).permute(1, 3, 0, 2)
+    else:  # the fork path: every head reads the same residual (stride 0 over n)
+        x = rand(B, S, D, dtype=dtype, device=device)[:, :, None].expand(B, S, n, D)
+        assert x.stride(2) == 0
+    W = rand(n, D, E, dtype=dtype, device=device)
+    b = rand(n, E, dtype=dtype, device=device) if with_bias else None
+    out = ops.per_head_proj(x, W, b)
+    assert out.shape == (B, S, n, E) and out.dtype == dtype
+    assert_close_by_rule(out, *per_head_refs(x, W, b, dtype), what="per_head_proj")
+
+
+def largest_allocation(fn, device) -> int:
+    """Bytes of the largest single allocation fn makes on device (the profiler's per-op self memory on
+    CPU, the peak above the starting point on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.self_cpu_memory_usage for e in prof.events()), default=0)
+
+
+def test_per_head_proj_broadcast_does_not_materialize_copies(device):
+    """x = resid[:, :, None].expand(B, S, n, D) must stay one GEMM over resid: no allocation as large as
+    the n-fold copy (B*S*n*D elements). The output (B*S*n*E) and the reordered weight (n*D*E) are far
+    smaller because E << B*S and E << D here."""
+    B, S, n, D, E = 2, 16, 8, 256, 4
+    resid = rand(B, S, D, device=device)
+    W, b = rand(n, D, E, device=device), rand(n, E, device=device)
+    x = resid[:, :, None].expand(B, S, n, D)
+    n_fold_bytes = B * S * n * D * resid.element_size()
+
+    out = ops.per_head_proj(x, W, b)  # warm-up outside the measurement (lazy init, thread pools)
+    assert_close_by_rule(out, *per_head_refs(x, W, b, torch.float32), what="per_head_proj")
+    used = largest_allocation(lambda: ops.per_head_proj(x, W, b), device)
+    assert used < n_fold_bytes, f"per_head_proj allocated {used} B: the n-fold copy is {n_fold_bytes} B"
+    # The measurement can see a materialized copy: the same call on x.contiguous() trips it.
+    control = largest_allocation(lambda: ops.per_head_proj(x.contiguous(), W, b), device)
+    assert control >= n_fold_bytes, "the allocation probe failed to see an n-fold copy"
+
+
+# --------------------------------------------------------------------------------------------------
+# attention
+
+
+def attention_refs(q, k, v, *, scale, causal, mask):
+    """(float64 reference, reference in q's own dtype), each (z, lse, pattern)."""
+    hi = ref.attention(q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True)
+    lo = ref.attention(q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True, compute_dtype=q.dtype)
+    return hi, lo
+
+
+def check_attention(q, k, v, *, causal, mask=None, scale=None):
+    """Runs ops.attention with and without the pattern and checks z, lse and pattern against the
+    reference by the tolerance rule, lse = -inf exactly on rows with no visible key, no NaN anywhere.
+    Returns the kernel's (z, lse, pattern)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    (z_hi, lse_hi, p_hi), (z_lo, lse_lo, p_lo) = attention_refs(q, k, v, scale=scale, causal=causal, mask=mask)
+    z, lse, pattern = ops.attention(q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True)
+    B, S, H, Dh = q.shape
+    K = k.shape[1]
+    assert z.shape == (B, S, H, Dh) and z.dtype == q.dtype
+    assert lse.shape == (B, H, S) and lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    assert pattern.shape == (B, H, S, K) and pattern.dtype == q.dtype
+    assert_close_by_rule(z, z_hi, z_lo, what="z")
+    assert_close_by_rule(lse, lse_hi, lse_lo, what="lse")  # includes: -inf exactly where the reference has it
+    assert_close_by_rule(pattern, p_hi, p_lo, what="pattern")
+    z2, lse2, none = ops.attention(q, k, v, scale=scale, causal=causal, mask=mask)
+    assert none is None
+    assert_close_by_rule(z2, z_hi, z_lo, what="z (return_pattern=False)")
+    assert_close_by_rule(lse2, lse_hi, lse_lo, what="lse (return_pattern=False)")
+    return z, lse, pattern
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    S: int
+    K: int
+    H: int
+    Hkv: int
+    Dh: int
+    causal: bool
+    mask: str
+
+    def __str__(self):
+        c = "causal" if self.causal else "full"
+        return f"B{self.B}-S{self.S}-K{self.K}-H{self.H}-Hkv{self.Hkv}-Dh{self.Dh}-{c}-{self.mask}"
+
+
+# Tails of the CPU kernel's blocks (64 queries, 128 keys) and of vector widths; every Dh in {32, 64, 80},
+# every Hkv in {12, 4, 1}, K == S and K > S. A curated list, not a product.
+SHAPES = [
+    Shape(2, 1, 24, 12, 12, 32, True, "none"),  # one-token decode step: sees the whole cache
+    Shape(2, 1, 1, 12, 1, 64, False, "none"),
+    Shape(2, 17, 17, 12, 4, 64, True, "bool2d"),
+    Shape(2, 17, 40, 12, 1, 80, False, "add4d_b1"),
+    Shape(2, 17, 40, 12, 12, 32, True, "int2d"),
+    Shape(1, 89, 112, 12, 4, 32, True, "alibi_hidden"),
+    Shape(1, 89, 89, 12, 12, 80, False, "none"),
+    Shape(1, 89, 89, 12, 1, 64, True, "add4d_bh"),
+    Shape(1, 130, 300, 12, 4, 64, True, "bool2d"),  # several query and key blocks, partial last blocks
+    Shape(1, 130, 300, 4, 2, 80, False, "alibi"),
+    Shape(1, 150, 20, 4, 2, 32, True, "none"),  # causal with K < S: the first S - K query rows see nothing
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_attention_matches_reference(shape, dtype, device):
+    c = shape
+    q, k, v = qkv_views(c.B, c.S, c.K, c.H, c.Hkv, c.Dh, dtype=dtype, device=device)
+    mask = make_mask(c.mask, c.B, c.H, c.S, c.K, dtype=dtype, device=device)
+    check_attention(q, k, v, causal=c.causal, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+def test_attention_masks(mask_kind, causal, dtype, device):
+    B, S, K, H, Hkv, Dh = 2, 17, 40, 12, 4, 32
+    q, k, v = qkv_views(B, S, K, H, Hkv, Dh, dtype=dtype, device=device)
+    mask = make_mask(mask_kind, B, H, S, K, dtype=dtype, device=device)
+    _, lse, pattern = check_attention(q, k, v, causal=causal, mask=mask)
+    # Every row with a visible key is a distribution over keys.
+    visible = torch.isfinite(lse)
+    sums = pattern.double().sum(-1)[visible]
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=tol, rtol=0)
+    # Hidden keys get weight exactly 0.
+    vis = ref.visible_keys(B, H, S, K, causal=causal, mask=mask, device=q.device).expand(B, H, S, K)
+    assert (pattern[~vis] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["leftpad2d_causal", "hf4d"])
+def test_attention_fully_masked_rows_are_zero(mask_kind, dtype, device):
+    """Left padding: batch row 1 has 5 pad keys and S == K, so with causal its first 5 queries see no
+    key at all. They must give zeros in z and pattern and lse = -inf, never NaN (the reference system
+    gives a uniform row there). "hf4d" is the same as Hugging Face's 4-D additive mask (causal and
+    padding folded in, hidden = finfo.min), passed without the causal flag."""
+    B, S, H, Hkv, Dh, pad = 2, 17, 4, 2, 32, 5
+    q, k, v = qkv_views(B, S, S, H, Hkv, Dh, dtype=dtype, device=device)
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[1, :pad] = False
+    if mask_kind == "leftpad2d_causal":
+        mask, causal = keep.to(device), True
+    else:
+        allowed = torch.ones(S, S, dtype=torch.bool).tril() & keep[:, None, None, :]  # [B, 1, S, K]
+        mask = torch.zeros(B, 1, S, S, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).to(device)
+        causal = False
+    z, lse, pattern = check_attention(q, k, v, causal=causal, mask=mask)
+    assert not (torch.isnan(z).any() or torch.isnan(pattern).any() or torch.isnan(lse).any())
+    assert (z[1, :pad] == 0).all() and (pattern[1, :, :pad] == 0).all()
+    assert torch.isneginf(lse[1, :, :pad]).all()
+    assert torch.isfinite(lse[0]).all() and torch.isfinite(lse[1, :, pad:]).all()
+    sums = pattern[1, :, pad:].double().sum(-1)
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("S", [1, 6])
+def test_attention_reads_a_kv_cache_in_place(S, dtype, device):
+    """k, v = cache[:, :, :L].transpose(1, 2): strided views of a preallocated [B, Hkv, capacity, Dh]
+    cache whose slots past L hold NaN. Results equal the reference and contain no NaN."""
+    B, H, Hkv, Dh, capacity, L = 2, 12, 4, 64, 64, 37
+    k_cache = torch.full((B, Hkv, capacity, Dh), float("nan"), dtype=dtype, device=device)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k_cache[:, :, :L] = rand(B, Hkv, L, Dh, dtype=dtype, device=device)
+    v_cache[:, :, :L] = rand(B, Hkv, L, Dh, dtype=dtype, device=device)
+    k, v = k_cache[:, :, :L].transpose(1, 2), v_cache[:, :, :L].transpose(1, 2)
+    q, _, _ = qkv_views(B, S, S, H, Hkv, Dh, dtype=dtype, device=device)
+    mask = torch.ones(B, L, dtype=torch.bool, device=device)
+    mask[1, :4] = False  # a left-padded prompt in the cache
+    for causal, m in ((True, None), (True, mask), (False, mask)):
+        z, lse, pattern = check_attention(q, k, v, causal=causal, mask=m)
+        assert not torch.isnan(z).any() and not torch.isnan(pattern).any()
+
+
+def test_incremental_decoding_equals_full_causal_attention(device):
+    """Prefill P tokens, then decode one token at a time with kv_append into a NaN-filled cache: each step's
+    z equals the matching row of one causal attention over the whole sequence (bottom-right alignment)."""
+    B, T, P, H, Hkv, Dh, capacity = 2, 12, 5, 4, 2, 16, 16
+    dtype = torch.float64
+    q_all, k_all, v_all = qkv_views(B, T, T, H, Hkv, Dh, dtype=dtype, device=device)
+    z_full = ref.attention(q_all, k_all, v_all, scale=Dh**-0.5, causal=True)[0]
+    k_cache = torch.full((B, Hkv, capacity, Dh), float("nan"), dtype=dtype, device=device)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    steps = [(0, P)] + [(t, t + 1) for t in range(P, T)]
+    for lo, hi in steps:
+        ops.kv_append(k_cache, v_cache, k_all[:, lo:hi], v_all[:, lo:hi], lo)
+        k, v = k_cache[:, :, :hi].transpose(1, 2), v_cache[:, :, :hi].transpose(1, 2)
+        z, _, _ = ops.attention(q_all[:, lo:hi], k, v, scale=Dh**-0.5, causal=True)
+        torch.testing.assert_close(z, z_full[:, lo:hi], msg=lambda m: f"step {lo}:{hi}: {m}")
+
+
+def test_attention_reads_any_strides(device):
+    """Non-unit strides in every dim, Dh included (every other feature of a wider tensor)."""
+    B, S, K, H, Hkv, Dh = 2, 9, 13, 4, 2, 16
+    q = rand(B, H, S, 2 * Dh, device=device).transpose(1, 2)[..., ::2]
+    k = rand(Hkv, K, B, 2 * Dh, device=device).permute(2, 1, 0, 3)[..., 1::2]
+    v = rand(B, K, Hkv, 3 * Dh, device=device)[..., Dh : 2 * Dh]
+    assert q.stride(3) == 2 and k.stride(3) == 2
+    check_attention(q, k, v, causal=True)
+    check_attention(q, k, v, causal=False, scale=0.37)
+
+
+# --------------------------------------------------------------------------------------------------
+# the split form: attn_scores -> attn_softmax -> attn_apply
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "leftpad2d", "add4d_bh", "alibi_hidden"])
+def test_split_form_equals_fused_attention(mask_kind, dtype, device):
+    B, S, K, H, Hkv, Dh = 2, 17, 17, 12, 4, 32
+    q, k, v = qkv_views(B, S, K, H, Hkv, Dh, dtype=dtype, device=device)
+    if mask_kind == "leftpad2d":  # with causal and S == K, row 1's first 3 queries see nothing
+        mask = torch.ones(B, K, dtype=torch.bool, device=device)
+        mask[1, :3] = False
+    else:
+        mask = make_mask(mask_kind, B, H, S, K, dtype=dtype, device=device)
+    scale, causal = Dh**-0.5, True
+    scores = ops.attn_scores(q, k, scale=scale, causal=causal, mask=mask)
+    assert scores.shape == (B, H, S, K) and scores.dtype == dtype
+    vis = ref.visible_keys(B, H, S, K, causal=causal, mask=mask, device=q.device).expand(B, H, S, K)
+    assert (scores[~vis] == torch.finfo(dtype).min).all(), "hidden scores must hold finfo(dtype).min"
+    s_hi = ref.attn_scores(q, k, scale=scale, causal=causal, mask=mask)
+    s_lo = ref.attn_scores(q, k, scale=scale, causal=causal, mask=mask, compute_dtype=dtype)
+    assert_close_by_rule(scores[vis], s_hi[vis], s_lo[vis], what="attn_scores")
+
+    pattern = ops.attn_softmax(scores)
+    z = ops.attn_apply(pattern, v)
+    (z_hi, _, p_hi), (z_lo, _, p_lo) = attention_refs(q, k, v, scale=scale, causal=causal, mask=mask)
+    assert_close_by_rule(pattern, p_hi, p_lo, what="split-form pattern")
+    assert_close_by_rule(z, z_hi, z_lo, what="split-form z")
+    z_f, _, p_f = ops.attention(q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True)
+    assert (pattern[~vis] == 0).all() and (p_f[~vis] == 0).all()
+    empty = ~vis.any(-1)  # [B, H, S]
+    if mask_kind == "leftpad2d":
+        assert empty[1, :, :3].all() and not torch.isnan(pattern).any() and not torch.isnan(z).any()
+        assert (z.permute(0, 2, 1, 3)[empty] == 0).all() and (z_f.permute(0, 2, 1, 3)[empty] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# kv_append
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("start,S", [(0, 5), (7, 1), (11, 5), (0, 16)], ids=["prefill", "decode", "to_end", "full"])
+def test_kv_append_matches_reference(start, S, dtype, device):
+    """In place, through the cache's strides; rows outside [start, start + S) keep their NaN sentinel."""
+    B, Hkv, Dh, capacity, H = 2, 3, 8, 16, 6
+    _, k_new, v_new = qkv_views(B, S, S, H, Hkv, Dh, dtype=dtype, device=device)  # strided views
+    k_cache = torch.full((B, Hkv, capacity, Dh), float("nan"), dtype=dtype, device=device)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    ptrs = (k_cache.data_ptr(), v_cache.data_ptr())
+    ops.kv_append(k_cache, v_cache, k_new, v_new, start)
+    ref.kv_append(k_want, v_want, k_new, v_new, start)
+    assert (k_cache.data_ptr(), v_cache.data_ptr()) == ptrs, "kv_append must write in place"
+    for name, got, want in (("k_cache", k_cache, k_want), ("v_cache", v_cache, v_want)):
+        assert torch.equal(got[:, :, start : start + S], want[:, :, start : start + S]), name
+        outside = torch.cat([got[:, :, :start], got[:, :, start + S :]], dim=2)
+        assert torch.isnan(outside).all(), f"{name}: rows outside [{start}, {start + S}) were written"
+    assert torch.equal(k_cache[:, :, start : start + S], k_new.transpose(1, 2))
+
+
+def test_kv_append_into_a_cache_view(device):
+    """The cache may itself be a view (a window of a larger buffer, batch-strided): writes go through it
+    and touch nothing else in the buffer."""
+    B, Hkv, Dh, S = 2, 2, 4, 3
+    buf_k = torch.full((Hkv, B + 1, 20, Dh), -7.0, device=device)
+    buf_v = torch.full_like(buf_k, -7.0)
+    k_cache, v_cache = buf_k[:, 1:, 2:12].transpose(0, 1), buf_v[:, 1:, 2:12].transpose(0, 1)  # [B, Hkv, 10, Dh]
+    k_new, v_new = rand(B, S, Hkv, Dh, device=device), rand(B, S, Hkv, Dh, device=device)
+    want_k, want_v = buf_k.clone(), buf_v.clone()
+    ref.kv_append(want_k[:, 1:, 2:12].transpose(0, 1), want_v[:, 1:, 2:12].transpose(0, 1), k_new, v_new, 4)
+    ops.kv_append(k_cache, v_cache, k_new, v_new, 4)
+    assert torch.equal(buf_k, want_k) and torch.equal(buf_v, want_v)
+
+
+# --------------------------------------------------------------------------------------------------
+# opcheck: schema, autograd registration, fake kernel, AOT dispatch (dynamic shapes)
+
+f64 = torch.float64
+
+
+def _req(t):
+    return t.detach().requires_grad_(True)
+
+
+def opcheck_cases(device):
+    """(id, op, args) for torch.library.opcheck: small but representative inputs."""
+    B, S, K, H, Hkv, Dh = 2, 3, 5, 4, 2, 8
+    q, k, v = (_req(t) for t in qkv_views(B, S, K, H, Hkv, Dh, dtype=f64, device=device))
+    pad = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool, device=device)
+    add_b1 = _req(make_mask("add4d_b1", B, H, S, K, dtype=f64, device=device))
+    add_bh = make_mask("alibi_hidden", B, H, S, K, dtype=f64, device=device)
+    qh, kh, vh = qkv_views(B, S, K, H, Hkv, Dh, dtype=torch.bfloat16, device=device)
+    attn = torch.ops.pyqkv.attention.default
+    w = _req(rand(8, (4 + 2 * 2) * 2, dtype=f64, device=device))
+    wl = _req(rand(8, (4 + 2 * 2) * 2, dtype=f64, device=device)).t()  # Linear [n_out, D], strided
+    Ws = [_req(rand(n, 8, 2, dtype=f64, device=device)) for n in (4, 2, 2)]
+    resid = _req(rand(2, 3, 8, dtype=f64, device=device))
+    W, b = _req(rand(4, 8, 5, dtype=f64, device=device)), _req(rand(4, 5, dtype=f64, device=device))
+    x = _req(rand(2, 4, 3, 8, dtype=f64, device=device)).transpose(1, 2)  # [B, S, n, D], heads-major storage
+    k_cache, v_cache = rand(2, 2, 10, 4, device=device), rand(2, 2, 10, 4, device=device)
+    _, k_new, v_new = qkv_views(2, 3, 3, 2, 2, 4, dtype=torch.float32, device=device)
+    return [
+        ("attention-causal-nomask", attn, (q, k, v, None, 0.35, True, False)),
+        ("attention-pattern-pad2d", attn, (q, k, v, pad, 0.35, False, True)),
+        ("attention-pattern-add4d-grad", attn, (q, k, v, add_b1, 0.35, True, True)),
+        ("attention-alibi-hidden", attn, (q, k, v, add_bh, 0.35, False, False)),
+        ("attention-bf16-pattern", attn, (qh, kh, vh, pad, 0.35, True, True)),
+        ("split_qkv-grouped-conv1d", torch.ops.pyqkv.split_qkv.default, (w, 4, 2, 2, "grouped", True)),
+        ("split_qkv-blocked-linear", torch.ops.pyqkv.split_qkv.default, (wl, 4, 2, 2, "blocked", False)),
+        ("pack_qkv-grouped-linear", torch.ops.pyqkv.pack_qkv.default, (*Ws, "grouped", False)),
+        ("per_head_proj-broadcast-bias", torch.ops.pyqkv.per_head_proj.default, (resid[:, :, None].expand(2, 3, 4, 8), W, b)),
+        ("per_head_proj-strided-nobias", torch.ops.pyqkv.per_head_proj.default, (x, W, None)),
+        ("kv_append", torch.ops.pyqkv.kv_append.default, (k_cache, v_cache, k_new, v_new, 4)),
+    ]
+
+
+OPCHECK_IDS = [
+    "attention-causal-nomask",
+    "attention-pattern-pad2d",
+    "attention-pattern-add4d-grad",
+    "attention-alibi-hidden",
+    "attention-bf16-pattern",
+    "split_qkv-grouped-conv1d",
+    "split_qkv-blocked-linear",
+    "pack_qkv-grouped-linear",
+    "per_head_proj-broadcast-bias",
+    "per_head_proj-strided-nobias",
+    "kv_append",
+]
+
+
+@pytest.mark.parametrize("case_id", OPCHECK_IDS)
+def test_opcheck(case_id, device):
+    cases = {c[0]: c[1:] for c in opcheck_cases(device)}
+    assert list(cases) == OPCHECK_IDS
+    op, args = cases[case_id]
+    torch.library.opcheck(op, args)
+
+
+# --------------------------------------------------------------------------------------------------
+# gradcheck in float64
+
+
+@pytest.mark.parametrize("conv1d", [True, False], ids=["conv1d", "linear"])
+@pytest.mark.parametrize("layout,H,Hkv", [("blocked", 4, 2), ("interleaved", 2, 2), ("grouped", 4, 2), ("codegen", 4, 4)])
+def test_gradcheck_split_and_pack(layout, H, Hkv, conv1d, device):
+    D, Dh = 3, 2
+    n_out = (H + 2 * Hkv) * Dh
+    w = _req(fused_weight(D, n_out, conv1d=conv1d, contiguous=False, dtype=f64, device=device))
+    bias = _req(rand(n_out, dtype=f64, device=device))
+    kw = dict(n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout=layout, conv1d=conv1d)
+    assert torch.autograd.gradcheck(lambda w, b: ops.split_qkv(w, b, **kw), (w, bias))
+    Ws = [_req(rand(n, D, Dh, dtype=f64, device=device)) for n in (H, Hkv, Hkv)]
+    bs = [_req(rand(n, Dh, dtype=f64, device=device)) for n in (H, Hkv, Hkv)]
+    assert torch.autograd.gradcheck(lambda *t: ops.pack_qkv(*t, layout=layout, conv1d=conv1d), (*Ws, *bs))
+
+
+@pytest.mark.parametrize("x_kind", ["strided", "broadcast"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_gradcheck_per_head_proj(x_kind, with_bias, device):
+    B, S, n, D, E = 2, 3, 3, 4, 2
+    W = _req(rand(n, D, E, dtype=f64, device=device))
+    b = _req(rand(n, E, dtype=f64, device=device)) if with_bias else None
+    if x_kind == "broadcast":
+        resid = _req(rand(B, S, D, dtype=f64, device=device))
+        inputs, expand = (resid, W), lambda r: r[:, :, None].expand(B, S, n, D)
+    else:
+        x = _req(rand(B, n, S, D, dtype=f64, device=device))
+        inputs, expand = (x, W), lambda t: t.transpose(1, 2)
+    fn = lambda t, W, *b: ops.per_head_proj(expand(t), W, *b)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs + ((b,) if with_bias else ()))
+
+
+def _finite_lse(z, lse, pattern):
+    """lse is -inf on rows with no visible key; finite differences there are nan, so those entries are
+    replaced by 0 (their gradient must then be 0 too)."""
+    return z, torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)), pattern
+
+
+GRAD_CASES = {
+    # id: (S, K, H, Hkv, causal, mask kind, return_pattern)
+    "gqa-causal-K>S": (3, 5, 4, 2, True, "none", False),
+    "gqa-causal-pattern-lse": (3, 5, 4, 2, True, "none", True),
+    "mha-pad2d-pattern": (4, 4, 2, 2, False, "bool2d", True),
+    "mqa-add4d_b1-grad": (3, 6, 4, 1, True, "add4d_b1", True),
+    "gqa-add4d_bh-grad": (3, 5, 4, 2, False, "alibi_hidden", True),
+    "fully-masked-row": (4, 4, 4, 2, True, "leftpad", True),
+}
+
+
+@pytest.mark.parametrize("case_id", list(GRAD_CASES))
+def test_gradcheck_attention(case_id, device):
+    """Gradients wrt q, k, v (and an additive 4-D mask) of every output: z, lse and pattern."""
+    S, K, H, Hkv, causal, mask_kind, return_pattern = GRAD_CASES[case_id]
+    B, Dh = 2, 4
+    q, k, v = (_req(t) for t in qkv_views(B, S, K, H, Hkv, Dh, dtype=f64, device=device))
+    if mask_kind == "leftpad":
+        mask = torch.ones(B, K, dtype=torch.bool, device=device)
+        mask[1, :2] = False  # with causal and S == K: row 1's first 2 queries see nothing
+    else:
+        mask = make_mask(mask_kind, B, H, S, K, dtype=f64, device=device)
+    inputs = [q, k, v]
+    if mask is not None and mask.dim() == 4:
+        mask = _req(mask)
+        inputs.append(mask)
+
+    def fn(q, k, v, *m):
+        out = ops.attention(q, k, v, scale=0.5, causal=causal, mask=m[0] if m else mask, return_pattern=return_pattern)
+        return _finite_lse(*out) if return_pattern else _finite_lse(*out)[:2]
+
+    # fast_mode checks random projections vᵀ J u of the Jacobian: the full one costs seconds per case here.
+    assert torch.autograd.gradcheck(fn, tuple(inputs), fast_mode=True)
+
+
+def test_gradcheck_attention_full_jacobian(device):
+    """One tiny case with the full Jacobian, element by element: GQA, causal with K > S, a per-head
+    additive mask with hidden entries that requires grad, every output."""
+    B, S, K, H, Hkv, Dh = 1, 2, 3, 2, 1, 3
+    q, k, v = (_req(t) for t in qkv_views(B, S, K, H, Hkv, Dh, dtype=f64, device=device))
+    mask = _req(make_mask("alibi_hidden", B, H, S, K, dtype=f64, device=device))
+
+    def fn(q, k, v, mask):
+        return _finite_lse(*ops.attention(q, k, v, scale=0.5, causal=True, mask=mask, return_pattern=True))
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, mask))
+
+
+def test_fully_masked_row_has_zero_gradient(device):
+    B, S, H, Hkv, Dh, pad = 2, 5, 4, 2, 8, 2
+    q, k, v = (_req(t) for t in qkv_views(B, S, S, H, Hkv, Dh, dtype=f64, device=device))
+    mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    mask[1, :pad] = False
+    z, lse, pattern = ops.attention(q, k, v, scale=0.5, causal=True, mask=mask, return_pattern=True)
+    (z.sum() + pattern.sum() + torch.where(torch.isfinite(lse), lse, 0).sum()).backward()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        assert torch.isfinite(t.grad).all(), f"{name}.grad has non-finite entries"
+    assert (q.grad[1, :pad] == 0).all(), "a query that sees nothing must get zero gradient"
+    assert (k.grad[1, :pad] == 0).all() and (v.grad[1, :pad] == 0).all(), "hidden keys must get zero gradient"
+    assert q.grad[1, pad:].abs().sum() > 0 and v.grad[1, pad:].abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile: the fake kernels let dynamo/AOT trace every op into one graph
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+    B, S, H, Hkv, Dh, D = 2, 7, 4, 2, 8, 16
+    n_out = (H + 2 * Hkv) * Dh
+    weight = _req(rand(D, n_out, device=device))
+    bias = rand(n_out, device=device)
+    resid = _req(rand(B, S, D, device=device))
+    mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    mask[1, :2] = False
+
+    def layer(resid, weight):
+        W_Q, W_K, W_V, b_Q, b_K, b_V = ops.split_qkv(weight, bias, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout="grouped", conv1d=True)
+        q = ops.per_head_proj(resid[:, :, None].expand(B, S, H, D), W_Q, b_Q)
+        k = ops.per_head_proj(resid[:, :, None].expand(B, S, Hkv, D), W_K, b_K)
+        v = ops.per_head_proj(resid[:, :, None].expand(B, S, Hkv, D), W_V, b_V)
+        z, lse, pattern = ops.attention(q, k, v, scale=Dh**-0.5, causal=True, mask=mask, return_pattern=True)
+        return z, pattern
+
+    graph_ops = []
+
+    def recording_backend(gm, example_inputs):
+        graph_ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(layer, backend=recording_backend, fullgraph=True)
+    z_c, p_c = compiled(resid, weight)
+    z_e, p_e = layer(resid, weight)
+    torch.testing.assert_close(z_c, z_e)
+    torch.testing.assert_close(p_c, p_e)
+    for op in ("split_qkv", "per_head_proj", "attention"):
+        assert any(f"pyqkv.{op}" in t for t in graph_ops), f"pyqkv.{op} is not in the traced graph: {graph_ops}"
+    # Backward through the compiled graph equals eager backward.
+    g_c = torch.autograd.grad((z_c.sum() + p_c.square().sum()), (resid, weight))
+    g_e = torch.autograd.grad((z_e.sum() + p_e.square().sum()), (resid, weight))
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b)
+    # And the whole layer equals the reference composition.
+    W_Q, W_K, W_V, b_Q, b_K, b_V = ref.split_qkv(weight, bias, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout="grouped", conv1d=True)
+    rq, rk, rv = (ref.per_head_proj(resid[:, :, None].expand(B, S, W.shape[0], D), W, b) for W, b in ((W_Q, b_Q), (W_K, b_K), (W_V, b_V)))
+    z_r, _, p_r = ref.attention(rq, rk, rv, scale=Dh**-0.5, causal=True, mask=mask, return_pattern=True)
+    torch.testing.assert_close(z_c, z_r)
+    torch.testing.assert_close(p_c, p_r)
