@@ -1,6 +1,7 @@
 // Argument checks for kv_append, shared by the CPU and CUDA kernels.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include "checks.h"
 
@@ -21,6 +22,9 @@ inline void check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache
   const int64_t S = k_new.size(1);
   TORCH_CHECK_VALUE(start >= 0 && start + S <= cap, "start: expected 0 <= start and start + S <= capacity ",
                     cap, " (S = ", S, "), got start=", start);
+  // Keys and values written into one storage would silently overwrite each other.
+  TORCH_CHECK_VALUE(at::get_overlap_status(k_cache, v_cache) == at::MemOverlapStatus::No,
+                    "v_cache: expected a tensor that does not overlap k_cache, got one that shares its memory");
   for (auto* p : {&k_cache, &v_cache, &k_new, &v_new}) {
     const char* name = p == &k_cache ? "k_cache" : p == &v_cache ? "v_cache" : p == &k_new ? "k_new" : "v_new";
     PYQKV_CHECK_SAME_DTYPE(*p, name, k_cache, "k_cache");

@@ -57,13 +57,6 @@ class HookPoint:
         hooks.insert(0, handle) if prepend else hooks.append(handle)
         return handle
 
-    def remove(self, including_permanent: bool = False) -> None:
-        keep = (lambda h: h.is_permanent) if not including_permanent else (lambda h: False)
-        self.fwd[:] = [h for h in self.fwd if keep(h)]
-        self.bwd[:] = [h for h in self.bwd if keep(h)]
-        if including_permanent:
-            self.ctx.clear()
-
     def __repr__(self) -> str:
         return f"HookPoint({self.name!r}, fwd={len(self.fwd)}, bwd={len(self.bwd)})"
 

@@ -197,6 +197,10 @@ def _attention_fake(q, k, v, mask, scale, causal, return_pattern):
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q, k: expected 4-D [B, S, H, Dh] / [B, K, Hkv, Dh]")
     B, S, H, Dh = q.shape
     K = k.shape[1]
+    torch._check(k.shape[0] == B and k.shape[3] == Dh, lambda: f"k: expected [B={B}, K, Hkv, Dh={Dh}], got {list(k.shape)}")
+    torch._check(v.shape == k.shape, lambda: f"v: expected the shape of k {list(k.shape)}, got {list(v.shape)}")
+    torch._check(H % k.shape[2] == 0, lambda: f"k: expected a KV head count that divides H={H}, got {k.shape[2]}")
+    torch._check(q.dtype == k.dtype == v.dtype, lambda: f"k, v: expected q's dtype {q.dtype}, got {k.dtype}, {v.dtype}")
     z = q.new_empty(B, S, H, Dh)
     lse = q.new_empty(B, H, S, dtype=_acc_dtype(q.dtype))
     pattern = q.new_empty(B, H, S, K) if return_pattern else q.new_empty(0)
@@ -258,6 +262,54 @@ torch.library.register_autograd("pyqkv::attention", _attention_backward, setup_c
 # as the fused op: GQA by index, bottom-right causal, hidden entries at the dtype's most negative value.
 
 
+def _shape(t) -> str:
+    return f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_split_form(q=None, k=None, v=None, mask=None, pattern=None) -> None:
+    """The fused op's argument rules (csrc/attention.h), for the composite split form: each failure names
+    the argument, what was expected and what was received."""
+    for name, t, layout in (("q", q, "[B, S, H, Dh]"), ("k", k, "[B, K, Hkv, Dh]"), ("v", v, "[B, K, Hkv, Dh]"),
+                            ("pattern", pattern, "[B, H, S, K]")):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor {layout}, got {_shape(t)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if q is not None and k is not None:
+        B, S, H, Dh = q.shape
+        if k.shape[0] != B or k.shape[3] != Dh:
+            raise ValueError(f"k: expected shape [{B}, K, Hkv, {Dh}] (B and Dh of q {list(q.shape)}), got {list(k.shape)}")
+        if k.shape[2] < 1 or H % k.shape[2]:
+            raise ValueError(f"k: expected a KV head count that divides H={H}, got Hkv={k.shape[2]}")
+        if q.device != k.device:
+            raise ValueError(f"k: expected device {q.device} (the device of q), got {k.device}")
+        if mask is not None:
+            K = k.shape[1]
+            if not isinstance(mask, torch.Tensor):
+                raise TypeError(f"mask: expected a Tensor or None, got {type(mask).__name__}")
+            if mask.dim() == 2 and tuple(mask.shape) != (B, K):
+                raise ValueError(f"mask: expected a 2-D padding mask [B, K] = [{B}, {K}], got {list(mask.shape)}")
+            if mask.dim() == 4:
+                if not mask.is_floating_point():
+                    raise TypeError(f"mask: expected a floating-point additive 4-D mask, got {mask.dtype}")
+                if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (S, K):
+                    raise ValueError(
+                        f"mask: expected a 4-D additive mask [B or 1, 1 or H, S, K] = [{B}, 1 or {H}, {S}, {K}], "
+                        f"got {list(mask.shape)}"
+                    )
+            if mask.dim() not in (2, 4):
+                raise ValueError(f"mask: expected a 2-D padding mask [B, K] or a 4-D additive mask, got {_shape(mask)}")
+    if pattern is not None and v is not None:
+        B, H, S, K = pattern.shape
+        if v.shape[0] != B or v.shape[1] != K or v.shape[2] < 1 or H % v.shape[2]:
+            raise ValueError(
+                f"v: expected shape [{B}, {K}, Hkv, Dh] with Hkv dividing H={H} (pattern {list(pattern.shape)}), "
+                f"got {list(v.shape)}"
+            )
+
+
 def _grouped_queries(q, Hkv):
     """q [B, S, H, Dh] -> [B, Hkv, G*S, Dh]: the G query heads of each KV head stacked along S."""
     B, S, H, Dh = q.shape
@@ -271,6 +323,7 @@ def attn_scores(q, k, *, scale: float, causal: bool, mask=None, dtype: Optional[
     Hidden entries (causal, padding or an additive entry at or below half the dtype's minimum) hold the
     dtype's most negative finite value, so attn_softmax gives them weight exactly 0.
     """
+    _check_split_form(q=q, k=k, mask=mask)
     B, S, H, Dh = q.shape
     K, Hkv = k.shape[1], k.shape[2]
     dtype = q.dtype if dtype is None else dtype
@@ -292,6 +345,8 @@ def attn_scores(q, k, *, scale: float, causal: bool, mask=None, dtype: Optional[
 def attn_softmax(scores, *, dtype: Optional[torch.dtype] = None):
     """Pattern [B, H, S, K] from scores: softmax in the accumulation dtype; entries at or below half the
     dtype's most negative value get weight 0 and a row with none left is all zeros (never NaN)."""
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
+        raise TypeError(f"scores: expected a floating-point tensor [B, H, S, K], got {_shape(scores)}")
     hidden = scores <= torch.finfo(scores.dtype).min / 2
     s = scores.to(_acc_dtype(scores.dtype)).masked_fill(hidden, float("-inf"))
     any_visible = ~hidden.all(dim=-1, keepdim=True)
@@ -301,6 +356,7 @@ def attn_softmax(scores, *, dtype: Optional[torch.dtype] = None):
 
 def attn_apply(pattern, v):
     """z [B, S, H, Dh] = pattern [B, H, S, K] · v [B, K, Hkv, Dh], GQA by index."""
+    _check_split_form(v=v, pattern=pattern)
     B, H, S, K = pattern.shape
     Hkv, Dh = v.shape[2], v.shape[3]
     G = H // Hkv

@@ -93,6 +93,15 @@ ERRORS = [
     Bad("attn-mixed-dtype-v", "attention", lambda d: attn(d, v=t(2, 5, 2, 8, dtype=torch.float16, device=d)), TE, ("v: expected dtype Float (the dtype of q)", "got Half")),
     Bad("attn-integer-qkv", "attention", lambda d: attn(d, q=torch.ones(2, 3, 4, 8, dtype=i64, device=d), k=torch.ones(2, 5, 2, 8, dtype=i64, device=d), v=torch.ones(2, 5, 2, 8, dtype=i64, device=d)), TE, ("q: expected a floating-point tensor", "got Long")),
     Bad("attn-k-other-device", "attention", lambda d: attn(d, k=t(2, 5, 2, 8, device="cpu")), VE, ("k: expected device cuda", "got cpu"), needs_cuda=True),
+    # the split form of attention (composites used for hook_attn_scores) --------------------------
+    Bad("scores-H-not-multiple-of-Hkv", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 3, 8, device=d), scale=0.35, causal=True), VE, ("k: expected a KV head count that divides H=4", "Hkv=3")),
+    Bad("scores-k-head-dim", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 6, device=d), scale=0.35, causal=True), VE, ("k: expected shape [2, K, Hkv, 8]", "[2, 5, 2, 6]")),
+    Bad("scores-mask-4d-bool", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True, mask=torch.ones(2, 1, 3, 5, dtype=torch.bool, device=d)), TE, ("mask: expected a floating-point additive 4-D mask", "torch.bool")),
+    Bad("scores-mask-2d-shape", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True, mask=torch.ones(2, 7, device=d)), VE, ("mask: expected a 2-D padding mask [B, K] = [2, 5]", "[2, 7]")),
+    Bad("scores-q-integer", "attention", lambda d: ops.attn_scores(torch.ones(2, 3, 4, 8, dtype=i64, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True), TE, ("q: expected a floating-point tensor", "torch.int64")),
+    Bad("softmax-integer-scores", "attention", lambda d: ops.attn_softmax(torch.ones(2, 4, 3, 5, dtype=i64, device=d)), TE, ("scores: expected a floating-point tensor [B, H, S, K]", "torch.int64")),
+    Bad("apply-v-keys", "attention", lambda d: ops.attn_apply(t(2, 4, 3, 5, device=d), t(2, 6, 2, 8, device=d)), VE, ("v: expected shape [2, 5, Hkv, Dh]", "[2, 6, 2, 8]")),
+    Bad("apply-pattern-rank", "attention", lambda d: ops.attn_apply(t(2, 4, 3, device=d), t(2, 5, 2, 8, device=d)), VE, ("pattern: expected a 4-D tensor [B, H, S, K]", "[2, 4, 3]")),
     # per_head_proj ------------------------------------------------------------------------------
     Bad("proj-x-rank", "per_head_proj", lambda d: php(d, x=t(2, 3, 8, device=d)), VE, ("x: expected a 4-D tensor [B, S, n, D]", "got 3-D", "[2, 3, 8]")),
     Bad("proj-W-rank", "per_head_proj", lambda d: php(d, W=t(8, 5, device=d)), VE, ("W: expected a 3-D tensor [n, D, E]", "got 2-D", "[8, 5]")),
@@ -134,6 +143,7 @@ ERRORS = [
     Bad("append-v_cache-shape", "kv_append", lambda d: append(d, v_cache=t(2, 2, 12, 4, device=d)), VE, ("v_cache: expected the shape of k_cache [2, 2, 10, 4]", "[2, 2, 12, 4]")),
     Bad("append-k_cache-rank", "kv_append", lambda d: append(d, k_cache=t(2, 10, 4, device=d), v_cache=t(2, 10, 4, device=d)), VE, ("k_cache: expected a 4-D tensor [B, Hkv, capacity, Dh]", "got 3-D", "[2, 10, 4]")),
     Bad("append-k_new-rank", "kv_append", lambda d: append(d, k_new=t(2, 3, 8, device=d), v_new=t(2, 3, 8, device=d)), VE, ("k_new: expected a 4-D tensor [B, S, Hkv, Dh]", "[2, 3, 8]")),
+    Bad("append-caches-alias", "kv_append", lambda d: (lambda c: append(d, k_cache=c, v_cache=c))(t(2, 2, 10, 4, device=d)), VE, ("v_cache: expected a tensor that does not overlap k_cache",)),
     Bad("append-k_new-dtype", "kv_append", lambda d: append(d, k_new=t(2, 3, 2, 4, dtype=f64, device=d), v_new=t(2, 3, 2, 4, dtype=f64, device=d)), TE, ("k_new: expected dtype Float (the dtype of k_cache)", "got Double")),
 ]
 # fmt: on
