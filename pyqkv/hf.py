@@ -273,8 +273,13 @@ def detach(model: nn.Module) -> None:
     """Restore the original attention modules, carrying over the Bridges' current weights."""
     for name, module in list(model.named_modules()):
         if isinstance(module, HFAttention):
-            _write_back(module.bridge, module._original)
-            _set_submodule(model, name, module._original)
+            original = module._original
+            # The model may have been moved, cast, or switched between train() and eval() while attached:
+            # the original (outside the Module tree, so left behind) follows the Bridge.
+            weight = module.bridge.qkv_weight
+            original.to(device=weight.device, dtype=weight.dtype).train(module.training)
+            _write_back(module.bridge, original)
+            _set_submodule(model, name, original)
 
 
 def _set_submodule(model: nn.Module, dotted: str, new: nn.Module) -> None:

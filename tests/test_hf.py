@@ -262,6 +262,24 @@ def test_detach_restores_original_outputs(device):
     assert_close(restored[keep], edited[keep], "weights written back on detach", atol=1e-5, rtol=1e-5)
 
 
+def test_detach_follows_dtype_and_mode_changes_made_while_attached(device):
+    """model.to(...) / model.eval() while attached reach the Bridges; detach must restore originals that
+    match (they sit outside the Module tree while attached)."""
+    model = make_model(device, attn_pdrop=0.5, resid_pdrop=0.5).train()
+    ids, am = inputs(device)
+    pyqkv.hf.attach(model)
+    model.to(torch.float64).eval()
+    with torch.no_grad():
+        attached = model(ids, attention_mask=am).logits
+        pyqkv.hf.detach(model)
+        restored = model(ids, attention_mask=am).logits
+    attn = [blk.attn for blk in model.transformer.h]
+    assert all(not a.training for a in attn), "a restored module is still in train() mode"
+    assert all(p.dtype == torch.float64 and p.device == ids.device for a in attn for p in a.parameters())
+    keep = am.bool()
+    assert_close(restored[keep], attached[keep], "restored after .to(float64).eval()", atol=1e-10, rtol=1e-10)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Model-level hooks
 
@@ -287,6 +305,9 @@ def test_model_level_run_with_cache(device):
     assert set(cache) == {"blocks.0.attn.hook_z", "blocks.1.attn.hook_z"}
     _, everything = h.run_with_cache(ids)
     assert "blocks.1.attn.hook_out" in everything and "blocks.1.attn.hook_result" not in everything
+    _, globbed = h.run_with_cache(ids, names_filter="blocks.*.attn.hook_pattern")
+    assert set(globbed) == {"blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern"}
+    assert no_hooks_left(h)
 
 
 def test_model_level_add_hook_names_and_errors(device):

@@ -535,6 +535,26 @@ def test_permanent_hooks_and_reset(device):
     assert no_hooks_left(b)
 
 
+def test_remove_hooks_by_direction(device):
+    b, _, _ = plain_bridge(device)
+    b.add_hook("hook_q", _noop)
+    b.add_hook("hook_q", _noop, dir="bwd")
+    b.remove_hooks("fwd")
+    assert not b.hook_points()["hook_q"].fwd and len(b.hook_points()["hook_q"].bwd) == 1
+    b.remove_hooks("bwd")
+    assert no_hooks_left(b)
+    with pytest.raises(ValueError):
+        b.remove_hooks("up")
+
+
+def test_hook_points_are_not_modules(device):
+    """A point with no hooks costs a list check: hook points are plain objects, not submodules."""
+    b, _, _ = plain_bridge(device)
+    assert list(b.children()) == []
+    assert all(not isinstance(p, torch.nn.Module) for p in b.hook_points().values())
+    assert set(b.hook_points()) == set(SHAPES) | {"hook_rot_q", "hook_rot_k"}
+
+
 def test_hooks_context_removes_exactly_what_it_added(device):
     b, _, _ = plain_bridge(device)
     x = randx(device)
