@@ -22,8 +22,10 @@ inline void check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache
   const int64_t S = k_new.size(1);
   TORCH_CHECK_VALUE(start >= 0 && start + S <= cap, "start: expected 0 <= start and start + S <= capacity ",
                     cap, " (S = ", S, "), got start=", start);
-  // Keys and values written into one storage would silently overwrite each other.
-  TORCH_CHECK_VALUE(at::get_overlap_status(k_cache, v_cache) == at::MemOverlapStatus::No,
+  // Keys and values written into the same memory would silently overwrite each other. (TooHard, the
+  // answer for any non-dense view such as a window of a larger buffer, is not an overlap.)
+  const auto overlap = at::get_overlap_status(k_cache, v_cache);
+  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
                     "v_cache: expected a tensor that does not overlap k_cache, got one that shares its memory");
   for (auto* p : {&k_cache, &v_cache, &k_new, &v_new}) {
     const char* name = p == &k_cache ? "k_cache" : p == &v_cache ? "v_cache" : p == &k_new ? "k_new" : "v_new";
