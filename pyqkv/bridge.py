@@ -224,49 +224,56 @@ class Bridge(nn.Module, HookedMixin):
         return hf.bridge_from_module(module, **flags)
 
     # ---------------------------------------------------------------------------------------------
-    # Weights in HookedTransformer format, from the native split op
+    # Weights in HookedTransformer format. The native split op turned the source layout into the blocked
+    # fused weight at construction; split per head, a blocked weight is a set of strided views, so these
+    # are zero-copy and an in-place edit (bridge.W_Q[3].zero_()) changes the layer, as it does W_O.
 
-    def _split(self):
+    def _head_block(self, tensor, which: int):
+        """Q (0), K (1) or V (2) of the blocked fused weight [D, n_out] as [heads, D, Dh], or of the fused
+        bias [n_out] as [heads, Dh]: views, no copy."""
         c = self.cfg
-        return ops.split_qkv(
-            self.qkv_weight, self.qkv_bias, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, d_head=c.d_head,
-            layout="blocked", conv1d=True,
-        )
+        heads = c.n_heads if which == 0 else c.n_kv_heads
+        start = (0, c.n_heads, c.n_heads + c.n_kv_heads)[which] * c.d_head
+        block = tensor.narrow(-1, start, heads * c.d_head)
+        if tensor.dim() == 1:
+            return block.view(heads, c.d_head)
+        return block.view(c.d_model, heads, c.d_head).transpose(0, 1)
+
+    def _bias_block(self, which: int):
+        if self.qkv_bias is not None:
+            return self._head_block(self.qkv_bias, which)
+        heads = self.cfg.n_heads if which == 0 else self.cfg.n_kv_heads
+        return self.qkv_weight.new_zeros(heads, self.cfg.d_head)
 
     @property
     def W_Q(self) -> torch.Tensor:
         """[H, D, Dh]"""
-        return self._split()[0]
+        return self._head_block(self.qkv_weight, 0)
 
     @property
     def W_K(self) -> torch.Tensor:
         """[Hkv, D, Dh] (not expanded to H)"""
-        return self._split()[1]
+        return self._head_block(self.qkv_weight, 1)
 
     @property
     def W_V(self) -> torch.Tensor:
         """[Hkv, D, Dh]"""
-        return self._split()[2]
+        return self._head_block(self.qkv_weight, 2)
 
     @property
     def b_Q(self) -> torch.Tensor:
-        """[H, Dh] (zeros when the layer has no QKV bias)"""
-        return self._bias_or_zeros(0, self.cfg.n_heads)
+        """[H, Dh] (zeros, not a view, when the layer has no QKV bias)"""
+        return self._bias_block(0)
 
     @property
     def b_K(self) -> torch.Tensor:
         """[Hkv, Dh]"""
-        return self._bias_or_zeros(1, self.cfg.n_kv_heads)
+        return self._bias_block(1)
 
     @property
     def b_V(self) -> torch.Tensor:
         """[Hkv, Dh]"""
-        return self._bias_or_zeros(2, self.cfg.n_kv_heads)
-
-    def _bias_or_zeros(self, which, heads):
-        if self.qkv_bias is None:
-            return self.qkv_weight.new_zeros(heads, self.cfg.d_head)
-        return self._split()[3 + which]
+        return self._bias_block(2)
 
     @property
     def W_O(self) -> torch.Tensor:
@@ -435,10 +442,10 @@ class Bridge(nn.Module, HookedMixin):
             qkv = _linear(x, self.qkv_weight, self.qkv_bias)  # [B, S, (H + 2 Hkv) Dh]
             out = {"q": qkv[..., : H * Dh], "k": qkv[..., H * Dh : (H + Hkv) * Dh], "v": qkv[..., (H + Hkv) * Dh :]}
         if forks:
-            W_Q, W_K, W_V, b_Q, b_K, b_V = self._split()
-            weights = {"q": (W_Q, b_Q), "k": (W_K, b_K), "v": (W_V, b_V)}
             for kind, per_head_in in forks.items():
-                W, b = weights[kind]
+                which = "qkv".index(kind)
+                W = self._head_block(self.qkv_weight, which)
+                b = None if self.qkv_bias is None else self._head_block(self.qkv_bias, which)
                 out[kind] = ops.per_head_proj(per_head_in, W, b).flatten(2)
         return out["q"], out["k"], out["v"]
 

@@ -251,7 +251,12 @@ def attach(model: nn.Module, **flags) -> AttachedModel:
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if any(isinstance(m, HFAttention) for m in model.modules()):
         raise ValueError("model: already attached (call pyqkv.hf.detach(model) first)")
-    targets = [(name, m) for name, m in model.named_modules() if _family(m) is not None]
+    # Cross-attention modules (GPT-2 with add_cross_attention) stay Hugging Face's own.
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if _family(m) is not None and not getattr(m, "is_cross_attention", False)
+    ]
     if not targets:
         found = sorted({type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__})
         raise TypeError(

@@ -74,6 +74,23 @@ def test_split_weights_follow_gpt2_rule(device):
     assert torch.equal(b.b_O, m.c_proj.bias)
 
 
+@pytest.mark.parametrize("name", ["W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O"])
+def test_split_weights_are_editable_views(device, name):
+    """Editing a split weight in place changes the layer exactly as editing that slice of the oracle's
+    fused weights does (TransformerLens users patch weights this way)."""
+    bridge, _, split = plain_bridge(device, layout="grouped", conv1d=False)
+    x = randx(device)
+    with torch.no_grad():
+        getattr(bridge, name)[1].zero_()
+        split[name][1].zero_()
+        # The oracle, rebuilt from the edited split weights with the reference packer.
+        weight = reference.pack_qkv(split["W_Q"], split["W_K"], split["W_V"], layout="blocked", conv1d=True)
+        bias = reference.pack_qkv_bias(split["b_Q"], split["b_K"], split["b_V"], layout="blocked")
+        oracle = Oracle(weight, bias, split["W_O"].reshape(-1, D), split["b_O"], n_heads=4, n_kv_heads=2,
+                        d_head=16, layout="blocked", conv1d=True)
+        assert_close(bridge(x), oracle(x), f"output after zeroing {name}[1]")
+
+
 HF_OPTIONS = [
     pytest.param(dict(), 0, id="default"),
     pytest.param(dict(scale_attn_weights=False), 0, id="scale_attn_weights=False"),

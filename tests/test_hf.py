@@ -75,6 +75,19 @@ def test_attach_replaces_every_attention(device, cls):
     assert not bridges_of(model)
 
 
+def test_attach_leaves_cross_attention_to_hf(device):
+    """GPT-2 with add_cross_attention: the self-attention modules become Bridges, the cross-attention
+    ones stay Hugging Face's, and the logits still equal HF's."""
+    model = make_model(device, add_cross_attention=True)
+    ids, _ = inputs(device)
+    enc = torch.randn(2, 4, 64, device=device)
+    want = model(ids, encoder_hidden_states=enc).logits
+    h = pyqkv.hf.attach(model)
+    assert len(h.bridges) == 2 and len(bridges_of(model)) == 2
+    assert all(type(blk.crossattention).__name__ == "GPT2Attention" for blk in model.transformer.h)
+    assert_close(model(ids, encoder_hidden_states=enc).logits, want, "logits with cross-attention", atol=1e-5)
+
+
 def test_attach_rejects_models_without_gpt2_attention(device):
     with pytest.raises(TypeError, match="GPT2Attention"):
         pyqkv.hf.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
