@@ -6,8 +6,8 @@
 // so each K/V block is read once for the whole group (GQA/MQA without repeating K/V). The two block
 // products (Q·Kᵀ and P·V) are GEMMs through ATen (at::mm_out on views of the task's buffers: MKL or
 // whatever BLAS torch was built with); float32/float64 K and V with unit inner stride are read in place,
-// other layouts and half types are converted block by block into float32. The softmax loops are
-// compiled twice (AVX2+FMA and baseline) and picked at load time.
+// other layouts and half types are converted block by block into float32. The softmax loops use AVX2
+// and FMA when the CPU has them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,6 +20,12 @@
 #include <limits>
 #include <vector>
 
+#include <sys/mman.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "../attention.h"
 
 namespace pyqkv {
@@ -30,18 +36,18 @@ namespace {
 constexpr int64_t kRowsPerTask = 128;
 constexpr int64_t kKeyBlock = 256;
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define PYQKV_SIMD_CLONES __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define PYQKV_SIMD_CLONES
-#endif
+// ---- The softmax inner loops ---------------------------------------------------------------------
+// Per key block each row needs a max, exp(s - max) with its sum, and a rescale of its accumulator.
+// Portable scalar versions below; on x86-64 CPUs with AVX2+FMA (checked once at run time) 8-wide
+// intrinsic versions run instead. The compiler does not vectorize these loops by itself: the float
+// reductions would need -ffast-math, and the exp's bit manipulation defeats it.
 
-// exp for float32 in straight-line arithmetic that the compiler vectorizes (Cephes' expf polynomial,
-// about 1 ulp). x below -87.3 (where expf is denormal or 0), including -inf for hidden keys, gives 0.
-inline float exp_approx(float x) {
-  const float hidden = x < -87.3f ? 0.f : 1.f;
-  x = std::min(std::max(x, -87.3f), 88.37f);
-  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+// exp for float32 (Cephes' expf polynomial, about 1 ulp). x below -87.3 (where expf is denormal or 0),
+// including -inf for hidden keys, gives exactly 0.
+inline float exp_scalar(float x) {
+  if (x < -87.3f) return 0.f;
+  x = std::min(x, 88.37f);
+  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
   x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
   float y = 1.9875691500e-4f;
   y = y * x + 1.3981999507e-3f;
@@ -50,47 +56,105 @@ inline float exp_approx(float x) {
   y = y * x + 1.6666665459e-1f;
   y = y * x + 5.0000001201e-1f;
   y = y * x * x + x + 1.f;
-  int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
-  float pow2;
-  std::memcpy(&pow2, &bits, sizeof(pow2));
-  return y * pow2 * hidden;
+  return std::ldexp(y, static_cast<int>(fx));
 }
 
-// The softmax inner loops. The float versions are the hot ones: compiled for AVX2+FMA and for the
-// baseline ISA, chosen at load time (GCC function multiversioning). float64 only serves gradcheck.
-PYQKV_SIMD_CLONES float row_max(const float* s, int64_t n, float init) {
-  float m = init;
+float row_max_scalar(const float* s, int64_t n, float m) {
   for (int64_t c = 0; c < n; ++c) m = std::max(m, s[c]);
   return m;
 }
 
-// s[c] = exp(s[c] - m) in place; returns the sum.
-PYQKV_SIMD_CLONES float exp_shift_sum(float* s, int64_t n, float m) {
+float exp_shift_sum_scalar(float* s, int64_t n, float m) {
   float sum = 0;
-  for (int64_t c = 0; c < n; ++c) {
-    const float e = exp_approx(s[c] - m);
-    s[c] = e;
-    sum += e;
-  }
+  for (int64_t c = 0; c < n; ++c) sum += (s[c] = exp_scalar(s[c] - m));
   return sum;
 }
 
-PYQKV_SIMD_CLONES void scale_row(float* a, int64_t n, float f) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PYQKV_HAVE_AVX2_PATH 1
+#define PYQKV_AVX2 __attribute__((target("avx2,fma")))
+
+PYQKV_AVX2 inline __m256 exp_avx2(__m256 x) {
+  const __m256 hidden = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);  // also true for -inf
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.37f));
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fmadd_ps(fx, _mm256_set1_ps(2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(hidden, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+PYQKV_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+PYQKV_AVX2 float row_max_avx2(const float* s, int64_t n, float m) {
+  __m256 acc = _mm256_set1_ps(m);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) acc = _mm256_max_ps(acc, _mm256_loadu_ps(s + c));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  m = std::max(_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_movehdup_ps(h)));
+  return row_max_scalar(s + c, n - c, m);
+}
+
+PYQKV_AVX2 float exp_shift_sum_avx2(float* s, int64_t n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + c), mv));
+    _mm256_storeu_ps(s + c, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  return hsum_avx2(acc) + exp_shift_sum_scalar(s + c, n - c, m);
+}
+#endif
+
+// Chosen once: the AVX2 versions when this CPU has AVX2 and FMA.
+struct SoftmaxLoops {
+  float (*row_max)(const float*, int64_t, float) = row_max_scalar;
+  float (*exp_shift_sum)(float*, int64_t, float) = exp_shift_sum_scalar;
+  SoftmaxLoops() {
+#ifdef PYQKV_HAVE_AVX2_PATH
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      row_max = row_max_avx2;
+      exp_shift_sum = exp_shift_sum_avx2;
+    }
+#endif
+  }
+};
+const SoftmaxLoops kLoops;
+
+inline float row_max(const float* s, int64_t n, float init) { return kLoops.row_max(s, n, init); }
+inline float exp_shift_sum(float* s, int64_t n, float m) { return kLoops.exp_shift_sum(s, n, m); }
+
+inline void scale_row(float* a, int64_t n, float f) {
   for (int64_t d = 0; d < n; ++d) a[d] *= f;
 }
 
-double row_max(const double* s, int64_t n, double init) {
+// float64 serves gradcheck and the float64 backward: plain loops.
+inline double row_max(const double* s, int64_t n, double init) {
   for (int64_t c = 0; c < n; ++c) init = std::max(init, s[c]);
   return init;
 }
 
-double exp_shift_sum(double* s, int64_t n, double m) {
+inline double exp_shift_sum(double* s, int64_t n, double m) {
   double sum = 0;
   for (int64_t c = 0; c < n; ++c) sum += (s[c] = std::exp(s[c] - m));
   return sum;
 }
 
-void scale_row(double* a, int64_t n, double f) {
+inline void scale_row(double* a, int64_t n, double f) {
   for (int64_t d = 0; d < n; ++d) a[d] *= f;
 }
 
@@ -146,8 +210,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     std::vector<acc_t> kbuf(k_direct ? 0 : kKeyBlock * Dh), vbuf(v_direct ? 0 : kKeyBlock * Dh);
     std::vector<acc_t> mx(max_rows), sum(max_rows);
     // With a pattern request the raw scores of the block's rows over all K keys are kept and
-    // normalized once each row's log-sum-exp is known: one pass over keys, exact in every dtype.
-    std::vector<acc_t> raw(patp ? max_rows * K : 0);
+    // normalized once each row's log-sum-exp is known: one pass over keys, exact in every dtype. For
+    // float32/float64 they are kept in the pattern output itself; half types stage them in float32.
+    std::vector<acc_t> raw(patp && !kDirect ? max_rows * K : 0);
     at::Tensor Qt = matrix(qf.data(), max_rows, Dh, Dh, acc_dtype);
     at::Tensor At = matrix(acc.data(), max_rows, Dh, Dh, acc_dtype);
 
@@ -169,26 +234,28 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       std::fill(mx.begin(), mx.begin() + rows, neg_inf);
       std::fill(sum.begin(), sum.begin() + rows, acc_t(0));
       at::Tensor Q = Qt.narrow(0, 0, rows), A = At.narrow(0, 0, rows);
+      // Where row r's raw scores over all K keys are kept (pattern requests only).
+      auto raw_row = [&](int64_t r) -> acc_t* {
+        if constexpr (kDirect) {
+          const int64_t h = hk * G + r / nq, i = i0 + r % nq;
+          return reinterpret_cast<acc_t*>(patp + ((b * H + h) * S + i) * K);
+        } else {
+          return raw.data() + r * K;
+        }
+      };
 
       for (int64_t j0 = 0; j0 < key_end; j0 += kKeyBlock) {
         const int64_t nk = std::min(kKeyBlock, key_end - j0);
         const scalar_t* kblk = kp + b * ks.b + j0 * ks.s + hk * ks.h;
         const scalar_t* vblk = vp + b * vs.b + j0 * vs.s + hk * vs.h;
-        at::Tensor Kb, Vb;
-        if (k_direct) {
-          Kb = matrix(reinterpret_cast<const acc_t*>(kblk), nk, Dh, ks.s, acc_dtype);
-        } else {
+        // A [nk, Dh] block of K or V as a matrix: read in place when the GEMM can, else converted.
+        auto block = [&](const scalar_t* src, const Strides4& st, bool direct, std::vector<acc_t>& buf) {
+          if (direct) return matrix(reinterpret_cast<const acc_t*>(src), nk, Dh, st.s, acc_dtype);
           for (int64_t c = 0; c < nk; ++c)
-            for (int64_t d = 0; d < Dh; ++d) kbuf[c * Dh + d] = static_cast<acc_t>(kblk[c * ks.s + d * ks.d]);
-          Kb = matrix(kbuf.data(), nk, Dh, Dh, acc_dtype);
-        }
-        if (v_direct) {
-          Vb = matrix(reinterpret_cast<const acc_t*>(vblk), nk, Dh, vs.s, acc_dtype);
-        } else {
-          for (int64_t c = 0; c < nk; ++c)
-            for (int64_t d = 0; d < Dh; ++d) vbuf[c * Dh + d] = static_cast<acc_t>(vblk[c * vs.s + d * vs.d]);
-          Vb = matrix(vbuf.data(), nk, Dh, Dh, acc_dtype);
-        }
+            for (int64_t d = 0; d < Dh; ++d) buf[c * Dh + d] = static_cast<acc_t>(src[c * st.s + d * st.d]);
+          return matrix(buf.data(), nk, Dh, Dh, acc_dtype);
+        };
+        const at::Tensor Kb = block(kblk, ks, k_direct, kbuf), Vb = block(vblk, vs, v_direct, vbuf);
         at::Tensor Sb = matrix(sc.data(), rows, nk, kKeyBlock, acc_dtype);
         at::mm_out(Sb, Q, Kb.t());  // scores [rows, nk], scale already in Q
 
@@ -212,7 +279,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
               srow[c] = add > hidden ? srow[c] + add : neg_inf;
             }
           }
-          if (patp) std::copy(srow, srow + nk, raw.data() + r * K + j0);
+          if (patp) std::copy(srow, srow + nk, raw_row(r) + j0);
           // Online softmax: rescale the running sum and accumulator to the new row maximum.
           const acc_t m_new = row_max(srow, nk, mx[r]);
           if (m_new == neg_inf) {  // nothing visible in this row yet: its weights are all 0
@@ -238,18 +305,38 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         lsep[(b * H + h) * S + i] = row_lse;
         if (patp) {
           scalar_t* prow = patp + ((b * H + h) * S + i) * K;
-          acc_t* rrow = raw.data() + r * K;
           if (empty) {
             std::fill(prow, prow + K, scalar_t(0));
             continue;
           }
+          acc_t* rrow = raw_row(r);
           exp_shift_sum(rrow, key_end, row_lse);  // exp(s - lse): the normalized pattern
-          for (int64_t j = 0; j < key_end; ++j) prow[j] = static_cast<scalar_t>(rrow[j]);
+          if constexpr (!kDirect) {
+            for (int64_t j = 0; j < key_end; ++j) prow[j] = static_cast<scalar_t>(rrow[j]);
+          }
           std::fill(prow + key_end, prow + K, scalar_t(0));  // causally skipped keys
         }
       }
     }
   });
+}
+
+// The pattern output [B, H, S, K] is the one large buffer this op makes, and a fresh large allocation
+// is mmapped memory that faults in one 4 KiB page at a time on first write: for a 50 MB pattern that
+// costs more than computing it. Buffers of 4 MiB and more are taken 2 MiB-aligned and advised as
+// transparent huge pages (honoured where THP is in "madvise" or "always" mode), 512x fewer faults.
+at::Tensor empty_pattern(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
+  if (bytes < 2 * kHuge) return at::empty(sizes, options);
+  void* ptr = nullptr;
+  if (posix_memalign(&ptr, kHuge, bytes) != 0) return at::empty(sizes, options);
+#ifdef MADV_HUGEPAGE
+  madvise(ptr, bytes, MADV_HUGEPAGE);  // advice only: on failure the pages are ordinary
+#endif
+  return at::from_blob(ptr, sizes, [](void* p) { free(p); }, options);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -259,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor z = at::empty({d.B, d.S, d.H, d.Dh}, q.options());
   at::Tensor lse = at::empty({d.B, d.H, d.S}, q.options().dtype(acc_dtype));
-  at::Tensor pattern = return_pattern ? at::empty({d.B, d.H, d.S, d.K}, q.options()) : at::empty({0}, q.options());
+  at::Tensor pattern = return_pattern ? empty_pattern({d.B, d.H, d.S, d.K}, q.options()) : at::empty({0}, q.options());
   if (d.B * d.S * d.H == 0) return {z, lse, pattern};
   if (d.K == 0) {  // no keys at all: every row is empty
     z.zero_();
