@@ -115,7 +115,7 @@ def prefill_rows(w: LayerWeights, *, with_compile: bool = False) -> dict:
         "torch fused (addmm+SDPA)": TorchFusedLayer(w),
     }
     if with_compile:
-        rows["torch.compile(pyqkv)"] = torch.compile(copy.deepcopy(fast))
+        rows["torch.compile(pyqkv)"] = torch.compile(copy.deepcopy(fast), fullgraph=True)
     return rows
 
 
