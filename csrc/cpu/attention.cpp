@@ -31,10 +31,15 @@
 namespace pyqkv {
 namespace {
 
-// Query rows per task (all heads of a KV group together) and keys per block. A task's buffers (Q block,
-// scores, accumulator, a converted K/V block) stay within a few hundred KB: L2-resident on current CPUs.
+// Query rows per task (all heads of a KV group together), and the size of a task's score block
+// (rows x keys). With many rows a key block is kScoreBlock / rows = 256 keys; with few rows (decode:
+// one position, G heads) key blocks grow up to kMaxKeyBlock, so a step makes a few GEMM calls rather
+// than many tiny ones (each costs microseconds of dispatch, as much as a 1 x 256 x 64 product).
+// Buffers (Q block, scores, accumulator, a converted K/V block) stay within a few hundred KB.
 constexpr int64_t kRowsPerTask = 128;
-constexpr int64_t kKeyBlock = 256;
+constexpr int64_t kScoreBlock = 128 * 256;
+constexpr int64_t kMinKeyBlock = 256;
+constexpr int64_t kMaxKeyBlock = 4096;
 
 // ---- The softmax inner loops ---------------------------------------------------------------------
 // Per key block each row needs a max, exp(s - max) with its sum, and a rescale of its accumulator.
@@ -201,13 +206,14 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
   // Query positions per task: the block holds G heads x nq positions = at most kRowsPerTask rows.
   const int64_t q_block = std::max<int64_t>(1, std::min(S, kRowsPerTask / G));
+  const int64_t key_block = std::clamp<int64_t>(kScoreBlock / (G * q_block), kMinKeyBlock, kMaxKeyBlock);
   const int64_t n_qblocks = (S + q_block - 1) / q_block;
   const int64_t causal_offset = K - S;  // query i sees keys 0 .. K - S + i when causal
 
   at::parallel_for(0, B * Hkv * n_qblocks, 1, [&](int64_t begin, int64_t end) {
     const int64_t max_rows = G * q_block;
-    std::vector<acc_t> qf(max_rows * Dh), acc(max_rows * Dh), sc(max_rows * kKeyBlock);
-    std::vector<acc_t> kbuf(k_direct ? 0 : kKeyBlock * Dh), vbuf(v_direct ? 0 : kKeyBlock * Dh);
+    std::vector<acc_t> qf(max_rows * Dh), acc(max_rows * Dh), sc(max_rows * key_block);
+    std::vector<acc_t> kbuf(k_direct ? 0 : key_block * Dh), vbuf(v_direct ? 0 : key_block * Dh);
     std::vector<acc_t> mx(max_rows), sum(max_rows);
     // With a pattern request the raw scores of the block's rows over all K keys are kept and
     // normalized once each row's log-sum-exp is known: one pass over keys, exact in every dtype. For
@@ -244,8 +250,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         }
       };
 
-      for (int64_t j0 = 0; j0 < key_end; j0 += kKeyBlock) {
-        const int64_t nk = std::min(kKeyBlock, key_end - j0);
+      for (int64_t j0 = 0; j0 < key_end; j0 += key_block) {
+        const int64_t nk = std::min(key_block, key_end - j0);
         const scalar_t* kblk = kp + b * ks.b + j0 * ks.s + hk * ks.h;
         const scalar_t* vblk = vp + b * vs.b + j0 * vs.s + hk * vs.h;
         // A [nk, Dh] block of K or V as a matrix: read in place when the GEMM can, else converted.
@@ -256,13 +262,13 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           return matrix(buf.data(), nk, Dh, Dh, acc_dtype);
         };
         const at::Tensor Kb = block(kblk, ks, k_direct, kbuf), Vb = block(vblk, vs, v_direct, vbuf);
-        at::Tensor Sb = matrix(sc.data(), rows, nk, kKeyBlock, acc_dtype);
+        at::Tensor Sb = matrix(sc.data(), rows, nk, key_block, acc_dtype);
         at::mm_out(Sb, Q, Kb.t());  // scores [rows, nk], scale already in Q
 
         const bool needs_causal = causal && j0 + nk > key_all;
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t g = r / nq, i = i0 + r % nq, h = hk * G + g;
-          acc_t* srow = sc.data() + r * kKeyBlock;
+          acc_t* srow = sc.data() + r * key_block;
           if (needs_causal) {  // keys after K - S + i are hidden for this row
             const int64_t first_hidden = std::max<int64_t>(0, causal_offset + i + 1 - j0);
             for (int64_t c = first_hidden; c < nk; ++c) srow[c] = neg_inf;
