@@ -95,7 +95,7 @@ void move_segments(const at::Tensor& fused_io, std::array<at::Tensor, 3>& per_he
   constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t{1} << 20);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, fused_io.scalar_type(), "split_qkv_cuda", [&] {
+  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, fused_io.scalar_type(), "split_qkv", [&] {
     using word_t = typename Word<sizeof(scalar_t)>::type;
     move_segments_kernel<word_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         static_cast<word_t*>(fused_io.data_ptr()), static_cast<word_t*>(per_head[0].data_ptr()),
