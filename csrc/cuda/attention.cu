@@ -13,8 +13,8 @@
 #include <algorithm>
 #include <limits>
 
-#include "attention_host.h"
-#include "attention_plan.h"
+#include "attention_host.cuh"
+#include "attention_plan.cuh"
 #include "attention_simt.cuh"
 #include "attention_tc.cuh"
 

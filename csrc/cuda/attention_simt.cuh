@@ -13,7 +13,7 @@
 // output accumulator [R][Dh], three row statistics [R]. The host picks R and bk to fit the device.
 #pragma once
 #include "attention_common.cuh"
-#include "attention_plan.h"
+#include "attention_plan.cuh"
 
 namespace pyqkv {
 namespace attn {

@@ -12,7 +12,7 @@
 // [64][DhP]: WMMA accumulator fragments need a compile-time count, and one kernel for every Dh keeps
 // compile time and code size down. Shared memory per CTA (DhP = 128, BK = 64): Q 17 KiB, K 17 KiB,
 // V 17 KiB, S 17 KiB (float), P 9 KiB, O 33 KiB, stats 1 KiB: 111 KiB, two CTAs per H100/H200 SM
-// (layout and padding in attention_plan.h::tc_layout). Every WMMA pointer is 32-byte aligned: buffers
+// (layout and padding in attention_plan.cuh::tc_layout). Every WMMA pointer is 32-byte aligned: buffers
 // start at 128-byte boundaries and tiles at multiples of 16 rows and 16 columns.
 #pragma once
 #include <cuda_bf16.h>
@@ -20,7 +20,7 @@
 #include <mma.h>
 
 #include "attention_common.cuh"
-#include "attention_plan.h"
+#include "attention_plan.cuh"
 
 namespace pyqkv {
 namespace attn {

@@ -10,7 +10,7 @@
 
 #include "../attention.h"
 #include "attention_common.cuh"
-#include "attention_plan.h"
+#include "attention_plan.cuh"
 
 namespace pyqkv {
 namespace attn {

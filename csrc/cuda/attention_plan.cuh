@@ -1,6 +1,6 @@
 // Kernel choice and tiling for the CUDA attention op, as plain host C++ (no CUDA headers): the host
 // function in attention.cu runs it, and so does scripts/cuda_emulate, which checks the kernels' logic on
-// a machine without a GPU.
+// a machine without a GPU. (.cuh like the other kernel headers, so that the Makefile rebuilds on a change.)
 #pragma once
 #include <algorithm>
 #include <cstddef>
