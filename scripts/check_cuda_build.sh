@@ -96,7 +96,9 @@ t1=$SECONDS
   export PATH="$VENV/bin:$PATH"  # torch finds ninja on PATH
   export CPATH="$CUDA_INC${CPATH:+:$CPATH}"
   export PYQKV_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCHS"
-  export CFLAGS="${CFLAGS:-} -g0"  # Python's own CFLAGS carry -g: debug info for the torch headers costs ~40% of g++ time
+  # Python's own CFLAGS carry -g, and debug info for the torch headers costs ~40% of g++ time. A CFLAGS
+  # variable replaces them (setuptools), so pass them on with -g0 last.
+  export CFLAGS="${CFLAGS:-$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_config_var('CFLAGS') or '')")} -g0"
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
   "$VENV/bin/python" setup.py -q build_ext --force --build-temp "$OUT/temp" --build-lib "$OUT/lib"
 ) > "$OUT.log" 2>&1 || {
