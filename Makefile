@@ -10,13 +10,19 @@ PIP    := $(PY) -m pip install -c requirements/constraints.txt
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 HAVE_TORCH := $(shell $(PYTHON) -c "import torch; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); assert (2, 11) <= v < (2, 15)" 2>/dev/null && echo yes)
 
-.PHONY: demo test bench build clean
+.PHONY: demo test bench build clean cuda-build-check
 
 demo: $(VENV)/.built
 	$(PY) -m pyqkv
 
 test: $(VENV)/.built
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory cuda-build-check
+
+# The CUDA kernels compile, link and register, even without a GPU: builds them against a CUDA torch in
+# .venv-cuda (created on first use) into build/cuda-check. See scripts/check_cuda_build.sh.
+cuda-build-check:
+	PYQKV_MAIN_PY=$(PY) bash scripts/check_cuda_build.sh
 
 bench: $(VENV)/.built
 	$(PY) -m pyqkv bench

@@ -46,11 +46,13 @@ cpp_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.
 cuda_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))) if build_cuda else []
 
 # at::parallel_for is inlined from ATen's OpenMP backend: without -fopenmp it compiles to a serial loop.
-cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+# No -std flag: torch.utils.cpp_extension adds the standard its own headers need (C++20 for torch 2.13 and 2.14;
+# torch 2.14's headers use `requires` clauses and fail under -std=c++17).
+cxx_flags = ["-O3", "-fopenmp"]
 extra = {"cxx": cxx_flags}
 if build_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-    extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     Extension = cpp_extension.CUDAExtension
 else:
     Extension = cpp_extension.CppExtension

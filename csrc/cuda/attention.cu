@@ -1,0 +1,115 @@
+// attention on CUDA: the host function (argument checks, mask preparation and kernel choice) over the
+// kernels of attention_tc.cuh (tensor cores, half-type prefill) and attention_simt.cuh (CUDA cores:
+// float32/float64, decode with Flash-Decoding splits, and every case the tensor-core kernel declines).
+// Semantics are those of the CPU op (csrc/cpu/attention.cpp), output for output.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "attention_host.cuh"
+#include "attention_plan.cuh"
+#include "attention_simt.cuh"
+#include "attention_tc.cuh"
+
+namespace pyqkv {
+namespace {
+
+using attn::Params;
+using attn::Plan;
+
+template <typename kernel_t>
+void allow_dynamic_smem(kernel_t kernel, size_t bytes) {
+  // Above 48 KiB a kernel must opt in to dynamic shared memory; cheap enough to do per launch.
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+void check_grid(int64_t blocks, const char* what) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "attention: too many ", what, " for one launch (",
+              blocks, ")");
+}
+
+// cuda_t: __half or __nv_bfloat16, the same bits as c10::Half / c10::BFloat16.
+template <typename cuda_t>
+void launch_tc(const Params& p, const Plan& plan, cudaStream_t stream) {
+  static_assert(sizeof(cuda_t) == 2, "the tensor-core kernel takes 16-bit types");
+  const int64_t blocks = static_cast<int64_t>(plan.tc.n_qt) * p.H * p.B;
+  check_grid(blocks, "query tiles");
+  auto kernel = attn::attention_tc_kernel<cuda_t>;
+  allow_dynamic_smem(kernel, plan.smem);
+  kernel<<<static_cast<unsigned>(blocks), attn::kTcThreads, plan.smem, stream>>>(p, plan.tc);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_simt(const Params& p, const Plan& plan, const at::Tensor& q, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const attn::SimtTiling& t = plan.simt;
+  const int64_t blocks = p.B * (p.H / t.nh) * t.n_qt * t.n_splits;
+  check_grid(blocks, "CTAs");
+  at::Tensor ws_o, ws_ml;  // Flash-Decoding partials: [B, H, S, n_splits, Dh] and [B, H, S, n_splits, 2]
+  if (t.n_splits > 1) {
+    const auto opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    ws_o = at::empty({p.B * p.H * p.S * t.n_splits * p.Dh}, opts);
+    ws_ml = at::empty({p.B * p.H * p.S * t.n_splits * 2}, opts);
+  }
+  acc_t* ws_o_ptr = ws_o.defined() ? ws_o.data_ptr<acc_t>() : nullptr;
+  acc_t* ws_ml_ptr = ws_ml.defined() ? ws_ml.data_ptr<acc_t>() : nullptr;
+
+  auto kernel = attn::attention_simt_kernel<scalar_t, acc_t>;
+  allow_dynamic_smem(kernel, plan.smem);
+  kernel<<<static_cast<unsigned>(blocks), attn::kSimtThreads, plan.smem, stream>>>(p, t, ws_o_ptr, ws_ml_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (t.n_splits > 1) {
+    const int64_t rows = p.B * p.H * p.S;
+    check_grid(rows, "query rows");
+    const size_t combine_smem = static_cast<size_t>(t.n_splits) * sizeof(acc_t);
+    attn::combine_splits_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned>(rows), attn::kSimtThreads, combine_smem, stream>>>(p, t.n_splits, ws_o_ptr, ws_ml_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // ws_o / ws_ml go back to the caching allocator here; it hands them out again only to work queued
+  // after these kernels on this stream.
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+                                                              double scale, bool causal, bool return_pattern) {
+  check_attention(q, k, v, mask);  // first, as on CPU: a device mismatch is reported by name
+  TORCH_CHECK_VALUE(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
+  const c10::cuda::CUDAGuard guard(q.device());  // outputs, mask copies and kernels on q's device
+  const attn::Prepared r = attn::prepare_attention(q, k, v, mask, scale, causal, return_pattern);
+  if (r.done) return {r.z, r.lse, r.pattern};
+  const Params& p = r.p;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const Plan plan = attn::plan_attention(attn::plan_inputs(r, q, k, v, return_pattern, prop->major,
+                                                           prop->sharedMemPerBlockOptin, prop->multiProcessorCount));
+  TORCH_CHECK_VALUE(plan.error.empty(), "q: ", plan.error, " in ", q.scalar_type());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  if (plan.tensor_cores) {  // planned for float16 / bfloat16 only
+    TORCH_INTERNAL_ASSERT(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16);
+    if (q.scalar_type() == at::kHalf) {
+      launch_tc<__half>(p, plan, stream);
+    } else {
+      launch_tc<__nv_bfloat16>(p, plan, stream);
+    }
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_cuda",
+                                    [&] { launch_simt<scalar_t>(p, plan, q, stream); });
+  }
+  return {r.z, r.lse, r.pattern};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyqkv, CUDA, m) { m.impl("attention", &attention_cuda); }
+
+}  // namespace pyqkv

@@ -1,0 +1,139 @@
+// The CUDA attention op on CPU threads (emu_runtime.h): the same host preparation and plan
+// (csrc/cuda/attention_host.cuh, attention_plan.cuh) and the same kernels (csrc/cuda/attention_*.cuh),
+// compiled by g++ against stand-in CUDA headers (shim/). Only the launches differ: CTAs run one after
+// another, each with its threads as coroutines. Built and driven by scripts/cuda_emulate.py.
+#include <ATen/OpMathType.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <string>
+#include <tuple>
+
+#include "attention_host.cuh"
+#include "attention_simt.cuh"
+#include "attention_tc.cuh"
+
+namespace pyqkv {
+namespace attn {
+// The kernels' `extern __shared__` arrays: one CTA runs at a time, so one buffer each is enough.
+constexpr size_t kSmemBytes = 256 * 1024;
+alignas(128) unsigned char smem_raw[kSmemBytes];
+alignas(128) unsigned char smem[kSmemBytes];
+}  // namespace attn
+}  // namespace pyqkv
+
+namespace {
+
+using namespace pyqkv::attn;
+
+// An output buffer with NaN guard zones on both sides: an entry the kernels never write stays NaN
+// (the comparison with the reference catches it), a write out of bounds changes a guard.
+struct Guarded {
+  static constexpr int64_t kGuard = 4096;
+  at::Tensor buf, out;
+  explicit Guarded(const at::Tensor& out_) : out(out_) {
+    buf = at::full({out.numel() + 2 * kGuard}, std::numeric_limits<double>::quiet_NaN(), out.options());
+  }
+  void* ptr() { return static_cast<char*>(buf.data_ptr()) + kGuard * buf.element_size(); }
+  void finish(const char* name) {
+    const int64_t n = out.numel();
+    TORCH_CHECK(buf.narrow(0, 0, kGuard).isnan().all().item<bool>() &&
+                    buf.narrow(0, kGuard + n, kGuard).isnan().all().item<bool>(),
+                "emulate: write out of bounds of ", name);
+    if (n > 0) out.view({-1}).copy_(buf.narrow(0, kGuard, n));
+  }
+};
+
+void run_grid(int64_t blocks, int threads, unsigned char* smem_buf, size_t smem_bytes,
+              const std::function<void()>& body, emu::Order order, uint64_t seed, const char* kernel) {
+  TORCH_CHECK(smem_bytes <= kSmemBytes, "emulate: ", kernel, " wants ", smem_bytes, " bytes of shared memory");
+  gridDim.x = static_cast<unsigned>(blocks);
+  gridDim.y = gridDim.z = 1;
+  for (int64_t b = 0; b < blocks; ++b) {
+    blockIdx.x = static_cast<unsigned>(b);
+    std::memset(smem_buf, 0xFF, kSmemBytes);  // NaN in every float type: reads of unwritten data show
+    emu::run_cta(body, threads, order, seed + static_cast<uint64_t>(b));
+    for (size_t i = smem_bytes; i < kSmemBytes; ++i)
+      TORCH_CHECK(smem_buf[i] == 0xFF, "emulate: ", kernel, " wrote shared memory byte ", i, " past its ", smem_bytes,
+                  " bytes (block ", b, ")");
+  }
+}
+
+std::string describe(const Plan& plan) {
+  if (plan.tensor_cores)
+    return "tensor-core bk=" + std::to_string(plan.tc.bk) + " dhp=" + std::to_string(plan.tc.dhp) +
+           " vec(q,k,v)=" + std::to_string(plan.tc.q_vec) + std::to_string(plan.tc.k_vec) +
+           std::to_string(plan.tc.v_vec) + " smem=" + std::to_string(plan.smem);
+  const SimtTiling& t = plan.simt;
+  return "cuda-core nh=" + std::to_string(t.nh) + " nq=" + std::to_string(t.nq) + " bk=" + std::to_string(t.bk) +
+         " splits=" + std::to_string(t.n_splits) + " keys/split=" + std::to_string(t.keys_per_split) +
+         " smem=" + std::to_string(plan.smem);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::string> emulate_attention(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+    double scale, bool causal, bool return_pattern, int64_t sm_major, int64_t max_smem, int64_t n_sms,
+    int64_t order, int64_t seed) {
+  pyqkv::check_attention(q, k, v, mask);
+  Prepared r = prepare_attention(q, k, v, mask, scale, causal, return_pattern);
+  if (r.done) return {r.z, r.lse, r.pattern, "early exit"};
+  const Plan plan = plan_attention(plan_inputs(r, q, k, v, return_pattern, static_cast<int>(sm_major),
+                                               static_cast<size_t>(max_smem), static_cast<int>(n_sms)));
+  TORCH_CHECK_VALUE(plan.error.empty(), "q: ", plan.error, " in ", q.scalar_type());
+  Params p = r.p;
+  Guarded gz(r.z), glse(r.lse), gpat(r.pattern);
+  p.z = gz.ptr();
+  p.lse = glse.ptr();
+  p.pattern = return_pattern ? gpat.ptr() : nullptr;
+  const auto ord = static_cast<emu::Order>(order);
+  const uint64_t sd = static_cast<uint64_t>(seed);
+
+  if (plan.tensor_cores) {
+    TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "emulate: tensor-core plan for ",
+                q.scalar_type());
+    const int64_t blocks = static_cast<int64_t>(plan.tc.n_qt) * p.H * p.B;
+    if (q.scalar_type() == at::kHalf) {
+      run_grid(blocks, kTcThreads, smem, plan.smem, [&] { attention_tc_kernel<__half>(p, plan.tc); }, ord, sd,
+               "attention_tc_kernel");
+    } else {
+      run_grid(blocks, kTcThreads, smem, plan.smem, [&] { attention_tc_kernel<__nv_bfloat16>(p, plan.tc); }, ord, sd,
+               "attention_tc_kernel");
+    }
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "emulate_attention", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const SimtTiling& t = plan.simt;
+      const int64_t blocks = p.B * (p.H / t.nh) * t.n_qt * t.n_splits;
+      const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+      at::Tensor ws_o_t = at::empty({t.n_splits > 1 ? p.B * p.H * p.S * t.n_splits * p.Dh : 0}, acc_opts);
+      at::Tensor ws_ml_t = at::empty({t.n_splits > 1 ? p.B * p.H * p.S * t.n_splits * 2 : 0}, acc_opts);
+      Guarded gwo(ws_o_t), gwml(ws_ml_t);
+      acc_t* ws_o = t.n_splits > 1 ? static_cast<acc_t*>(gwo.ptr()) : nullptr;
+      acc_t* ws_ml = t.n_splits > 1 ? static_cast<acc_t*>(gwml.ptr()) : nullptr;
+      run_grid(blocks, kSimtThreads, smem_raw, plan.smem,
+               [&] { attention_simt_kernel<scalar_t, acc_t>(p, t, ws_o, ws_ml); }, ord, sd, "attention_simt_kernel");
+      if (t.n_splits > 1) {
+        run_grid(p.B * p.H * p.S, kSimtThreads, smem_raw, t.n_splits * sizeof(acc_t),
+                 [&] { combine_splits_kernel<scalar_t, acc_t>(p, t.n_splits, ws_o, ws_ml); }, ord, sd,
+                 "combine_splits_kernel");
+        gwo.finish("the split workspace");
+        gwml.finish("the split statistics");
+      }
+    });
+  }
+  gz.finish("z");
+  glse.finish("lse");
+  if (return_pattern) gpat.finish("pattern");
+  return {r.z, r.lse, r.pattern, describe(plan)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attention", &emulate_attention,
+        "pyqkv's CUDA attention kernels run on CPU threads: (q, k, v, mask, scale, causal, return_pattern, "
+        "sm_major, max_smem, n_sms, order 0/1/2 = forward/reverse/shuffled, seed) -> (z, lse, pattern, plan)");
+}
