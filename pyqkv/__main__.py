@@ -8,7 +8,7 @@ import sys
 import torch
 
 
-def demo() -> int:
+def demo(timing_seq=(128, 512), timing_batch=4, reps=5) -> int:
     from pyqkv import KVCache, bench, reference
 
     torch.manual_seed(0)
@@ -67,12 +67,12 @@ def demo() -> int:
     rows_fns = bench.prefill_rows(w)
     names = ["pyqkv fast path", "pyqkv + read-only hook_pattern", "reference (materialized)", "torch fused (addmm+SDPA)"]
     table = []
-    for s in (128, 512):
-        xs = torch.randn(4, s, D)
-        med = bench.time_interleaved({n: rows_fns[n] for n in names}, (xs,), reps=5)
+    for s in timing_seq:
+        xs = torch.randn(timing_batch, s, D)
+        med = bench.time_interleaved({n: rows_fns[n] for n in names}, (xs,), reps=reps)
         for n in names:
             table.append([f"S={s}", n, f"{med[n] * 1e3:.2f}", f"{med[n] / med['reference (materialized)']:.2f}x"])
-    print(bench.format_table(["size", "row (batch 4, float32)", "median ms", "vs reference"], table))
+    print(bench.format_table(["size", f"row (batch {timing_batch}, float32)", "median ms", "vs reference"], table))
 
     ok = err < 1e-4 and share_err < 1e-4 and dec_err < 1e-4
     print("\ndemo", "OK" if ok else "FAILED: an error above is larger than 1e-4")

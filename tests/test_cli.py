@@ -1,0 +1,55 @@
+"""The main job and the benchmark command: their code paths run (tiny sizes), their self-checks pass, and
+the benchmark's result has every row the README's table reports. Timings themselves are never asserted."""
+
+import json
+
+
+
+from pyqkv import bench
+from pyqkv.__main__ import demo, main
+
+
+def test_demo_checks_pass(capsys):
+    assert demo(timing_seq=(16,), timing_batch=1, reps=1) == 0
+    out = capsys.readouterr().out
+    assert "demo OK" in out and "hook_pattern [2, 12, 64, 64]" in out
+
+
+def test_cli_help_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    assert main(["nonsense"]) == 2
+
+
+def test_bench_result_has_every_row(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--seq", "16", "--context", "16", "--batch", "1", "--reps", "1", "--steps", "2",
+                 "--no-memory", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["prefill"]["16"]
+    assert set(rows) == {"pyqkv fast path", "pyqkv + read-only hook_pattern", "pyqkv use_split_qkv_input",
+                         "reference (materialized)", "torch fused (addmm+SDPA)"}
+    assert all(r["median_ms"] > 0 for r in rows.values()) and rows["pyqkv fast path"]["gflops"] > 0
+    assert set(result["decode"]["16"]) == {"pyqkv + KVCache", "reference + torch.cat", "ratio"}
+    assert result["gemm_gflops"] > 0
+
+
+def test_bench_baselines_compute_the_same_layer():
+    """The rows time the same function: every baseline's output equals the Bridge's."""
+    import torch
+
+    w = bench.LayerWeights.random(d_model=64, n_heads=4, d_head=16)
+    x = torch.randn(2, 9, 64)
+    rows = bench.prefill_rows(w)
+    want = rows["pyqkv fast path"](x)
+    for name, fn in rows.items():
+        torch.testing.assert_close(fn(x), want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_peak_memory_probe_sees_the_pattern():
+    """The peak-memory column must be able to tell a materialized pattern from none."""
+    fast = bench.peak_memory_mb("pyqkv fast path", 1, 512)
+    materialized = bench.peak_memory_mb("reference (materialized)", 1, 512)
+    pattern_bytes = 12 * 512 * 512 * 4 / 2**20  # one [B, H, S, S] float32 tensor, MB
+    assert materialized - fast > pattern_bytes
+
+
