@@ -3,8 +3,6 @@ the benchmark's result has every row the README's table reports. Timings themsel
 
 import json
 
-
-
 from pyqkv import bench
 from pyqkv.__main__ import demo, main
 
