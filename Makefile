@@ -25,7 +25,8 @@ cuda-build-check:
 	PYQKV_MAIN_PY=$(PY) bash scripts/check_cuda_build.sh
 
 bench: $(VENV)/.built
-	$(PY) -m pyqkv bench
+	mkdir -p bench/out
+	$(PY) -m pyqkv bench --compile --json bench/out/cpu.json
 
 build: $(VENV)/.built
 
