@@ -3,7 +3,9 @@
 // is the readable twin that the tests compare against.
 #pragma once
 #include <ATen/ATen.h>
+#include <array>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "checks.h"
@@ -91,6 +93,33 @@ inline std::array<int64_t, 4> check_split_weights(const at::Tensor& W_Q, const a
     PYQKV_CHECK_SAME_DEVICE(*p, name, W_Q, "W_Q");
   }
   return {H, Hkv, D, Dh};
+}
+
+// The host side of split_qkv / pack_qkv, shared by the backends: checks, the segment table and the
+// outputs; `move(fused_io, per_head, segments, D, Dh, to_fused)` is the backend's data movement, with
+// the fused weight seen as [D, n_out] through its strides whatever its orientation.
+template <typename Mover>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> split_qkv_host(Mover move, const at::Tensor& weight, int64_t n_heads,
+                                                              int64_t n_kv_heads, int64_t d_head,
+                                                              c10::string_view layout, bool conv1d) {
+  const auto segs = head_segments(std::string(layout), n_heads, n_kv_heads, d_head);
+  const int64_t D = check_fused_weight(weight, n_heads, n_kv_heads, d_head, conv1d);
+  std::array<at::Tensor, 3> out = {weight.new_empty({n_heads, D, d_head}), weight.new_empty({n_kv_heads, D, d_head}),
+                                   weight.new_empty({n_kv_heads, D, d_head})};
+  move(conv1d ? weight : weight.t(), out, segs, D, d_head, /*to_fused=*/false);
+  return {out[0], out[1], out[2]};
+}
+
+template <typename Mover>
+at::Tensor pack_qkv_host(Mover move, const at::Tensor& W_Q, const at::Tensor& W_K, const at::Tensor& W_V,
+                         c10::string_view layout, bool conv1d) {
+  const auto [H, Hkv, D, Dh] = check_split_weights(W_Q, W_K, W_V);
+  const auto segs = head_segments(std::string(layout), H, Hkv, Dh);
+  const int64_t n_out = (H + 2 * Hkv) * Dh;
+  at::Tensor fused = conv1d ? W_Q.new_empty({D, n_out}) : W_Q.new_empty({n_out, D});
+  std::array<at::Tensor, 3> heads = {W_Q, W_K, W_V};
+  move(conv1d ? fused : fused.t(), heads, segs, D, Dh, /*to_fused=*/true);
+  return fused;
 }
 
 }  // namespace pyqkv

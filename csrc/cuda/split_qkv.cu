@@ -108,24 +108,12 @@ void move_segments(const at::Tensor& fused_io, std::array<at::Tensor, 3>& per_he
 std::tuple<at::Tensor, at::Tensor, at::Tensor> split_qkv_cuda(const at::Tensor& weight, int64_t n_heads,
                                                               int64_t n_kv_heads, int64_t d_head,
                                                               c10::string_view layout, bool conv1d) {
-  const auto segs = head_segments(std::string(layout), n_heads, n_kv_heads, d_head);
-  const int64_t D = check_fused_weight(weight, n_heads, n_kv_heads, d_head, conv1d);
-  std::array<at::Tensor, 3> out = {weight.new_empty({n_heads, D, d_head}),
-                                   weight.new_empty({n_kv_heads, D, d_head}),
-                                   weight.new_empty({n_kv_heads, D, d_head})};
-  move_segments(conv1d ? weight : weight.t(), out, segs, D, d_head, /*to_fused=*/false);
-  return {out[0], out[1], out[2]};
+  return split_qkv_host(move_segments, weight, n_heads, n_kv_heads, d_head, layout, conv1d);
 }
 
 at::Tensor pack_qkv_cuda(const at::Tensor& W_Q, const at::Tensor& W_K, const at::Tensor& W_V,
-                         c10::string_view layout, bool conv1d) {
-  const auto [H, Hkv, D, Dh] = check_split_weights(W_Q, W_K, W_V);
-  const auto segs = head_segments(std::string(layout), H, Hkv, Dh);
-  const int64_t n_out = (H + 2 * Hkv) * Dh;
-  at::Tensor fused = conv1d ? W_Q.new_empty({D, n_out}) : W_Q.new_empty({n_out, D});
-  std::array<at::Tensor, 3> heads = {W_Q, W_K, W_V};
-  move_segments(conv1d ? fused : fused.t(), heads, segs, D, Dh, /*to_fused=*/true);
-  return fused;
+                        c10::string_view layout, bool conv1d) {
+  return pack_qkv_host(move_segments, W_Q, W_K, W_V, layout, conv1d);
 }
 
 }  // namespace
