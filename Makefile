@@ -37,7 +37,7 @@ else
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 endif
-	$(PY) -c "import pytest, hypothesis, einops, transformers, ninja" 2>/dev/null || $(PIP) -r requirements/test.txt
+	$(PY) -c "import pytest, hypothesis, einops, transformers, ninja, matplotlib" 2>/dev/null || $(PIP) -r requirements/test.txt
 	touch $@
 
 # --no-build-isolation: compile against the torch in the venv, never a freshly downloaded one.

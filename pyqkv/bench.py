@@ -252,15 +252,17 @@ def run(seq_lens=(128, 512, 1024), contexts=(512, 2000), batch=4, reps=7, steps=
 
 
 def plot(result: dict, path: str) -> None:
+    """PNG of median time against S, one line per row, from run()'s result or its JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seqs = sorted(int(s) for s in result["prefill"])
+    prefill = {int(s): rows for s, rows in result["prefill"].items()}  # JSON turned the keys into strings
+    seqs = sorted(prefill)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in result["prefill"][seqs[0]]:
-        ax.plot(seqs, [result["prefill"][s][name]["median_ms"] for s in seqs], marker="o", label=name)
+    for name in prefill[seqs[0]]:
+        ax.plot(seqs, [prefill[s][name]["median_ms"] for s in seqs], marker="o", label=name)
     ax.set_xlabel("sequence length S")
     ax.set_ylabel("median ms per layer call")
     ax.set_xscale("log", base=2)

@@ -51,3 +51,18 @@ def test_peak_memory_probe_sees_the_pattern():
     assert materialized - fast > pattern_bytes
 
 
+
+
+def test_bench_plot_is_a_png(tmp_path):
+    png = tmp_path / "bench.png"
+    assert main(["bench", "--seq", "16", "32", "--context", "16", "--batch", "1", "--reps", "1", "--steps", "2",
+                 "--no-memory", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_from_saved_json(tmp_path):
+    """A table saved with --json can be plotted later (JSON turns the S keys into strings)."""
+    result = bench.run(seq_lens=(16, 32), contexts=(), batch=1, reps=1, memory=False, quiet=True)
+    saved = json.loads(json.dumps(result))
+    bench.plot(saved, str(tmp_path / "again.png"))
+    assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
