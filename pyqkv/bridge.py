@@ -359,10 +359,9 @@ class Bridge(nn.Module, HookedMixin):
 
         if kv_cache is None:
             return self._attend_and_project(q4, k4, v4, mask, causal)
-        kv_cache.check_compatible(k4)
         grad_through_cache = torch.is_grad_enabled() and (k4.requires_grad or v4.requires_grad)
         past_k, past_v = (kv_cache.keys, kv_cache.values) if grad_through_cache and past else (None, None)
-        k_all, v_all = kv_cache.append(k4, v4)
+        k_all, v_all = kv_cache.append(k4, v4)  # checks shapes first: a mismatch raises before any change
         if grad_through_cache and past:
             # The cache holds detached copies: attend over [past, new] with the new rows still in the graph.
             k_all, v_all = torch.cat([past_k, k4], dim=1), torch.cat([past_v, v4], dim=1)
