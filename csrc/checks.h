@@ -12,9 +12,16 @@ inline std::string shape_str(const at::Tensor& t) {
   return s + "]";
 }
 
+// None passed for a Tensor argument arrives as an undefined tensor, whose dim() would claim a 1-D [0].
+#define PYQKV_CHECK_DEFINED(t, name, layout) \
+  TORCH_CHECK_TYPE((t).defined(), name, ": expected a tensor ", layout, ", got None")
+
 #define PYQKV_CHECK_RANK(t, name, rank, layout)                                                  \
-  TORCH_CHECK_VALUE((t).dim() == (rank), name, ": expected a ", rank, "-D tensor ", layout,      \
-                    ", got ", (t).dim(), "-D with shape ", ::pyqkv::shape_str(t))
+  do {                                                                                           \
+    PYQKV_CHECK_DEFINED(t, name, layout);                                                        \
+    TORCH_CHECK_VALUE((t).dim() == (rank), name, ": expected a ", rank, "-D tensor ", layout,    \
+                      ", got ", (t).dim(), "-D with shape ", ::pyqkv::shape_str(t));             \
+  } while (0)
 
 #define PYQKV_CHECK_SIZE(t, name, dim, expected, what)                                             \
   TORCH_CHECK_VALUE((t).size(dim) == (expected), name, ": expected size ", (expected), " at dim ", \

@@ -7,10 +7,46 @@
 
 namespace pyqkv {
 
+// Whether two tensors of one dtype share at least one element of memory. ATen's get_overlap_status
+// answers TooHard for any non-dense view (a window of a larger buffer, an interleaved half of one), so
+// those are decided here, exactly: from the element offsets that sizes, strides and storage offsets give.
+// Only metadata is read (on the CPU, whatever the device), and the exact pass runs only for two views of
+// one storage whose address ranges intersect, which separate caches never are.
+inline bool share_an_element(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto status = at::get_overlap_status(a, b);
+  if (status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial) return true;
+  if (status == at::MemOverlapStatus::No || !a.storage().is_alias_of(b.storage())) return false;
+  auto extent = [](const at::Tensor& t) {  // [first, last] element offset in the storage
+    int64_t lo = t.storage_offset(), hi = lo;
+    for (int64_t d = 0; d < t.dim(); ++d) (t.stride(d) < 0 ? lo : hi) += (t.size(d) - 1) * t.stride(d);
+    return std::make_pair(lo, hi);
+  };
+  const auto [a_lo, a_hi] = extent(a);
+  const auto [b_lo, b_hi] = extent(b);
+  if (a_hi < b_lo || b_hi < a_lo) return false;
+  auto offsets = [](const at::Tensor& t) {
+    const auto opts = at::TensorOptions().dtype(at::kLong);
+    at::Tensor off = at::full({1}, t.storage_offset(), opts);
+    for (int64_t d = 0; d < t.dim(); ++d)
+      off = (off.unsqueeze(-1) + at::arange(t.size(d), opts) * t.stride(d)).flatten();
+    return off;
+  };
+  return at::isin(offsets(a), offsets(b)).any().item<bool>();
+}
+
+// The same elements in the same order: writing one into the other is a no-op, not a corruption.
+inline bool same_view(const at::Tensor& a, const at::Tensor& b) {
+  return a.storage().is_alias_of(b.storage()) && a.storage_offset() == b.storage_offset() &&
+         a.sizes() == b.sizes() && a.strides() == b.strides();
+}
+
 inline void check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
                             const at::Tensor& v_new, int64_t start) {
   PYQKV_CHECK_RANK(k_cache, "k_cache", 4, "[B, Hkv, capacity, Dh]");
+  PYQKV_CHECK_DEFINED(v_cache, "v_cache", "[B, Hkv, capacity, Dh]");
   PYQKV_CHECK_RANK(k_new, "k_new", 4, "[B, S, Hkv, Dh]");
+  PYQKV_CHECK_DEFINED(v_new, "v_new", "[B, S, Hkv, Dh]");
   TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache: expected the shape of k_cache ",
                     shape_str(k_cache), ", got ", shape_str(v_cache));
   TORCH_CHECK_VALUE(v_new.sizes() == k_new.sizes(), "v_new: expected the shape of k_new ",
@@ -20,18 +56,32 @@ inline void check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache
                     "k_new: expected shape [", B, ", S, ", Hkv, ", ", Dh,
                     "] (B, Hkv, Dh of the cache [B, Hkv, capacity, Dh]), got ", shape_str(k_new));
   const int64_t S = k_new.size(1);
-  TORCH_CHECK_VALUE(start >= 0 && start + S <= cap, "start: expected 0 <= start and start + S <= capacity ",
-                    cap, " (S = ", S, "), got start=", start);
-  // Keys and values written into the same memory would silently overwrite each other. (TooHard, the
-  // answer for any non-dense view such as a window of a larger buffer, is not an overlap.)
-  const auto overlap = at::get_overlap_status(k_cache, v_cache);
-  TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
-                    "v_cache: expected a tensor that does not overlap k_cache, got one that shares its memory");
+  // Written as start <= cap - S: start + S could wrap around for a start near INT64_MAX.
+  TORCH_CHECK_VALUE(start >= 0 && S <= cap && start <= cap - S,
+                    "start: expected 0 <= start and start + S <= capacity ", cap, " (S = ", S, "), got start=", start);
   for (auto* p : {&k_cache, &v_cache, &k_new, &v_new}) {
     const char* name = p == &k_cache ? "k_cache" : p == &v_cache ? "v_cache" : p == &k_new ? "k_new" : "v_new";
     PYQKV_CHECK_SAME_DTYPE(*p, name, k_cache, "k_cache");
     PYQKV_CHECK_SAME_DEVICE(*p, name, k_cache, "k_cache");
   }
+  // A cache position that aliases another (an expand()ed view) would hold the last row written to it.
+  for (auto* p : {&k_cache, &v_cache}) {
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*p) != at::MemOverlap::Yes, p == &k_cache ? "k_cache" : "v_cache",
+                      ": expected a tensor whose elements do not share memory, got one with a zero stride (strides ",
+                      p->strides(), "); clone() it");
+  }
+  // Keys and values written into the same memory would silently overwrite each other.
+  TORCH_CHECK_VALUE(!share_an_element(k_cache, v_cache),
+                    "v_cache: expected a tensor that does not overlap k_cache, got one that shares its memory");
+  // A source that overlaps a row being written would be read after it is overwritten (all but the
+  // no-op of writing a view onto itself).
+  const at::Tensor k_rows = k_cache.narrow(2, start, S).transpose(1, 2), v_rows = v_cache.narrow(2, start, S).transpose(1, 2);
+  TORCH_CHECK_VALUE(same_view(k_rows, k_new) || !share_an_element(k_rows, k_new),
+                    "k_new: expected a tensor that does not overlap the k_cache rows it is written to, got one that shares their memory");
+  TORCH_CHECK_VALUE(same_view(v_rows, v_new) || !share_an_element(v_rows, v_new),
+                    "v_new: expected a tensor that does not overlap the v_cache rows it is written to, got one that shares their memory");
+  TORCH_CHECK_VALUE(!share_an_element(k_rows, v_new),
+                    "v_new: expected a tensor that does not overlap the k_cache rows written before it is read, got one that shares their memory");
 }
 
 // kv_append for every backend: the cache is [B, Hkv, capacity, Dh], so the new rows are a strided window

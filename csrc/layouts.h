@@ -3,6 +3,8 @@
 // is the readable twin that the tests compare against.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
+
 #include <array>
 #include <string>
 #include <tuple>
@@ -21,12 +23,34 @@ struct HeadSegment {
 
 constexpr int64_t kCodegenMpNum = 4;  // CodeGen's model-parallel blocks (HF `mp_num`)
 
-inline std::vector<HeadSegment> head_segments(const std::string& layout, int64_t H, int64_t Hkv,
-                                              int64_t Dh) {
+inline void check_head_counts(int64_t H, int64_t Hkv, int64_t Dh) {
   TORCH_CHECK_VALUE(H > 0, "n_heads: expected a positive head count, got ", H);
   TORCH_CHECK_VALUE(Hkv > 0, "n_kv_heads: expected a positive head count, got ", Hkv);
   TORCH_CHECK_VALUE(Dh > 0, "d_head: expected a positive head dim, got ", Dh);
   TORCH_CHECK_VALUE(H % Hkv == 0, "n_kv_heads: expected a divisor of n_heads=", H, ", got ", Hkv);
+}
+
+// n_out = (H + 2 Hkv) Dh, the fused output width; counts too large for int64 are refused here, before
+// anything is sized from them (a wrapped product could match a real weight, or reach a huge reserve()).
+inline int64_t fused_width(int64_t H, int64_t Hkv, int64_t Dh) {
+  int64_t two_hkv = 0, heads = 0, n_out = 0;
+  const bool overflow = c10::mul_overflows(Hkv, int64_t{2}, &two_hkv) || c10::add_overflows(H, two_hkv, &heads) ||
+                        c10::mul_overflows(heads, Dh, &n_out);
+  TORCH_CHECK_VALUE(!overflow, "n_heads, n_kv_heads, d_head: expected (n_heads + 2 * n_kv_heads) * d_head to fit in ",
+                    "int64, got n_heads=", H, ", n_kv_heads=", Hkv, ", d_head=", Dh);
+  return n_out;
+}
+
+// Real dtypes only: split and pack move elements, so any real dtype (integers and bool included) is moved
+// exactly; complex has no kernel.
+inline void check_real(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(!at::isComplexType(t.scalar_type()), name,
+                   ": expected a real tensor (floating point, integer or bool), got ", t.scalar_type());
+}
+
+inline std::vector<HeadSegment> head_segments(const std::string& layout, int64_t H, int64_t Hkv,
+                                              int64_t Dh) {
+  check_head_counts(H, Hkv, Dh);
   std::vector<HeadSegment> segs;
   segs.reserve(H + 2 * Hkv);
   if (layout == "blocked") {  // [all Q heads | all K heads | all V heads]
@@ -68,7 +92,8 @@ inline std::vector<HeadSegment> head_segments(const std::string& layout, int64_t
 inline int64_t check_fused_weight(const at::Tensor& weight, int64_t H, int64_t Hkv, int64_t Dh,
                                   bool conv1d) {
   PYQKV_CHECK_RANK(weight, "weight", 2, conv1d ? "[D, (H + 2 Hkv) Dh] (conv1d)" : "[(H + 2 Hkv) Dh, D] (Linear)");
-  const int64_t n_out = (H + 2 * Hkv) * Dh;
+  check_real(weight, "weight");
+  const int64_t n_out = fused_width(H, Hkv, Dh);
   const int out_dim = conv1d ? 1 : 0;
   TORCH_CHECK_VALUE(weight.size(out_dim) == n_out, "weight: expected size ", n_out, " = (n_heads ",
                     H, " + 2 * n_kv_heads ", Hkv, ") * d_head ", Dh, " at dim ", out_dim,
@@ -83,6 +108,7 @@ inline std::array<int64_t, 4> check_split_weights(const at::Tensor& W_Q, const a
   PYQKV_CHECK_RANK(W_Q, "W_Q", 3, "[H, D, Dh]");
   PYQKV_CHECK_RANK(W_K, "W_K", 3, "[Hkv, D, Dh]");
   PYQKV_CHECK_RANK(W_V, "W_V", 3, "[Hkv, D, Dh]");
+  check_real(W_Q, "W_Q");
   const int64_t H = W_Q.size(0), D = W_Q.size(1), Dh = W_Q.size(2), Hkv = W_K.size(0);
   for (auto* p : {&W_K, &W_V}) {
     const char* name = p == &W_K ? "W_K" : "W_V";
@@ -102,8 +128,10 @@ template <typename Mover>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> split_qkv_host(Mover move, const at::Tensor& weight, int64_t n_heads,
                                                               int64_t n_kv_heads, int64_t d_head,
                                                               c10::string_view layout, bool conv1d) {
-  const auto segs = head_segments(std::string(layout), n_heads, n_kv_heads, d_head);
+  // The counts and the weight are checked before the segment table is sized from the counts.
+  check_head_counts(n_heads, n_kv_heads, d_head);
   const int64_t D = check_fused_weight(weight, n_heads, n_kv_heads, d_head, conv1d);
+  const auto segs = head_segments(std::string(layout), n_heads, n_kv_heads, d_head);
   std::array<at::Tensor, 3> out = {weight.new_empty({n_heads, D, d_head}), weight.new_empty({n_kv_heads, D, d_head}),
                                    weight.new_empty({n_kv_heads, D, d_head})};
   move(conv1d ? weight : weight.t(), out, segs, D, d_head, /*to_fused=*/false);
