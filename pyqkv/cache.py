@@ -7,6 +7,7 @@ twice its capacity, so the copying is amortized O(1) per token.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -25,8 +26,13 @@ class KVCache:
     MIN_CAPACITY = 64
 
     def __init__(self, capacity: Optional[int] = None):
-        if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
-            raise ValueError(f"capacity: expected a positive int or None, got {capacity!r}")
+        if capacity is not None:
+            # Any integer type (numpy's too), not a float; a bool is a flag, not a size.
+            if isinstance(capacity, bool) or not hasattr(type(capacity), "__index__"):
+                raise TypeError(f"capacity: expected a positive int or None, got {type(capacity).__name__} {capacity!r}")
+            capacity = operator.index(capacity)
+            if capacity < 1:
+                raise ValueError(f"capacity: expected a positive int or None, got {capacity}")
         self._initial_capacity = capacity
         self.k_storage: Optional[torch.Tensor] = None
         self.v_storage: Optional[torch.Tensor] = None
@@ -64,6 +70,7 @@ class KVCache:
 
     def check_compatible(self, k_new: torch.Tensor) -> None:
         """Raise ValueError if k_new [B, S, Hkv, Dh] cannot be appended to this cache."""
+        _check_keys(k_new, "k_new")
         if self.k_storage is None:
             return
         B, Hkv, _, Dh = self.k_storage.shape
@@ -81,13 +88,17 @@ class KVCache:
             )
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor):
-        """Append k_new, v_new [B, S, Hkv, Dh] (any strides); returns (keys, values) [B, length, Hkv, Dh]."""
+        """Append k_new, v_new [B, S, Hkv, Dh] (any strides); returns (keys, values) [B, length, Hkv, Dh].
+
+        Every check runs before anything changes: a rejected append leaves length, contents and storage
+        as they were."""
         self.check_compatible(k_new)
-        if v_new.shape != k_new.shape:
-            raise ValueError(f"v_new: expected the shape of k_new {tuple(k_new.shape)}, got {tuple(v_new.shape)}")
+        _check_pair(k_new, v_new, "k_new", "v_new")
         B, S, Hkv, Dh = k_new.shape
         need = self.length + S
-        if need > self.capacity:
+        # An empty first append still allocates: the cache then knows its batch and head shape, and
+        # keys / values are [B, 0, Hkv, Dh] views like those of any other empty cache.
+        if need > self.capacity or self.k_storage is None:
             self._grow(need, k_new)
         ops.kv_append(self.k_storage, self.v_storage, k_new, v_new, self.length)
         self.length = need
@@ -108,13 +119,40 @@ class KVCache:
         self.k_storage, self.v_storage = k, v
 
     def load(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Replace the contents with keys, values [B, L, Hkv, Dh] (e.g. a cache filled elsewhere)."""
+        """Replace the contents with keys, values [B, L, Hkv, Dh] (e.g. a cache filled elsewhere).
+        Checked first: a rejected load keeps the old contents."""
+        _check_keys(keys, "keys")
+        _check_pair(keys, values, "keys", "values")
+        old = self.k_storage, self.v_storage, self.length
         self.k_storage = self.v_storage = None
         self.length = 0
-        if keys.shape[1]:
+        try:
             self.append(keys, values)
-        else:
-            self._grow(1, keys)
+        except BaseException:
+            self.k_storage, self.v_storage, self.length = old
+            raise
 
     def __repr__(self) -> str:
         return f"KVCache(length={self.length}, capacity={self.capacity}, {self.signature()})"
+
+
+def _check_keys(k: torch.Tensor, name: str) -> None:
+    """k must be a floating-point [B, S, Hkv, Dh] tensor: what the attention op reads as keys."""
+    if not isinstance(k, torch.Tensor):
+        raise TypeError(f"{name}: expected a Tensor [B, S, Hkv, Dh], got {type(k).__name__}")
+    if k.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor [B, S, Hkv, Dh], got {k.dim()}-D {tuple(k.shape)}")
+    if not k.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor (the attention op reads it), got {k.dtype}")
+
+
+def _check_pair(k: torch.Tensor, v: torch.Tensor, k_name: str, v_name: str) -> None:
+    """v must match k in shape, dtype and device (k already checked by _check_keys)."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{v_name}: expected a Tensor [B, S, Hkv, Dh] like {k_name}, got {type(v).__name__}")
+    if v.shape != k.shape:
+        raise ValueError(f"{v_name}: expected the shape of {k_name} {tuple(k.shape)}, got {tuple(v.shape)}")
+    if v.dtype != k.dtype or v.device != k.device:
+        raise TypeError(
+            f"{v_name}: expected {k.dtype} on {k.device} (like {k_name}), got {v.dtype} on {v.device}"
+        )

@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 
 import einops
+import torch
+from einops.parsing import ParsedExpression
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -63,6 +65,25 @@ class Identity:
         return "Identity()"
 
 
+# The rank of each point's kernel layout (the table above): the left side of a user's pattern must have it.
+KERNEL_RANKS = {
+    "hook_in": 3,
+    "hook_out": 3,
+    "hook_attn_in": 4,
+    "hook_q_input": 4,
+    "hook_k_input": 4,
+    "hook_v_input": 4,
+    "hook_q": 3,
+    "hook_k": 3,
+    "hook_v": 3,
+    "hook_rot_q": 3,
+    "hook_rot_k": 3,
+    "hook_attn_scores": 4,
+    "hook_pattern": 4,
+    "hook_z": 3,
+    "hook_result": 4,
+}
+
 # The default hook-format rule of each point, as a pattern (None: the kernel layout is the hook format).
 DEFAULT_PATTERNS = {
     "hook_q": "b s (h d) -> b s h d",
@@ -75,15 +96,95 @@ DEFAULT_PATTERNS = {
 
 
 def make_rule(name: str, spec, *, d_head: int):
-    """A rule object for hook point `name` from None (the default), a pattern string or a rule object."""
+    """A rule object for hook point `name` from None (the default), a pattern string or a rule object.
+
+    A user's rule is checked here as far as it can be without a tensor (a pattern's syntax, its axes, the
+    rank of its kernel side), and wrapped so that a failure or a misfit when it runs names the hook."""
     if spec is None:
         pattern = DEFAULT_PATTERNS.get(name)
         return Identity() if pattern is None else Rearrange(pattern, d=d_head)
     if isinstance(spec, str):
-        return Rearrange(spec, d=d_head)
-    if not (callable(getattr(spec, "convert", None)) and callable(getattr(spec, "revert", None))):
+        _check_pattern(name, spec, known={"d"})
+        return CheckedRule(name, Rearrange(spec, d=d_head))
+    if isinstance(spec, type) or not (
+        callable(getattr(spec, "convert", None)) and callable(getattr(spec, "revert", None))
+    ):
+        what = f"the class {spec.__name__} (pass an instance)" if isinstance(spec, type) else type(spec).__name__
         raise TypeError(
             f"hook_conversions[{name!r}]: expected an einops pattern string or an object with convert() and "
-            f"revert(), got {type(spec).__name__}"
+            f"revert(), got {what}"
         )
-    return spec
+    return CheckedRule(name, spec)
+
+
+def _check_pattern(name: str, pattern: str, *, known: set) -> None:
+    """Raise ValueError naming the hook unless `pattern` is 'kernel layout -> hook format' with the same
+    axes on both sides, the kernel layout's rank on the left, and every axis inferable in both directions
+    (a parenthesized group may hold at most one axis whose size is neither given nor seen alone)."""
+    where = f"hook_conversions[{name!r}]"
+    sides = pattern.split("->")
+    if len(sides) != 2:
+        raise ValueError(f"{where}: expected one 'kernel layout -> hook format' pattern, got {pattern!r}")
+    try:
+        left, right = (ParsedExpression(side.strip()) for side in sides)
+    except einops.EinopsError as e:
+        raise ValueError(f"{where}: cannot parse the pattern {pattern!r}: {e}") from None
+    if left.identifiers != right.identifiers:
+        raise ValueError(
+            f"{where}: expected the same axes on both sides of {pattern!r}, got {sorted(left.identifiers)} -> "
+            f"{sorted(right.identifiers)}"
+        )
+    rank = KERNEL_RANKS.get(name)
+    if rank is not None and not left.has_ellipsis and len(left.composition) != rank:
+        raise ValueError(
+            f"{where}: expected {rank} axes on the left of {pattern!r} (the kernel layout of {name} is "
+            f"{rank}-D, see pyqkv.conversions), got {len(left.composition)}"
+        )
+    for side, direction in ((left, "convert"), (right, "revert")):
+        seen = known | {group[0] for group in side.composition if isinstance(group, list) and len(group) == 1}
+        for group in side.composition:
+            unknown = [axis for axis in group if axis not in seen] if isinstance(group, list) else []
+            if len(unknown) > 1:
+                raise ValueError(
+                    f"{where}: {direction} cannot infer the sizes of {unknown} in ({' '.join(group)}) of {pattern!r}; "
+                    f"only d (= d_head) is given"
+                )
+
+
+class CheckedRule:
+    """A user's rule, run so that any failure or misfit names the hook point. A rule changes layout only:
+    each direction must return a tensor with the elements, dtype and device it was given."""
+
+    def __init__(self, name: str, rule):
+        self.name = name
+        self.rule = rule
+
+    def _run(self, direction: str, tensor):
+        try:
+            out = getattr(self.rule, direction)(tensor)
+        except Exception as e:
+            raise ValueError(
+                f"{self.name}: conversion rule {self.rule!r} failed to {direction} a tensor of shape "
+                f"{tuple(tensor.shape)}: {type(e).__name__}: {e}"
+            ) from e
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"{self.name}: conversion rule {self.rule!r}.{direction} returned {type(out).__name__}; expected a "
+                f"Tensor"
+            )
+        if out.numel() != tensor.numel() or out.dtype != tensor.dtype or out.device != tensor.device:
+            raise ValueError(
+                f"{self.name}: conversion rule {self.rule!r}.{direction} turned shape {tuple(tensor.shape)} "
+                f"{tensor.dtype} on {tensor.device} into {tuple(out.shape)} {out.dtype} on {out.device}; expected "
+                f"the same elements, dtype and device in another layout"
+            )
+        return out
+
+    def convert(self, tensor):
+        return self._run("convert", tensor)
+
+    def revert(self, tensor):
+        return self._run("revert", tensor)
+
+    def __repr__(self) -> str:
+        return repr(self.rule)

@@ -48,10 +48,7 @@ class HookPoint:
     ctx: dict = field(default_factory=dict)
 
     def add(self, fn: HookFn, dir: str = "fwd", prepend: bool = False, is_permanent: bool = False) -> HookHandle:
-        if dir not in ("fwd", "bwd"):
-            raise ValueError(f"dir: expected 'fwd' or 'bwd', got {dir!r}")
-        if not callable(fn):
-            raise TypeError(f"hook for {self.name}: expected a callable fn(tensor, hook), got {type(fn).__name__}")
+        _check_hook_args(self.name, fn, dir, prepend, is_permanent)
         handle = HookHandle(self, fn, dir, is_permanent)
         hooks = self.fwd if dir == "fwd" else self.bwd
         hooks.insert(0, handle) if prepend else hooks.append(handle)
@@ -103,6 +100,32 @@ def attach_bwd_hooks(point: HookPoint, tensor: torch.Tensor) -> None:
     tensor.register_hook(on_grad)
 
 
+def _check_hook_args(where: str, fn, dir, prepend, is_permanent) -> None:
+    if dir not in ("fwd", "bwd"):
+        raise ValueError(f"dir: expected 'fwd' or 'bwd', got {dir!r}")
+    if not callable(fn):
+        raise TypeError(f"hook for {where}: expected a callable fn(tensor, hook), got {type(fn).__name__}")
+    # A truthy string or number here is almost always an argument passed in the wrong position.
+    for name, value in (("prepend", prepend), ("is_permanent", is_permanent)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+
+
+def _hook_pairs(arg_name: str, pairs) -> list:
+    """fwd_hooks / bwd_hooks as a list of (name or filter, fn) pairs, checked before any hook is added."""
+    if isinstance(pairs, tuple) and len(pairs) == 2 and isinstance(pairs[0], str) and callable(pairs[1]):
+        raise TypeError(f"{arg_name}: expected a list of (name, fn) pairs, got one pair {pairs[0]!r}; wrap it in [...]")
+    if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
+        raise TypeError(f"{arg_name}: expected a list of (name, fn) pairs, got {type(pairs).__name__}")
+    checked = []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            got = f"{type(pair).__name__} of length {len(pair)}" if isinstance(pair, (tuple, list)) else type(pair).__name__
+            raise TypeError(f"{arg_name}[{i}]: expected a (name, fn) pair, got {got}")
+        checked.append(tuple(pair))
+    return checked
+
+
 def _fn_name(fn) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 
@@ -152,6 +175,11 @@ class HookedMixin:
             return [n for n in points if self.hook_gate(n) is None]
         if callable(name_or_filter) and not isinstance(name_or_filter, str):
             return [n for n in points if self.hook_gate(n) is None and name_or_filter(n)]
+        if not isinstance(name_or_filter, str) and not hasattr(name_or_filter, "__iter__"):
+            raise TypeError(
+                f"names_filter: expected a hook name, a glob, a list of names or a predicate, got "
+                f"{type(name_or_filter).__name__}"
+            )
         names = [name_or_filter] if isinstance(name_or_filter, str) else list(name_or_filter)
         chosen = []
         for name in names:
@@ -177,8 +205,8 @@ class HookedMixin:
         Returns the handles. A gated point named explicitly raises ValueError (e.g. "set
         use_split_qkv_input first"); an unknown name raises KeyError listing the valid names.
         """
-        if dir not in ("fwd", "bwd"):
-            raise ValueError(f"dir: expected 'fwd' or 'bwd', got {dir!r}")
+        where = name_or_filter if isinstance(name_or_filter, str) else "the selected hook points"
+        _check_hook_args(where, fn, dir, prepend, is_permanent)
         points = self.hook_points()
         names = self._select(name_or_filter, by_name_strict=True)
         return [points[n].add(fn, dir=dir, prepend=prepend, is_permanent=is_permanent) for n in names]
@@ -205,9 +233,10 @@ class HookedMixin:
     def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True):
         """`with model.hooks(fwd_hooks=[(name, fn)], bwd_hooks=[...]):` adds the hooks for the body and
         removes exactly those on exit, also when the body (or adding a later hook) raises."""
+        pairs_by_dir = (("fwd", _hook_pairs("fwd_hooks", fwd_hooks)), ("bwd", _hook_pairs("bwd_hooks", bwd_hooks)))
         added = []
         try:
-            for d, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+            for d, pairs in pairs_by_dir:
                 for name, fn in pairs:
                     added += self.add_hook(name, fn, dir=d)
             yield self
