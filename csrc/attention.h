@@ -13,7 +13,7 @@ struct AttnDims {
 };
 
 inline AttnDims check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const c10::optional<at::Tensor>& mask) {
+                                const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& alibi) {
   PYQKV_CHECK_RANK(q, "q", 4, "[B, S, H, Dh]");
   PYQKV_CHECK_RANK(k, "k", 4, "[B, K, Hkv, Dh]");
   PYQKV_CHECK_RANK(v, "v", 4, "[B, K, Hkv, Dh]");
@@ -51,7 +51,23 @@ inline AttnDims check_attention(const at::Tensor& q, const at::Tensor& k, const 
                         m.dim(), "-D with shape ", shape_str(m));
     }
   }
+  if (alibi.has_value()) {
+    const at::Tensor& a = *alibi;
+    PYQKV_CHECK_RANK(a, "alibi", 3, "[B or 1, H or 1, K] (a per-key bias)");
+    PYQKV_CHECK_FLOATING(a, "alibi");
+    PYQKV_CHECK_SAME_DEVICE(a, "alibi", q, "q");
+    TORCH_CHECK_VALUE((a.size(0) == d.B || a.size(0) == 1) && (a.size(1) == d.H || a.size(1) == 1) && a.size(2) == d.K,
+                      "alibi: expected shape [B or 1, H or 1, K] = [", d.B, " or 1, ", d.H, " or 1, ", d.K,
+                      "] (B and H of q ", shape_str(q), ", K of k ", shape_str(k), "), got ", shape_str(a));
+  }
   return d;
+}
+
+// The alibi bias [B|1, H|1, K] in the accumulation dtype, read in place through its strides when it
+// already is (the usual float32 slopes), else converted once (B*H*K values: no [B,H,S,K] buffer).
+inline at::Tensor alibi_in(const c10::optional<at::Tensor>& alibi, at::ScalarType acc_dtype) {
+  if (!alibi.has_value()) return at::Tensor();
+  return alibi->scalar_type() == acc_dtype ? *alibi : alibi->to(acc_dtype);
 }
 
 // An additive mask entry at or below this value means "hidden" (weight exactly 0, a fully hidden row

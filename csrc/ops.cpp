@@ -18,10 +18,12 @@ TORCH_LIBRARY(pyqkv, m) {
 
   // Scaled, masked attention. q [B,S,H,Dh]; k, v [B,K,Hkv,Dh] (any strides); mask None,
   // [B,K] padding (nonzero = attend) or [B,1|H,S,K] additive. Causal is bottom-right aligned.
+  // alibi: None or a per-key bias [B|1, H|1, K] (ALiBi: Bloom, Falcon-RW), the same for every query
+  // position: score = scale * q.k + alibi[b,h,j] (+ the additive mask); it hides nothing by itself.
   // Returns z [B,S,H,Dh], lse [B,H,S] (float32, -inf on fully masked rows) and pattern [B,H,S,K]
   // (an empty tensor unless return_pattern).
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
-        " bool return_pattern) -> (Tensor, Tensor, Tensor)");
+        " bool return_pattern, Tensor? alibi=None) -> (Tensor, Tensor, Tensor)");
 
   // Writes k_new/v_new [B,S,Hkv,Dh] into caches [B,Hkv,capacity,Dh] at positions start..start+S-1.
   m.def("kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, int start) -> ()");

@@ -170,7 +170,7 @@ torch.library.register_autograd("pyqkv::per_head_proj", _per_head_proj_backward,
 # attention
 
 
-def attention(q, k, v, *, scale: float, causal: bool, mask=None, return_pattern: bool = False):
+def attention(q, k, v, *, scale: float, causal: bool, mask=None, return_pattern: bool = False, alibi=None):
     """Scaled, masked attention with GQA by index. Returns (z, lse, pattern).
 
     q: [B, S, H, Dh]; k, v: [B, K, Hkv, Dh], any strides (views into one fused projection are read in
@@ -184,16 +184,21 @@ def attention(q, k, v, *, scale: float, causal: bool, mask=None, return_pattern:
             query 0:     x x x .
             query 1:     x x x x
 
+    alibi: None or a per-key bias [B or 1, H or 1, K] (ALiBi: Bloom's and Falcon's [B*H, 1, K] reshaped
+    to [B, H, K]), any float dtype and strides, added to every query position's scaled scores:
+    score[b, h, i, j] = scale * q·k + alibi[b, h, j] (+ the additive mask). It hides nothing by itself
+    (visibility comes from causal and mask) and no [B, H, S, K] bias is ever built.
+
     Returns z [B, S, H, Dh] (q's dtype), lse [B, H, S] (float32; float64 for float64 inputs; -inf on a
     row with no visible key) and pattern [B, H, S, K] (None unless return_pattern). A row with no
     visible key gives zeros in z and pattern, never NaN. Half types accumulate in float32.
     """
-    z, lse, pattern = _ops.attention(q, k, v, mask, float(scale), bool(causal), bool(return_pattern))
+    z, lse, pattern = _ops.attention(q, k, v, mask, float(scale), bool(causal), bool(return_pattern), alibi)
     return z, lse, (pattern if return_pattern else None)
 
 
 @torch.library.register_fake("pyqkv::attention")
-def _attention_fake(q, k, v, mask, scale, causal, return_pattern):
+def _attention_fake(q, k, v, mask, scale, causal, return_pattern, alibi=None):
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q, k: expected 4-D [B, S, H, Dh] / [B, K, Hkv, Dh]")
     B, S, H, Dh = q.shape
     K = k.shape[1]
@@ -201,6 +206,11 @@ def _attention_fake(q, k, v, mask, scale, causal, return_pattern):
     torch._check(v.shape == k.shape, lambda: f"v: expected the shape of k {list(k.shape)}, got {list(v.shape)}")
     torch._check(H % k.shape[2] == 0, lambda: f"k: expected a KV head count that divides H={H}, got {k.shape[2]}")
     torch._check(q.dtype == k.dtype == v.dtype, lambda: f"k, v: expected q's dtype {q.dtype}, got {k.dtype}, {v.dtype}")
+    if alibi is not None:
+        torch._check(
+            alibi.dim() == 3 and alibi.shape[0] in (1, B) and alibi.shape[1] in (1, H) and alibi.shape[2] == K,
+            lambda: f"alibi: expected shape [B or 1, H or 1, K] = [{B} or 1, {H} or 1, {K}], got {list(alibi.shape)}",
+        )
     z = q.new_empty(B, S, H, Dh)
     lse = q.new_empty(B, H, S, dtype=_acc_dtype(q.dtype))
     pattern = q.new_empty(B, H, S, K) if return_pattern else q.new_empty(0)
@@ -208,23 +218,24 @@ def _attention_fake(q, k, v, mask, scale, causal, return_pattern):
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, mask, scale, causal, return_pattern = inputs
+    q, k, v, mask, scale, causal, return_pattern, alibi = inputs
     ctx.scale, ctx.causal = scale, causal
     ctx.mask_shape = None if mask is None else mask.shape
-    ctx.save_for_backward(q, k, v, mask)
+    ctx.save_for_backward(q, k, v, mask, alibi)
 
 
 def _attention_backward(ctx, grad_z, grad_lse, grad_pattern):
     """Exact gradients from the recomputed pattern P (in the accumulation dtype):
     dV = Pᵀ dZ, dP = dZ Vᵀ (+ the pattern's own gradient), dS = P ⊙ (dP − rowsum(dP ⊙ P)) + P ⊙ dlse,
-    dQ = scale · dS K, dK = scale · dSᵀ Q, d(additive mask) = dS. GQA heads sum into their KV head."""
-    q, k, v, mask = ctx.saved_tensors
+    dQ = scale · dS K, dK = scale · dSᵀ Q, d(additive mask) = dS, d(alibi) = dS summed over query
+    positions. GQA heads sum into their KV head; broadcast dims of mask and alibi are summed over."""
+    q, k, v, mask, alibi = ctx.saved_tensors
     B, S, H, Dh = q.shape
     K, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
     acc = _acc_dtype(q.dtype)
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-    _, _, P = _ops.attention(qa, ka, va, mask, ctx.scale, ctx.causal, True)
+    _, _, P = _ops.attention(qa, ka, va, mask, ctx.scale, ctx.causal, True, alibi)
     P5 = P.view(B, Hkv, G, S, K)
     q5 = qa.view(B, S, Hkv, G, Dh).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, S, Dh]
     kt, vt = ka.permute(0, 2, 1, 3), va.permute(0, 2, 1, 3)  # [B, Hkv, K, Dh]
@@ -239,7 +250,7 @@ def _attention_backward(ctx, grad_z, grad_lse, grad_pattern):
     if grad_lse is not None:
         dS = dS + P5 * grad_lse.to(acc).reshape(B, Hkv, G, S, 1)
 
-    gq = gk = gv = gmask = None
+    gq = gk = gv = gmask = galibi = None
     if ctx.needs_input_grad[0]:
         gq = (torch.einsum("bngsk,bnkd->bsngd", dS, kt) * ctx.scale).reshape(B, S, H, Dh).to(q.dtype)
     if ctx.needs_input_grad[1]:
@@ -250,7 +261,12 @@ def _attention_backward(ctx, grad_z, grad_lse, grad_pattern):
         dS4 = dS.reshape(B, H, S, K)
         dims = [d for d in range(2) if ctx.mask_shape[d] == 1]
         gmask = (dS4.sum(dim=dims, keepdim=True) if dims else dS4).to(mask.dtype)
-    return gq, gk, gv, gmask, None, None, None
+    # (a call that leaves alibi at its default passes 7 inputs, so needs_input_grad has 7 entries)
+    if alibi is not None and ctx.needs_input_grad[7:8] == (True,):
+        dA = dS.sum(dim=3).reshape(B, H, K)  # the same bias at every query position: sum over them
+        dims = [d for d in range(2) if alibi.shape[d] == 1]
+        galibi = (dA.sum(dim=dims, keepdim=True) if dims else dA).to(alibi.dtype)
+    return gq, gk, gv, gmask, None, None, None, galibi
 
 
 torch.library.register_autograd("pyqkv::attention", _attention_backward, setup_context=_attention_setup)
@@ -266,7 +282,7 @@ def _shape(t) -> str:
     return f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _check_split_form(q=None, k=None, v=None, mask=None, pattern=None) -> None:
+def _check_split_form(q=None, k=None, v=None, mask=None, pattern=None, alibi=None) -> None:
     """The fused op's argument rules (csrc/attention.h), for the composite split form: each failure names
     the argument, what was expected and what was received."""
     for name, t, layout in (("q", q, "[B, S, H, Dh]"), ("k", k, "[B, K, Hkv, Dh]"), ("v", v, "[B, K, Hkv, Dh]"),
@@ -301,6 +317,18 @@ def _check_split_form(q=None, k=None, v=None, mask=None, pattern=None) -> None:
                     )
             if mask.dim() not in (2, 4):
                 raise ValueError(f"mask: expected a 2-D padding mask [B, K] or a 4-D additive mask, got {_shape(mask)}")
+        if alibi is not None:
+            K = k.shape[1]
+            if not isinstance(alibi, torch.Tensor) or alibi.dim() != 3:
+                raise ValueError(f"alibi: expected a 3-D tensor [B or 1, H or 1, K] (a per-key bias), got {_shape(alibi)}")
+            if not alibi.is_floating_point():
+                raise TypeError(f"alibi: expected a floating-point tensor, got {alibi.dtype}")
+            if alibi.device != q.device:
+                raise ValueError(f"alibi: expected device {q.device} (the device of q), got {alibi.device}")
+            if alibi.shape[0] not in (1, B) or alibi.shape[1] not in (1, H) or alibi.shape[2] != K:
+                raise ValueError(
+                    f"alibi: expected shape [B or 1, H or 1, K] = [{B} or 1, {H} or 1, {K}], got {list(alibi.shape)}"
+                )
     if pattern is not None and v is not None:
         B, H, S, K = pattern.shape
         if v.shape[0] != B or v.shape[1] != K or v.shape[2] < 1 or H % v.shape[2]:
@@ -317,18 +345,21 @@ def _grouped_queries(q, Hkv):
     return q.reshape(B, S, Hkv, G, Dh).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, Dh)
 
 
-def attn_scores(q, k, *, scale: float, causal: bool, mask=None, dtype: Optional[torch.dtype] = None):
+def attn_scores(q, k, *, scale: float, causal: bool, mask=None, dtype: Optional[torch.dtype] = None, alibi=None):
     """Scaled, masked scores [B, H, S, K] (what hook_attn_scores sees), in `dtype` (default q's).
 
-    Hidden entries (causal, padding or an additive entry at or below half the dtype's minimum) hold the
-    dtype's most negative finite value, so attn_softmax gives them weight exactly 0.
+    scale * q·k + alibi[b, h, j] (alibi: None or [B or 1, H or 1, K], as in attention) + the additive
+    mask. Hidden entries (causal, padding or an additive entry at or below half the dtype's minimum)
+    hold the dtype's most negative finite value, so attn_softmax gives them weight exactly 0.
     """
-    _check_split_form(q=q, k=k, mask=mask)
+    _check_split_form(q=q, k=k, mask=mask, alibi=alibi)
     B, S, H, Dh = q.shape
     K, Hkv = k.shape[1], k.shape[2]
     dtype = q.dtype if dtype is None else dtype
     qg = _grouped_queries(q.to(dtype), Hkv)
     scores = (qg @ k.to(dtype).permute(0, 2, 3, 1)).reshape(B, H, S, K) * scale
+    if alibi is not None:  # [B|1, H|1, K] -> [B|1, H|1, 1, K]: the same bias for every query position
+        scores = scores + alibi.to(dtype).unsqueeze(2)
     hidden = torch.zeros((), dtype=torch.bool, device=q.device)
     if causal:
         i = torch.arange(S, device=q.device).view(S, 1)

@@ -122,12 +122,21 @@ def visible_keys(B, H, S, K, *, causal, mask=None, device=None):
     return vis
 
 
-def attention(q, k, v, *, scale, causal, mask=None, return_pattern=False, compute_dtype=torch.float64):
+def _alibi_scores(alibi, compute_dtype):
+    """alibi [B or 1, H or 1, K] -> [B or 1, H or 1, 1, K]: the same bias for every query position."""
+    return alibi.to(compute_dtype).unsqueeze(2)
+
+
+def attention(q, k, v, *, scale, causal, mask=None, return_pattern=False, alibi=None, compute_dtype=torch.float64):
     """q [B,S,H,Dh], k/v [B,K,Hkv,Dh] -> (z [B,S,H,Dh], lse [B,H,S], pattern [B,H,S,K] or None).
 
     Computed in float64 (float32 accumulation would do; float64 makes the oracle exact enough to judge
     float32 kernels) and cast back to q's dtype. GQA: query head h reads kv head h // (H / Hkv).
     A query row with no visible key gives zeros in z and pattern, and lse = -inf.
+
+    scores = scale * q.k + alibi[b, h, j] + mask[b, h, i, j]: alibi [B or 1, H or 1, K] is a per-key bias
+    (Bloom, Falcon-RW), the same for every query position; it hides nothing by itself (visibility comes
+    from causal and mask only).
 
     compute_dtype: the dtype every step runs in. The tests also run the oracle in the inputs' own low
     precision (e.g. bfloat16) to measure how much error plain PyTorch makes there: the tolerance rule
@@ -140,6 +149,8 @@ def attention(q, k, v, *, scale, causal, mask=None, return_pattern=False, comput
     kf = kf.repeat_interleave(group, dim=1)
     vf = vf.repeat_interleave(group, dim=1)
     scores = (qf @ kf.transpose(-1, -2)) * scale  # [B,H,S,K]
+    if alibi is not None:
+        scores = scores + _alibi_scores(alibi, compute_dtype)
     if mask is not None and mask.dim() == 4:
         scores = scores + mask.to(compute_dtype)
     vis = visible_keys(B, H, S, K, causal=causal, mask=mask, device=q.device)
@@ -155,15 +166,19 @@ def attention(q, k, v, *, scale, causal, mask=None, return_pattern=False, comput
     )
 
 
-def attn_scores(q, k, *, scale, causal, mask=None, compute_dtype=torch.float64):
+def attn_scores(q, k, *, scale, causal, mask=None, alibi=None, compute_dtype=torch.float64):
     """Scaled, masked scores [B,H,S,K] in q's dtype; hidden entries hold the dtype's most negative value.
-    compute_dtype: the dtype the product and the mask addition run in (see attention)."""
+    alibi [B or 1, H or 1, K] is added as in attention. compute_dtype: the dtype the product and the
+    additions run in (see attention)."""
     B, S, H, _ = q.shape
     K, Hkv = k.shape[1], k.shape[2]
     qf = q.to(compute_dtype).transpose(1, 2)
     kf = k.to(compute_dtype).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
     scores = (qf @ kf.transpose(-1, -2)) * scale
+    if alibi is not None:
+        scores = scores + _alibi_scores(alibi, compute_dtype)
     if mask is not None and mask.dim() == 4:
         scores = scores + mask.to(compute_dtype)
     vis = visible_keys(B, H, S, K, causal=causal, mask=mask, device=q.device)
     return scores.to(q.dtype).masked_fill(~vis, torch.finfo(q.dtype).min)
+

@@ -4,10 +4,11 @@
 For machines without a GPU: the kernels (csrc/cuda/attention_*.cuh), the host preparation and the plan
 (csrc/cuda/attention_host.cuh, attention_plan.cuh) are compiled by g++ against stand-in CUDA headers
 (scripts/cuda_emulate/shim) and run one CTA at a time, each CTA's threads as coroutines that switch at
-barriers (scripts/cuda_emulate/emu_runtime.h). This checks the kernels' indexing, masking, tiling,
-online softmax, Flash-Decoding splits and pattern pass against the oracle, under several simulated
-GPUs (so that every kernel path and tile size is taken) and thread orders (so that a missing barrier
-shows). It says nothing about speed, real-hardware races, or the CUDA launch code in attention.cu.
+barriers (scripts/cuda_emulate/emu_runtime.h). This checks the kernels' indexing, masking, ALiBi bias,
+tiling, online softmax, Flash-Decoding splits and pattern pass against the oracle, under several
+simulated GPUs (so that every kernel path and tile size is taken) and thread orders (so that a missing
+barrier shows). It says nothing about speed, real-hardware races, or the CUDA launch code in
+attention.cu.
 
     python scripts/cuda_emulate.py [-k NAME] [--quick]
 
@@ -79,9 +80,9 @@ def main(argv=None):
                 for order_name in order_names:
                     plan = []
 
-                    def run(q, k, v, mask, scale, causal, return_pattern):
-                        z, lse, pattern, desc = emu.attention(q, k, v, mask, scale, causal, return_pattern, major,
-                                                              smem, sms, ORDERS[order_name], 1234)
+                    def run(q, k, v, mask, scale, causal, return_pattern, alibi):
+                        z, lse, pattern, desc = emu.attention(q, k, v, mask, scale, causal, return_pattern, alibi,
+                                                              major, smem, sms, ORDERS[order_name], 1234)
                         plan.append(desc)
                         return z, lse, pattern
 

@@ -67,6 +67,7 @@ class AttnCase:
     scale: float | None = None  # default Dh ** -0.5
     q_gain: float = 1.0  # multiplies q: large logits exercise the online-softmax rescaling
     q_stride2: bool = False  # q with a non-unit last-dim stride
+    alibi: str | None = None  # None, "per_batch" [B,H,K], "b1" [1,H,K], "heads1_f16" [B,1,K] float16, "strided"
     dtypes: tuple = ALL_DTYPES
 
 
@@ -101,6 +102,13 @@ def attention_cases():
         c("S=K=64 exact tile", 1, 64, 64, 2, 2, 64, pattern=True),
         c("tiny float64", 1, 3, 5, 2, 1, 4, pattern=True, dtypes=(torch.float64,)),
         c("no keys K=0", 1, 3, 0, 2, 1, 16, causal=False, pattern=True),
+        c("alibi prefill gqa causal +pattern", 2, 89, 89, 12, 4, 64, pattern=True, alibi="per_batch"),
+        c("alibi cache K>S Dh80 pad2d +pattern", 2, 17, 40, 4, 4, 80, mask="pad", pattern=True, alibi="b1"),
+        c("alibi add4d per-head non-causal +pattern", 2, 30, 30, 4, 2, 64, causal=False, mask="add_heads", pattern=True,
+          alibi="heads1_f16"),
+        c("alibi causal K<S strided bias +pattern", 1, 40, 20, 2, 1, 64, pattern=True, alibi="strided"),
+        c("alibi decode S=1 K=1500 split", 2, 1, 1500, 8, 2, 64, alibi="per_batch"),
+        c("alibi decode S=2 pad2d +pattern", 2, 2, 300, 8, 2, 64, mask="pad", pattern=True, alibi="b1"),
     ]
     return cases
 
@@ -109,9 +117,28 @@ def _randn(shape, gen, dtype, device):
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+def build_alibi(kind, B, H, K, device):
+    """An ALiBi bias as Bloom builds it: -slope_h * position_j, positions of batch row b offset by b.
+    "strided" is every other entry of a buffer whose other entries are NaN (never to be read)."""
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
+    pos = (torch.arange(K).view(1, 1, K) - torch.arange(B).view(B, 1, 1)).float()
+    full = -slopes.view(1, H, 1) * pos  # [B, H, K]
+    if kind == "per_batch":
+        return full.to(device)
+    if kind == "b1":
+        return full[:1].to(device)
+    if kind == "heads1_f16":
+        return (-0.25 * pos).to(device=device, dtype=torch.float16)
+    if kind == "strided":
+        buf = torch.full((B, H, 2 * K), float("nan"))
+        buf[..., ::2] = full
+        return buf.to(device)[..., ::2]
+    raise ValueError(kind)
+
+
 def build_attention_inputs(case: AttnCase, dtype, device, seed=0):
-    """q, k, v, mask, scale, and the inputs the reference should see (NaNs replaced where the op must
-    ignore them). q comes from one fused projection [B, S, (H + 2 Hkv) Dh] (a non-contiguous view); K/V
+    """q, k, v, mask, scale, alibi, and the inputs the reference should see (NaNs replaced where the op
+    must ignore them). q comes from one fused projection [B, S, (H + 2 Hkv) Dh] (a non-contiguous view); K/V
     come from a cache [B, Hkv, capacity, Dh] whose unused slots hold NaN when K > S (also views)."""
     g = torch.Generator().manual_seed(seed)
     B, S, K, H, Hkv, Dh = case.B, case.S, case.K, case.H, case.Hkv, case.Dh
@@ -166,7 +193,8 @@ def build_attention_inputs(case: AttnCase, dtype, device, seed=0):
         if case.mask == "add_bcast":
             mask = mask.expand(B, 1, S, K)  # stride 0 over the batch
     scale = case.scale if case.scale is not None else Dh**-0.5
-    return q, k, v, mask, scale, k_ref, v_ref
+    alibi = build_alibi(case.alibi, B, H, K, device) if case.alibi is not None else None
+    return q, k, v, mask, scale, alibi, k_ref, v_ref
 
 
 def _max_err(out, want, atol, rtol):
@@ -182,11 +210,12 @@ def _max_err(out, want, atol, rtol):
 
 
 def check_attention_case(case: AttnCase, dtype, device, run):
-    """Runs `run(q, k, v, mask, scale, causal, return_pattern) -> (z, lse, pattern)` and compares with the
-    reference. Returns (ok, message)."""
-    q, k, v, mask, scale, k_ref, v_ref = build_attention_inputs(case, dtype, device)
-    z, lse, pattern = run(q, k, v, mask, scale, case.causal, case.pattern)
-    zr, lser, pr = ref.attention(q, k_ref, v_ref, scale=scale, causal=case.causal, mask=mask, return_pattern=True)
+    """Runs `run(q, k, v, mask, scale, causal, return_pattern, alibi) -> (z, lse, pattern)` and compares
+    with the reference. Returns (ok, message)."""
+    q, k, v, mask, scale, alibi, k_ref, v_ref = build_attention_inputs(case, dtype, device)
+    z, lse, pattern = run(q, k, v, mask, scale, case.causal, case.pattern, alibi)
+    zr, lser, pr = ref.attention(q, k_ref, v_ref, scale=scale, causal=case.causal, mask=mask, return_pattern=True,
+                                 alibi=alibi)
     atol, rtol = TOL[dtype]
     problems = []
     if z.shape != zr.shape or z.dtype != dtype or not z.is_contiguous():
@@ -302,8 +331,8 @@ def main(argv=None):
     failures = 0
     t0 = time.time()
 
-    def attention_op(q, k, v, mask, scale, causal, return_pattern):
-        z, lse, pattern = torch.ops.pyqkv.attention(q, k, v, mask, scale, causal, return_pattern)
+    def attention_op(q, k, v, mask, scale, causal, return_pattern, alibi):
+        z, lse, pattern = torch.ops.pyqkv.attention(q, k, v, mask, scale, causal, return_pattern, alibi)
         return z, lse, pattern
 
     for case in attention_cases():

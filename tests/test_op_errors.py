@@ -3,8 +3,8 @@ argument, what was expected and what was received; afterwards the op still works
 
 The whole table is ERRORS below, one row per case: (id, op, call, exception, message fragments).
 `call(device)` builds its inputs on the device and makes the bad call. Good sizes: attention
-B=2, S=3, K=5, H=4, Hkv=2, Dh=8; per_head_proj B=2, S=3, n=4, D=8, E=5; split/pack H=4, Hkv=2, Dh=2,
-D=8 (n_out = 16); kv_append B=2, Hkv=2, capacity=10, Dh=4, S=3.
+B=2, S=3, K=5, H=4, Hkv=2, Dh=8 (alibi [2, 4, 5]); per_head_proj B=2, S=3, n=4, D=8, E=5;
+split/pack H=4, Hkv=2, Dh=2, D=8 (n_out = 16); kv_append B=2, Hkv=2, capacity=10, Dh=4, S=3.
 """
 
 from __future__ import annotations
@@ -25,12 +25,17 @@ def t(*shape, dtype=torch.float32, device="cpu"):
     return torch.randn(*shape).to(device=device, dtype=dtype)
 
 
-def attn(device, *, q=None, k=None, v=None, mask=None, **shapes):
+def attn(device, *, q=None, k=None, v=None, mask=None, alibi=None, **shapes):
     """ops.attention on good inputs except for the ones given."""
     q = t(2, 3, 4, 8, device=device) if q is None else q
     k = t(2, 5, 2, 8, device=device) if k is None else k
     v = t(2, 5, 2, 8, device=device) if v is None else v
-    return ops.attention(q, k, v, scale=0.35, causal=True, mask=mask)
+    return ops.attention(q, k, v, scale=0.35, causal=True, mask=mask, alibi=alibi)
+
+
+def scores(device, *, alibi=None):
+    """ops.attn_scores (the split form) on good inputs except for the alibi given."""
+    return ops.attn_scores(t(2, 3, 4, 8, device=device), t(2, 5, 2, 8, device=device), scale=0.35, causal=True, alibi=alibi)
 
 
 def php(device, *, x=None, W=None, b=None):
@@ -93,11 +98,25 @@ ERRORS = [
     Bad("attn-mixed-dtype-v", "attention", lambda d: attn(d, v=t(2, 5, 2, 8, dtype=torch.float16, device=d)), TE, ("v: expected dtype Float (the dtype of q)", "got Half")),
     Bad("attn-integer-qkv", "attention", lambda d: attn(d, q=torch.ones(2, 3, 4, 8, dtype=i64, device=d), k=torch.ones(2, 5, 2, 8, dtype=i64, device=d), v=torch.ones(2, 5, 2, 8, dtype=i64, device=d)), TE, ("q: expected a floating-point tensor", "got Long")),
     Bad("attn-k-other-device", "attention", lambda d: attn(d, k=t(2, 5, 2, 8, device="cpu")), VE, ("k: expected device cuda", "got cpu"), needs_cuda=True),
+    # ALiBi: [B or 1, H or 1, K] ------------------------------------------------------------------
+    Bad("attn-alibi-rank-2", "attention", lambda d: attn(d, alibi=t(4, 5, device=d)), VE, ("alibi: expected a 3-D tensor [B or 1, H or 1, K]", "got 2-D", "[4, 5]")),
+    Bad("attn-alibi-rank-4", "attention", lambda d: attn(d, alibi=t(2, 4, 3, 5, device=d)), VE, ("alibi: expected a 3-D tensor [B or 1, H or 1, K]", "got 4-D", "[2, 4, 3, 5]")),
+    Bad("attn-alibi-bloom-shape", "attention", lambda d: attn(d, alibi=t(8, 1, 5, device=d)), VE, ("alibi: expected shape [B or 1, H or 1, K] = [2 or 1, 4 or 1, 5]", "got [8, 1, 5]")),
+    Bad("attn-alibi-K", "attention", lambda d: attn(d, alibi=t(2, 4, 6, device=d)), VE, ("alibi: expected shape [B or 1, H or 1, K] = [2 or 1, 4 or 1, 5]", "got [2, 4, 6]")),
+    Bad("attn-alibi-kv-heads", "attention", lambda d: attn(d, alibi=t(2, 2, 5, device=d)), VE, ("alibi: expected shape", "4 or 1", "got [2, 2, 5]")),
+    Bad("attn-alibi-integer", "attention", lambda d: attn(d, alibi=torch.zeros(2, 4, 5, dtype=i64, device=d)), TE, ("alibi: expected a floating-point tensor", "got Long")),
+    Bad("attn-alibi-bool", "attention", lambda d: attn(d, alibi=torch.zeros(1, 4, 5, dtype=torch.bool, device=d)), TE, ("alibi: expected a floating-point tensor", "got Bool")),
+    Bad("attn-alibi-other-device", "attention", lambda d: attn(d, alibi=t(2, 4, 5, device="cpu")), VE, ("alibi: expected device cuda", "(the device of q)", "got cpu"), needs_cuda=True),
+    Bad("raw-attn-alibi-shape", "attention", lambda d: _ops.attention(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), t(2, 5, 2, 8, device=d), None, 0.35, True, False, t(1, 1, 4, device=d)), VE, ("alibi: expected shape [B or 1, H or 1, K]", "got [1, 1, 4]")),
     # the split form of attention (composites used for hook_attn_scores) --------------------------
     Bad("scores-H-not-multiple-of-Hkv", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 3, 8, device=d), scale=0.35, causal=True), VE, ("k: expected a KV head count that divides H=4", "Hkv=3")),
     Bad("scores-k-head-dim", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 6, device=d), scale=0.35, causal=True), VE, ("k: expected shape [2, K, Hkv, 8]", "[2, 5, 2, 6]")),
     Bad("scores-mask-4d-bool", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True, mask=torch.ones(2, 1, 3, 5, dtype=torch.bool, device=d)), TE, ("mask: expected a floating-point additive 4-D mask", "torch.bool")),
     Bad("scores-mask-2d-shape", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True, mask=torch.ones(2, 7, device=d)), VE, ("mask: expected a 2-D padding mask [B, K] = [2, 5]", "[2, 7]")),
+    Bad("scores-alibi-rank", "attention", lambda d: scores(d, alibi=t(8, 5, device=d)), VE, ("alibi: expected a 3-D tensor [B or 1, H or 1, K]", "[8, 5]")),
+    Bad("scores-alibi-shape", "attention", lambda d: scores(d, alibi=t(8, 1, 5, device=d)), VE, ("alibi: expected shape [B or 1, H or 1, K] = [2 or 1, 4 or 1, 5]", "got [8, 1, 5]")),
+    Bad("scores-alibi-integer", "attention", lambda d: scores(d, alibi=torch.zeros(2, 4, 5, dtype=i64, device=d)), TE, ("alibi: expected a floating-point tensor", "torch.int64")),
+    Bad("scores-alibi-other-device", "attention", lambda d: scores(d, alibi=t(2, 4, 5, device="cpu")), VE, ("alibi: expected device cuda", "got cpu"), needs_cuda=True),
     Bad("scores-q-integer", "attention", lambda d: ops.attn_scores(torch.ones(2, 3, 4, 8, dtype=i64, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True), TE, ("q: expected a floating-point tensor", "torch.int64")),
     Bad("softmax-integer-scores", "attention", lambda d: ops.attn_softmax(torch.ones(2, 4, 3, 5, dtype=i64, device=d)), TE, ("scores: expected a floating-point tensor [B, H, S, K]", "torch.int64")),
     Bad("apply-v-keys", "attention", lambda d: ops.attn_apply(t(2, 4, 3, 5, device=d), t(2, 6, 2, 8, device=d)), VE, ("v: expected shape [2, 5, Hkv, Dh]", "[2, 6, 2, 8]")),
@@ -157,6 +176,9 @@ def good_call(op: str, device) -> None:
         z_r, lse_r, _ = ref.attention(q, k, v, scale=0.35, causal=True)
         torch.testing.assert_close(z, z_r)
         torch.testing.assert_close(lse, lse_r)
+        alibi = t(2, 4, 5, device=device)
+        z, _, _ = ops.attention(q, k, v, scale=0.35, causal=True, alibi=alibi)
+        torch.testing.assert_close(z, ref.attention(q, k, v, scale=0.35, causal=True, alibi=alibi)[0])
     elif op == "per_head_proj":
         x, W, b = t(2, 3, 4, 8, device=device), t(4, 8, 5, device=device), t(4, 5, device=device)
         torch.testing.assert_close(ops.per_head_proj(x, W, b), ref.per_head_proj(x, W, b))

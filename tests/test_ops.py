@@ -100,6 +100,38 @@ def make_mask(kind, B, H, S, K, *, dtype, device):
     return m.expand(B, 1, S, K) if kind == "add4d_bcast" else m
 
 
+ALIBI_KINDS = [
+    "per_batch",  # [B, H, K] in q's dtype: Bloom's per-row positions (cumsum of the padding mask)
+    "b1",  # [1, H, K] in q's dtype, broadcast over the batch
+    "heads1_fp32",  # [B, 1, K] float32 whatever q's dtype
+    "expanded",  # [1, H, K] expanded to [B, H, K]: stride 0 over the batch
+    "strided",  # [B, H, K] float64 read through strides (transposed storage, every other key)
+]
+
+
+def make_alibi(kind, B, H, K, *, dtype, device):
+    """A per-key ALiBi bias [B or 1, H or 1, K] of the given kind: -slope_h * position_j as Bloom builds
+    it, the positions of batch row b offset by b (as a left-padded row's would be)."""
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
+    pos = torch.arange(K).view(1, 1, K) - torch.arange(B).view(B, 1, 1)  # [B, 1, K]
+    full = slopes.view(1, H, 1) * pos  # [B, H, K]
+    if kind == "per_batch":
+        return full.to(device=device, dtype=dtype)
+    if kind == "b1":
+        return full[:1].to(device=device, dtype=dtype)
+    if kind == "heads1_fp32":
+        return (0.3 * pos).to(device=device, dtype=torch.float32)
+    if kind == "expanded":
+        return full[:1].to(device=device, dtype=dtype).expand(B, H, K)
+    if kind == "strided":
+        a = torch.zeros(2 * K, H, B, dtype=torch.float64)
+        a[::2] = full.permute(2, 1, 0)
+        a = a.to(device).permute(2, 1, 0)[..., ::2]
+        assert not a.is_contiguous() and a.shape == (B, H, K)
+        return a
+    raise AssertionError(kind)
+
+
 # --------------------------------------------------------------------------------------------------
 # split_qkv / pack_qkv: pure data movement, so exact equality.
 
@@ -289,20 +321,21 @@ def test_per_head_proj_broadcast_does_not_materialize_copies(device):
 # attention
 
 
-def attention_refs(q, k, v, *, scale, causal, mask):
+def attention_refs(q, k, v, *, scale, causal, mask, alibi=None):
     """(float64 reference, reference in q's own dtype), each (z, lse, pattern)."""
-    hi = ref.attention(q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True)
-    lo = ref.attention(q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True, compute_dtype=q.dtype)
+    kw = dict(scale=scale, causal=causal, mask=mask, alibi=alibi, return_pattern=True)
+    hi = ref.attention(q, k, v, **kw)
+    lo = ref.attention(q, k, v, **kw, compute_dtype=q.dtype)
     return hi, lo
 
 
-def check_attention(q, k, v, *, causal, mask=None, scale=None):
+def check_attention(q, k, v, *, causal, mask=None, scale=None, alibi=None):
     """Runs ops.attention with and without the pattern and checks z, lse and pattern against the
     reference by the tolerance rule, lse = -inf exactly on rows with no visible key, no NaN anywhere.
     Returns the kernel's (z, lse, pattern)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    (z_hi, lse_hi, p_hi), (z_lo, lse_lo, p_lo) = attention_refs(q, k, v, scale=scale, causal=causal, mask=mask)
-    z, lse, pattern = ops.attention(q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True)
+    (z_hi, lse_hi, p_hi), (z_lo, lse_lo, p_lo) = attention_refs(q, k, v, scale=scale, causal=causal, mask=mask, alibi=alibi)
+    z, lse, pattern = ops.attention(q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True, alibi=alibi)
     B, S, H, Dh = q.shape
     K = k.shape[1]
     assert z.shape == (B, S, H, Dh) and z.dtype == q.dtype
@@ -311,7 +344,7 @@ def check_attention(q, k, v, *, causal, mask=None, scale=None):
     assert_close_by_rule(z, z_hi, z_lo, what="z")
     assert_close_by_rule(lse, lse_hi, lse_lo, what="lse")  # includes: -inf exactly where the reference has it
     assert_close_by_rule(pattern, p_hi, p_lo, what="pattern")
-    z2, lse2, none = ops.attention(q, k, v, scale=scale, causal=causal, mask=mask)
+    z2, lse2, none = ops.attention(q, k, v, scale=scale, causal=causal, mask=mask, alibi=alibi)
     assert none is None
     assert_close_by_rule(z2, z_hi, z_lo, what="z (return_pattern=False)")
     assert_close_by_rule(lse2, lse_hi, lse_lo, what="lse (return_pattern=False)")
@@ -452,6 +485,106 @@ def test_attention_reads_any_strides(device):
 
 
 # --------------------------------------------------------------------------------------------------
+# ALiBi: a per-key bias [B or 1, H or 1, K], the same for every query position
+
+
+# (alibi kind, mask kind): every alibi kind, with no mask, 2-D padding and 4-D additive masks.
+ALIBI_MASKS = [
+    ("per_batch", "none"),
+    ("b1", "bool2d"),
+    ("heads1_fp32", "add4d_b1"),
+    ("expanded", "add4d_bh"),
+    ("strided", "alibi_hidden"),
+    ("per_batch", "int2d"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("alibi_kind,mask_kind", ALIBI_MASKS, ids=[f"{a}-{m}" for a, m in ALIBI_MASKS])
+def test_attention_alibi(alibi_kind, mask_kind, causal, dtype, device):
+    B, S, K, H, Hkv, Dh = 2, 17, 40, 12, 4, 32
+    q, k, v = qkv_views(B, S, K, H, Hkv, Dh, dtype=dtype, device=device)
+    mask = make_mask(mask_kind, B, H, S, K, dtype=dtype, device=device)
+    alibi = make_alibi(alibi_kind, B, H, K, dtype=dtype, device=device)
+    _, lse, pattern = check_attention(q, k, v, causal=causal, mask=mask, alibi=alibi)
+    # ALiBi hides nothing: the visible keys are those of causal and mask alone, each with weight > 0.
+    vis = ref.visible_keys(B, H, S, K, causal=causal, mask=mask, device=q.device).expand(B, H, S, K)
+    assert (pattern[~vis] == 0).all()
+    assert torch.equal(torch.isfinite(lse), vis.any(-1))
+    if dtype == torch.float64:
+        assert (pattern[vis] > 0).all()
+
+
+# Tails and head groupings with ALiBi: decode, GQA/MQA, K > S, K < S (rows that see nothing), Dh 80.
+ALIBI_SHAPES = [
+    Shape(2, 1, 24, 12, 12, 32, True, "none"),
+    Shape(1, 89, 112, 12, 4, 32, True, "bool2d"),
+    Shape(1, 130, 300, 12, 1, 64, False, "none"),
+    Shape(1, 150, 20, 4, 2, 32, True, "none"),
+    Shape(2, 17, 17, 12, 12, 80, True, "add4d_bcast"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ALIBI_SHAPES, ids=str)
+def test_attention_alibi_shapes(shape, dtype, device):
+    c = shape
+    q, k, v = qkv_views(c.B, c.S, c.K, c.H, c.Hkv, c.Dh, dtype=dtype, device=device)
+    mask = make_mask(c.mask, c.B, c.H, c.S, c.K, dtype=dtype, device=device)
+    alibi = make_alibi("per_batch", c.B, c.H, c.K, dtype=dtype, device=device)
+    check_attention(q, k, v, causal=c.causal, mask=mask, alibi=alibi)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_alibi_equals_the_same_bias_as_a_4d_mask(dtype, device):
+    """alibi [B, H, K] gives the same result as the additive mask alibi[:, :, None, :] expanded to
+    [B, H, S, K] (which is how Bloom applies it), without any [B, H, S, K] buffer."""
+    B, S, K, H, Hkv, Dh = 2, 17, 40, 4, 2, 32
+    q, k, v = qkv_views(B, S, K, H, Hkv, Dh, dtype=dtype, device=device)
+    alibi = make_alibi("per_batch", B, H, K, dtype=torch.float32, device=device)
+    z_a, lse_a, p_a = ops.attention(q, k, v, scale=Dh**-0.5, causal=True, alibi=alibi, return_pattern=True)
+    as_mask = alibi[:, :, None, :].expand(B, H, S, K)
+    z_m, lse_m, p_m = ops.attention(q, k, v, scale=Dh**-0.5, causal=True, mask=as_mask, return_pattern=True)
+    torch.testing.assert_close(z_a, z_m)
+    torch.testing.assert_close(lse_a, lse_m)
+    torch.testing.assert_close(p_a, p_m)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("S", [1, 6])
+def test_attention_alibi_ignores_nan_cache_slots(S, dtype, device):
+    """The NaN-filled-cache-slot rule with ALiBi: k, v and the alibi bias are windows [.., :L] of
+    preallocated buffers whose slots past L hold NaN; nothing past L is read, the result has no NaN."""
+    B, H, Hkv, Dh, capacity, L = 2, 12, 4, 64, 64, 37
+    k_cache = torch.full((B, Hkv, capacity, Dh), float("nan"), dtype=dtype, device=device)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k_cache[:, :, :L] = rand(B, Hkv, L, Dh, dtype=dtype, device=device)
+    v_cache[:, :, :L] = rand(B, Hkv, L, Dh, dtype=dtype, device=device)
+    alibi_buf = torch.full((B, H, capacity), float("nan"), device=device)
+    alibi_buf[:, :, :L] = make_alibi("per_batch", B, H, L, dtype=torch.float32, device=device)
+    k, v, alibi = k_cache[:, :, :L].transpose(1, 2), v_cache[:, :, :L].transpose(1, 2), alibi_buf[:, :, :L]
+    q, _, _ = qkv_views(B, S, S, H, Hkv, Dh, dtype=dtype, device=device)
+    mask = torch.ones(B, L, dtype=torch.bool, device=device)
+    mask[1, :4] = False
+    for causal, m in ((True, None), (True, mask), (False, mask)):
+        z, lse, pattern = check_attention(q, k, v, causal=causal, mask=m, alibi=alibi)
+        assert not torch.isnan(z).any() and not torch.isnan(pattern).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_alibi_fully_masked_rows_are_zero(dtype, device):
+    """Left padding with causal and ALiBi: rows that see no key give zeros and lse = -inf, never NaN."""
+    B, S, H, Hkv, Dh, pad = 2, 17, 4, 2, 32, 5
+    q, k, v = qkv_views(B, S, S, H, Hkv, Dh, dtype=dtype, device=device)
+    mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    mask[1, :pad] = False
+    alibi = make_alibi("per_batch", B, H, S, dtype=dtype, device=device)
+    z, lse, pattern = check_attention(q, k, v, causal=True, mask=mask, alibi=alibi)
+    assert (z[1, :pad] == 0).all() and (pattern[1, :, :pad] == 0).all() and torch.isneginf(lse[1, :, :pad]).all()
+
+
+# --------------------------------------------------------------------------------------------------
 # the split form: attn_scores -> attn_softmax -> attn_apply
 
 
@@ -485,6 +618,55 @@ def test_split_form_equals_fused_attention(mask_kind, dtype, device):
     if mask_kind == "leftpad2d":
         assert empty[1, :, :3].all() and not torch.isnan(pattern).any() and not torch.isnan(z).any()
         assert (z.permute(0, 2, 1, 3)[empty] == 0).all() and (z_f.permute(0, 2, 1, 3)[empty] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("alibi_kind,mask_kind", [("per_batch", "none"), ("b1", "leftpad2d"), ("heads1_fp32", "add4d_bh")])
+def test_split_form_with_alibi(alibi_kind, mask_kind, dtype, device):
+    """attn_scores adds the ALiBi bias as the fused op does: scores, softmax and pattern·V equal the
+    reference and the fused op with the same bias."""
+    B, S, K, H, Hkv, Dh = 2, 17, 23, 12, 4, 32
+    q, k, v = qkv_views(B, S, K, H, Hkv, Dh, dtype=dtype, device=device)
+    if mask_kind == "leftpad2d":
+        mask = torch.ones(B, K, dtype=torch.bool, device=device)
+        mask[1, :9] = False  # with causal and K - S = 6, row 1's first 3 queries see nothing
+    else:
+        mask = make_mask(mask_kind, B, H, S, K, dtype=dtype, device=device)
+    alibi = make_alibi(alibi_kind, B, H, K, dtype=dtype, device=device)
+    scale, causal = Dh**-0.5, True
+    scores = ops.attn_scores(q, k, scale=scale, causal=causal, mask=mask, alibi=alibi)
+    vis = ref.visible_keys(B, H, S, K, causal=causal, mask=mask, device=q.device).expand(B, H, S, K)
+    assert (scores[~vis] == torch.finfo(dtype).min).all()
+    s_hi = ref.attn_scores(q, k, scale=scale, causal=causal, mask=mask, alibi=alibi)
+    s_lo = ref.attn_scores(q, k, scale=scale, causal=causal, mask=mask, alibi=alibi, compute_dtype=dtype)
+    assert_close_by_rule(scores[vis], s_hi[vis], s_lo[vis], what="attn_scores with alibi")
+    pattern = ops.attn_softmax(scores)
+    z = ops.attn_apply(pattern, v)
+    (z_hi, _, p_hi), (z_lo, _, p_lo) = attention_refs(q, k, v, scale=scale, causal=causal, mask=mask, alibi=alibi)
+    assert_close_by_rule(pattern, p_hi, p_lo, what="split-form pattern with alibi")
+    assert_close_by_rule(z, z_hi, z_lo, what="split-form z with alibi")
+    # float32 scores (what reorder_and_upcast_attn asks for): from the same inputs, float32 rounding only
+    s32 = ops.attn_scores(q, k, scale=scale, causal=causal, mask=mask, alibi=alibi, dtype=torch.float32)
+    assert s32.dtype == torch.float32
+    s64 = ref.attn_scores(q.double(), k.double(), scale=scale, causal=causal, mask=mask, alibi=alibi)  # not rounded to q's dtype
+    torch.testing.assert_close(s32[vis].double(), s64[vis], atol=1e-4, rtol=0)
+
+
+def test_split_form_alibi_gradient(device):
+    """attn_scores is composed of ATen ops: gradients reach alibi (summed over query positions and over
+    the batch for a [1, H, K] bias) and equal the fused op's."""
+    B, S, K, H, Hkv, Dh = 2, 5, 7, 4, 2, 8
+    q, k, v = (_req(t) for t in qkv_views(B, S, K, H, Hkv, Dh, dtype=f64, device=device))
+    alibi = _req(make_alibi("b1", B, H, K, dtype=f64, device=device))
+    scores = ops.attn_scores(q, k, scale=0.5, causal=True, alibi=alibi)
+    z_split = ops.attn_apply(ops.attn_softmax(scores), v)
+    z_fused, _, _ = ops.attention(q, k, v, scale=0.5, causal=True, alibi=alibi)
+    g = rand(B, S, H, Dh, dtype=f64, device=device)
+    got = torch.autograd.grad(z_split, (q, k, v, alibi), g)
+    want = torch.autograd.grad(z_fused, (q, k, v, alibi), g)
+    for name, a, b in zip(("q", "k", "v", "alibi"), got, want):
+        torch.testing.assert_close(a, b, msg=lambda m: f"d{name}: {m}")
+    assert got[3].shape == (1, H, K)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -552,12 +734,18 @@ def opcheck_cases(device):
     x = _req(rand(2, 4, 3, 8, dtype=f64, device=device)).transpose(1, 2)  # [B, S, n, D], heads-major storage
     k_cache, v_cache = rand(2, 2, 10, 4, device=device), rand(2, 2, 10, 4, device=device)
     _, k_new, v_new = qkv_views(2, 3, 3, 2, 2, 4, dtype=torch.float32, device=device)
+    alibi = _req(make_alibi("per_batch", B, H, K, dtype=f64, device=device))
+    alibi_b1_fp32 = make_alibi("b1", B, H, K, dtype=torch.float32, device=device)
+    alibi_expanded = make_alibi("expanded", B, H, K, dtype=f64, device=device)
     return [
         ("attention-causal-nomask", attn, (q, k, v, None, 0.35, True, False)),
         ("attention-pattern-pad2d", attn, (q, k, v, pad, 0.35, False, True)),
         ("attention-pattern-add4d-grad", attn, (q, k, v, add_b1, 0.35, True, True)),
         ("attention-alibi-hidden", attn, (q, k, v, add_bh, 0.35, False, False)),
         ("attention-bf16-pattern", attn, (qh, kh, vh, pad, 0.35, True, True)),
+        ("attention-alibi-add4d-grad", attn, (q, k, v, add_b1, 0.35, True, True, alibi)),
+        ("attention-alibi-pad2d-expanded", attn, (q, k, v, pad, 0.35, False, False, alibi_expanded)),
+        ("attention-alibi-bf16-fp32-bias", attn, (qh, kh, vh, None, 0.35, True, True, alibi_b1_fp32)),
         ("split_qkv-grouped-conv1d", torch.ops.pyqkv.split_qkv.default, (w, 4, 2, 2, "grouped", True)),
         ("split_qkv-blocked-linear", torch.ops.pyqkv.split_qkv.default, (wl, 4, 2, 2, "blocked", False)),
         ("pack_qkv-grouped-linear", torch.ops.pyqkv.pack_qkv.default, (*Ws, "grouped", False)),
@@ -573,6 +761,9 @@ OPCHECK_IDS = [
     "attention-pattern-add4d-grad",
     "attention-alibi-hidden",
     "attention-bf16-pattern",
+    "attention-alibi-add4d-grad",
+    "attention-alibi-pad2d-expanded",
+    "attention-alibi-bf16-fp32-bias",
     "split_qkv-grouped-conv1d",
     "split_qkv-blocked-linear",
     "pack_qkv-grouped-linear",
@@ -676,6 +867,56 @@ def test_gradcheck_attention_full_jacobian(device):
         return _finite_lse(*ops.attention(q, k, v, scale=0.5, causal=True, mask=mask, return_pattern=True))
 
     assert torch.autograd.gradcheck(fn, (q, k, v, mask))
+
+
+ALIBI_GRAD_CASES = {
+    # id: (S, K, H, Hkv, causal, mask kind, alibi kind, return_pattern)
+    "gqa-causal-K>S-per_batch": (3, 5, 4, 2, True, "none", "per_batch", False),
+    "gqa-causal-b1-pattern-lse": (3, 5, 4, 2, True, "none", "b1", True),
+    "mha-pad2d-heads1-pattern": (4, 4, 2, 2, False, "bool2d", "heads1", True),
+    "mqa-add4d-per_batch-pattern": (3, 6, 4, 1, True, "add4d_b1", "per_batch", True),
+    "fully-masked-row-b1": (4, 4, 4, 2, True, "leftpad", "b1", True),
+}
+
+
+@pytest.mark.parametrize("case_id", list(ALIBI_GRAD_CASES))
+def test_gradcheck_attention_alibi(case_id, device):
+    """Gradients wrt q, k, v, alibi (and an additive 4-D mask) of every output; a broadcast alibi's
+    gradient sums over the dims it broadcasts over."""
+    S, K, H, Hkv, causal, mask_kind, alibi_kind, return_pattern = ALIBI_GRAD_CASES[case_id]
+    B, Dh = 2, 4
+    q, k, v = (_req(t) for t in qkv_views(B, S, K, H, Hkv, Dh, dtype=f64, device=device))
+    if mask_kind == "leftpad":
+        mask = torch.ones(B, K, dtype=torch.bool, device=device)
+        mask[1, :2] = False
+    else:
+        mask = make_mask(mask_kind, B, H, S, K, dtype=f64, device=device)
+    shape = {"per_batch": (B, H, K), "b1": (1, H, K), "heads1": (B, 1, K)}[alibi_kind]
+    alibi = _req(rand(*shape, dtype=f64, device=device))
+    inputs = [q, k, v, alibi]
+    if mask is not None and mask.dim() == 4:
+        inputs.append(_req(mask))
+
+    def fn(q, k, v, alibi, *m):
+        m = m[0] if m else mask
+        out = ops.attention(q, k, v, scale=0.5, causal=causal, mask=m, return_pattern=return_pattern, alibi=alibi)
+        return _finite_lse(*out) if return_pattern else _finite_lse(*out)[:2]
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs), fast_mode=True)
+
+
+def test_gradcheck_attention_alibi_full_jacobian(device):
+    """One tiny case with the full Jacobian: GQA, causal with K > S, a [1, H, K] alibi and a per-head
+    additive mask, every output."""
+    B, S, K, H, Hkv, Dh = 2, 2, 3, 2, 1, 3
+    q, k, v = (_req(t) for t in qkv_views(B, S, K, H, Hkv, Dh, dtype=f64, device=device))
+    mask = _req(make_mask("alibi_hidden", B, H, S, K, dtype=f64, device=device))
+    alibi = _req(rand(1, H, K, dtype=f64, device=device))
+
+    def fn(q, k, v, mask, alibi):
+        return _finite_lse(*ops.attention(q, k, v, scale=0.5, causal=True, mask=mask, return_pattern=True, alibi=alibi))
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, mask, alibi))
 
 
 def test_fully_masked_row_has_zero_gradient(device):

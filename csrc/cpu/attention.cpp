@@ -1,6 +1,6 @@
-// attention on CPU: blocked over keys with an online softmax (one pass over K and V), scale, mask and
-// bottom-right causal fused, parallel over batch x KV heads x query blocks. No [B,H,S,K] buffer exists
-// unless the pattern is asked for.
+// attention on CPU: blocked over keys with an online softmax (one pass over K and V), scale, masks, the
+// ALiBi per-key bias and bottom-right causal fused, parallel over batch x KV heads x query blocks. No
+// [B,H,S,K] buffer exists unless the pattern is asked for.
 //
 // Per task, the query rows of all H/Hkv query heads that share one KV head are stacked into one block,
 // so each K/V block is read once for the whole group (GQA/MQA without repeating K/V). The two block
@@ -180,6 +180,7 @@ template <typename scalar_t>
 void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& pad,   // [B, K] bool, or undefined
                       const at::Tensor& bias,  // [B|1, 1|H, S, K] in acc_t, or undefined
+                      const at::Tensor& alibi, // [B|1, H|1, K] in acc_t, or undefined
                       double hidden_below, double scale_d, bool causal, const AttnDims& dims,
                       at::Tensor& z, at::Tensor& lse, at::Tensor& pattern) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -200,6 +201,10 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t mb_s = bias.defined() ? (bias.size(0) == 1 ? 0 : bias.stride(0)) : 0;
   const int64_t mh_s = bias.defined() ? (bias.size(1) == 1 ? 0 : bias.stride(1)) : 0;
   const int64_t ms_s = bias.defined() ? bias.stride(2) : 0, mk_s = bias.defined() ? bias.stride(3) : 0;
+  const acc_t* alibip = alibi.defined() ? alibi.data_ptr<acc_t>() : nullptr;
+  const int64_t ab_s = alibi.defined() && alibi.size(0) != 1 ? alibi.stride(0) : 0;
+  const int64_t ah_s = alibi.defined() && alibi.size(1) != 1 ? alibi.stride(1) : 0;
+  const int64_t ak_s = alibi.defined() ? alibi.stride(2) : 0;
   scalar_t* zp = z.data_ptr<scalar_t>();                                         // [B, S, H, Dh]
   acc_t* lsep = lse.data_ptr<acc_t>();                                            // [B, H, S]
   scalar_t* patp = pattern.defined() ? pattern.data_ptr<scalar_t>() : nullptr;  // [B, H, S, K]
@@ -269,6 +274,14 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t g = r / nq, i = i0 + r % nq, h = hk * G + g;
           acc_t* srow = sc.data() + r * key_block;
+          if (alibip) {  // a per-key bias, the same for every query position; masks below still hide
+            const acc_t* arow = alibip + b * ab_s + h * ah_s + j0 * ak_s;
+            if (ak_s == 1) {
+              for (int64_t c = 0; c < nk; ++c) srow[c] += arow[c];
+            } else {
+              for (int64_t c = 0; c < nk; ++c) srow[c] += arow[c * ak_s];
+            }
+          }
           if (needs_causal) {  // keys after K - S + i are hidden for this row
             const int64_t first_hidden = std::max<int64_t>(0, causal_offset + i + 1 - j0);
             for (int64_t c = first_hidden; c < nk; ++c) srow[c] = neg_inf;
@@ -347,8 +360,9 @@ at::Tensor empty_pattern(at::IntArrayRef sizes, const at::TensorOptions& options
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const c10::optional<at::Tensor>& mask,
-                                                             double scale, bool causal, bool return_pattern) {
-  const AttnDims d = check_attention(q, k, v, mask);
+                                                             double scale, bool causal, bool return_pattern,
+                                                             const c10::optional<at::Tensor>& alibi) {
+  const AttnDims d = check_attention(q, k, v, mask, alibi);
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor z = at::empty({d.B, d.S, d.H, d.Dh}, q.options());
   at::Tensor lse = at::empty({d.B, d.H, d.S}, q.options().dtype(acc_dtype));
@@ -370,9 +384,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q
     // often expanded views); other dtypes are converted once.
     bias = mask->scalar_type() == acc_dtype ? *mask : mask->to(acc_dtype);
   }
+  const at::Tensor alibi_acc = alibi_in(alibi, acc_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_cpu", [&] {
     at::Tensor pat = return_pattern ? pattern : at::Tensor();
-    attention_kernel<scalar_t>(q, k, v, pad, bias, hidden, scale, causal, d, z, lse, pat);
+    attention_kernel<scalar_t>(q, k, v, pad, bias, alibi_acc, hidden, scale, causal, d, z, lse, pat);
   });
   return {z, lse, pattern};
 }

@@ -81,11 +81,12 @@ void launch_simt(const Params& p, const Plan& plan, const at::Tensor& q, cudaStr
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, const c10::optional<at::Tensor>& mask,
-                                                              double scale, bool causal, bool return_pattern) {
-  check_attention(q, k, v, mask);  // first, as on CPU: a device mismatch is reported by name
+                                                              double scale, bool causal, bool return_pattern,
+                                                              const c10::optional<at::Tensor>& alibi) {
+  check_attention(q, k, v, mask, alibi);  // first, as on CPU: a device mismatch is reported by name
   TORCH_CHECK_VALUE(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());  // outputs, mask copies and kernels on q's device
-  const attn::Prepared r = attn::prepare_attention(q, k, v, mask, scale, causal, return_pattern);
+  const attn::Prepared r = attn::prepare_attention(q, k, v, mask, scale, causal, return_pattern, alibi);
   if (r.done) return {r.z, r.lse, r.pattern};
   const Params& p = r.p;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();

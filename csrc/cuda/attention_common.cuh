@@ -22,6 +22,8 @@ struct Params {
   const bool* pad;   // [B, K] contiguous, true = attend; nullptr without a padding mask
   const void* bias;  // additive [B|1, 1|H, S, K] in the accumulation dtype; nullptr without one
   int64_t m_sb, m_sh, m_ss, m_sk;  // its strides, 0 on broadcast dims
+  const void* alibi;  // per-key bias [B|1, H|1, K] in the accumulation dtype; nullptr without one
+  int64_t a_sb, a_sh, a_sk;  // its strides, 0 on broadcast dims
   double hidden;                   // bias entries at or below this are hidden (attention.h)
   double scale;
   int64_t B, S, H, Hkv, Dh, K;
@@ -48,13 +50,17 @@ __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 
 // The score of query i (0-based in this call) and key j given the scaled dot product, with every mask
-// applied as the CPU kernel does: bottom-right causal (query i sees keys 0 .. K - S + i), padding,
-// additive bias (entries <= hidden: weight exactly 0). Hidden entries are -inf. Needs i < S, j < K.
+// applied as the CPU kernel does: bottom-right causal (query i sees keys 0 .. K - S + i), padding, the
+// ALiBi per-key bias (added, never hiding), additive bias (entries <= hidden: weight exactly 0), in the
+// CPU's order: (scale * q.k + alibi) + mask. Hidden entries are -inf. Needs i < S, j < K. Every kernel
+// and the pattern pass score through here, so they all see the same numbers.
 template <typename acc_t>
 __device__ __forceinline__ acc_t masked_score(const Params& p, acc_t s, int64_t b, int64_t h, int64_t i,
                                               int64_t j) {
   if (p.causal && j > p.K - p.S + i) return neg_inf<acc_t>();
   if (p.pad != nullptr && !p.pad[b * p.K + j]) return neg_inf<acc_t>();
+  if (p.alibi != nullptr)
+    s = add_rn(s, static_cast<const acc_t*>(p.alibi)[b * p.a_sb + h * p.a_sh + j * p.a_sk]);
   if (p.bias != nullptr) {
     const acc_t add = static_cast<const acc_t*>(p.bias)[b * p.m_sb + h * p.m_sh + i * p.m_ss + j * p.m_sk];
     if (!(add > static_cast<acc_t>(p.hidden))) return neg_inf<acc_t>();  // NaN counts as hidden, as on CPU

@@ -18,16 +18,16 @@ namespace attn {
 struct Prepared {
   AttnDims d;
   at::Tensor z, lse, pattern;  // the op's outputs
-  at::Tensor pad, bias;        // prepared masks (kept alive while the kernels run)
+  at::Tensor pad, bias, alibi; // prepared masks and bias (kept alive while the kernels run)
   Params p;
   bool done = false;           // the outputs are final already (empty problem or no keys)
 };
 
 inline Prepared prepare_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const c10::optional<at::Tensor>& mask, double scale, bool causal,
-                                  bool return_pattern) {
+                                  bool return_pattern, const c10::optional<at::Tensor>& alibi) {
   Prepared r;
-  r.d = check_attention(q, k, v, mask);
+  r.d = check_attention(q, k, v, mask, alibi);
   const AttnDims& d = r.d;
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   r.z = at::empty({d.B, d.S, d.H, d.Dh}, q.options());
@@ -53,6 +53,7 @@ inline Prepared prepare_attention(const at::Tensor& q, const at::Tensor& k, cons
     // often expanded views); other dtypes are converted once.
     r.bias = mask->scalar_type() == acc_dtype ? *mask : mask->to(acc_dtype);
   }
+  r.alibi = alibi_in(alibi, acc_dtype);
 
   Params& p = r.p;
   p = Params{};
@@ -69,6 +70,12 @@ inline Prepared prepare_attention(const at::Tensor& q, const at::Tensor& k, cons
     p.m_sh = r.bias.size(1) == 1 ? 0 : r.bias.stride(1);
     p.m_ss = r.bias.stride(2);
     p.m_sk = r.bias.stride(3);
+  }
+  p.alibi = r.alibi.defined() ? r.alibi.data_ptr() : nullptr;
+  if (r.alibi.defined()) {
+    p.a_sb = r.alibi.size(0) == 1 ? 0 : r.alibi.stride(0);
+    p.a_sh = r.alibi.size(1) == 1 ? 0 : r.alibi.stride(1);
+    p.a_sk = r.alibi.stride(2);
   }
   p.hidden = hidden;
   p.scale = scale;

@@ -75,10 +75,10 @@ std::string describe(const Plan& plan) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::string> emulate_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
-    double scale, bool causal, bool return_pattern, int64_t sm_major, int64_t max_smem, int64_t n_sms,
-    int64_t order, int64_t seed) {
-  pyqkv::check_attention(q, k, v, mask);
-  Prepared r = prepare_attention(q, k, v, mask, scale, causal, return_pattern);
+    double scale, bool causal, bool return_pattern, const c10::optional<at::Tensor>& alibi, int64_t sm_major,
+    int64_t max_smem, int64_t n_sms, int64_t order, int64_t seed) {
+  pyqkv::check_attention(q, k, v, mask, alibi);
+  Prepared r = prepare_attention(q, k, v, mask, scale, causal, return_pattern, alibi);
   if (r.done) return {r.z, r.lse, r.pattern, "early exit"};
   const Plan plan = plan_attention(plan_inputs(r, q, k, v, return_pattern, static_cast<int>(sm_major),
                                                static_cast<size_t>(max_smem), static_cast<int>(n_sms)));
@@ -135,5 +135,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::string> emulate_attention(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &emulate_attention,
         "pyqkv's CUDA attention kernels run on CPU threads: (q, k, v, mask, scale, causal, return_pattern, "
-        "sm_major, max_smem, n_sms, order 0/1/2 = forward/reverse/shuffled, seed) -> (z, lse, pattern, plan)");
+        "alibi, sm_major, max_smem, n_sms, order 0/1/2 = forward/reverse/shuffled, seed) -> (z, lse, pattern, plan)");
 }
