@@ -25,6 +25,12 @@ TORCH_LIBRARY(pyqkv, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
         " bool return_pattern, Tensor? alibi=None) -> (Tensor, Tensor, Tensor)");
 
+  // RoPE on the first R features of every head: x [B,S,n,Dh] (any strides), cos/sin [B|1,S,R] (any
+  // float dtype), R even, R <= Dh. out = x*cos + rotate(x)*sin in float32 (float64 for float64 x),
+  // rotate = rotate_half, or rotate_every_two when interleaved (GPT-J, CodeGen); features R.. pass
+  // through. Returns a new contiguous [B,S,n,Dh] in x's dtype.
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor");
+
   // Writes k_new/v_new [B,S,Hkv,Dh] into caches [B,Hkv,capacity,Dh] at positions start..start+S-1.
   m.def("kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, int start) -> ()");
 }

@@ -396,6 +396,96 @@ def attn_apply(pattern, v):
 
 
 # --------------------------------------------------------------------------------------------------
+# rotary
+
+
+def rotary(x, cos, sin, *, interleaved: bool = False):
+    """RoPE on the first R features of every head, with Hugging Face's formula. Returns a new [B, S, n, Dh].
+
+    x: [B, S, n, Dh], any strides (usually a view of the fused QKV projection), any float dtype.
+    cos, sin: [B or 1, S, R] or [S, R], any float dtype (float32 tables with bfloat16 x are fine) and
+    strides; R even, R <= Dh (R < Dh: partial rotary, features R .. Dh-1 pass through unchanged). The
+    same table serves all n heads, and all B batch rows when its dim 0 is 1.
+
+        out[..., :R] = x[..., :R] * cos + rotate(x[..., :R]) * sin
+
+    interleaved=False, rotate_half (GPT-NeoX, Llama, Phi-3, Falcon): [x1, x2] -> [-x2, x1], halves of R/2.
+    interleaved=True, rotate_every_two (GPT-J, CodeGen): (x[2i], x[2i+1]) -> (-x[2i+1], x[2i]); CodeGen's
+    half-width tables are passed repeat_interleave'd to width R.
+    Computed in float32 (float64 for float64 x), rounded once to x's dtype. Contiguous output.
+    """
+    if isinstance(cos, torch.Tensor) and cos.dim() == 2:
+        cos = cos.unsqueeze(0)
+    if isinstance(sin, torch.Tensor) and sin.dim() == 2:
+        sin = sin.unsqueeze(0)
+    return _ops.rotary(x, cos, sin, bool(interleaved))
+
+
+@torch.library.register_fake("pyqkv::rotary")
+def _rotary_fake(x, cos, sin, interleaved):
+    torch._check(x.dim() == 4, lambda: f"x: expected a 4-D tensor [B, S, n, Dh], got {list(x.shape)}")
+    torch._check(
+        cos.dim() == 3 and sin.shape == cos.shape,
+        lambda: f"cos, sin: expected [B or 1, S, R], got {list(cos.shape)}, {list(sin.shape)}",
+    )
+    B, S, n, Dh = x.shape
+    R = cos.shape[2]
+    torch._check(cos.shape[0] in (1, B) and cos.shape[1] == S, lambda: f"cos: expected [{B} or 1, {S}, R], got {list(cos.shape)}")
+    torch._check(R % 2 == 0 and 0 < R <= Dh, lambda: f"cos: expected an even R with 0 < R <= Dh={Dh}, got R={R}")
+    return x.new_empty(B, S, n, Dh)
+
+
+def _rotate(x, interleaved: bool):
+    """rotate_every_two or rotate_half over the last dim (the reference's, in ATen for the backward)."""
+    if interleaved:
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _partner(t, interleaved: bool):
+    """t with each feature moved to its rotation partner's place, no sign: pairs swapped, or halves."""
+    if interleaved:
+        return torch.stack((t[..., 1::2], t[..., 0::2]), dim=-1).flatten(-2)
+    half = t.shape[-1] // 2
+    return torch.cat((t[..., half:], t[..., :half]), dim=-1)
+
+
+def _rotary_setup(ctx, inputs, output):
+    x, cos, sin, interleaved = inputs
+    ctx.interleaved = interleaved
+    ctx.save_for_backward(x, cos, sin)
+
+
+def _rotary_backward(ctx, grad):
+    """The rotation is linear in x: out = x ⊙ cos + M x ⊙ sin with M the signed partner swap, Mᵀ = −M.
+    So dx = g ⊙ cos − M (g ⊙ sin), which is the op itself with sin' = −partner(sin) (M(g ⊙ sin) =
+    M g ⊙ partner(sin)); features past R get g unchanged. dcos = Σ_heads g ⊙ x, dsin = Σ_heads g ⊙ M x,
+    also summed over the batch when the table broadcasts over it."""
+    x, cos, sin = ctx.saved_tensors
+    R = cos.shape[-1]
+    gx = gcos = gsin = None
+    if ctx.needs_input_grad[0]:
+        gx = _ops.rotary(grad, cos, -_partner(sin, ctx.interleaved), ctx.interleaved)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        acc = _acc_dtype(x.dtype)
+        g, xr = grad[..., :R].to(acc), x[..., :R].to(acc)
+
+        def reduce(t, like):  # [B, S, n, R] -> like's shape [B or 1, S, R]
+            t = t.sum(dim=2)
+            return (t.sum(dim=0, keepdim=True) if like.shape[0] == 1 else t).to(like.dtype)
+
+        if ctx.needs_input_grad[1]:
+            gcos = reduce(g * xr, cos)
+        if ctx.needs_input_grad[2]:
+            gsin = reduce(g * _rotate(xr, ctx.interleaved), sin)
+    return gx, gcos, gsin, None
+
+
+torch.library.register_autograd("pyqkv::rotary", _rotary_backward, setup_context=_rotary_setup)
+
+
+# --------------------------------------------------------------------------------------------------
 # kv_append
 
 

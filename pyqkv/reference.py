@@ -182,3 +182,40 @@ def attn_scores(q, k, *, scale, causal, mask=None, alibi=None, compute_dtype=tor
     vis = visible_keys(B, H, S, K, causal=causal, mask=mask, device=q.device)
     return scores.to(q.dtype).masked_fill(~vis, torch.finfo(q.dtype).min)
 
+
+def rotate_half(x):
+    """GPT-NeoX / Llama: [x1, x2] -> [-x2, x1] over the last dim, halves of width R/2."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate_every_two(x):
+    """GPT-J / CodeGen: pairs (x[2i], x[2i+1]) -> (-x[2i+1], x[2i])."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def rotary(x, cos, sin, *, interleaved=False, compute_dtype=None):
+    """RoPE on the first R features of every head, Hugging Face's formula; features R .. Dh-1 pass through.
+
+    x [B,S,n,Dh]; cos, sin [B or 1, S, R] or [S, R] (full width R: HF's tables, or CodeGen's half-width
+    ones repeat_interleave'd), R even, R <= Dh. Broadcast over the n heads (and over B when their dim 0
+    is 1):
+
+        out[..., :R] = x[..., :R] * cos + rotate(x[..., :R]) * sin
+
+    with rotate = rotate_half (interleaved=False) or rotate_every_two (interleaved=True). Returns
+    [B,S,n,Dh] in x's dtype. compute_dtype: the dtype the products and the sum run in (default float64,
+    the truth); the tests also run it in x's own dtype, which is exactly what Hugging Face does.
+    """
+    compute_dtype = torch.float64 if compute_dtype is None else compute_dtype
+    if cos.dim() == 2:
+        cos = cos.unsqueeze(0)
+    if sin.dim() == 2:
+        sin = sin.unsqueeze(0)
+    R = cos.shape[-1]
+    x_rot = x[..., :R].to(compute_dtype)
+    c = cos.to(compute_dtype).unsqueeze(2)  # [B or 1, S, 1, R]: the same for every head
+    s = sin.to(compute_dtype).unsqueeze(2)
+    rotate = rotate_every_two if interleaved else rotate_half
+    out = x_rot * c + rotate(x_rot) * s
+    return torch.cat((out.to(x.dtype), x[..., R:]), dim=-1)

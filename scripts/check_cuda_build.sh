@@ -23,7 +23,7 @@ VENV=$ROOT/.venv-cuda
 TORCH_PIN=torch==2.14.0
 OUT=$ROOT/build/cuda-check
 ARCHS=${TORCH_CUDA_ARCH_LIST:-9.0}  # one arch keeps the CI build short; setup.py's default has more
-OPS="split_qkv pack_qkv per_head_proj attention kv_append"
+OPS="split_qkv pack_qkv per_head_proj attention kv_append rotary"
 
 if [ "${PYQKV_CUDA_CHECK:-1}" = "0" ]; then
   echo "cuda-build-check: skipped (PYQKV_CUDA_CHECK=0)"

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Runs pyqkv's CUDA attention kernels on the CPU, on the cases of scripts/cuda_smoke.py.
+"""Runs pyqkv's CUDA attention and rotary kernels on the CPU, on the cases of scripts/cuda_smoke.py.
 
-For machines without a GPU: the kernels (csrc/cuda/attention_*.cuh), the host preparation and the plan
-(csrc/cuda/attention_host.cuh, attention_plan.cuh) are compiled by g++ against stand-in CUDA headers
-(scripts/cuda_emulate/shim) and run one CTA at a time, each CTA's threads as coroutines that switch at
-barriers (scripts/cuda_emulate/emu_runtime.h). This checks the kernels' indexing, masking, ALiBi bias,
-tiling, online softmax, Flash-Decoding splits and pattern pass against the oracle, under several
-simulated GPUs (so that every kernel path and tile size is taken) and thread orders (so that a missing
-barrier shows). It says nothing about speed, real-hardware races, or the CUDA launch code in
-attention.cu.
+For machines without a GPU: the kernels (csrc/cuda/attention_*.cuh, rotary.cuh), the host preparation
+and the plan (csrc/cuda/attention_host.cuh, attention_plan.cuh) are compiled by g++ against stand-in
+CUDA headers (scripts/cuda_emulate/shim) and run one CTA at a time, each CTA's threads as coroutines
+that switch at barriers (scripts/cuda_emulate/emu_runtime.h). This checks the attention kernels'
+indexing, masking, ALiBi bias, tiling, online softmax, Flash-Decoding splits and pattern pass against
+the oracle, under several simulated GPUs (so that every kernel path and tile size is taken) and thread
+orders (so that a missing barrier shows); and the rotary kernel's indexing, grid-stride loop and
+rounding. It says nothing about speed, real-hardware races, or the CUDA launch code in attention.cu
+and rotary.cu.
 
     python scripts/cuda_emulate.py [-k NAME] [--quick]
 
@@ -95,6 +96,33 @@ def main(argv=None):
                     failures += not ok
                     print(f"{'ok  ' if ok else 'FAIL'} {case.name} [{str(dtype)[6:]}, {dev_name}, {order_name}] "
                           f"{msg} ({plan[0] if plan else '-'}; {time.time() - t1:.1f}s)", flush=True)
+    # rotary: one kernel for every GPU; vary the dtype, and the grid (fewer CTAs than elements need runs
+    # the grid-stride loop; one CTA per 256 elements is the real launch of small inputs)
+    for case in cuda_smoke.rotary_cases():
+        if args.k not in f"rotary {case.name}":
+            continue
+        dtypes = case.dtypes[:2] if args.quick else case.dtypes
+        for dtype in dtypes:
+            for max_blocks in (3,) if args.quick else (3, 1 << 18):
+                total = case.B * case.S * case.n * case.Dh
+                if max_blocks > 3 and total > 16 * 256:
+                    continue  # a full-size grid of a large case: minutes of coroutine set-up, nothing new
+                launch = []
+
+                def run(x, cos, sin, interleaved):
+                    out, desc = emu.rotary(x, cos, sin, interleaved, max_blocks, ORDERS["shuffled"], 1234)
+                    launch.append(desc)
+                    return out
+
+                t1 = time.time()
+                try:
+                    ok, msg = cuda_smoke.check_rotary_case(case, dtype, "cpu", run)
+                except Exception as e:
+                    ok, msg = False, f"{type(e).__name__}: {e}"
+                runs += 1
+                failures += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} rotary {case.name} [{str(dtype)[6:]}] {msg} "
+                      f"({launch[0] if launch else '-'}; {time.time() - t1:.1f}s)", flush=True)
     print(f"{'FAILED' if failures else 'passed'}: {failures} of {runs} runs failed in {time.time() - t0:.0f}s")
     return 1 if failures else 0
 

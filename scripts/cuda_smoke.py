@@ -11,7 +11,8 @@ NaN). Without a GPU it prints "no GPU: skipped" and exits 0. The attention cases
 threads, by scripts/cuda_emulate.py, which executes the same kernels without a GPU.
 
 Tolerances (|out - ref| <= atol + rtol * |ref|, ref computed in float64): float64 1e-9, float32 5e-5,
-float16 5e-3, bfloat16 3e-2; lse is float32 for the half types, so it is held to 2e-3 there.
+float16 5e-3, bfloat16 3e-2; lse is float32 for the half types, so it is held to 2e-3 there. The rotary
+cases are run by scripts/cuda_emulate.py as well.
 """
 
 from __future__ import annotations
@@ -249,6 +250,71 @@ def check_attention_case(case: AttnCase, dtype, device, run):
 
 
 # --------------------------------------------------------------------------------------------------
+# rotary cases
+
+
+@dataclass(frozen=True)
+class RotaryCase:
+    name: str
+    B: int
+    S: int
+    n: int
+    Dh: int
+    R: int
+    interleaved: bool = False
+    table: str = "fp32_b1"  # "fp32_b1" [1,S,R] float32, "x_per_batch" [B,S,R] in x's dtype, "f64_strided"
+    x_stride2: bool = False  # x with a non-unit last-dim stride (else a view of one fused projection)
+    dtypes: tuple = ALL_DTYPES
+
+
+def rotary_cases():
+    c = RotaryCase
+    return [
+        c("neox full fused-view", 2, 89, 12, 64, 64),
+        c("neox partial Dh80 R40 per-batch tables", 2, 17, 4, 80, 40, table="x_per_batch"),
+        c("codegen every-two partial R32", 2, 17, 16, 64, 32, interleaved=True),
+        c("every-two R=2 float64 strided tables", 1, 1, 1, 32, 2, interleaved=True, table="f64_strided"),
+        c("rotate-half x last-dim stride 2", 2, 9, 3, 16, 10, x_stride2=True, table="f64_strided"),
+        c("long sequence many heads", 2, 300, 32, 128, 64, dtypes=(torch.bfloat16, torch.float32)),
+    ]
+
+
+def build_rotary_inputs(case: RotaryCase, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, S, n, Dh, R = case.B, case.S, case.n, case.Dh, case.R
+    if case.x_stride2:
+        x = _randn((B, S, n, 2 * Dh), g, dtype, device)[..., ::2]
+    else:  # GPT-NeoX's interleaved fused projection: per head [Q_h, K_h, V_h], x = the K heads
+        x = _randn((B, S, n * 3 * Dh), g, dtype, device).unflatten(-1, (n, 3 * Dh))[..., Dh : 2 * Dh]
+    # random tables (not cos/sin of angles): a feature that reads its partner's entry shows up
+    if case.table == "fp32_b1":
+        cos, sin = (_randn((1, S, R), g, torch.float32, device) for _ in range(2))
+    elif case.table == "x_per_batch":
+        cos, sin = (_randn((B, S, R), g, dtype, device) for _ in range(2))
+    else:
+        cos, sin = (_randn((R * 2, S, B), g, torch.float64, device).permute(2, 1, 0)[..., ::2] for _ in range(2))
+    return x, cos, sin
+
+
+def check_rotary_case(case: RotaryCase, dtype, device, run):
+    """Runs `run(x, cos, sin, interleaved) -> out` and compares with the reference (rotated features) and
+    with x exactly (the features past R). Returns (ok, message)."""
+    x, cos, sin = build_rotary_inputs(case, dtype, device)
+    out = run(x, cos, sin, case.interleaved)
+    want = ref.rotary(x, cos, sin, interleaved=case.interleaved)
+    problems = []
+    if out.shape != x.shape or out.dtype != dtype or not out.is_contiguous():
+        problems.append(f"out: shape/dtype/layout {tuple(out.shape)} {out.dtype} contiguous={out.is_contiguous()}")
+    atol, rtol = TOL[dtype]
+    err, ok = _max_err(out, want, atol, rtol)
+    if not ok:
+        problems.append(f"error {err:.3e} > atol {atol} + rtol {rtol}")
+    if not torch.equal(out[..., case.R :], x[..., case.R :]):
+        problems.append("features past R changed")
+    return not problems, f"out {err:.2e}" + ("" if not problems else "  <-- " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------
 # the other ops (CUDA only: they are data movement or ATen GEMMs)
 
 
@@ -322,7 +388,7 @@ def main(argv=None):
     sys.path.insert(0, ROOT)
     import pyqkv  # noqa: F401  (registers the ops)
 
-    for op in ("split_qkv", "pack_qkv", "per_head_proj", "attention", "kv_append"):
+    for op in ("split_qkv", "pack_qkv", "per_head_proj", "attention", "kv_append", "rotary"):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pyqkv::{op}", "CUDA"):
             print(f"FAIL: pyqkv::{op} has no CUDA kernel (was the extension built with CUDA?)")
             return 1
@@ -346,6 +412,17 @@ def main(argv=None):
                 ok, msg = False, f"{type(e).__name__}: {e}"
             failures += not ok
             print(f"{'ok  ' if ok else 'FAIL'} attention {case.name} [{str(dtype)[6:]}]: {msg}", flush=True)
+    for case in rotary_cases():
+        if args.k not in f"rotary {case.name}":
+            continue
+        for dtype in case.dtypes:
+            try:
+                ok, msg = check_rotary_case(case, dtype, device, torch.ops.pyqkv.rotary)
+                torch.cuda.synchronize()
+            except Exception as e:
+                ok, msg = False, f"{type(e).__name__}: {e}"
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} rotary {case.name} [{str(dtype)[6:]}]: {msg}", flush=True)
     for check in (check_split_pack, check_per_head_proj, check_kv_append):
         if args.k and args.k not in check.__name__:
             continue

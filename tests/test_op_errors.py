@@ -3,8 +3,9 @@ argument, what was expected and what was received; afterwards the op still works
 
 The whole table is ERRORS below, one row per case: (id, op, call, exception, message fragments).
 `call(device)` builds its inputs on the device and makes the bad call. Good sizes: attention
-B=2, S=3, K=5, H=4, Hkv=2, Dh=8 (alibi [2, 4, 5]); per_head_proj B=2, S=3, n=4, D=8, E=5;
-split/pack H=4, Hkv=2, Dh=2, D=8 (n_out = 16); kv_append B=2, Hkv=2, capacity=10, Dh=4, S=3.
+B=2, S=3, K=5, H=4, Hkv=2, Dh=8 (alibi [2, 4, 5]); rotary x [2, 3, 4, 8], cos/sin [1, 3, 6];
+per_head_proj B=2, S=3, n=4, D=8, E=5; split/pack H=4, Hkv=2, Dh=2, D=8 (n_out = 16); kv_append B=2,
+Hkv=2, capacity=10, Dh=4, S=3.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ def attn(device, *, q=None, k=None, v=None, mask=None, alibi=None, **shapes):
 def scores(device, *, alibi=None):
     """ops.attn_scores (the split form) on good inputs except for the alibi given."""
     return ops.attn_scores(t(2, 3, 4, 8, device=device), t(2, 5, 2, 8, device=device), scale=0.35, causal=True, alibi=alibi)
+
+
+def rope(device, *, x=None, cos=None, sin=None, raw=False):
+    """ops.rotary (or the raw op, which takes no 2-D tables) on good inputs except for the ones given."""
+    x = t(2, 3, 4, 8, device=device) if x is None else x
+    cos = t(1, 3, 6, device=device) if cos is None else cos
+    sin = t(1, 3, 6, device=device) if sin is None else sin
+    return _ops.rotary(x, cos, sin, False) if raw else ops.rotary(x, cos, sin)
 
 
 def php(device, *, x=None, W=None, b=None):
@@ -121,6 +130,23 @@ ERRORS = [
     Bad("softmax-integer-scores", "attention", lambda d: ops.attn_softmax(torch.ones(2, 4, 3, 5, dtype=i64, device=d)), TE, ("scores: expected a floating-point tensor [B, H, S, K]", "torch.int64")),
     Bad("apply-v-keys", "attention", lambda d: ops.attn_apply(t(2, 4, 3, 5, device=d), t(2, 6, 2, 8, device=d)), VE, ("v: expected shape [2, 5, Hkv, Dh]", "[2, 6, 2, 8]")),
     Bad("apply-pattern-rank", "attention", lambda d: ops.attn_apply(t(2, 4, 3, device=d), t(2, 5, 2, 8, device=d)), VE, ("pattern: expected a 4-D tensor [B, H, S, K]", "[2, 4, 3]")),
+    # rotary ------------------------------------------------------------------------------------
+    Bad("rope-x-rank", "rotary", lambda d: rope(d, x=t(2, 3, 32, device=d)), VE, ("x: expected a 4-D tensor [B, S, n, Dh]", "got 3-D", "[2, 3, 32]")),
+    Bad("rope-cos-rank-4", "rotary", lambda d: rope(d, cos=t(1, 3, 1, 6, device=d)), VE, ("cos: expected a 3-D tensor [B or 1, S, R]", "got 4-D", "[1, 3, 1, 6]")),
+    Bad("rope-cos-rank-1", "rotary", lambda d: rope(d, cos=t(6, device=d)), VE, ("cos: expected a 3-D tensor [B or 1, S, R]", "got 1-D", "[6]")),
+    Bad("rope-raw-cos-2d", "rotary", lambda d: rope(d, cos=t(3, 6, device=d), sin=t(3, 6, device=d), raw=True), VE, ("cos: expected a 3-D tensor [B or 1, S, R]", "got 2-D", "[3, 6]")),
+    Bad("rope-sin-rank", "rotary", lambda d: rope(d, sin=t(2, 1, 3, 6, device=d)), VE, ("sin: expected a 3-D tensor [B or 1, S, R]", "got 4-D", "[2, 1, 3, 6]")),
+    Bad("rope-cos-S", "rotary", lambda d: rope(d, cos=t(1, 4, 6, device=d), sin=t(1, 4, 6, device=d)), VE, ("cos: expected shape [B or 1, S, R] = [2 or 1, 3, R]", "got [1, 4, 6]")),
+    Bad("rope-cos-batch", "rotary", lambda d: rope(d, cos=t(3, 3, 6, device=d), sin=t(3, 3, 6, device=d)), VE, ("cos: expected shape [B or 1, S, R] = [2 or 1, 3, R]", "got [3, 3, 6]")),
+    Bad("rope-odd-R", "rotary", lambda d: rope(d, cos=t(1, 3, 5, device=d), sin=t(1, 3, 5, device=d)), VE, ("cos: expected an even rotary width R with 0 < R <= Dh=8", "got R=5", "[1, 3, 5]")),
+    Bad("rope-R-past-Dh", "rotary", lambda d: rope(d, cos=t(1, 3, 10, device=d), sin=t(1, 3, 10, device=d)), VE, ("cos: expected an even rotary width R with 0 < R <= Dh=8", "got R=10")),
+    Bad("rope-R-zero", "rotary", lambda d: rope(d, cos=t(1, 3, 0, device=d), sin=t(1, 3, 0, device=d)), VE, ("cos: expected an even rotary width R with 0 < R <= Dh=8", "got R=0")),
+    Bad("rope-sin-not-cos-shape", "rotary", lambda d: rope(d, sin=t(1, 3, 4, device=d)), VE, ("sin: expected the shape of cos [1, 3, 6]", "got [1, 3, 4]")),
+    Bad("rope-x-integer", "rotary", lambda d: rope(d, x=torch.ones(2, 3, 4, 8, dtype=i64, device=d)), TE, ("x: expected a floating-point tensor", "got Long")),
+    Bad("rope-cos-integer", "rotary", lambda d: rope(d, cos=torch.ones(1, 3, 6, dtype=torch.int32, device=d)), TE, ("cos: expected a floating-point tensor", "got Int")),
+    Bad("rope-sin-bool", "rotary", lambda d: rope(d, sin=torch.ones(1, 3, 6, dtype=torch.bool, device=d)), TE, ("sin: expected a floating-point tensor", "got Bool")),
+    Bad("rope-cos-other-device", "rotary", lambda d: rope(d, cos=t(1, 3, 6, device="cpu")), VE, ("cos: expected device cuda", "(the device of x)", "got cpu"), needs_cuda=True),
+    Bad("rope-sin-other-device", "rotary", lambda d: rope(d, sin=t(1, 3, 6, device="cpu")), VE, ("sin: expected device cuda", "got cpu"), needs_cuda=True),
     # per_head_proj ------------------------------------------------------------------------------
     Bad("proj-x-rank", "per_head_proj", lambda d: php(d, x=t(2, 3, 8, device=d)), VE, ("x: expected a 4-D tensor [B, S, n, D]", "got 3-D", "[2, 3, 8]")),
     Bad("proj-W-rank", "per_head_proj", lambda d: php(d, W=t(8, 5, device=d)), VE, ("W: expected a 3-D tensor [n, D, E]", "got 2-D", "[8, 5]")),
@@ -179,6 +205,9 @@ def good_call(op: str, device) -> None:
         alibi = t(2, 4, 5, device=device)
         z, _, _ = ops.attention(q, k, v, scale=0.35, causal=True, alibi=alibi)
         torch.testing.assert_close(z, ref.attention(q, k, v, scale=0.35, causal=True, alibi=alibi)[0])
+    elif op == "rotary":
+        x, cos, sin = t(2, 3, 4, 8, device=device), t(1, 3, 6, device=device), t(1, 3, 6, device=device)
+        torch.testing.assert_close(ops.rotary(x, cos, sin), ref.rotary(x, cos, sin))
     elif op == "per_head_proj":
         x, W, b = t(2, 3, 4, 8, device=device), t(4, 8, 5, device=device), t(4, 5, device=device)
         torch.testing.assert_close(ops.per_head_proj(x, W, b), ref.per_head_proj(x, W, b))

@@ -1,7 +1,8 @@
-// The CUDA attention op on CPU threads (emu_runtime.h): the same host preparation and plan
-// (csrc/cuda/attention_host.cuh, attention_plan.cuh) and the same kernels (csrc/cuda/attention_*.cuh),
-// compiled by g++ against stand-in CUDA headers (shim/). Only the launches differ: CTAs run one after
-// another, each with its threads as coroutines. Built and driven by scripts/cuda_emulate.py.
+// The CUDA attention and rotary ops on CPU threads (emu_runtime.h): the same host preparation and plan
+// (csrc/cuda/attention_host.cuh, attention_plan.cuh; rotary.cuh's make_params) and the same kernels
+// (csrc/cuda/attention_*.cuh, rotary.cuh), compiled by g++ against stand-in CUDA headers (shim/). Only
+// the launches differ: CTAs run one after another, each with its threads as coroutines. Built and
+// driven by scripts/cuda_emulate.py.
 #include <ATen/OpMathType.h>
 #include <torch/extension.h>
 
@@ -15,6 +16,7 @@
 #include "attention_host.cuh"
 #include "attention_simt.cuh"
 #include "attention_tc.cuh"
+#include "rotary.cuh"
 
 namespace pyqkv {
 namespace attn {
@@ -130,10 +132,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::string> emulate_attention(
   return {r.z, r.lse, r.pattern, describe(plan)};
 }
 
+// rotary as rotary.cu runs it, with the grid capped at max_blocks CTAs (fewer than the elements need
+// exercises the kernel's grid-stride loop, and keeps the emulation fast).
+std::tuple<at::Tensor, std::string> emulate_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                                   bool interleaved, int64_t max_blocks, int64_t order, int64_t seed) {
+  const pyqkv::RotaryDims d = pyqkv::check_rotary(x, cos, sin);
+  at::Tensor out = at::empty({d.B, d.S, d.n, d.Dh}, x.options());
+  if (out.numel() == 0) return {out, "early exit"};
+  const at::Tensor c = pyqkv::rotary_table(cos, x), s = pyqkv::rotary_table(sin, x);
+  pyqkv::rope::Params p = pyqkv::rope::make_params(x, c, s, out, d, interleaved);
+  Guarded gout(out);
+  p.out = gout.ptr();
+  const int64_t blocks = pyqkv::rope::grid_blocks(p.total, max_blocks);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "emulate_rotary", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    run_grid(blocks, pyqkv::rope::kThreads, smem_raw, 0, [&] { pyqkv::rope::rotary_kernel<scalar_t, acc_t>(p); },
+             static_cast<emu::Order>(order), static_cast<uint64_t>(seed), "rotary_kernel");
+  });
+  gout.finish("out");
+  return {out, std::to_string(blocks) + " CTAs x " + std::to_string(pyqkv::rope::kThreads) + " threads for " +
+                   std::to_string(p.total) + " elements"};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &emulate_attention,
         "pyqkv's CUDA attention kernels run on CPU threads: (q, k, v, mask, scale, causal, return_pattern, "
         "alibi, sm_major, max_smem, n_sms, order 0/1/2 = forward/reverse/shuffled, seed) -> (z, lse, pattern, plan)");
+  m.def("rotary", &emulate_rotary,
+        "pyqkv's CUDA rotary kernel run on CPU threads: (x, cos, sin, interleaved, max_blocks, order, seed) "
+        "-> (out, launch)");
 }
