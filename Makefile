@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip install -c requirements/constraints.txt
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 HAVE_TORCH := $(shell $(PYTHON) -c "import torch; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); assert (2, 11) <= v < (2, 15)" 2>/dev/null && echo yes)
 
-.PHONY: demo test bench build clean cuda-build-check
+.PHONY: demo test bench build clean cuda-build-check fuzz
 
 demo: $(VENV)/.built
 	$(PY) -m pyqkv
@@ -23,6 +23,11 @@ test: $(VENV)/.built
 # .venv-cuda (created on first use) into build/cuda-check. See scripts/check_cuda_build.sh.
 cuda-build-check:
 	PYQKV_MAIN_PY=$(PY) bash scripts/check_cuda_build.sh
+
+# The property tests' long profile: thousands of hypothesis examples of every op against the reference
+# (tests/test_fuzz.py; `make test` runs its short, derandomized profile).
+fuzz: $(VENV)/.built
+	PYQKV_FUZZ=long $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py --hypothesis-show-statistics
 
 bench: $(VENV)/.built
 	mkdir -p bench/out
