@@ -13,7 +13,8 @@ Paths (DESIGN.md, "Fast-path selection"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -81,6 +82,14 @@ class BridgeConfig:
     use_split_qkv_input: bool = False
     use_attn_in: bool = False
     use_attn_result: bool = False
+    # Positions. rotary_dim: the first rotary_dim features of every Q and K head are rotated (RoPE; None =
+    # no rotary embedding); rotary_interleaved: rotate-every-two pairs (GPT-J, CodeGen) instead of
+    # rotate-half (GPT-NeoX, Llama); rotary_base: the frequency base when the Bridge makes cos/sin itself.
+    # alibi: a per-head linear bias on key positions (Bloom, Falcon-RW), added to the scaled scores.
+    rotary_dim: Optional[int] = None
+    rotary_base: float = 10000.0
+    rotary_interleaved: bool = False
+    alibi: bool = False
 
     def __setattr__(self, name, value):
         if name in ("use_split_qkv_input", "use_attn_in", "use_attn_result"):
@@ -145,6 +154,10 @@ class Bridge(nn.Module, HookedMixin):
         use_split_qkv_input: bool = False,
         use_attn_in: bool = False,
         use_attn_result: bool = False,
+        rotary_dim: Optional[int] = None,
+        rotary_base: float = 10000.0,
+        rotary_interleaved: bool = False,
+        alibi: bool = False,
         hook_conversions: Optional[dict] = None,
     ):
         nn.Module.__init__(self)
@@ -154,6 +167,16 @@ class Bridge(nn.Module, HookedMixin):
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if not isinstance(n_kv_heads, int) or n_kv_heads < 1 or n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads: expected a positive divisor of n_heads={n_heads}, got {n_kv_heads!r}")
+        if rotary_dim is not None and (
+            not isinstance(rotary_dim, int) or isinstance(rotary_dim, bool) or rotary_dim < 2 or rotary_dim % 2
+            or rotary_dim > d_head
+        ):
+            raise ValueError(f"rotary_dim: expected None or an even int in [2, d_head={d_head}], got {rotary_dim!r}")
+        if not isinstance(rotary_base, (int, float)) or isinstance(rotary_base, bool) or rotary_base <= 1:
+            raise ValueError(f"rotary_base: expected a number > 1, got {rotary_base!r}")
+        for name, value in (("rotary_interleaved", rotary_interleaved), ("alibi", alibi)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
         for name, t in (("weight", weight), ("out_weight", out_weight)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise TypeError(f"{name}: expected a floating-point Tensor, got {_describe(t)}")
@@ -197,6 +220,10 @@ class Bridge(nn.Module, HookedMixin):
             reorder_and_upcast_attn=bool(reorder_and_upcast_attn),
             attn_dropout=float(attn_dropout),
             resid_dropout=float(resid_dropout),
+            rotary_dim=rotary_dim,
+            rotary_base=float(rotary_base),
+            rotary_interleaved=rotary_interleaved,
+            alibi=alibi,
         )
         self.cfg.use_split_qkv_input = use_split_qkv_input
         self.cfg.use_attn_in = use_attn_in
@@ -217,8 +244,12 @@ class Bridge(nn.Module, HookedMixin):
 
     @classmethod
     def from_hf(cls, module, **flags) -> "Bridge":
-        """Wrap a Hugging Face attention module (GPT2Attention). Flags: use_split_qkv_input, use_attn_in,
-        use_attn_result, hook_conversions. The Bridge copies the weights it needs, not the module."""
+        """Wrap a Hugging Face attention module with a fused QKV weight: GPT2Attention, GPTNeoXAttention,
+        Phi3Attention, GPTBigCodeAttention, FalconAttention, BloomAttention or CodeGenAttention (the family
+        comes from the module's type; anything else raises TypeError naming these). Flags:
+        use_split_qkv_input, use_attn_in, use_attn_result, hook_conversions. The Bridge copies the weights it
+        needs, not the module. Positions: called on its own, the Bridge makes its own cos/sin or alibi; inside
+        a model (pyqkv.hf.attach) it uses the ones the model passes."""
         from pyqkv import hf
 
         return hf.bridge_from_module(module, **flags)
@@ -299,8 +330,8 @@ class Bridge(nn.Module, HookedMixin):
         flag = GATING_FLAGS.get(name)
         if flag is not None and not getattr(self.cfg, flag):
             return f"set {flag} first (bridge.cfg.{flag} = True)"
-        if name in ROTARY_POINTS:
-            return "this layer has no rotary embedding"
+        if name in ROTARY_POINTS and self.cfg.rotary_dim is None:
+            return "this layer has no rotary embedding (rotary_dim is None)"
         return None
 
     def set_hook_prefix(self, prefix: str) -> None:
@@ -333,22 +364,41 @@ class Bridge(nn.Module, HookedMixin):
     # ---------------------------------------------------------------------------------------------
     # Forward
 
-    def forward(self, x: torch.Tensor, attention_mask=None, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask=None,
+        kv_cache: Optional[KVCache] = None,
+        *,
+        position_ids: Optional[torch.Tensor] = None,
+        position_embeddings=None,
+        alibi: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """x [B, S, D] -> [B, S, D].
 
         attention_mask: None (causal only); a padding mask [B, K] (bool True / 1 = attend) over all key
         positions, cache included; or a 4-D additive float mask [B, 1 or H, S, K] (0 = visible, very
         negative = hidden) or 4-D bool mask (True = attend), which is authoritative: no causal mask is
         added to it. kv_cache: a pyqkv.KVCache; this call's keys and values are appended to it in place.
+
+        Rotary layers (rotary_dim set): position_embeddings = (cos, sin), each [B or 1, S, rotary_dim] (or
+        [S, rotary_dim]), as Hugging Face models compute them, are used as given; otherwise they are made
+        from position_ids [B or 1, S] (default: cached length + 0 .. S-1) and rotary_base.
+        ALiBi layers (alibi set): alibi, the per-key bias [B, H, K] (Hugging Face's [B*H, 1, K] is accepted),
+        is added to the scaled scores as given; otherwise it is made from Bloom's slopes and the key
+        positions (counted over a 2-D padding mask when one is given).
         """
         c = self.cfg
-        H, Hkv, Dh, D = c.n_heads, c.n_kv_heads, c.d_head, c.d_model
+        H, Hkv, Dh = c.n_heads, c.n_kv_heads, c.d_head
         self._check_input(x)
         if kv_cache is not None and not isinstance(kv_cache, KVCache):
             raise TypeError(f"kv_cache: expected a pyqkv.KVCache or None, got {_describe(kv_cache)}")
         B, S, _ = x.shape
         past = 0 if kv_cache is None else kv_cache.length
-        mask, causal = self._prepare_mask(attention_mask, B, S, past + S, x.device)
+        K = past + S
+        mask, causal = self._prepare_mask(attention_mask, B, S, K, x.device)
+        rotary = self._rotary_tables(position_embeddings, position_ids, B, S, past, x)
+        alibi = self._prepare_alibi(alibi, attention_mask, B, K, x)
 
         x = self._fire("hook_in", x)
         q, k, v = self._project_qkv(x)  # [B, S, H*Dh], [B, S, Hkv*Dh] x 2 (kernel layout)
@@ -356,9 +406,15 @@ class Bridge(nn.Module, HookedMixin):
         k = self._fire("hook_k", k)
         v = self._fire("hook_v", v)
         q4, k4, v4 = q.view(B, S, H, Dh), k.view(B, S, Hkv, Dh), v.view(B, S, Hkv, Dh)
+        if rotary is not None:
+            # After the projection hooks, before the cache: the cache holds rotated keys, as HF's does.
+            cos, sin = rotary
+            q4 = self._fire("hook_rot_q", ops.rotary(q4, cos, sin, interleaved=c.rotary_interleaved).flatten(2))
+            k4 = self._fire("hook_rot_k", ops.rotary(k4, cos, sin, interleaved=c.rotary_interleaved).flatten(2))
+            q4, k4 = q4.view(B, S, H, Dh), k4.view(B, S, Hkv, Dh)
 
         if kv_cache is None:
-            return self._attend_and_project(q4, k4, v4, mask, causal)
+            return self._attend_and_project(q4, k4, v4, mask, causal, alibi)
         grad_through_cache = torch.is_grad_enabled() and (k4.requires_grad or v4.requires_grad)
         past_k, past_v = (kv_cache.keys, kv_cache.values) if grad_through_cache and past else (None, None)
         k_all, v_all = kv_cache.append(k4, v4)  # checks shapes first: a mismatch raises before any change
@@ -368,10 +424,81 @@ class Bridge(nn.Module, HookedMixin):
         elif grad_through_cache:
             k_all, v_all = k4, v4
         try:
-            return self._attend_and_project(q4, k_all, v_all, mask, causal)
+            return self._attend_and_project(q4, k_all, v_all, mask, causal, alibi)
         except BaseException:
             kv_cache.length = past  # a failure mid-way leaves the cache as it was
             raise
+
+    def _rotary_tables(self, position_embeddings, position_ids, B, S, past, x):
+        """(cos, sin) [B or 1, S, rotary_dim] in float32 (float64 for float64 layers), or None without RoPE.
+        Checked here, before any hook runs or any state changes."""
+        c = self.cfg
+        if c.rotary_dim is None:
+            for name, value in (("position_embeddings", position_embeddings), ("position_ids", position_ids)):
+                if value is not None:
+                    raise ValueError(f"{name}: this layer has no rotary embedding (rotary_dim is None), got {_describe(value)}")
+            return None
+        R = c.rotary_dim
+        if position_embeddings is not None:
+            if not (isinstance(position_embeddings, (tuple, list)) and len(position_embeddings) == 2):
+                raise TypeError(
+                    f"position_embeddings: expected a pair (cos, sin) of [B or 1, S, {R}] tensors, got "
+                    f"{_describe(position_embeddings)}"
+                )
+            tables = []
+            for name, t in zip(("cos", "sin"), position_embeddings):
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                    raise TypeError(f"position_embeddings ({name}): expected a floating-point Tensor, got {_describe(t)}")
+                if t.dim() == 2:
+                    t = t.unsqueeze(0)
+                if t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1] != S or t.shape[2] != R:
+                    raise ValueError(
+                        f"position_embeddings ({name}): expected shape [B or 1, S, rotary_dim] = [{B} or 1, {S}, {R}], "
+                        f"got {tuple(t.shape)}"
+                    )
+                if t.device != x.device:
+                    raise ValueError(f"position_embeddings ({name}): expected device {x.device}, got {t.device}")
+                tables.append(t)
+            return tables[0], tables[1]
+        if position_ids is None:
+            positions = torch.arange(past, past + S, device=x.device).unsqueeze(0)
+        else:
+            if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or position_ids.is_complex() \
+                    or position_ids.dtype == torch.bool:
+                raise TypeError(f"position_ids: expected an integer Tensor [B or 1, S], got {_describe(position_ids)}")
+            positions = position_ids.unsqueeze(0) if position_ids.dim() == 1 else position_ids
+            if positions.dim() != 2 or positions.shape[0] not in (1, B) or positions.shape[1] != S:
+                raise ValueError(f"position_ids: expected shape [B or 1, S] = [{B} or 1, {S}], got {tuple(position_ids.shape)}")
+            if positions.device != x.device:
+                raise ValueError(f"position_ids: expected device {x.device}, got {positions.device}")
+        return rotary_tables(positions, R, c.rotary_base, interleaved=c.rotary_interleaved,
+                             dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+    def _prepare_alibi(self, alibi, attention_mask, B, K, x):
+        """The per-key ALiBi bias [B or 1, H, K] for the op, or None. Checked before any state changes."""
+        c = self.cfg
+        H = c.n_heads
+        if alibi is None:
+            if not c.alibi:
+                return None
+            pad = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+            return alibi_bias(alibi_slopes(H, device=x.device), K, padding_mask=pad)
+        if not c.alibi:
+            raise ValueError(f"alibi: this layer has no ALiBi (alibi=False), got {_describe(alibi)}")
+        if not isinstance(alibi, torch.Tensor) or not alibi.is_floating_point():
+            raise TypeError(f"alibi: expected a floating-point Tensor [B, H, K], got {_describe(alibi)}")
+        if alibi.device != x.device:
+            raise ValueError(f"alibi: expected device {x.device}, got {alibi.device}")
+        if alibi.dim() == 3 and alibi.shape[1] == 1 and alibi.shape[0] == B * H and alibi.shape[2] == K:
+            return alibi.view(B, H, K)  # Hugging Face's [B*H, 1, K]
+        if alibi.dim() == 4 and alibi.shape[2] == 1:
+            alibi = alibi.squeeze(2)  # [B, H, 1, K]
+        if alibi.dim() != 3 or alibi.shape[0] not in (1, B) or alibi.shape[1] not in (1, H) or alibi.shape[2] != K:
+            raise ValueError(
+                f"alibi: expected a per-key bias [B or 1, H or 1, K] = [{B}, {H}, {K}] (or [B*H, 1, K]), got "
+                f"{tuple(alibi.shape)}"
+            )
+        return alibi
 
     def _check_input(self, x) -> None:
         D = self.cfg.d_model
@@ -448,14 +575,14 @@ class Bridge(nn.Module, HookedMixin):
                 out[kind] = ops.per_head_proj(per_head_in, W, b).flatten(2)
         return out["q"], out["k"], out["v"]
 
-    def _attend_and_project(self, q4, k_all, v_all, mask, causal):
+    def _attend_and_project(self, q4, k_all, v_all, mask, causal, alibi=None):
         c = self.cfg
         B, S, H, Dh = q4.shape
         dropout_p = c.attn_dropout if self.training else 0.0
         pattern_point = self._points["hook_pattern"]
         if self._hooked("hook_attn_scores"):
             score_dtype = torch.float32 if c.reorder_and_upcast_attn else q4.dtype
-            scores = ops.attn_scores(q4, k_all, scale=c.scale, causal=causal, mask=mask, dtype=score_dtype)
+            scores = ops.attn_scores(q4, k_all, scale=c.scale, causal=causal, mask=mask, dtype=score_dtype, alibi=alibi)
             scores = self._fire("hook_attn_scores", scores)
             pattern = ops.attn_softmax(scores, dtype=v_all.dtype)
             if dropout_p:
@@ -466,7 +593,7 @@ class Bridge(nn.Module, HookedMixin):
             # version counter, and the counter is how an in-place edit by a hook is noticed.
             with torch.inference_mode(False):
                 z, _, pattern = ops.attention(
-                    q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask, return_pattern=True
+                    q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask, return_pattern=True, alibi=alibi
                 )
             if dropout_p:
                 pattern = F.dropout(pattern, dropout_p, training=True)
@@ -477,7 +604,7 @@ class Bridge(nn.Module, HookedMixin):
                 # The pattern changed (or its gradient is watched): z must come from it.
                 z = ops.attn_apply(hooked, v_all)
         else:
-            z, _, _ = ops.attention(q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask)
+            z, _, _ = ops.attention(q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask, alibi=alibi)
 
         z = self._fire("hook_z", z.reshape(B, S, H * Dh))
         if c.use_attn_result and self._hooked("hook_result"):
@@ -497,6 +624,41 @@ class Bridge(nn.Module, HookedMixin):
             f"n_heads={c.n_heads}, n_kv_heads={c.n_kv_heads}, d_head={c.d_head}, d_model={c.d_model}, "
             f"layout={c.layout!r}, scale={c.scale:.4g}"
         )
+
+
+def rotary_tables(positions, rotary_dim: int, base: float = 10000.0, *, interleaved: bool = False,
+                  dtype=torch.float32):
+    """RoPE's (cos, sin) [B or 1, S, rotary_dim] for integer positions [B or 1, S]: angle = position * base^(-2i/R)
+    for pair i, laid out for the rotation style (halves: [f0..f(R/2-1), f0..f(R/2-1)]; interleaved: f0 f0 f1 f1 ..).
+    The frequencies are computed as GPT-NeoX and CodeGen compute theirs (float32 powers of the base)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=positions.device).float() / rotary_dim))
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [B or 1, S, R/2]
+    angles = angles.repeat_interleave(2, dim=-1) if interleaved else torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def alibi_slopes(n_heads: int, device=None) -> torch.Tensor:
+    """ALiBi's per-head slopes [H] (Press et al.; the rule Bloom and Falcon use, including head counts that
+    are not a power of two), float32 powers computed as Bloom computes them, so the bias matches bit for bit."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = torch.tensor(2.0 ** (-(2.0 ** -(math.log2(closest) - 3))), dtype=torch.float32, device=device)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32, device=device))
+    if closest != n_heads:
+        extra = torch.tensor(2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32, device=device)
+        odd = torch.arange(1, 1 + 2 * min(closest, n_heads - closest), 2, dtype=torch.int32, device=device)
+        slopes = torch.cat([slopes, torch.pow(extra, odd)])
+    return slopes
+
+
+def alibi_bias(slopes: torch.Tensor, K: int, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The per-key ALiBi bias [B or 1, H, K] = slope_h * position_k. Positions count only the attended keys
+    of a 2-D padding mask [B, K] (as Bloom does: a left-padded row starts at 0), else they are 0 .. K-1."""
+    if padding_mask is None:
+        positions = torch.arange(K, device=slopes.device, dtype=torch.float32).unsqueeze(0)
+    else:
+        attend = (padding_mask != 0).to(torch.float32)
+        positions = (attend.cumsum(-1) - 1) * attend
+    return slopes.view(1, -1, 1) * positions.unsqueeze(1)
 
 
 def _linear(x, weight_in_out, bias):

@@ -95,10 +95,13 @@ class Oracle:
         return cls(module.c_attn.weight, module.c_attn.bias, module.c_proj.weight, module.c_proj.bias,
                    n_heads=module.num_heads, d_head=Dh, layout="blocked", conv1d=True, scale=scale)
 
-    def run(self, x, *, mask=None, causal=True, past=None, edits=None, requires_grad_on=None):
+    def run(self, x, *, mask=None, causal=True, past=None, edits=None, requires_grad_on=None, rotary=None,
+            alibi=None):
         """Returns {hook name: float64 tensor in hook format}. past: (k, v) [B, P, Hkv, Dh] of earlier calls.
         mask: as the Bridge takes it (4-D bool masks are turned into additive ones here).
-        edits: {hook name: fn(tensor) -> tensor} applied where the Bridge's hook would fire."""
+        edits: {hook name: fn(tensor) -> tensor} applied where the Bridge's hook would fire.
+        rotary: (cos, sin, interleaved), cos/sin [B or 1, S, R]: RoPE on Q and K after their hooks.
+        alibi: a per-key bias [B or 1, H, K] added to the scaled scores."""
         edits = edits or {}
         ed = lambda name, t: edits[name](t) if name in edits else t  # noqa: E731
         acts = {}
@@ -108,6 +111,18 @@ class Oracle:
         k = ed("hook_k", torch.einsum("bsd,hde->bshe", x, self.W_K) + self.b_K)
         v = ed("hook_v", torch.einsum("bsd,hde->bshe", x, self.W_V) + self.b_V)
         acts.update(hook_q=q, hook_k=k, hook_v=v)
+        if rotary is not None:
+            cos, sin, interleaved = rotary
+            q = ed("hook_rot_q", rope(q, cos, sin, interleaved))
+            k = ed("hook_rot_k", rope(k, cos, sin, interleaved))
+            acts.update(hook_rot_q=q, hook_rot_k=k)
+        if alibi is not None:
+            B, S, K = x.shape[0], x.shape[1], (0 if past is None else past[0].shape[1]) + x.shape[1]
+            bias = alibi.double()[:, :, None, :].expand(B, self.H, S, K)
+            vis = reference.visible_keys(B, self.H, S, K, causal=causal, mask=mask, device=x.device)
+            if mask is not None and mask.dim() == 4:
+                bias = bias + mask.double()
+            mask, causal = bias.masked_fill(~vis, torch.finfo(torch.float64).min), False
         if past is not None:
             k_all, v_all = torch.cat([past[0].double(), k], 1), torch.cat([past[1].double(), v], 1)
         else:
@@ -135,6 +150,20 @@ class Oracle:
 
     def __call__(self, x, **kw):
         return self.run(x, **kw)["hook_out"]
+
+
+def rope(x, cos, sin, interleaved):
+    """RoPE on the first R = cos.shape[-1] features of x [B, S, n, Dh], written out (float64):
+    rotate-half pairs feature i with i + R/2; interleaved pairs 2i with 2i + 1."""
+    x = x.double()
+    R = cos.shape[-1]
+    c, s = cos.double()[:, :, None, :], sin.double()[:, :, None, :]
+    xr = x[..., :R]
+    if interleaved:
+        partner = torch.stack((-xr[..., 1::2], xr[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        partner = torch.cat((-xr[..., R // 2:], xr[..., : R // 2]), dim=-1)
+    return torch.cat((xr * c + partner * s, x[..., R:]), dim=-1)
 
 
 def softmax_zero_rows(scores):
