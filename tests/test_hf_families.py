@@ -1,0 +1,382 @@
+"""Every fused-QKV family of Hugging Face, whole models built from small random configs (nothing is
+downloaded), attached with pyqkv.hf.attach and compared with the unattached HF model itself:
+
+- logits on a left-padded batch at the non-padded positions (float32, 1e-4), no NaN anywhere;
+- per-layer patterns against HF's own output_attentions;
+- cached greedy generation, token for token;
+- model-level hooks: hook_pattern [B, H, S, S], hook_k [B, S, Hkv, Dh], hook_rot_q / hook_rot_k on rotary
+  families, a head zeroed at hook_z changes the logits (and equals HF with that head zeroed by hand),
+  nothing left behind after hooks();
+- a cache filled by HF's own modules continued by the Bridges, and weights edited through a Bridge carried
+  back by detach.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+import pytest
+import torch
+
+import pyqkv
+from test_bridge_oracle import assert_close, no_hooks_left
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache  # noqa: E402
+
+D, H, DH, VOCAB = 64, 4, 16, 100
+
+
+@dataclass
+class Family:
+    """One row of the family table: how to build a small model and what the Bridge must find in it."""
+
+    id: str
+    model_cls: str
+    config_cls: str
+    config: dict
+    attention_cls: str
+    layout: str
+    n_kv_heads: int
+    rotary: bool = False
+    alibi: bool = False
+    impls: tuple = ("eager",)
+    attention_path: str = ""  # dotted path from the model to the list of blocks, then the attention attr
+    head_out: str = ""        # dotted path (from the attention module) of the output projection
+    dropout: dict = field(default_factory=dict)  # config overrides that switch on every dropout of the family
+
+    def make(self, device, impl="eager", seed=0, **overrides):
+        cfg_cls = getattr(transformers, self.config_cls)
+        cfg = cfg_cls(**{**self.config, **overrides})
+        cfg._attn_implementation = impl
+        torch.manual_seed(seed)
+        model = getattr(transformers, self.model_cls)(cfg)
+        with torch.no_grad():  # weights large enough that patterns are far from uniform
+            for name, p in model.named_parameters():
+                if p.dim() >= 2 or "bias" in name:
+                    p.normal_(0.0, 0.2 if p.dim() >= 2 else 0.05)
+        return model.to(device).eval()
+
+    def attentions(self, model):
+        blocks_path, attr = self.attention_path.rsplit(":", 1)
+        blocks = model.get_submodule(blocks_path)
+        return [getattr(b, attr) for b in blocks]
+
+
+COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+FAMILIES = [
+    Family("gpt2", "GPT2LMHeadModel", "GPT2Config",
+           dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                **COMMON),
+           "GPT2Attention", "blocked", H, impls=("eager", "sdpa"), attention_path="transformer.h:attn",
+           head_out="c_proj"),
+    Family("neox", "GPTNeoXForCausalLM", "GPTNeoXConfig",
+           dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, intermediate_size=128,
+                max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                             "partial_rotary_factor": 0.5}, **COMMON),
+           "GPTNeoXAttention", "interleaved", H, rotary=True, impls=("eager", "sdpa"),
+           attention_path="gpt_neox.layers:attention", head_out="dense"),
+    Family("phi3", "Phi3ForCausalLM", "Phi3Config",
+           dict(hidden_size=D, num_attention_heads=H, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=128,
+                max_position_embeddings=64, original_max_position_embeddings=64, **COMMON),
+           "Phi3Attention", "blocked", 2, rotary=True, impls=("eager", "sdpa"),
+           attention_path="model.layers:self_attn", head_out="o_proj"),
+    Family("phi3-sliding-window", "Phi3ForCausalLM", "Phi3Config",
+           dict(hidden_size=D, num_attention_heads=H, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=128,
+                max_position_embeddings=64, original_max_position_embeddings=64, sliding_window=4, **COMMON),
+           "Phi3Attention", "blocked", 2, rotary=True, attention_path="model.layers:self_attn", head_out="o_proj"),
+    Family("bigcode-mqa", "GPTBigCodeForCausalLM", "GPTBigCodeConfig",
+           dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, multi_query=True, attn_pdrop=0.0, resid_pdrop=0.0,
+                embd_pdrop=0.0, **COMMON),
+           "GPTBigCodeAttention", "blocked", 1, impls=("eager", "sdpa"), attention_path="transformer.h:attn",
+           head_out="c_proj"),
+    Family("bigcode-mha", "GPTBigCodeForCausalLM", "GPTBigCodeConfig",
+           dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, multi_query=False, attn_pdrop=0.0, resid_pdrop=0.0,
+                embd_pdrop=0.0, **COMMON),
+           "GPTBigCodeAttention", "interleaved", H, attention_path="transformer.h:attn", head_out="c_proj"),
+    Family("falcon-new-arch", "FalconForCausalLM", "FalconConfig",
+           dict(hidden_size=D, num_attention_heads=H, num_kv_heads=2, num_hidden_layers=2, new_decoder_architecture=True,
+                bias=True, max_position_embeddings=64, **COMMON),
+           "FalconAttention", "grouped", 2, rotary=True, impls=("eager", "sdpa"),
+           attention_path="transformer.h:self_attention", head_out="dense"),
+    Family("falcon-classic", "FalconForCausalLM", "FalconConfig",
+           dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, multi_query=False, parallel_attn=False,
+                bias=True, max_position_embeddings=64, **COMMON),
+           "FalconAttention", "interleaved", H, rotary=True, impls=("eager", "sdpa"),
+           attention_path="transformer.h:self_attention", head_out="dense"),
+    Family("falcon-classic-alibi", "FalconForCausalLM", "FalconConfig",
+           dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, multi_query=False, alibi=True,
+                parallel_attn=False, bias=True, max_position_embeddings=64, **COMMON),
+           "FalconAttention", "interleaved", H, alibi=True, impls=("eager", "sdpa"),
+           attention_path="transformer.h:self_attention", head_out="dense"),
+    Family("falcon-mq", "FalconForCausalLM", "FalconConfig",
+           dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, multi_query=True, max_position_embeddings=64,
+                **COMMON),
+           "FalconAttention", "blocked", 1, rotary=True, impls=("eager", "sdpa"),
+           attention_path="transformer.h:self_attention", head_out="dense"),
+    Family("falcon-mq-alibi", "FalconForCausalLM", "FalconConfig",
+           dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, multi_query=True, alibi=True,
+                max_position_embeddings=64, **COMMON),
+           "FalconAttention", "blocked", 1, alibi=True, impls=("eager", "sdpa"),
+           attention_path="transformer.h:self_attention", head_out="dense"),
+    Family("bloom", "BloomForCausalLM", "BloomConfig",
+           dict(hidden_size=D, n_head=H, n_layer=2, **COMMON),
+           "BloomAttention", "interleaved", H, alibi=True, attention_path="transformer.h:self_attention",
+           head_out="dense"),
+    Family("codegen", "CodeGenForCausalLM", "CodeGenConfig",
+           dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, n_ctx=64, rotary_dim=8, attn_pdrop=0.0,
+                resid_pdrop=0.0, embd_pdrop=0.0, **COMMON),
+           "CodeGenAttention", "codegen", H, rotary=True, attention_path="transformer.h:attn", head_out="out_proj"),
+]
+DROPOUT = {  # every dropout the family's attention (and the rest of the model) has, switched on
+    "gpt2": dict(attn_pdrop=0.2, resid_pdrop=0.1, embd_pdrop=0.1),
+    "neox": dict(attention_dropout=0.2, hidden_dropout=0.1),
+    "phi3": dict(attention_dropout=0.2, resid_pdrop=0.1, embd_pdrop=0.1),
+    "bigcode-mqa": dict(attn_pdrop=0.2, resid_pdrop=0.1, embd_pdrop=0.1),
+    "falcon-classic-alibi": dict(attention_dropout=0.2, hidden_dropout=0.1),
+    "falcon-new-arch": dict(attention_dropout=0.2, hidden_dropout=0.1),
+    "bloom": dict(attention_dropout=0.2, hidden_dropout=0.1),
+    "codegen": dict(attn_pdrop=0.2, resid_pdrop=0.1, embd_pdrop=0.1),
+}
+FAMILIES = [replace(f, dropout=DROPOUT.get(f.id, {})) for f in FAMILIES]
+IDS = [f.id for f in FAMILIES]
+WITH_IMPLS = [pytest.param(f, impl, id=f"{f.id}-{impl}") for f in FAMILIES for impl in f.impls]
+
+
+def left_padded(device, B=3, S=10, pads=(0, 3, 6), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (B, S), generator=g)
+    am = torch.ones(B, S, dtype=torch.long)
+    for b, n in enumerate(pads[:B]):
+        am[b, :n] = 0
+        ids[b, :n] = 0
+    return ids.to(device), am.to(device)
+
+
+def zero_head_pre_hook(head):
+    """HF-side oracle for a hook_z head ablation: zero the head's slice of the output projection's input."""
+    def pre(module, args, kwargs):
+        z = (args[0] if args else kwargs["input"]).clone()
+        z[..., head * DH:(head + 1) * DH] = 0
+        return ((z,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": z})
+    return pre
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_attach_finds_every_layer_with_its_layout(device, fam):
+    model = fam.make(device)
+    originals = fam.attentions(model)
+    assert all(type(a).__name__ == fam.attention_cls for a in originals)
+    h = pyqkv.hf.attach(model)
+    assert len(h.bridges) == 2
+    for b in h.bridges:
+        assert (b.cfg.layout, b.cfg.n_heads, b.cfg.n_kv_heads, b.cfg.d_head) == (fam.layout, H, fam.n_kv_heads, DH)
+        assert (b.cfg.rotary_dim is not None) == fam.rotary and b.cfg.alibi == fam.alibi
+    assert not any(type(m).__name__ == fam.attention_cls for m in model.modules())
+    pyqkv.hf.detach(model)
+    assert fam.attentions(model) == originals
+
+
+@pytest.mark.parametrize("fam, impl", WITH_IMPLS)
+def test_logits_equal_hf_on_left_padded_batch(device, fam, impl):
+    model = fam.make(device, impl=impl)
+    ids, am = left_padded(device)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=am).logits
+        pyqkv.hf.attach(model)
+        out = model(ids, attention_mask=am).logits
+    assert not torch.isnan(out).any(), "NaN in the attached model's logits"
+    keep = am.bool()
+    assert_close(out[keep], ref[keep], f"{fam.id} ({impl}) logits at non-padded positions", atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_patterns_equal_hf_output_attentions(device, fam):
+    """Every layer's hook_pattern [B, H, S, S] equals HF's own pattern (eager) at the non-padded query rows,
+    and the model-level output_attentions of the attached model returns the same."""
+    model = fam.make(device)
+    ids, am = left_padded(device)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=am, output_attentions=True).attentions
+    h = pyqkv.hf.attach(model)
+    with torch.no_grad():
+        out, cache = h.run_with_cache(ids, attention_mask=am, names_filter=lambda n: n.endswith("hook_pattern"))
+        attached = model(ids, attention_mask=am, output_attentions=True).attentions
+    assert no_hooks_left(h)
+    keep = am.bool()
+    assert len(attached) == len(ref) == 2
+    for i in range(2):
+        got = cache[f"blocks.{i}.attn.hook_pattern"]
+        assert got.shape == (3, H, 10, 10)
+        rows = keep[:, None, :].expand(-1, H, -1)  # query rows that are not padding
+        assert_close(got[rows], ref[i][rows], f"{fam.id} layer {i} pattern", atol=1e-5, rtol=0)
+        assert_close(attached[i][rows], ref[i][rows], f"{fam.id} layer {i} output_attentions", atol=1e-5, rtol=0)
+        assert not torch.isnan(got).any()
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_cached_greedy_generation_identical(device, fam):
+    model = fam.make(device)
+    ids, am = left_padded(device)
+    kw = dict(attention_mask=am, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        pyqkv.hf.attach(model)
+        out = model.generate(ids, **kw)
+    assert out.tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_hook_shapes_and_head_ablation(device, fam):
+    model = fam.make(device)
+    ids, am = left_padded(device)
+    attn = fam.attentions(model)[1]
+    handle = attn.get_submodule(fam.head_out).register_forward_pre_hook(zero_head_pre_hook(2), with_kwargs=True)
+    with torch.no_grad():
+        ref_ablated = model(ids, attention_mask=am).logits
+    handle.remove()
+    h = pyqkv.hf.attach(model)
+    names = ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_k", "blocks.1.attn.hook_v", "blocks.0.attn.hook_q",
+             "blocks.1.attn.hook_z"]
+    if fam.rotary:
+        names += ["blocks.0.attn.hook_rot_q", "blocks.0.attn.hook_rot_k"]
+    with torch.no_grad():
+        plain, cache = h.run_with_cache(ids, attention_mask=am, names_filter=names)
+    Hkv = fam.n_kv_heads
+    assert cache["blocks.0.attn.hook_pattern"].shape == (3, H, 10, 10)
+    assert cache["blocks.1.attn.hook_k"].shape == (3, 10, Hkv, DH)
+    assert cache["blocks.1.attn.hook_v"].shape == (3, 10, Hkv, DH)
+    assert cache["blocks.0.attn.hook_q"].shape == (3, 10, H, DH)
+    assert cache["blocks.1.attn.hook_z"].shape == (3, 10, H, DH)
+    if fam.rotary:
+        assert cache["blocks.0.attn.hook_rot_q"].shape == (3, 10, H, DH)
+        assert cache["blocks.0.attn.hook_rot_k"].shape == (3, 10, Hkv, DH)
+        assert not torch.equal(cache["blocks.0.attn.hook_rot_q"], cache["blocks.0.attn.hook_q"])
+    else:
+        with pytest.raises(ValueError, match="rotary"):
+            h.add_hook("blocks.0.attn.hook_rot_q", lambda t, hook: None)
+
+    def ablate(z, hook):
+        z[:, :, 2] = 0
+
+    with torch.no_grad(), h.hooks(fwd_hooks=[("blocks.1.attn.hook_z", ablate)]):
+        ablated = model(ids, attention_mask=am).logits
+    assert no_hooks_left(h) and all(no_hooks_left(b) for b in h.bridges)
+    keep = am.bool()
+    assert not torch.allclose(ablated[keep], plain.logits[keep], atol=1e-3), "zeroing a head changed nothing"
+    assert_close(ablated[keep], ref_ablated[keep], f"{fam.id}: head 2 zeroed at hook_z vs by hand", atol=1e-4, rtol=0)
+    with torch.no_grad():
+        again = model(ids, attention_mask=am).logits
+    assert torch.equal(again, plain.logits), "something was left behind after hooks() exited"
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_hooks_by_filter_on_every_layer(device, fam):
+    """hooks() and add_hook accept a name filter (a callable or a list) across all layers."""
+    model = fam.make(device)
+    ids, am = left_padded(device)
+    h = pyqkv.hf.attach(model)
+    seen = []
+    with torch.no_grad(), h.hooks(fwd_hooks=[(lambda n: n.endswith("hook_k"), lambda t, hook: seen.append(hook.name))]):
+        model(ids, attention_mask=am)
+    assert seen == ["blocks.0.attn.hook_k", "blocks.1.attn.hook_k"]
+    h.add_hook(["blocks.1.attn.hook_v", "blocks.0.attn.hook_v"], lambda t, hook: seen.append(hook.name))
+    with torch.no_grad():
+        model(ids, attention_mask=am)
+    assert seen[2:] == ["blocks.0.attn.hook_v", "blocks.1.attn.hook_v"]
+    h.reset_hooks()
+    assert no_hooks_left(h)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_continue_from_cache_filled_by_hf_and_back(device, fam):
+    """A DynamicCache prefilled by the original modules is continued by the Bridges; after detach, HF's own
+    modules continue the cache the Bridges filled."""
+    model = fam.make(device)
+    ids, _ = left_padded(device, pads=(0, 0, 0))
+    nxt = torch.full((3, 1), 7, device=device)
+    with torch.no_grad():
+        full = model(torch.cat([ids, nxt], 1)).logits
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :6], past_key_values=cache, use_cache=True)
+        pyqkv.hf.attach(model)
+        out = model(ids[:, 6:], past_key_values=cache, use_cache=True).logits
+        assert cache.get_seq_length() == 10
+        pyqkv.hf.detach(model)
+        back = model(nxt, past_key_values=cache, use_cache=True).logits
+    assert_close(out, full[:, 6:10], f"{fam.id}: HF's cache continued by the attached model", atol=1e-4, rtol=0)
+    assert_close(back, full[:, 10:], f"{fam.id}: the Bridges' cache continued by HF", atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_detach_writes_edited_weights_back_in_the_family_layout(device, fam):
+    model = fam.make(device)
+    ids, am = left_padded(device)
+    with torch.no_grad():
+        before = model(ids, attention_mask=am).logits
+    h = pyqkv.hf.attach(model)
+    with torch.no_grad():
+        h.bridges[0].W_Q[1].mul_(1.5)   # views: these edit the layer itself
+        h.bridges[1].W_V[0].add_(0.05)
+        h.bridges[1].W_O[3].mul_(0.5)
+        edited = model(ids, attention_mask=am).logits
+        pyqkv.hf.detach(model)
+        restored = model(ids, attention_mask=am).logits
+    keep = am.bool()
+    assert not torch.allclose(edited[keep], before[keep], atol=1e-3), "the edits had no effect"
+    assert_close(restored[keep], edited[keep], f"{fam.id}: HF with the written-back weights", atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_from_hf_split_weights_match_hf_projection(device, fam):
+    """W_Q, W_K, W_V (HookedTransformer format) reproduce what the module's own fused projection computes
+    for each head: a check of the layout that does not go through the Bridge's forward."""
+    model = fam.make(device)
+    attn = fam.attentions(model)[0]
+    bridge = pyqkv.Bridge.from_hf(attn)
+    x = torch.randn(2, 5, D, device=device)
+    with torch.no_grad():
+        q = torch.einsum("bsd,hde->bshe", x, bridge.W_Q) + bridge.b_Q
+        k = torch.einsum("bsd,hde->bshe", x, bridge.W_K) + bridge.b_K
+        v = torch.einsum("bsd,hde->bshe", x, bridge.W_V) + bridge.b_V
+        _, cache = bridge.run_with_cache(x, names_filter=["hook_q", "hook_k", "hook_v"])
+    for name, t in (("hook_q", q), ("hook_k", k), ("hook_v", v)):
+        assert_close(cache[name], t, f"{fam.id} {name}", atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fam", [f for f in FAMILIES if f.dropout], ids=[f.id for f in FAMILIES if f.dropout])
+def test_train_mode_dropout_matches_hf_same_seed(device, fam):
+    """train(): the pattern dropout and the output dropout draw in HF's order, so one seed gives HF's logits;
+    gradients reach every Bridge; eval() switches them off again."""
+    model = fam.make(device, **fam.dropout).train()
+    ids, _ = left_padded(device, pads=(0, 0, 0))
+    torch.manual_seed(3)
+    ref = model(ids).logits
+    h = pyqkv.hf.attach(model)
+    assert all(b.training for b in h.bridges)
+    torch.manual_seed(3)
+    out = model(ids).logits
+    assert_close(out, ref, f"{fam.id} train-mode logits", atol=1e-4, rtol=0)
+    out.square().mean().backward()
+    assert all(b.qkv_weight.grad is not None and b.qkv_weight.grad.abs().sum() > 0 for b in h.bridges)
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, ref, atol=1e-3), "dropout still on after eval()"
+
+
+def test_unsupported_module_names_the_supported_ones():
+    with pytest.raises(TypeError) as e:
+        pyqkv.Bridge.from_hf(torch.nn.Linear(4, 4))
+    for name in ("GPT2Attention", "GPTNeoXAttention", "Phi3Attention", "GPTBigCodeAttention", "FalconAttention",
+                 "BloomAttention", "CodeGenAttention"):
+        assert name in str(e.value)
+    assert "Linear" in str(e.value)
+    with pytest.raises(TypeError, match="no supported attention module.*found: MyAttention"):
+        class MyAttention(torch.nn.Module):
+            pass
+        pyqkv.hf.attach(torch.nn.Sequential(MyAttention()))
