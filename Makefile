@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip install -c requirements/constraints.txt
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 HAVE_TORCH := $(shell $(PYTHON) -c "import torch; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); assert (2, 11) <= v < (2, 15)" 2>/dev/null && echo yes)
 
-.PHONY: demo test bench build clean cuda-build-check fuzz
+.PHONY: demo test bench build clean cuda-build-check fuzz sanitize
 
 demo: $(VENV)/.built
 	$(PY) -m pyqkv
@@ -28,6 +28,11 @@ cuda-build-check:
 # (tests/test_fuzz.py; `make test` runs its short, derandomized profile).
 fuzz: $(VENV)/.built
 	PYQKV_FUZZ=long $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py --hypothesis-show-statistics
+
+# The op and Bridge tests against a build of the CPU extension with AddressSanitizer and UBSan, made in
+# build/sanitize (the regular build is left alone). See scripts/sanitize.sh.
+sanitize: $(VENV)/.ready
+	PYQKV_MAIN_PY=$(PY) bash scripts/sanitize.sh
 
 bench: $(VENV)/.built
 	mkdir -p bench/out
