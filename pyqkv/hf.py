@@ -91,7 +91,7 @@ def _gpt2(m) -> LayerSpec:
 
 def _neox(m) -> LayerSpec:
     # query_key_value's output is [B, S, H, 3 * Dh]: per head [Q_h, K_h, V_h].
-    rotary_dim, base = _rope(m.config, m.head_size)
+    _, base = _rope(m.config, m.head_size)
     return LayerSpec(
         "GPT-NeoX", m.query_key_value, m.dense, conv1d=False, layout="interleaved",
         bridge_kwargs=dict(
