@@ -286,6 +286,10 @@ CONSTRUCTION_CASES = [
     Case("ctor-layout-codegen-heads", "Bridge()", lambda e: ctor(e, layout="codegen"), VE, ("layout: 'codegen' needs n_kv_heads == n_heads", "n_kv_heads=2")),
     Case("ctor-flags-exclusive", "Bridge()", lambda e: ctor(e, use_split_qkv_input=True, use_attn_in=True), VE, ("use_attn_in: cannot be set while use_split_qkv_input is set", "mutually exclusive")),
     Case("ctor-flag-not-bool", "Bridge()", lambda e: ctor(e, use_attn_result=1), TE, ("use_attn_result: expected a bool", "got int")),
+    Case("ctor-rotary_dim-odd", "Bridge()", lambda e: ctor(e, rotary_dim=3), VE, ("rotary_dim: expected None or an even int in [2, d_head=8]", "got 3")),
+    Case("ctor-rotary_dim-above-d_head", "Bridge()", lambda e: ctor(e, rotary_dim=16), VE, ("rotary_dim: expected None or an even int in [2, d_head=8]", "got 16")),
+    Case("ctor-rotary_base", "Bridge()", lambda e: ctor(e, rotary_dim=4, rotary_base=0.5), VE, ("rotary_base: expected a number > 1", "got 0.5")),
+    Case("ctor-alibi-not-bool", "Bridge()", lambda e: ctor(e, alibi=1), TE, ("alibi: expected a bool", "got int")),
     Case("ctor-layer-scale-without-layer_idx", "Bridge()", lambda e: ctor(e, scale_attn_by_inverse_layer_idx=True), VE, ("layer_idx: expected an int when scale_attn_by_inverse_layer_idx is set", "got None")),
     # conversion rules, checked when the Bridge is built
     Case("ctor-conversion-unknown-point", "Bridge()", lambda e: ctor(e, hook_conversions={"hook_nope": "a -> a"}), KeyError, ("hook_conversions: unknown hook points ['hook_nope']", "hook_pattern")),
@@ -338,6 +342,19 @@ FORWARD_CASES = [
     Case("fwd-mask-4d-queries", "Bridge.forward", lambda e: fwd(e, attention_mask=torch.zeros(2, 1, 7, 7, device=e.device)), VE, ("attention_mask: expected a 4-D mask [B or 1, 1 or H, S, K] = [2, 1 or 4, 3, 7]", "got (2, 1, 7, 7)")),
     Case("fwd-mask-4d-heads", "Bridge.forward", lambda e: fwd(e, attention_mask=torch.zeros(2, 2, 3, 7, device=e.device)), VE, ("attention_mask: expected a 4-D mask", "got (2, 2, 3, 7)")),
     Case("fwd-mask-other-device", "Bridge.forward", lambda e: fwd(e, attention_mask=torch.ones(2, 7, device=e.other)), VE, ("attention_mask: expected device {device}", "got {other}")),
+    # positions: RoPE tables or ids, and ALiBi biases
+    Case("fwd-position_ids-without-rotary", "Bridge.forward", lambda e: fwd(e, position_ids=torch.arange(3, device=e.device)[None]), VE, ("position_ids: this layer has no rotary embedding (rotary_dim is None)",)),
+    Case("fwd-position_ids-float", "Bridge.forward", lambda e: rotary_fwd(e, position_ids=torch.zeros(2, 3, device=e.device)), TE, ("position_ids: expected an integer Tensor [B or 1, S]", "torch.float32")),
+    Case("fwd-position_ids-shape", "Bridge.forward", lambda e: rotary_fwd(e, position_ids=torch.zeros(2, 4, dtype=i64, device=e.device)), VE, ("position_ids: expected shape [B or 1, S] = [2 or 1, 3]", "got (2, 4)")),
+    Case("fwd-position_ids-other-device", "Bridge.forward", lambda e: rotary_fwd(e, position_ids=torch.zeros(2, 3, dtype=i64, device=e.other)), VE, ("position_ids: expected device {device}", "got {other}")),
+    Case("fwd-position_embeddings-not-a-pair", "Bridge.forward", lambda e: rotary_fwd(e, position_embeddings=torch.ones(2, 3, 4, device=e.device)), TE, ("position_embeddings: expected a pair (cos, sin) of [B or 1, S, 4] tensors", "got Tensor (2, 3, 4)")),
+    Case("fwd-position_embeddings-width", "Bridge.forward", lambda e: rotary_fwd(e, position_embeddings=(torch.ones(2, 3, 6, device=e.device),) * 2), VE, ("position_embeddings (cos): expected shape [B or 1, S, rotary_dim] = [2 or 1, 3, 4]", "got (2, 3, 6)")),
+    Case("fwd-position_embeddings-integer", "Bridge.forward", lambda e: rotary_fwd(e, position_embeddings=(torch.ones(2, 3, 4, dtype=i64, device=e.device), torch.ones(2, 3, 4, device=e.device))), TE, ("position_embeddings (cos): expected a floating-point Tensor", "torch.int64")),
+    Case("fwd-position_embeddings-cos-sin-shapes", "Bridge.forward", lambda e: rotary_fwd(e, position_embeddings=(torch.ones(2, 3, 4, device=e.device), torch.ones(1, 3, 4, device=e.device))), VE, ("sin: expected the shape of cos [2, 3, 4]", "got [1, 3, 4]")),
+    Case("fwd-alibi-without-alibi", "Bridge.forward", lambda e: fwd(e, alibi=torch.zeros(2, H, 7, device=e.device)), VE, ("alibi: this layer has no ALiBi (alibi=False)",)),
+    Case("fwd-alibi-keys", "Bridge.forward", lambda e: alibi_fwd(e, alibi=torch.zeros(2, H, 5, device=e.device)), VE, ("alibi: expected a per-key bias [B or 1, H or 1, K] = [2, 4, 3]", "got (2, 4, 5)")),
+    Case("fwd-alibi-integer", "Bridge.forward", lambda e: alibi_fwd(e, alibi=torch.zeros(2, H, 3, dtype=i64, device=e.device)), TE, ("alibi: expected a floating-point Tensor [B, H, K]", "torch.int64")),
+    Case("fwd-alibi-other-device", "Bridge.forward", lambda e: alibi_fwd(e, alibi=torch.zeros(2, H, 3, device=e.other)), VE, ("alibi: expected device {device}", "got {other}")),
     Case("fwd-kv_cache-not-a-KVCache", "Bridge.forward", lambda e: e.bridge(e.x_new, kv_cache=(e.cache.keys, e.cache.values)), TE, ("kv_cache: expected a pyqkv.KVCache or None", "got tuple")),
     Case("fwd-kv_cache-other-batch", "Bridge.forward", lambda e: fwd(e, torch.cat([e.x_new, e.x_new[:1]])), VE, ("kv_cache: holds batch 2, 2 KV heads of dim 8, torch.float32", "got new keys of shape (3, 3, 2, 8)")),
     Case("fwd-kv_cache-other-kv-heads", "Bridge.forward", lambda e: e.bridge(e.x_new, kv_cache=other_bridge_cache(e, H=4, Hkv=4)), VE, ("kv_cache: holds batch 2, 4 KV heads of dim 8", "got new keys of shape (2, 3, 2, 8)")),
@@ -345,6 +362,14 @@ FORWARD_CASES = [
     Case("fwd-kv_cache-other-dtype", "Bridge.forward", lambda e: e.bridge(e.x_new, kv_cache=other_bridge_cache(e, dtype=f64)), VE, ("kv_cache: holds batch 2, 2 KV heads of dim 8, torch.float64", "got new keys of shape (2, 3, 2, 8) (torch.float32")),
     Case("fwd-kv_cache-mask-for-K-without-cache", "Bridge.forward", lambda e: fwd(e, attention_mask=torch.zeros(2, 1, 3, 3, device=e.device)), VE, ("attention_mask: expected a 4-D mask [B or 1, 1 or H, S, K] = [2, 1 or 4, 3, 7]", "got (2, 1, 3, 3)")),
 ]
+
+
+def rotary_fwd(e, **kw):
+    return e.bridge_with(rotary_dim=4)(e.x_new, **kw)
+
+
+def alibi_fwd(e, **kw):
+    return e.bridge_with(alibi=True)(e.x_new, **kw)
 
 
 def hooked(e, point, fn, *, bridge=None, **flags):
@@ -368,6 +393,8 @@ HOOK_POINTS = [
     ("hook_q_input", {"use_split_qkv_input": True}, (2, 3, H, D)),
     ("hook_k_input", {"use_split_qkv_input": True}, (2, 3, HKV, D)),
     ("hook_result", {"use_attn_result": True}, (2, 3, H, D)),
+    ("hook_rot_q", {"rotary_dim": 4}, (2, 3, H, DH)),
+    ("hook_rot_k", {"rotary_dim": 4}, (2, 3, HKV, DH)),
 ]
 
 
