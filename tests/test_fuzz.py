@@ -322,3 +322,70 @@ def test_kv_append_matches_reference(case, cache_kind, new_kind, dtype, seed):
     ref.kv_append(wk, wv, k_new, v_new, start)
     ops.kv_append(k_cache, v_cache, k_new, v_new, start)
     assert torch.equal(buf.nan_to_num(7.0), want.nan_to_num(7.0)), "kv_append wrote other memory or other values"
+
+
+# --------------------------------------------------------------------------------------------------
+# rotary
+
+
+@fuzz(ci=30, long=600)
+@given(st.integers(1, 3), small_or_edge(12, [63, 64, 65]), st.integers(1, 6), st.integers(1, 40),
+       st.booleans(), st.sampled_from(["batched", "shared", "2d"]), st.sampled_from(["contiguous", "heads_major", "sliced", "fused"]),
+       dtypes, st.booleans(), seeds, st.data())
+def test_rotary_matches_reference(B, S, n, half_dh, interleaved, tables, kind, dtype, tables_in_x_dtype, seed, data):
+    """RoPE on the first R of Dh features (partial when R < Dh), both rotation styles, tables per batch row,
+    shared ([1, S, R]) or 2-D ([S, R]), in float32 or x's dtype; x with any strides."""
+    g = gen(seed)
+    Dh = 2 * half_dh
+    R = 2 * data.draw(st.integers(1, half_dh), label="R / 2")
+    if kind == "fused":  # a head block of a fused projection, as the Bridge passes q and k
+        x = randn(g, B, S, 3 * n * Dh, dtype=dtype)[..., n * Dh : 2 * n * Dh].unflatten(-1, (n, Dh))
+    elif kind == "heads_major":
+        x = randn(g, B, n, S, Dh, dtype=dtype).transpose(1, 2)
+    elif kind == "sliced":
+        x = randn(g, B, S, n, 2 * Dh, dtype=dtype)[..., ::2]
+    else:
+        x = randn(g, B, S, n, Dh, dtype=dtype)
+    angles = torch.rand(B if tables == "batched" else 1, S, R, generator=g, dtype=torch.float64) * 50
+    cos, sin = angles.cos(), angles.sin()
+    table_dtype = dtype if tables_in_x_dtype else torch.float32
+    cos, sin = cos.to(table_dtype), sin.to(table_dtype)
+    if tables == "2d":
+        cos, sin = cos[0], sin[0]
+    out = ops.rotary(x, cos, sin, interleaved=interleaved)
+    assert out.shape == x.shape and out.dtype == dtype
+    hi = ref.rotary(x.double(), cos.double(), sin.double(), interleaved=interleaved)
+    lo = ref.rotary(x, cos, sin, interleaved=interleaved, compute_dtype=dtype)
+    assert_close_by_rule(out, hi, lo, what="rotary")
+    assert torch.equal(out[..., R:], x[..., R:]), "features past R must pass through unchanged"
+
+
+# --------------------------------------------------------------------------------------------------
+# ALiBi: a per-key bias [B or 1, H or 1, K] on the scaled scores, fused and split form
+
+
+@fuzz(ci=30, long=800)
+@given(attention_shapes(), st.sampled_from(["fused", "heads_major", "contiguous"]), dtypes, st.booleans(),
+       st.sampled_from(["B", 1]), st.sampled_from(["H", 1]), st.booleans(), seeds, st.data())
+def test_attention_with_alibi_matches_reference(shape, kind, dtype, causal, b_dim, h_dim, alibi_f32, seed, data):
+    B, S, K, H, Hkv, Dh = shape
+    g = gen(seed)
+    q, k, v = qkv_views(g, B, S, K, H, Hkv, Dh, kind, dtype, 1.0)
+    mask = data.draw(masks(B, H, S, K, dtype, seed), label="mask")
+    slopes = torch.rand(B if b_dim == "B" else 1, H if h_dim == "H" else 1, 1, generator=g)
+    alibi = (-slopes * torch.arange(K - 1, -1, -1)).to(torch.float32 if alibi_f32 else dtype)  # Bloom-like
+    scale = Dh**-0.5
+    kw = dict(scale=scale, causal=causal, mask=mask, alibi=alibi)
+    z, lse, pattern = ops.attention(q, k, v, return_pattern=True, **kw)
+    hi = ref.attention(q, k, v, return_pattern=True, **kw)
+    lo = ref.attention(q, k, v, return_pattern=True, compute_dtype=dtype, **kw)
+    for name, got, h, lw in zip(("z", "lse", "pattern"), (z, lse, pattern), hi, lo):
+        assert_close_by_rule(got, h, lw, what=f"{name} with alibi")
+    scores = ops.attn_scores(q, k, **kw)
+    vis = ref.visible_keys(B, H, S, K, causal=causal, mask=mask).expand(B, H, S, K)
+    assert (scores[~vis] == torch.finfo(dtype).min).all(), "alibi must not unhide a hidden entry"
+    if vis.any():
+        s_hi = ref.attn_scores(q, k, **kw)
+        s_lo = ref.attn_scores(q, k, compute_dtype=dtype, **kw)
+        assert_close_by_rule(scores[vis], s_hi[vis], s_lo[vis], what="attn_scores with alibi")
+    assert_close_by_rule(ops.attn_apply(ops.attn_softmax(scores), v), hi[0], lo[0], what="split-form z with alibi")
