@@ -14,6 +14,7 @@ Paths (DESIGN.md, "Fast-path selection"):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -162,7 +163,7 @@ class Bridge(nn.Module, HookedMixin):
     ):
         nn.Module.__init__(self)
         for name, value in (("n_heads", n_heads), ("d_head", d_head)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if not isinstance(n_kv_heads, int) or n_kv_heads < 1 or n_heads % n_kv_heads:
@@ -177,9 +178,28 @@ class Bridge(nn.Module, HookedMixin):
         for name, value in (("rotary_interleaved", rotary_interleaved), ("alibi", alibi)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-        for name, t in (("weight", weight), ("out_weight", out_weight)):
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        for name, t in (("weight", weight), ("out_weight", out_weight), ("bias", bias), ("out_bias", out_bias)):
+            if t is None and name in ("bias", "out_bias"):
+                continue
+            if not isinstance(t, torch.Tensor):
+                if name == "bias":
+                    continue  # the split below names its expected shape
                 raise TypeError(f"{name}: expected a floating-point Tensor, got {_describe(t)}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name}: expected a floating-point Tensor, got {_describe(t)}")
+            if name != "weight" and t.dtype != weight.dtype:
+                raise TypeError(f"{name}: expected dtype {weight.dtype} (the dtype of weight), got {t.dtype}")
+            if name != "weight" and t.device != weight.device:
+                raise ValueError(f"{name}: expected device {weight.device} (the device of weight), got {t.device}")
+        for name, p in (("attn_dropout", attn_dropout), ("resid_dropout", resid_dropout)):
+            if isinstance(p, bool) or not isinstance(p, numbers.Real):
+                raise TypeError(f"{name}: expected a number, got {type(p).__name__} {p!r}")
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name}: expected a probability in [0, 1], got {p}")
+        if scale_attn_by_inverse_layer_idx and scale is None and layer_idx is not None and (
+            not isinstance(layer_idx, int) or isinstance(layer_idx, bool) or layer_idx < 0
+        ):
+            raise ValueError(f"layer_idx: expected an int >= 0, got {layer_idx!r}")
         if scale is None:
             scale = attention_scale(
                 d_head,
@@ -187,6 +207,10 @@ class Bridge(nn.Module, HookedMixin):
                 scale_attn_by_inverse_layer_idx=scale_attn_by_inverse_layer_idx,
                 layer_idx=layer_idx,
             )
+        if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"scale: expected a number, got {type(scale).__name__} {scale!r}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"scale: expected a finite number, got {float(scale)}")
         with torch.no_grad():
             # Split with the source layout, then pack blocked: every layout runs the same one-GEMM forward
             # with Q, K, V as zero-copy column blocks of its output.
@@ -231,6 +255,12 @@ class Bridge(nn.Module, HookedMixin):
 
         self._points = {name: HookPoint(name) for name in HOOK_NAMES}
         conversions = dict(hook_conversions or {})
+        by_point = {}
+        for n in conversions:
+            by_point.setdefault(HOOK_ALIASES.get(n, n), []).append(n)
+        clash = next((sorted(names) for names in by_point.values() if len(names) > 1), None)
+        if clash:
+            raise ValueError(f"hook_conversions: {' and '.join(map(repr, clash))} name the same hook point; give one rule")
         unknown = [n for n in conversions if HOOK_ALIASES.get(n, n) not in self._points]
         if unknown:
             raise KeyError(f"hook_conversions: unknown hook points {unknown}; valid: {', '.join(HOOK_NAMES)}")

@@ -9,6 +9,9 @@ ValueError / TypeError naming the argument, what was expected and what was recei
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from typing import Optional
 
 import torch
@@ -18,6 +21,20 @@ from pyqkv import _C  # noqa: F401  (loads the shared library: runs its TORCH_LI
 LAYOUTS = ("blocked", "interleaved", "grouped", "codegen")
 
 _ops = torch.ops.pyqkv
+
+
+def _check_tensor(name: str, t, layout: str) -> None:
+    """t must be a Tensor: None or a list would otherwise reach the op as an undefined or a wrong argument."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a Tensor {layout}, got {type(t).__name__}")
+
+
+def _check_like(name: str, t, ref_name: str, ref) -> None:
+    """t (a bias) must have the dtype and device of ref (its weight): the op packs them separately."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {t.device}")
 
 
 def _check_layout(layout) -> None:
@@ -45,7 +62,10 @@ def split_qkv(weight, bias, *, n_heads: int, n_kv_heads: Optional[int] = None, d
     (the biases are None when bias is None). For GPT-2, W_Q[h] = c_attn.weight[:, h*Dh:(h+1)*Dh].
     """
     _check_layout(layout)
+    _check_tensor("weight", weight, "[D, (H + 2 Hkv) Dh] (conv1d) or [(H + 2 Hkv) Dh, D]")
     n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    if bias is not None and isinstance(bias, torch.Tensor):
+        _check_like("bias", bias, "weight", weight)
     W_Q, W_K, W_V = _ops.split_qkv(weight, n_heads, n_kv_heads, d_head, layout, conv1d)
     if bias is None:
         return W_Q, W_K, W_V, None, None, None
@@ -74,6 +94,7 @@ def pack_qkv(W_Q, W_K, W_V, b_Q=None, b_K=None, b_V=None, *, layout: str = "bloc
         if not isinstance(b, torch.Tensor) or tuple(b.shape) != want:
             got = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
             raise ValueError(f"{name}: expected shape {want} (heads, Dh of the weight), got {got}")
+        _check_like(name, b, "W_Q", W_Q)
     bias = _ops.pack_qkv(b_Q.unsqueeze(1), b_K.unsqueeze(1), b_V.unsqueeze(1), layout, True)
     return weight, bias.squeeze(0)
 
@@ -193,7 +214,7 @@ def attention(q, k, v, *, scale: float, causal: bool, mask=None, return_pattern:
     row with no visible key) and pattern [B, H, S, K] (None unless return_pattern). A row with no
     visible key gives zeros in z and pattern, never NaN. Half types accumulate in float32.
     """
-    z, lse, pattern = _ops.attention(q, k, v, mask, float(scale), bool(causal), bool(return_pattern), alibi)
+    z, lse, pattern = _ops.attention(q, k, v, mask, _check_scale(scale), bool(causal), bool(return_pattern), alibi)
     return z, lse, (pattern if return_pattern else None)
 
 
@@ -278,6 +299,17 @@ torch.library.register_autograd("pyqkv::attention", _attention_backward, setup_c
 # as the fused op: GQA by index, bottom-right causal, hidden entries at the dtype's most negative value.
 
 
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor)) or (
+        isinstance(scale, torch.Tensor) and scale.numel() != 1
+    ):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__} {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite float, got {scale}")
+    return scale
+
+
 def _shape(t) -> str:
     return f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
 
@@ -301,12 +333,18 @@ def _check_split_form(q=None, k=None, v=None, mask=None, pattern=None, alibi=Non
             raise ValueError(f"k: expected a KV head count that divides H={H}, got Hkv={k.shape[2]}")
         if q.device != k.device:
             raise ValueError(f"k: expected device {q.device} (the device of q), got {k.device}")
+        if k.dtype != q.dtype:
+            raise TypeError(f"k: expected dtype {q.dtype} (the dtype of q), got {k.dtype}")
         if mask is not None:
             K = k.shape[1]
             if not isinstance(mask, torch.Tensor):
                 raise TypeError(f"mask: expected a Tensor or None, got {type(mask).__name__}")
+            if mask.device != q.device:
+                raise ValueError(f"mask: expected device {q.device} (the device of q), got {mask.device}")
             if mask.dim() == 2 and tuple(mask.shape) != (B, K):
                 raise ValueError(f"mask: expected a 2-D padding mask [B, K] = [{B}, {K}], got {list(mask.shape)}")
+            if mask.dim() == 2 and mask.is_complex():
+                raise TypeError(f"mask: expected a bool, integer or float padding mask, got {mask.dtype}")
             if mask.dim() == 4:
                 if not mask.is_floating_point():
                     raise TypeError(f"mask: expected a floating-point additive 4-D mask, got {mask.dtype}")
@@ -331,6 +369,10 @@ def _check_split_form(q=None, k=None, v=None, mask=None, pattern=None, alibi=Non
                 )
     if pattern is not None and v is not None:
         B, H, S, K = pattern.shape
+        if v.dtype != pattern.dtype:
+            raise TypeError(f"v: expected dtype {pattern.dtype} (the dtype of pattern), got {v.dtype}")
+        if v.device != pattern.device:
+            raise ValueError(f"v: expected device {pattern.device} (the device of pattern), got {v.device}")
         if v.shape[0] != B or v.shape[1] != K or v.shape[2] < 1 or H % v.shape[2]:
             raise ValueError(
                 f"v: expected shape [{B}, {K}, Hkv, Dh] with Hkv dividing H={H} (pattern {list(pattern.shape)}), "
@@ -352,7 +394,12 @@ def attn_scores(q, k, *, scale: float, causal: bool, mask=None, dtype: Optional[
     mask. Hidden entries (causal, padding or an additive entry at or below half the dtype's minimum)
     hold the dtype's most negative finite value, so attn_softmax gives them weight exactly 0.
     """
+    _check_tensor("q", q, "[B, S, H, Dh]")
+    _check_tensor("k", k, "[B, K, Hkv, Dh]")
     _check_split_form(q=q, k=k, mask=mask, alibi=alibi)
+    scale = _check_scale(scale)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating-point dtype or None, got {dtype}")
     B, S, H, Dh = q.shape
     K, Hkv = k.shape[1], k.shape[2]
     dtype = q.dtype if dtype is None else dtype
@@ -378,6 +425,8 @@ def attn_softmax(scores, *, dtype: Optional[torch.dtype] = None):
     dtype's most negative value get weight 0 and a row with none left is all zeros (never NaN)."""
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise TypeError(f"scores: expected a floating-point tensor [B, H, S, K], got {_shape(scores)}")
+    if scores.dim() != 4:
+        raise ValueError(f"scores: expected a 4-D tensor [B, H, S, K], got {_shape(scores)}")
     hidden = scores <= torch.finfo(scores.dtype).min / 2
     s = scores.to(_acc_dtype(scores.dtype)).masked_fill(hidden, float("-inf"))
     any_visible = ~hidden.all(dim=-1, keepdim=True)
@@ -387,6 +436,8 @@ def attn_softmax(scores, *, dtype: Optional[torch.dtype] = None):
 
 def attn_apply(pattern, v):
     """z [B, S, H, Dh] = pattern [B, H, S, K] · v [B, K, Hkv, Dh], GQA by index."""
+    _check_tensor("pattern", pattern, "[B, H, S, K]")
+    _check_tensor("v", v, "[B, K, Hkv, Dh]")
     _check_split_form(v=v, pattern=pattern)
     B, H, S, K = pattern.shape
     Hkv, Dh = v.shape[2], v.shape[3]
@@ -493,7 +544,10 @@ def kv_append(k_cache, v_cache, k_new, v_new, start: int) -> None:
     """Write k_new, v_new [B, S, Hkv, Dh] into k_cache, v_cache [B, Hkv, capacity, Dh] at positions
     start .. start + S - 1, in place (the schema marks both caches as mutated). No reallocation: the
     caller (pyqkv.KVCache) owns growth."""
-    _ops.kv_append(k_cache, v_cache, k_new, v_new, int(start))
+    # int() would truncate 1.5 to 1 and parse "1": only integers are positions.
+    if isinstance(start, bool) or not hasattr(type(start), "__index__"):
+        raise TypeError(f"start: expected an int, got {type(start).__name__} {start!r}")
+    _ops.kv_append(k_cache, v_cache, k_new, v_new, operator.index(start))
 
 
 @torch.library.register_fake("pyqkv::kv_append")

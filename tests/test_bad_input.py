@@ -540,7 +540,58 @@ KVCACHE_CASES = [
 ]
 # fmt: on
 
-CASES = OP_CASES + CONSTRUCTION_CASES + FORWARD_CASES + HOOK_CASES + CONVERSION_CASES + KVCACHE_CASES
+# Arguments the Python wrappers of the ops and the Bridge's constructor check themselves (scale, start,
+# the split form's tensors, biases' dtype and device, dropout probabilities, ambiguous conversion rules).
+
+
+def _q(e):
+    return t(2, 3, 4, 8, device=e.device)
+
+
+def _k(e, **kw):
+    return t(2, 5, 2, 8, device=e.device, **kw)
+
+
+# fmt: off
+ARGUMENT_CASES = [
+    # the ops' Python wrappers -----------------------------------------------------------------------------------
+    Case("attn-scale-not-a-number", "ops.attention", lambda e: ops.attention(_q(e), _k(e), _k(e), scale="a", causal=True), TE, ("scale: expected a float", "got str 'a'")),
+    Case("scores-k-dtype", "ops.attention", lambda e: ops.attn_scores(_q(e), _k(e, dtype=f64), scale=0.3, causal=True), TE, ("k: expected dtype torch.float32 (the dtype of q)", "got torch.float64")),
+    Case("scores-mask-complex", "ops.attention", lambda e: ops.attn_scores(_q(e), _k(e), scale=0.3, causal=True, mask=torch.ones(2, 5, dtype=torch.complex64)), TE, ("mask: expected a bool, integer or float padding mask", "complex64")),
+    Case("scores-mask-other-device", "ops.attention", lambda e: ops.attn_scores(_q(e), _k(e), scale=0.3, causal=True, mask=torch.ones(2, 5, device=e.other)), VE, ("mask: expected device {device} (the device of q)", "got {other}")),
+    Case("scores-k-None", "ops.attention", lambda e: ops.attn_scores(_q(e), None, scale=0.3, causal=True), TE, ("k: expected a Tensor [B, K, Hkv, Dh]", "got NoneType")),
+    Case("scores-dtype-integer", "ops.attention", lambda e: ops.attn_scores(_q(e), _k(e), scale=0.3, causal=True, dtype=i64), TE, ("dtype: expected a floating-point dtype", "got torch.int64")),
+    Case("softmax-rank-3", "ops.attention", lambda e: ops.attn_softmax(t(2, 4, 3, device=e.device)), VE, ("scores: expected a 4-D tensor [B, H, S, K]", "[2, 4, 3]")),
+    Case("apply-v-dtype", "ops.attention", lambda e: ops.attn_apply(t(2, 4, 3, 5, device=e.device), _k(e, dtype=f64)), TE, ("v: expected dtype torch.float32 (the dtype of pattern)", "got torch.float64")),
+    Case("apply-v-other-device", "ops.attention", lambda e: ops.attn_apply(t(2, 4, 3, 5, device=e.device), t(2, 5, 2, 8, device=e.other)), VE, ("v: expected device {device} (the device of pattern)", "got {other}")),
+    Case("apply-pattern-None", "ops.attention", lambda e: ops.attn_apply(None, _k(e)), TE, ("pattern: expected a Tensor [B, H, S, K]", "got NoneType")),
+    Case("split-weight-None", "ops.split_qkv", lambda e: ops.split_qkv(None, None, n_heads=4, n_kv_heads=2, d_head=2, layout="blocked", conv1d=True), TE, ("weight: expected a Tensor", "got NoneType")),
+    Case("split-bias-dtype", "ops.split_qkv", lambda e: ops.split_qkv(t(8, 16, device=e.device), t(16, dtype=f64, device=e.device), n_heads=4, n_kv_heads=2, d_head=2, layout="blocked", conv1d=True), TE, ("bias: expected dtype torch.float32 (the dtype of weight)", "got torch.float64")),
+    Case("split-bias-other-device", "ops.split_qkv", lambda e: ops.split_qkv(t(8, 16, device=e.device), t(16, device=e.other), n_heads=4, n_kv_heads=2, d_head=2, layout="blocked", conv1d=True), VE, ("bias: expected device {device} (the device of weight)", "got {other}")),
+    Case("pack-bias-dtype-named", "ops.pack_qkv", lambda e: ops.pack_qkv(t(4, 8, 2), t(2, 8, 2), t(2, 8, 2), t(4, 2), t(2, 2), t(2, 2, dtype=f64)), TE, ("b_V: expected dtype torch.float32 (the dtype of W_Q)", "got torch.float64")),
+    Case("pack-bias-other-device", "ops.pack_qkv", lambda e: ops.pack_qkv(t(4, 8, 2), t(2, 8, 2), t(2, 8, 2), t(4, 2), t(2, 2), t(2, 2, device=e.other)), VE, ("b_V: expected device cpu (the device of W_Q)", "got {other}")),
+    Case("append-start-float", "ops.kv_append", lambda e: ops.kv_append(t(2, 2, 10, 4), t(2, 2, 10, 4), t(2, 3, 2, 4), t(2, 3, 2, 4), 1.5), TE, ("start: expected an int", "got float 1.5")),
+    Case("append-start-str", "ops.kv_append", lambda e: ops.kv_append(t(2, 2, 10, 4), t(2, 2, 10, 4), t(2, 3, 2, 4), t(2, 3, 2, 4), "1"), TE, ("start: expected an int", "got str '1'")),
+    # Bridge construction --------------------------------------------------------------------------------
+    Case("ctor-bias-dtype", "Bridge()", lambda e: ctor(e, bias=e.w["bias"].double()), TE, ("bias: expected dtype torch.float32 (the dtype of weight)", "got torch.float64")),
+    Case("ctor-bias-integer", "Bridge()", lambda e: ctor(e, bias=torch.ones(64, dtype=i64)), TE, ("bias: expected a floating-point Tensor", "torch.int64")),
+    Case("ctor-out_weight-dtype", "Bridge()", lambda e: ctor(e, out_weight=e.w["out_weight"].double()), TE, ("out_weight: expected dtype torch.float32 (the dtype of weight)", "got torch.float64")),
+    Case("ctor-out_bias-dtype", "Bridge()", lambda e: ctor(e, out_bias=e.w["out_bias"].half()), TE, ("out_bias: expected dtype torch.float32 (the dtype of weight)", "got torch.float16")),
+    Case("ctor-out_bias-integer", "Bridge()", lambda e: ctor(e, out_bias=torch.ones(32, dtype=i64)), TE, ("out_bias: expected a floating-point Tensor", "torch.int64")),
+    Case("ctor-out_weight-other-device", "Bridge()", lambda e: ctor(e, out_weight=e.w["out_weight"].to(e.other)), VE, ("out_weight: expected device {device} (the device of weight)", "got {other}")),
+    Case("ctor-n_heads-bool", "Bridge()", lambda e: ctor(e, n_heads=True, n_kv_heads=1), VE, ("n_heads: expected a positive int", "got True")),
+    Case("ctor-scale-not-a-number", "Bridge()", lambda e: ctor(e, scale="x"), TE, ("scale: expected a number", "got str 'x'")),
+    Case("ctor-scale-nan", "Bridge()", lambda e: ctor(e, scale=float("nan")), VE, ("scale: expected a finite number", "got nan")),
+    Case("ctor-layer_idx-negative", "Bridge()", lambda e: ctor(e, scale_attn_by_inverse_layer_idx=True, layer_idx=-1), VE, ("layer_idx: expected an int >= 0", "got -1")),
+    Case("ctor-attn_dropout-above-1", "Bridge()", lambda e: ctor(e, attn_dropout=1.5), VE, ("attn_dropout: expected a probability in [0, 1]", "got 1.5")),
+    Case("ctor-resid_dropout-negative", "Bridge()", lambda e: ctor(e, resid_dropout=-0.1), VE, ("resid_dropout: expected a probability in [0, 1]", "got -0.1")),
+    Case("ctor-resid_dropout-not-a-number", "Bridge()", lambda e: ctor(e, resid_dropout="a"), TE, ("resid_dropout: expected a number", "got str 'a'")),
+    Case("ctor-conversion-alias-and-canonical", "Bridge()", lambda e: ctor(e, hook_conversions={"hook_z": "b s (h d) -> b s h d", "o.hook_in": "b s (h d) -> b h s d"}), VE, ("hook_conversions: 'hook_z' and 'o.hook_in' name the same hook point",)),
+]
+# fmt: on
+
+CASES = (OP_CASES + CONSTRUCTION_CASES + FORWARD_CASES + HOOK_CASES + CONVERSION_CASES + KVCACHE_CASES
+         + ARGUMENT_CASES)
 
 
 def test_table_is_complete():
