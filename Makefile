@@ -17,6 +17,7 @@ demo: $(VENV)/.built
 
 test: $(VENV)/.built
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory sanitize
 	$(MAKE) --no-print-directory cuda-build-check
 
 # The CUDA kernels compile, link and register, even without a GPU: builds them against a CUDA torch in
