@@ -77,7 +77,8 @@ class Env:
     after-error contract."""
 
     def __init__(self, device):
-        self.device = torch.device(device)
+        # The device as tensors report it ("cuda:0", not "cuda"): messages name a tensor's device.
+        self.device = torch.empty(0, device=device).device
         self.other = "meta" if self.device.type == "cpu" else "cpu"
         self.w = layer_weights(device)
         g = torch.Generator().manual_seed(5)
@@ -557,7 +558,7 @@ ARGUMENT_CASES = [
     # the ops' Python wrappers -----------------------------------------------------------------------------------
     Case("attn-scale-not-a-number", "ops.attention", lambda e: ops.attention(_q(e), _k(e), _k(e), scale="a", causal=True), TE, ("scale: expected a float", "got str 'a'")),
     Case("scores-k-dtype", "ops.attention", lambda e: ops.attn_scores(_q(e), _k(e, dtype=f64), scale=0.3, causal=True), TE, ("k: expected dtype torch.float32 (the dtype of q)", "got torch.float64")),
-    Case("scores-mask-complex", "ops.attention", lambda e: ops.attn_scores(_q(e), _k(e), scale=0.3, causal=True, mask=torch.ones(2, 5, dtype=torch.complex64)), TE, ("mask: expected a bool, integer or float padding mask", "complex64")),
+    Case("scores-mask-complex", "ops.attention", lambda e: ops.attn_scores(_q(e), _k(e), scale=0.3, causal=True, mask=torch.ones(2, 5, dtype=torch.complex64, device=e.device)), TE, ("mask: expected a bool, integer or float padding mask", "complex64")),
     Case("scores-mask-other-device", "ops.attention", lambda e: ops.attn_scores(_q(e), _k(e), scale=0.3, causal=True, mask=torch.ones(2, 5, device=e.other)), VE, ("mask: expected device {device} (the device of q)", "got {other}")),
     Case("scores-k-None", "ops.attention", lambda e: ops.attn_scores(_q(e), None, scale=0.3, causal=True), TE, ("k: expected a Tensor [B, K, Hkv, Dh]", "got NoneType")),
     Case("scores-dtype-integer", "ops.attention", lambda e: ops.attn_scores(_q(e), _k(e), scale=0.3, causal=True, dtype=i64), TE, ("dtype: expected a floating-point dtype", "got torch.int64")),
@@ -569,7 +570,7 @@ ARGUMENT_CASES = [
     Case("split-bias-dtype", "ops.split_qkv", lambda e: ops.split_qkv(t(8, 16, device=e.device), t(16, dtype=f64, device=e.device), n_heads=4, n_kv_heads=2, d_head=2, layout="blocked", conv1d=True), TE, ("bias: expected dtype torch.float32 (the dtype of weight)", "got torch.float64")),
     Case("split-bias-other-device", "ops.split_qkv", lambda e: ops.split_qkv(t(8, 16, device=e.device), t(16, device=e.other), n_heads=4, n_kv_heads=2, d_head=2, layout="blocked", conv1d=True), VE, ("bias: expected device {device} (the device of weight)", "got {other}")),
     Case("pack-bias-dtype-named", "ops.pack_qkv", lambda e: ops.pack_qkv(t(4, 8, 2), t(2, 8, 2), t(2, 8, 2), t(4, 2), t(2, 2), t(2, 2, dtype=f64)), TE, ("b_V: expected dtype torch.float32 (the dtype of W_Q)", "got torch.float64")),
-    Case("pack-bias-other-device", "ops.pack_qkv", lambda e: ops.pack_qkv(t(4, 8, 2), t(2, 8, 2), t(2, 8, 2), t(4, 2), t(2, 2), t(2, 2, device=e.other)), VE, ("b_V: expected device cpu (the device of W_Q)", "got {other}")),
+    Case("pack-bias-other-device", "ops.pack_qkv", lambda e: ops.pack_qkv(*(t(*shape, device=e.device) for shape in ((4, 8, 2), (2, 8, 2), (2, 8, 2), (4, 2), (2, 2))), t(2, 2, device=e.other)), VE, ("b_V: expected device {device} (the device of W_Q)", "got {other}")),
     Case("append-start-float", "ops.kv_append", lambda e: ops.kv_append(t(2, 2, 10, 4), t(2, 2, 10, 4), t(2, 3, 2, 4), t(2, 3, 2, 4), 1.5), TE, ("start: expected an int", "got float 1.5")),
     Case("append-start-str", "ops.kv_append", lambda e: ops.kv_append(t(2, 2, 10, 4), t(2, 2, 10, 4), t(2, 3, 2, 4), t(2, 3, 2, 4), "1"), TE, ("start: expected an int", "got str '1'")),
     # Bridge construction --------------------------------------------------------------------------------
