@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip install -c requirements/constraints.txt
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 HAVE_TORCH := $(shell $(PYTHON) -c "import torch; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); assert (2, 11) <= v < (2, 15)" 2>/dev/null && echo yes)
 
-.PHONY: demo test bench build clean cuda-build-check fuzz sanitize
+.PHONY: demo test bench build clean cuda-build-check fuzz sanitize gpu-check
 
 demo: $(VENV)/.built
 	$(PY) -m pyqkv
@@ -58,3 +58,9 @@ $(VENV)/.built: $(VENV)/.ready $(SOURCES)
 
 clean:
 	rm -rf build *.egg-info pyqkv/*.so $(VENV)/.built
+
+# On a GPU machine: the CUDA smoke test, the GPU benchmark, the CUDA half of the test suite and
+# compute-sanitizer memcheck/racecheck, each time-boxed, logs in $(GPU_OUT). See scripts/gpu_check.sh.
+GPU_OUT ?= build/gpu-check
+gpu-check: $(VENV)/.built
+	OUT=$(GPU_OUT) PYTHON=$(PY) bash scripts/gpu_check.sh

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Everything a GPU session checks, in one command (GPU time is short; a machine start costs minutes):
+#
+#   OUT=/some/dir bash scripts/gpu_check.sh
+#
+# 1. the extension: uses a pyqkv/_C*.so built for this python and torch if one is there and registers
+#    CUDA kernels (a build made elsewhere for the same torch and python), else builds here with nvcc;
+# 2. scripts/cuda_smoke.py: every CUDA op against pyqkv/reference.py on the tricky cases;
+# 3. bench/gpu_attention.py: prefill / decode / pattern against PyTorch (the issue's benchmark table);
+# 4. the test suite with CUDA (pytest -n 8 when pytest-xdist is there);
+# 5. compute-sanitizer memcheck over the smoke cases, then racecheck over a subset.
+# Each stage has its own time limit (seconds, overridable: T_SMOKE, T_BENCH, T_TESTS, T_MEMCHECK,
+# T_RACECHECK), so a slow stage cannot eat the others; logs go to $OUT, a summary is printed last.
+# STAGES picks stages (default: all, in the order above); TEST_K is pytest's -k (default "cuda": the CPU
+# cases run in CI anyway); RACE_K lists the smoke-case names racecheck runs (comma-separated substrings).
+# pytest is stopped with SIGINT at its limit, so it still prints which tests failed.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/pyqkv-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+T0=$SECONDS
+stage() { echo "=== $1 (at $((SECONDS - T0)) s)"; }
+
+stage "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+$PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+HAS_CUDA_OPS="import torch, pyqkv, sys; sys.exit(not torch._C._dispatch_has_kernel_for_dispatch_key('pyqkv::attention', 'CUDA'))"
+if $PY -c "$HAS_CUDA_OPS" 2>"$OUT/import.log"; then
+  echo "extension: using the carried build $(ls pyqkv/_C*.so | tr '\n' ' ')"
+else
+  tail -n 3 "$OUT/import.log"
+  stage "build (no usable carried .so)"
+  rm -f pyqkv/_C*.so
+  MAX_JOBS=$(nproc) TORCH_CUDA_ARCH_LIST=9.0 PYQKV_CUDA=1 $PY setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 \
+    || { tail -n 40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+  $PY -c "$HAS_CUDA_OPS" || { echo "built, but no CUDA kernel registered"; exit 1; }
+fi
+
+STAGES=${STAGES:-smoke bench tests memcheck racecheck}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if want smoke; then
+stage "smoke"
+timeout "${T_SMOKE:-90}" $PY scripts/cuda_smoke.py >"$OUT/smoke.log" 2>&1
+echo "smoke rc=$?"
+fi
+
+if want bench; then
+stage "bench"
+timeout "${T_BENCH:-150}" $PY bench/gpu_attention.py --json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
+echo "bench rc=$?"
+fi
+
+if want tests; then
+stage "tests"
+XDIST=""
+$PY -c "import xdist" 2>/dev/null && XDIST="-n ${XDIST_N:-8}"
+PLUGINS=""
+$PY -c "import pytest_timeout" 2>/dev/null && PLUGINS="--timeout 120"
+timeout -s INT -k 20 "${T_TESTS:-220}" $PY -m pytest -q -p no:cacheprovider $XDIST $PLUGINS -rfE --tb=short \
+  -k "${TEST_K:-cuda}" tests >"$OUT/pytest.log" 2>&1
+echo "tests rc=$?"
+fi
+
+if want memcheck; then
+stage "memcheck"
+timeout "${T_MEMCHECK:-100}" compute-sanitizer --tool memcheck --print-limit 20 $PY scripts/cuda_smoke.py \
+  >"$OUT/memcheck.log" 2>&1
+echo "memcheck rc=$?"
+fi
+
+if want racecheck; then
+stage "racecheck"
+: >"$OUT/racecheck.log"
+IFS=, read -ra RACE_CASES <<<"${RACE_K:-prefill,decode}"
+for k in "${RACE_CASES[@]}"; do
+  timeout "${T_RACECHECK:-60}" compute-sanitizer --tool racecheck --print-limit 20 $PY scripts/cuda_smoke.py -k "$k" \
+    >>"$OUT/racecheck.log" 2>&1
+  echo "racecheck -k '$k' rc=$?"
+done
+fi
+
+stage "summary"
+echo "--- smoke: failures and the last line"
+grep -E "^FAIL" "$OUT/smoke.log" 2>/dev/null | head -n 30
+tail -n 1 "$OUT/smoke.log" 2>/dev/null
+echo "--- bench"
+tail -n 40 "$OUT/bench.log" 2>/dev/null
+echo "--- tests"
+grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" 2>/dev/null | cut -c 1-300 | head -n 40
+tail -n 2 "$OUT/pytest.log" 2>/dev/null
+echo "--- memcheck"
+grep -E "ERROR SUMMARY|Invalid|FAIL|passed" "$OUT/memcheck.log" 2>/dev/null | head -n 20
+echo "--- racecheck"
+grep -E "RACECHECK SUMMARY|ERROR SUMMARY|hazard|FAIL|passed" "$OUT/racecheck.log" 2>/dev/null | head -n 20
+echo "total $((SECONDS - T0)) s"
