@@ -1,6 +1,7 @@
 // attention on CUDA: the host function (argument checks, mask preparation and kernel choice) over the
-// kernels of attention_tc.cuh (tensor cores, half-type prefill) and attention_simt.cuh (CUDA cores:
-// float32/float64, decode with Flash-Decoding splits, and every case the tensor-core kernel declines).
+// kernels of attention_tc.cuh (tensor cores, half-type prefill), attention_decode.cuh (decode shapes:
+// few query rows per KV head, wide loads, Flash-Decoding splits) and attention_simt.cuh (CUDA cores:
+// float64, the pattern, and every case the other two decline).
 // Semantics are those of the CPU op (csrc/cpu/attention.cpp), output for output.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "attention_decode.cuh"
 #include "attention_host.cuh"
 #include "attention_plan.cuh"
 #include "attention_simt.cuh"
@@ -48,6 +50,47 @@ void launch_tc(const Params& p, const Plan& plan, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Merges the key slices' partials (attention_simt.cuh's combine_splits_kernel) into z and lse.
+template <typename scalar_t, typename acc_t>
+void launch_combine(const Params& p, int n_splits, const acc_t* ws_o, const acc_t* ws_ml, cudaStream_t stream) {
+  const int64_t rows = p.B * p.H * p.S;
+  check_grid(rows, "query rows");
+  TORCH_CHECK(n_splits <= attn::kMaxSplits, "pyqkv: internal: ", n_splits, " key slices, at most ", attn::kMaxSplits,
+              " supported");
+  const size_t combine_smem = attn::kCombineSmemEntries * sizeof(acc_t);  // see combine_splits_kernel
+  attn::combine_splits_kernel<scalar_t, acc_t>
+      <<<static_cast<unsigned>(rows), attn::kSimtThreads, combine_smem, stream>>>(p, n_splits, ws_o, ws_ml);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_decode(const Params& p, const Plan& plan, const at::Tensor& q, cudaStream_t stream) {
+  const attn::DecodeTiling& t = plan.dec;
+  const int64_t blocks = p.B * p.Hkv * t.n_splits;
+  check_grid(blocks, "CTAs");
+  at::Tensor ws_o, ws_ml;  // Flash-Decoding partials, float32, as launch_simt's
+  if (t.n_splits > 1) {
+    const auto opts = q.options().dtype(at::kFloat);
+    ws_o = at::empty({p.B * p.H * p.S * t.n_splits * p.Dh}, opts);
+    ws_ml = at::empty({p.B * p.H * p.S * t.n_splits * 2}, opts);
+  }
+  float* ws_o_ptr = ws_o.defined() ? ws_o.data_ptr<float>() : nullptr;
+  float* ws_ml_ptr = ws_ml.defined() ? ws_ml.data_ptr<float>() : nullptr;
+  auto launch = [&](auto kernel) {
+    allow_dynamic_smem(kernel, plan.smem);
+    kernel<<<static_cast<unsigned>(blocks), attn::kDecodeThreads, plan.smem, stream>>>(p, t, ws_o_ptr, ws_ml_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  switch (t.rmax) {
+    case 1: launch(attn::attention_decode_kernel<scalar_t, 1>); break;
+    case 2: launch(attn::attention_decode_kernel<scalar_t, 2>); break;
+    case 4: launch(attn::attention_decode_kernel<scalar_t, 4>); break;
+    case 8: launch(attn::attention_decode_kernel<scalar_t, 8>); break;
+    default: TORCH_CHECK(false, "pyqkv: internal: decode plan with ", t.rmax, " register rows");
+  }
+  if (t.n_splits > 1) launch_combine<scalar_t, float>(p, t.n_splits, ws_o_ptr, ws_ml_ptr, stream);
+}
+
 template <typename scalar_t>
 void launch_simt(const Params& p, const Plan& plan, const at::Tensor& q, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -67,14 +110,7 @@ void launch_simt(const Params& p, const Plan& plan, const at::Tensor& q, cudaStr
   allow_dynamic_smem(kernel, plan.smem);
   kernel<<<static_cast<unsigned>(blocks), attn::kSimtThreads, plan.smem, stream>>>(p, t, ws_o_ptr, ws_ml_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (t.n_splits > 1) {
-    const int64_t rows = p.B * p.H * p.S;
-    check_grid(rows, "query rows");
-    const size_t combine_smem = static_cast<size_t>(t.n_splits) * sizeof(acc_t);
-    attn::combine_splits_kernel<scalar_t, acc_t>
-        <<<static_cast<unsigned>(rows), attn::kSimtThreads, combine_smem, stream>>>(p, t.n_splits, ws_o_ptr, ws_ml_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  if (t.n_splits > 1) launch_combine<scalar_t, acc_t>(p, t.n_splits, ws_o_ptr, ws_ml_ptr, stream);
   // ws_o / ws_ml go back to the caching allocator here; it hands them out again only to work queued
   // after these kernels on this stream.
 }
@@ -101,6 +137,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cuda(const at::Tensor& 
       launch_tc<__half>(p, plan, stream);
     } else {
       launch_tc<__nv_bfloat16>(p, plan, stream);
+    }
+  } else if (plan.decode) {  // planned for float32, float16 and bfloat16 only
+    switch (q.scalar_type()) {
+      case at::kFloat: launch_decode<float>(p, plan, q, stream); break;
+      case at::kHalf: launch_decode<at::Half>(p, plan, q, stream); break;
+      case at::kBFloat16: launch_decode<at::BFloat16>(p, plan, q, stream); break;
+      default: TORCH_INTERNAL_ASSERT(false, "decode plan for ", q.scalar_type());
     }
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_cuda",

@@ -95,6 +95,16 @@ inline bool rows_16b_aligned(const at::Tensor& t) {
          t.stride(2) % 8 == 0;
 }
 
+// Rows of a [.., rows, .., Dh] tensor of a 2- or 4-byte dtype can be read 16 bytes at a time: unit
+// feature stride, Dh a multiple of 16 bytes, and every row start 16-byte aligned.
+inline bool rows_16b_loadable(const at::Tensor& t) {
+  const int64_t es = t.element_size();
+  if (es != 2 && es != 4) return false;
+  const int64_t vec = 16 / es;
+  return t.stride(3) == 1 && t.size(3) % vec == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
+         t.stride(0) % vec == 0 && t.stride(1) % vec == 0 && t.stride(2) % vec == 0;
+}
+
 // The plan's inputs from the tensors and the device's properties.
 inline PlanInputs plan_inputs(const Prepared& r, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               bool return_pattern, int sm_major, size_t max_smem, int n_sms) {
@@ -109,6 +119,8 @@ inline PlanInputs plan_inputs(const Prepared& r, const at::Tensor& q, const at::
   in.q_vec = rows_16b_aligned(q);
   in.k_vec = rows_16b_aligned(k);
   in.v_vec = rows_16b_aligned(v);
+  in.elem_bytes = static_cast<int>(q.element_size());
+  in.kv_rows16 = rows_16b_loadable(k) && rows_16b_loadable(v);
   return in;
 }
 

@@ -62,6 +62,30 @@ constexpr int64_t kTcMinQueries = 9;
 // many keys so that the combine step stays cheap next to the slice's work.
 constexpr int64_t kMinKeysPerSplit = 256;
 constexpr int64_t kMaxSplits = 128;
+// Shared-memory entries of the combine step's per-slice weights: every slice, plus room for reads past
+// the last slice by the compiled unrolled loop (see combine_splits_kernel).
+constexpr int64_t kCombineSmemEntries = kMaxSplits + 4;
+
+// --- decode kernel (attention_decode.cuh): half types and float32, few query rows per KV head ---
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeUnroll = 4;        // keys per lane group in flight at once
+constexpr int64_t kDecodeMaxRows = 8;   // query rows of one KV head (H / Hkv * S) held in registers
+// Memory-bound: enough CTAs to keep every SM's loads in flight.
+constexpr int64_t kDecodeCtasPerSm = 4;
+
+struct DecodeTiling {
+  int rows;                // R = H / Hkv * S
+  int rmax;                // R rounded up to 1, 2, 4 or 8 (the kernel's register arrays)
+  int lanes;               // lanes per key: Dh / (16 bytes of elements), rounded up to a power of two
+  int n_splits;            // key slices (Flash-Decoding); 1 = the kernel writes z and lse itself
+  int64_t keys_per_split;
+};
+
+// Shared memory of the decode kernel's final merge, in floats: per (lane group, row) the max, sum and
+// merge weight, per row the merged max and sum, and per (lane group, row) the output vector [Dh].
+inline size_t decode_smem_bytes(int64_t n_groups, int64_t rmax, int64_t Dh) {
+  return static_cast<size_t>(n_groups * rmax * (3 + Dh) + 2 * rmax) * sizeof(float);
+}
 
 struct SimtTiling {
   int nh;                  // query heads per CTA: 1 or H / Hkv
@@ -82,7 +106,9 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct Plan {
   bool tensor_cores = false;
+  bool decode = false;
   TcTiling tc{};
+  DecodeTiling dec{};
   SimtTiling simt{};
   size_t smem = 0;     // dynamic shared memory of the main kernel
   std::string error;   // non-empty: no kernel fits (Dh too large for shared memory)
@@ -97,11 +123,51 @@ struct PlanInputs {
   size_t max_smem;         // opt-in shared memory per block
   int n_sms;
   bool q_vec, k_vec, v_vec;
+  int elem_bytes;           // of q, k, v
+  bool kv_rows16;           // k and v rows can be read 16 bytes at a time (any 2- or 4-byte dtype)
 };
+
+// The decode kernel's tiling, or rows = 0 when it does not apply: no pattern (its second pass lives in
+// the CUDA-core kernel), float32 accumulation, rows of 16-byte loads, a decode shape with at most
+// kDecodeMaxRows rows per KV head, Dh at most 32 loads wide.
+inline DecodeTiling plan_decode(const PlanInputs& in) {
+  DecodeTiling t{};
+  const int64_t G = in.H / in.Hkv, R = G * in.S;
+  if (in.return_pattern || in.acc_bytes != 4 || !in.kv_rows16 || in.S >= kTcMinQueries || R > kDecodeMaxRows)
+    return t;
+  const int64_t chunks = in.Dh / (16 / in.elem_bytes);
+  if (chunks < 1 || chunks > 32) return t;
+  int lanes = 1;
+  while (lanes < chunks) lanes *= 2;
+  int rmax = 1;
+  while (rmax < R) rmax *= 2;
+  const int64_t n_groups = (kDecodeThreads / 32) * (32 / lanes);
+  if (decode_smem_bytes(n_groups, rmax, in.Dh) > in.max_smem) return t;
+  t.rows = static_cast<int>(R);
+  t.rmax = rmax;
+  t.lanes = lanes;
+  t.n_splits = 1;
+  t.keys_per_split = in.K;
+  const int64_t base_blocks = in.B * in.Hkv;
+  const int64_t want = std::min({ceil_div(kDecodeCtasPerSm * in.n_sms, base_blocks), ceil_div(in.K, kMinKeysPerSplit),
+                                 kMaxSplits});
+  if (want > 1) {
+    t.keys_per_split = ceil_div(ceil_div(in.K, want), 64) * 64;
+    t.n_splits = static_cast<int>(ceil_div(in.K, t.keys_per_split));
+  }
+  return t;
+}
 
 inline Plan plan_attention(const PlanInputs& in) {
   Plan plan;
   const int64_t G = in.H / in.Hkv;
+  const DecodeTiling dec = plan_decode(in);
+  if (dec.rows > 0) {
+    plan.decode = true;
+    plan.dec = dec;
+    plan.smem = decode_smem_bytes((kDecodeThreads / 32) * (32 / dec.lanes), dec.rmax, in.Dh);
+    return plan;
+  }
   const bool decode_shape = in.S < kTcMinQueries && G * in.S <= kMaxGroupRows;
   if (in.half_type && in.sm_major >= 8 && in.Dh <= kTcMaxHeadDim && !decode_shape) {
     TcTiling t{};

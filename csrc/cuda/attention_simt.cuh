@@ -229,8 +229,14 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kSimtThreads)
     combine_splits_kernel(const __grid_constant__ Params p, int n_splits, const acc_t* __restrict__ ws_o,
                           const acc_t* __restrict__ ws_ml) {
+  // [kCombineSmemEntries], whatever n_splits is. With an allocation of exactly n_splits entries,
+  // compute-sanitizer memcheck on an H200 reported a 12-byte read at the end of an 8-byte allocation
+  // (n_splits = 2) in the loop over slices below, which the compiler unrolls by 4 (seen in the PTX, where
+  // every load is still behind its check): the remainder's loads appear to be issued together ahead of
+  // their checks in the machine code. The padding keeps such reads inside the allocation; memcheck is
+  // clean with it.
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* weight = reinterpret_cast<acc_t*>(smem_raw);  // [n_splits]
+  acc_t* weight = reinterpret_cast<acc_t*>(smem_raw);
   const int64_t row = blockIdx.x;                       // (b * H + h) * S + i
   const int64_t i = row % p.S, h = (row / p.S) % p.H, b = row / (p.S * p.H);
   const int Dh = static_cast<int>(p.Dh);

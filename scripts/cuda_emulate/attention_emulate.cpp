@@ -13,6 +13,7 @@
 #include <string>
 #include <tuple>
 
+#include "attention_decode.cuh"
 #include "attention_host.cuh"
 #include "attention_simt.cuh"
 #include "attention_tc.cuh"
@@ -69,6 +70,10 @@ std::string describe(const Plan& plan) {
     return "tensor-core bk=" + std::to_string(plan.tc.bk) + " dhp=" + std::to_string(plan.tc.dhp) +
            " vec(q,k,v)=" + std::to_string(plan.tc.q_vec) + std::to_string(plan.tc.k_vec) +
            std::to_string(plan.tc.v_vec) + " smem=" + std::to_string(plan.smem);
+  if (plan.decode)
+    return "decode rows=" + std::to_string(plan.dec.rows) + " rmax=" + std::to_string(plan.dec.rmax) +
+           " lanes=" + std::to_string(plan.dec.lanes) + " splits=" + std::to_string(plan.dec.n_splits) +
+           " keys/split=" + std::to_string(plan.dec.keys_per_split) + " smem=" + std::to_string(plan.smem);
   const SimtTiling& t = plan.simt;
   return "cuda-core nh=" + std::to_string(t.nh) + " nq=" + std::to_string(t.nq) + " bk=" + std::to_string(t.bk) +
          " splits=" + std::to_string(t.n_splits) + " keys/split=" + std::to_string(t.keys_per_split) +
@@ -104,6 +109,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::string> emulate_attention(
       run_grid(blocks, kTcThreads, smem, plan.smem, [&] { attention_tc_kernel<__nv_bfloat16>(p, plan.tc); }, ord, sd,
                "attention_tc_kernel");
     }
+  } else if (plan.decode) {
+    TORCH_CHECK(q.scalar_type() != at::kDouble, "emulate: decode plan for float64");
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "emulate_decode", [&] {
+      if constexpr (sizeof(scalar_t) <= 4) {
+        const DecodeTiling& t = plan.dec;
+        const int64_t blocks = p.B * p.Hkv * t.n_splits;
+        const auto f32 = q.options().dtype(at::kFloat);
+        at::Tensor ws_o_t = at::empty({t.n_splits > 1 ? p.B * p.H * p.S * t.n_splits * p.Dh : 0}, f32);
+        at::Tensor ws_ml_t = at::empty({t.n_splits > 1 ? p.B * p.H * p.S * t.n_splits * 2 : 0}, f32);
+        Guarded gwo(ws_o_t), gwml(ws_ml_t);
+        float* ws_o = t.n_splits > 1 ? static_cast<float*>(gwo.ptr()) : nullptr;
+        float* ws_ml = t.n_splits > 1 ? static_cast<float*>(gwml.ptr()) : nullptr;
+        auto run = [&](auto kernel) {
+          run_grid(blocks, kDecodeThreads, smem_raw, plan.smem, [&] { kernel(p, t, ws_o, ws_ml); }, ord, sd,
+                   "attention_decode_kernel");
+        };
+        switch (t.rmax) {
+          case 1: run(attention_decode_kernel<scalar_t, 1>); break;
+          case 2: run(attention_decode_kernel<scalar_t, 2>); break;
+          case 4: run(attention_decode_kernel<scalar_t, 4>); break;
+          default: run(attention_decode_kernel<scalar_t, 8>); break;
+        }
+        if (t.n_splits > 1) {
+          run_grid(p.B * p.H * p.S, kSimtThreads, smem_raw, kCombineSmemEntries * sizeof(float),
+                   [&] { combine_splits_kernel<scalar_t, float>(p, t.n_splits, ws_o, ws_ml); }, ord, sd,
+                   "combine_splits_kernel");
+          gwo.finish("the split workspace");
+          gwml.finish("the split statistics");
+        }
+      }
+    });
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "emulate_attention", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -118,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::string> emulate_attention(
       run_grid(blocks, kSimtThreads, smem_raw, plan.smem,
                [&] { attention_simt_kernel<scalar_t, acc_t>(p, t, ws_o, ws_ml); }, ord, sd, "attention_simt_kernel");
       if (t.n_splits > 1) {
-        run_grid(p.B * p.H * p.S, kSimtThreads, smem_raw, t.n_splits * sizeof(acc_t),
+        run_grid(p.B * p.H * p.S, kSimtThreads, smem_raw, kCombineSmemEntries * sizeof(acc_t),
                  [&] { combine_splits_kernel<scalar_t, acc_t>(p, t.n_splits, ws_o, ws_ml); }, ord, sd,
                  "combine_splits_kernel");
         gwo.finish("the split workspace");

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include "../emu_runtime.h"
 
@@ -39,6 +40,11 @@ inline T __shfl_xor_sync(unsigned, T v, int offset) {
 }
 inline bool __any_sync(unsigned, bool pred) { return emu::any(pred); }
 [[noreturn]] inline void __trap() { std::abort(); }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
