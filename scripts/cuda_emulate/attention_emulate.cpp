@@ -65,6 +65,35 @@ void run_grid(int64_t blocks, int threads, unsigned char* smem_buf, size_t smem_
   }
 }
 
+// Flash-Decoding partials (guarded, as every output) and the combine step that merges them, for the
+// CUDA-core and decode kernels alike; nothing when the plan has one key slice.
+template <typename acc_t>
+struct SplitWorkspace {
+  int n_splits;
+  Guarded go, gml;
+  acc_t* o = nullptr;
+  acc_t* ml = nullptr;
+  SplitWorkspace(const Params& p, int n_splits_, const at::TensorOptions& opts)
+      : n_splits(n_splits_),
+        go(at::empty({n_splits_ > 1 ? p.B * p.H * p.S * n_splits_ * p.Dh : 0},
+                     opts.dtype(c10::CppTypeToScalarType<acc_t>::value))),
+        gml(at::empty({n_splits_ > 1 ? p.B * p.H * p.S * n_splits_ * 2 : 0},
+                      opts.dtype(c10::CppTypeToScalarType<acc_t>::value))) {
+    if (n_splits > 1) {
+      o = static_cast<acc_t*>(go.ptr());
+      ml = static_cast<acc_t*>(gml.ptr());
+    }
+  }
+  template <typename scalar_t>
+  void combine(const Params& p, emu::Order ord, uint64_t sd) {
+    if (n_splits <= 1) return;
+    run_grid(p.B * p.H * p.S, kSimtThreads, smem_raw, kCombineSmemEntries * sizeof(acc_t),
+             [&] { combine_splits_kernel<scalar_t, acc_t>(p, n_splits, o, ml); }, ord, sd, "combine_splits_kernel");
+    go.finish("the split workspace");
+    gml.finish("the split statistics");
+  }
+};
+
 std::string describe(const Plan& plan) {
   if (plan.tensor_cores)
     return "tensor-core bk=" + std::to_string(plan.tc.bk) + " dhp=" + std::to_string(plan.tc.dhp) +
@@ -115,14 +144,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::string> emulate_attention(
       if constexpr (sizeof(scalar_t) <= 4) {
         const DecodeTiling& t = plan.dec;
         const int64_t blocks = p.B * p.Hkv * t.n_splits;
-        const auto f32 = q.options().dtype(at::kFloat);
-        at::Tensor ws_o_t = at::empty({t.n_splits > 1 ? p.B * p.H * p.S * t.n_splits * p.Dh : 0}, f32);
-        at::Tensor ws_ml_t = at::empty({t.n_splits > 1 ? p.B * p.H * p.S * t.n_splits * 2 : 0}, f32);
-        Guarded gwo(ws_o_t), gwml(ws_ml_t);
-        float* ws_o = t.n_splits > 1 ? static_cast<float*>(gwo.ptr()) : nullptr;
-        float* ws_ml = t.n_splits > 1 ? static_cast<float*>(gwml.ptr()) : nullptr;
+        SplitWorkspace<float> ws(p, t.n_splits, q.options());
         auto run = [&](auto kernel) {
-          run_grid(blocks, kDecodeThreads, smem_raw, plan.smem, [&] { kernel(p, t, ws_o, ws_ml); }, ord, sd,
+          run_grid(blocks, kDecodeThreads, smem_raw, plan.smem, [&] { kernel(p, t, ws.o, ws.ml); }, ord, sd,
                    "attention_decode_kernel");
         };
         switch (t.rmax) {
@@ -131,13 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::string> emulate_attention(
           case 4: run(attention_decode_kernel<scalar_t, 4>); break;
           default: run(attention_decode_kernel<scalar_t, 8>); break;
         }
-        if (t.n_splits > 1) {
-          run_grid(p.B * p.H * p.S, kSimtThreads, smem_raw, kCombineSmemEntries * sizeof(float),
-                   [&] { combine_splits_kernel<scalar_t, float>(p, t.n_splits, ws_o, ws_ml); }, ord, sd,
-                   "combine_splits_kernel");
-          gwo.finish("the split workspace");
-          gwml.finish("the split statistics");
-        }
+        ws.template combine<scalar_t>(p, ord, sd);
       }
     });
   } else {
@@ -145,21 +163,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::string> emulate_attention(
       using acc_t = at::opmath_type<scalar_t>;
       const SimtTiling& t = plan.simt;
       const int64_t blocks = p.B * (p.H / t.nh) * t.n_qt * t.n_splits;
-      const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-      at::Tensor ws_o_t = at::empty({t.n_splits > 1 ? p.B * p.H * p.S * t.n_splits * p.Dh : 0}, acc_opts);
-      at::Tensor ws_ml_t = at::empty({t.n_splits > 1 ? p.B * p.H * p.S * t.n_splits * 2 : 0}, acc_opts);
-      Guarded gwo(ws_o_t), gwml(ws_ml_t);
-      acc_t* ws_o = t.n_splits > 1 ? static_cast<acc_t*>(gwo.ptr()) : nullptr;
-      acc_t* ws_ml = t.n_splits > 1 ? static_cast<acc_t*>(gwml.ptr()) : nullptr;
+      SplitWorkspace<acc_t> ws(p, t.n_splits, q.options());
       run_grid(blocks, kSimtThreads, smem_raw, plan.smem,
-               [&] { attention_simt_kernel<scalar_t, acc_t>(p, t, ws_o, ws_ml); }, ord, sd, "attention_simt_kernel");
-      if (t.n_splits > 1) {
-        run_grid(p.B * p.H * p.S, kSimtThreads, smem_raw, kCombineSmemEntries * sizeof(acc_t),
-                 [&] { combine_splits_kernel<scalar_t, acc_t>(p, t.n_splits, ws_o, ws_ml); }, ord, sd,
-                 "combine_splits_kernel");
-        gwo.finish("the split workspace");
-        gwml.finish("the split statistics");
-      }
+               [&] { attention_simt_kernel<scalar_t, acc_t>(p, t, ws.o, ws.ml); }, ord, sd, "attention_simt_kernel");
+      ws.template combine<scalar_t>(p, ord, sd);
     });
   }
   gz.finish("z");
