@@ -187,10 +187,8 @@ class Bridge(nn.Module, HookedMixin):
                 raise TypeError(f"{name}: expected a floating-point Tensor, got {_describe(t)}")
             if not t.is_floating_point():
                 raise TypeError(f"{name}: expected a floating-point Tensor, got {_describe(t)}")
-            if name != "weight" and t.dtype != weight.dtype:
-                raise TypeError(f"{name}: expected dtype {weight.dtype} (the dtype of weight), got {t.dtype}")
-            if name != "weight" and t.device != weight.device:
-                raise ValueError(f"{name}: expected device {weight.device} (the device of weight), got {t.device}")
+            if name != "weight":
+                ops._check_like(name, t, "weight", weight)
         for name, p in (("attn_dropout", attn_dropout), ("resid_dropout", resid_dropout)):
             if isinstance(p, bool) or not isinstance(p, numbers.Real):
                 raise TypeError(f"{name}: expected a number, got {type(p).__name__} {p!r}")

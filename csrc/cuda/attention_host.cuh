@@ -87,14 +87,6 @@ inline Prepared prepare_attention(const at::Tensor& q, const at::Tensor& k, cons
   return r;
 }
 
-// Rows of a [.., rows, .., Dh] half-type tensor can be read 16 bytes at a time: unit feature stride,
-// Dh a multiple of 8 elements, and every row start 16-byte aligned.
-inline bool rows_16b_aligned(const at::Tensor& t) {
-  return t.element_size() == 2 && t.stride(3) == 1 && t.size(3) % 8 == 0 &&
-         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
-         t.stride(2) % 8 == 0;
-}
-
 // Rows of a [.., rows, .., Dh] tensor of a 2- or 4-byte dtype can be read 16 bytes at a time: unit
 // feature stride, Dh a multiple of 16 bytes, and every row start 16-byte aligned.
 inline bool rows_16b_loadable(const at::Tensor& t) {
@@ -104,6 +96,9 @@ inline bool rows_16b_loadable(const at::Tensor& t) {
   return t.stride(3) == 1 && t.size(3) % vec == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
          t.stride(0) % vec == 0 && t.stride(1) % vec == 0 && t.stride(2) % vec == 0;
 }
+
+// The same for the tensor-core kernel, which reads half types only (8 elements per load).
+inline bool rows_16b_aligned(const at::Tensor& t) { return t.element_size() == 2 && rows_16b_loadable(t); }
 
 // The plan's inputs from the tensors and the device's properties.
 inline PlanInputs plan_inputs(const Prepared& r, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
