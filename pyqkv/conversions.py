@@ -6,16 +6,8 @@ A user may pass their own rule for any hook point: an einops pattern string whos
 kernel layout below, or any object with `convert(tensor)` and `revert(tensor)`. Rules hold no per-call
 state; they only ever run when a hook (or the cache) asks for the point.
 
-Kernel layouts (B batch, S positions, K key positions, H heads, Hkv KV heads, Dh head dim, D model dim):
-
-    hook_in, hook_out                       [B, S, D]
-    hook_attn_in, hook_q_input              [B, S, H, D]
-    hook_k_input, hook_v_input              [B, S, Hkv, D]
-    hook_q, hook_rot_q                      [B, S, H*Dh]    (a view into the fused QKV projection)
-    hook_k, hook_v, hook_rot_k              [B, S, Hkv*Dh]  (likewise)
-    hook_attn_scores, hook_pattern          [B, H, S, K]
-    hook_z                                  [B, S, H*Dh]    (the output projection's input)
-    hook_result                             [B, S, H, D]
+Kernel layouts: each point's `kernel_layout` in pyqkv.points.POINTS (e.g. hook_q [B, S, H*Dh], a view into
+the fused QKV projection; hook_pattern [B, H, S, K]).
 """
 
 from __future__ import annotations
@@ -25,6 +17,8 @@ import re
 import einops
 import torch
 from einops.parsing import ParsedExpression
+
+from pyqkv.points import POINTS
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -65,34 +59,10 @@ class Identity:
         return "Identity()"
 
 
-# The rank of each point's kernel layout (the table above): the left side of a user's pattern must have it.
-KERNEL_RANKS = {
-    "hook_in": 3,
-    "hook_out": 3,
-    "hook_attn_in": 4,
-    "hook_q_input": 4,
-    "hook_k_input": 4,
-    "hook_v_input": 4,
-    "hook_q": 3,
-    "hook_k": 3,
-    "hook_v": 3,
-    "hook_rot_q": 3,
-    "hook_rot_k": 3,
-    "hook_attn_scores": 4,
-    "hook_pattern": 4,
-    "hook_z": 3,
-    "hook_result": 4,
-}
-
-# The default hook-format rule of each point, as a pattern (None: the kernel layout is the hook format).
-DEFAULT_PATTERNS = {
-    "hook_q": "b s (h d) -> b s h d",
-    "hook_k": "b s (h d) -> b s h d",
-    "hook_v": "b s (h d) -> b s h d",
-    "hook_rot_q": "b s (h d) -> b s h d",
-    "hook_rot_k": "b s (h d) -> b s h d",
-    "hook_z": "b s (h d) -> b s h d",
-}
+# The rank of each point's kernel layout (the left side of a user's pattern must have it) and the default
+# hook-format rule of each point: both from the hook-point table.
+KERNEL_RANKS = {p.name: p.kernel_rank for p in POINTS}
+DEFAULT_PATTERNS = {p.name: p.default_rule for p in POINTS if p.default_rule is not None}
 
 
 def make_rule(name: str, spec, *, d_head: int):

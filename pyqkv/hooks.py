@@ -1,15 +1,19 @@
 """Hook points and the hook API researchers know from TransformerLens, without its costs.
 
 A HookPoint is a plain object, not a Module: a point with no hooks costs one list check on the forward
-path. Hook functions are `fn(tensor, hook) -> Tensor | None`: None keeps the (possibly in-place edited)
-activation, a returned tensor replaces it. `hook.name` is the canonical name, `hook.ctx` a dict the hook
-may use. Nothing per call is kept once the call returns.
+path. Hook functions are called as TransformerLens calls them, `fn(tensor, hook=point)`, and return
+None (keep the possibly in-place edited activation) or a replacement tensor. `hook.name` is the
+canonical name, `hook.layer()` the block index in a model, `hook.ctx` a dict the hook may use. Nothing
+per call is kept once the call returns.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fnmatch
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Union
 
@@ -54,6 +58,14 @@ class HookPoint:
         hooks.insert(0, handle) if prepend else hooks.append(handle)
         return handle
 
+    def layer(self) -> int:
+        """The block index in a model-level name ("blocks.3.attn.hook_z" -> 3), as TransformerLens's
+        HookPoint.layer(); ValueError for a point that is not inside a model's blocks."""
+        parts = self.name.split(".")
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise ValueError(f"{self.name}: not a point inside a model's blocks (expected 'blocks.<i>.<...>')")
+        return int(parts[1])
+
     def __repr__(self) -> str:
         return f"HookPoint({self.name!r}, fwd={len(self.fwd)}, bwd={len(self.bwd)})"
 
@@ -77,7 +89,7 @@ def check_hook_output(point: HookPoint, fn: HookFn, out, like: torch.Tensor) -> 
 def run_fwd_hooks(point: HookPoint, tensor: torch.Tensor) -> torch.Tensor:
     """Run the point's forward hooks in order on a hook-format tensor; returns the final activation."""
     for handle in list(point.fwd):
-        out = handle.fn(tensor, point)
+        out = handle.fn(tensor, hook=point)  # TransformerLens's calling convention
         if out is not None:
             tensor = check_hook_output(point, handle.fn, out, tensor)
     return tensor
@@ -92,7 +104,7 @@ def attach_bwd_hooks(point: HookPoint, tensor: torch.Tensor) -> None:
 
     def on_grad(grad):
         for handle in handles:
-            out = handle.fn(grad, point)
+            out = handle.fn(grad, hook=point)
             if out is not None:
                 grad = check_hook_output(point, handle.fn, out, grad)
         return grad
@@ -104,7 +116,7 @@ def _check_hook_args(where: str, fn, dir, prepend, is_permanent) -> None:
     if dir not in ("fwd", "bwd"):
         raise ValueError(f"dir: expected 'fwd' or 'bwd', got {dir!r}")
     if not callable(fn):
-        raise TypeError(f"hook for {where}: expected a callable fn(tensor, hook), got {type(fn).__name__}")
+        raise TypeError(f"hook for {where}: expected a callable fn(tensor, hook=point), got {type(fn).__name__}")
     # A truthy string or number here is almost always an argument passed in the wrong position.
     for name, value in (("prepend", prepend), ("is_permanent", is_permanent)):
         if not isinstance(value, bool):
@@ -124,6 +136,30 @@ def _hook_pairs(arg_name: str, pairs) -> list:
             raise TypeError(f"{arg_name}[{i}]: expected a (name, fn) pair, got {got}")
         checked.append(tuple(pair))
     return checked
+
+
+def _warn_nothing_selected(what: str) -> None:
+    # Python shows a UserWarning once per calling location, so a loop over a bad filter warns once.
+    warnings.warn(f"{what} selects no hook point that can fire: nothing will be hooked or cached", stacklevel=4)
+
+
+_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def summarize_names(names) -> str:
+    """A short list of hook names: model-level names `blocks.{i}.<point>` are folded into one line."""
+    names = list(names)
+    parsed = [_BLOCK_NAME.match(n) for n in names]
+    if names and all(parsed):
+        layers = sorted({int(m.group(1)) for m in parsed})
+        points = list(dict.fromkeys(m.group(2) for m in parsed))
+        shared = points[0].split(".")[0] + "."  # e.g. "attn.", when every point is under it
+        if not all(p.startswith(shared) for p in points):
+            shared = ""
+        span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+        points = [p[len(shared):] for p in points]
+        return f"blocks.{{{span}}}.{shared}<point> with <point> one of {', '.join(points)}"
+    return ", ".join(names)
 
 
 def _fn_name(fn) -> str:
@@ -161,8 +197,10 @@ class HookedMixin:
         points = self.hook_points()
         canonical = self.hook_aliases().get(name, name)
         if canonical not in points:
-            valid = sorted(points) + sorted(self.hook_aliases())
-            raise KeyError(f"unknown hook point {name!r}; valid names: {', '.join(valid)}")
+            valid = list(points) + list(self.hook_aliases())
+            close = difflib.get_close_matches(name, valid, n=3, cutoff=0.8)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise KeyError(f"unknown hook point {name!r}{hint or '.'} Valid names: {summarize_names(valid)}")
         return canonical
 
     def _select(self, name_or_filter: NameFilter, *, by_name_strict: bool) -> list:
@@ -174,7 +212,10 @@ class HookedMixin:
         if name_or_filter is None:
             return [n for n in points if self.hook_gate(n) is None]
         if callable(name_or_filter) and not isinstance(name_or_filter, str):
-            return [n for n in points if self.hook_gate(n) is None and name_or_filter(n)]
+            chosen = [n for n in points if self.hook_gate(n) is None and name_or_filter(n)]
+            if not chosen:
+                _warn_nothing_selected(f"the filter {_fn_name(name_or_filter)}")
+            return chosen
         if not isinstance(name_or_filter, str) and not hasattr(name_or_filter, "__iter__"):
             raise TypeError(
                 f"names_filter: expected a hook name, a glob, a list of names or a predicate, got "
@@ -186,7 +227,10 @@ class HookedMixin:
             if not isinstance(name, str):
                 raise TypeError(f"names_filter: expected hook names (str), got {type(name).__name__}")
             if any(c in name for c in "*?[") and name not in points:
-                chosen += [n for n in points if fnmatch.fnmatchcase(n, name) and self.hook_gate(n) is None]
+                matched = [n for n in points if fnmatch.fnmatchcase(n, name) and self.hook_gate(n) is None]
+                if not matched:
+                    _warn_nothing_selected(f"the pattern {name!r}")
+                chosen += matched
                 continue
             canonical = self._resolve(name)
             reason = self.hook_gate(canonical)

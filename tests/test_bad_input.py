@@ -434,7 +434,7 @@ def _noop(tensor, hook):
 
 
 HOOK_CASES = [
-    Case("hook-name-unknown", "hooks", lambda e: e.bridge.add_hook("hook_patern", _noop), KeyError, ("unknown hook point 'hook_patern'", "valid names:", "hook_pattern", "q.hook_out")),
+    Case("hook-name-unknown", "hooks", lambda e: e.bridge.add_hook("hook_patern", _noop), KeyError, ("unknown hook point 'hook_patern'; did you mean 'hook_pattern'?", "Valid names:", "q.hook_out")),
     Case("hook-name-gated", "hooks", lambda e: e.bridge.add_hook("hook_result", _noop), VE, ("hook_result: this hook point does not fire", "set use_attn_result first")),
     Case("hook-name-gated-split-input", "hooks", lambda e: e.bridge.add_hook("hook_q_input", _noop), VE, ("hook_q_input", "set use_split_qkv_input first")),
     Case("hook-name-rotary", "hooks", lambda e: e.bridge.add_hook("hook_rot_k", _noop), VE, ("hook_rot_k: this hook point does not fire", "rotary")),
@@ -442,7 +442,7 @@ HOOK_CASES = [
     Case("hook-names-with-a-non-string", "hooks", lambda e: e.bridge.add_hook(["hook_z", 3], _noop), TE, ("names_filter: expected hook names (str)", "got int")),
     Case("hook-names-second-unknown", "hooks", lambda e: e.bridge.add_hook(["hook_z", "hook_nope"], _noop), KeyError, ("unknown hook point 'hook_nope'",)),
     Case("hook-dir-unknown", "hooks", lambda e: e.bridge.add_hook("hook_z", _noop, dir="up"), VE, ("dir: expected 'fwd' or 'bwd'", "got 'up'")),
-    Case("hook-fn-not-callable", "hooks", lambda e: e.bridge.add_hook("hook_z", 3), TE, ("hook for hook_z: expected a callable fn(tensor, hook)", "got int")),
+    Case("hook-fn-not-callable", "hooks", lambda e: e.bridge.add_hook("hook_z", 3), TE, ("hook for hook_z: expected a callable fn(tensor, hook=point)", "got int")),
     Case("hook-fn-None-by-filter", "hooks", lambda e: e.bridge.add_hook(lambda n: True, None), TE, ("hook for the selected hook points: expected a callable", "got NoneType")),
     Case("hook-prepend-not-bool", "hooks", lambda e: e.bridge.add_hook("hook_z", _noop, "fwd", "yes"), TE, ("prepend: expected a bool", "got str 'yes'")),
     Case("hook-is_permanent-not-bool", "hooks", lambda e: e.bridge.add_hook("hook_z", _noop, is_permanent=1), TE, ("is_permanent: expected a bool", "got int 1")),
@@ -581,8 +581,8 @@ ARGUMENT_CASES = [
     Case("ctor-out_bias-integer", "Bridge()", lambda e: ctor(e, out_bias=torch.ones(32, dtype=i64)), TE, ("out_bias: expected a floating-point Tensor", "torch.int64")),
     Case("ctor-out_weight-other-device", "Bridge()", lambda e: ctor(e, out_weight=e.w["out_weight"].to(e.other)), VE, ("out_weight: expected device {device} (the device of weight)", "got {other}")),
     Case("ctor-n_heads-bool", "Bridge()", lambda e: ctor(e, n_heads=True, n_kv_heads=1), VE, ("n_heads: expected a positive int", "got True")),
-    Case("ctor-scale-not-a-number", "Bridge()", lambda e: ctor(e, scale="x"), TE, ("scale: expected a number", "got str 'x'")),
-    Case("ctor-scale-nan", "Bridge()", lambda e: ctor(e, scale=float("nan")), VE, ("scale: expected a finite number", "got nan")),
+    Case("ctor-scale-not-a-number", "Bridge()", lambda e: ctor(e, scale="x"), TE, ("scale: expected a float", "got str 'x'")),
+    Case("ctor-scale-nan", "Bridge()", lambda e: ctor(e, scale=float("nan")), VE, ("scale: expected a finite float", "got nan")),
     Case("ctor-layer_idx-negative", "Bridge()", lambda e: ctor(e, scale_attn_by_inverse_layer_idx=True, layer_idx=-1), VE, ("layer_idx: expected an int >= 0", "got -1")),
     Case("ctor-attn_dropout-above-1", "Bridge()", lambda e: ctor(e, attn_dropout=1.5), VE, ("attn_dropout: expected a probability in [0, 1]", "got 1.5")),
     Case("ctor-resid_dropout-negative", "Bridge()", lambda e: ctor(e, resid_dropout=-0.1), VE, ("resid_dropout: expected a probability in [0, 1]", "got -0.1")),

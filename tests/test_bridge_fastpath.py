@@ -61,7 +61,7 @@ def test_hooks_elsewhere_keep_fast_path(device, spy):
 
 
 def test_eval_mode_with_dropout_config_is_fast(device, spy):
-    b = pyqkv.Bridge.from_hf(gpt2_attention(device, attn_pdrop=0.5, resid_pdrop=0.5))
+    b = pyqkv.hf.bridge_from_module(gpt2_attention(device, attn_pdrop=0.5, resid_pdrop=0.5))
     b.eval()
     b(randx(device))
     assert spy == ["attention"]
@@ -244,7 +244,7 @@ def test_gpt2_every_path_equals_hf_oracle(device):
     x = randx(device, S=9)
     exp = oracle(x)
     for flags in ({}, dict(use_split_qkv_input=True, use_attn_result=True), dict(use_attn_in=True)):
-        b = pyqkv.Bridge.from_hf(m, **flags)
+        b = pyqkv.hf.bridge_from_module(m, **flags)
         assert_close(b(x), exp, f"{flags} no hooks")
         assert_close(b.run_with_cache(x)[0], exp, f"{flags} all hooks")
     # apply_pattern is the oracle's own z: sanity that the helper and the reference agree

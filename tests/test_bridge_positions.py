@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pyqkv
-from pyqkv.bridge import alibi_bias, alibi_slopes, rotary_tables
+from pyqkv.positions import alibi_bias, alibi_slopes, rotary_tables
 from test_bridge_oracle import Oracle, assert_close, no_hooks_left
 
 D, H, DH = 64, 4, 16
@@ -28,7 +28,7 @@ def make(device, *, n_kv_heads=H, layout="blocked", seed=0, **kw):
 
 
 def tables(positions, R, interleaved, base=10000.0):
-    """cos/sin in float64 from integer positions, written out (not via pyqkv.bridge.rotary_tables)."""
+    """cos/sin in float64 from integer positions, written out (not via pyqkv.positions.rotary_tables)."""
     i = torch.arange(R // 2, dtype=torch.float64, device=positions.device)
     angle = positions.double()[..., None] * base ** (-2 * i / R)
     angle = angle.repeat_interleave(2, -1) if interleaved else torch.cat([angle, angle], -1)
@@ -234,8 +234,8 @@ def test_alibi_and_rotary_under_torch_compile(device):
 
 BAD = [
     (dict(rotary_dim=7), {}, ValueError, "rotary_dim: expected None or an even int"),
-    (dict(rotary_dim=2 * DH), {}, ValueError, "rotary_dim"),
-    (dict(rotary_dim=8, rotary_base=1.0), {}, ValueError, "rotary_base"),
+    (dict(rotary_dim=2 * DH), {}, ValueError, rf"^rotary_dim: expected None or an even int in \[2, d_head={DH}\], got {2 * DH}"),
+    (dict(rotary_dim=8, rotary_base=1.0), {}, ValueError, r"^rotary_base: expected a number > 1, got 1.0"),
     (dict(alibi=1), {}, TypeError, "alibi: expected a bool"),
 ]
 
@@ -249,13 +249,13 @@ def test_bad_position_config(device, ctor, _, exc, msg):
 FORWARD_BAD = [
     (dict(rotary_dim=8), lambda x: dict(position_embeddings=(torch.ones(1, 5, 6), torch.ones(1, 5, 6))),
      ValueError, r"position_embeddings \(cos\): expected shape \[B or 1, S, rotary_dim\] = \[2 or 1, 5, 8\], got \(1, 5, 6\)"),
-    (dict(rotary_dim=8), lambda x: dict(position_embeddings=torch.ones(1, 5, 8)), TypeError, "expected a pair"),
+    (dict(rotary_dim=8), lambda x: dict(position_embeddings=torch.ones(1, 5, 8)), TypeError, r"^position_embeddings: expected a pair \(cos, sin\) of \[B or 1, S, 8\] tensors, got Tensor"),
     (dict(rotary_dim=8), lambda x: dict(position_embeddings=(torch.ones(1, 5, 8, dtype=torch.long),) * 2),
-     TypeError, "floating-point"),
+     TypeError, r"^position_embeddings \(cos\): expected a floating-point Tensor, got Tensor \(1, 5, 8\) torch.int64"),
     (dict(rotary_dim=8), lambda x: dict(position_ids=torch.zeros(1, 5)), TypeError, "position_ids: expected an integer"),
     (dict(rotary_dim=8), lambda x: dict(position_ids=torch.zeros(3, 5, dtype=torch.long)), ValueError,
      r"position_ids: expected shape \[B or 1, S\] = \[2 or 1, 5\], got \(3, 5\)"),
-    ({}, lambda x: dict(position_ids=torch.zeros(1, 5, dtype=torch.long)), ValueError, "no rotary embedding"),
+    ({}, lambda x: dict(position_ids=torch.zeros(1, 5, dtype=torch.long)), ValueError, r"^position_ids: this layer has no rotary embedding \(rotary_dim is None\), got Tensor"),
     ({}, lambda x: dict(alibi=torch.zeros(2, H, 5)), ValueError, "alibi: this layer has no ALiBi"),
     (dict(alibi=True), lambda x: dict(alibi=torch.zeros(2, H, 4)), ValueError,
      r"alibi: expected a per-key bias \[B or 1, H or 1, K\] = \[2, 4, 7\] \(or \[B\*H, 1, K\]\), got \(2, 4, 4\)"),

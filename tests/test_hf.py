@@ -317,9 +317,9 @@ def test_model_level_add_hook_names_and_errors(device):
     assert seen == [("blocks.0.attn.hook_z", (2, 9, 4, 16)), ("blocks.1.attn.hook_pattern", (2, 4, 9, 9))]
     h.reset_hooks()
     assert no_hooks_left(h)
-    with pytest.raises(KeyError, match="blocks.0.attn.hook_pattern"):
+    with pytest.raises(KeyError, match=r"unknown hook point 'blocks\.9\.attn\.hook_pattern'.*Valid names: blocks\.\{0-1\}\.attn\.<point> with <point> one of .*hook_pattern"):
         h.add_hook("blocks.9.attn.hook_pattern", lambda t, hook: None)
-    with pytest.raises(ValueError, match="use_attn_result"):
+    with pytest.raises(ValueError, match=r"^blocks\.0\.attn\.hook_result: this hook point does not fire: set use_attn_result first"):
         h.add_hook("blocks.0.attn.hook_result", lambda t, hook: None)
     # a flag set later on one Bridge opens its gated point
     h.bridges[0].cfg.use_attn_result = True
@@ -447,6 +447,63 @@ def test_model_output_attentions(device, asked_before_attach):
         assert_close(got[i], ref[i], f"attentions[{i}]", atol=1e-6)
     assert after is not None and len(after) == 2, f"after detach: {len(after or ())} attentions"
     assert no_hooks_left(h)
+
+
+def test_output_attentions_do_not_go_through_user_hooks_or_rules(device):
+    """HF's attentions come from the Bridge's own return value: a user's conversion rule on hook_pattern
+    changes what hooks see, never the [B, H, S, K] HF returns; a hook that edits the pattern is what the
+    layer used, so HF returns the edited pattern."""
+    model = make_model(device)
+    reference_model = copy.deepcopy(model)
+    ids, _ = inputs(device, left_pad=(0, 0))
+    with torch.no_grad():
+        ref = reference_model(ids, output_attentions=True).attentions
+        h = pyqkv.hf.attach(model, hook_conversions={"hook_pattern": "b h s k -> b s h k"})
+        seen = []
+        with h.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda t, hook: seen.append(tuple(t.shape)))]):
+            got = model(ids, output_attentions=True).attentions
+        with h.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda t, hook: t.mul_(0.5))]):
+            halved = model(ids, output_attentions=True).attentions
+    B, S = ids.shape
+    assert seen == [(B, S, 4, S)], f"the user's rule was not applied to what the hook sees: {seen}"
+    for i in range(2):
+        assert got[i].shape == ref[i].shape == (B, 4, S, S), f"attentions[{i}]: {tuple(got[i].shape)}"
+        assert_close(got[i], ref[i], f"attentions[{i}]", atol=1e-6)
+    assert_close(halved[1], ref[1] * 0.5, "edited attentions[1]", atol=1e-6)
+    assert no_hooks_left(h)
+
+
+def test_hooks_see_layer_and_ctx_in_a_model(device):
+    """TransformerLens's HookPoint API inside a model: a hook written `fn(t, *, hook)` is called with
+    hook=point; point.layer() is the block index; point.ctx persists across calls until reset_hooks."""
+    model = make_model(device)
+    ids, _ = inputs(device)
+    h = pyqkv.hf.attach(model)
+    layers = []
+
+    def count(t, *, hook):
+        layers.append(hook.layer())
+        hook.ctx["calls"] = hook.ctx.get("calls", 0) + 1
+
+    with torch.no_grad(), h.hooks(fwd_hooks=[(lambda name: name.endswith("attn.hook_z"), count)]):
+        model(ids)
+        model(ids)
+    assert layers == [0, 1, 0, 1]
+    assert h.hook_points()["blocks.1.attn.hook_z"].ctx == {"calls": 2}
+    h.reset_hooks()
+    assert h.hook_points()["blocks.1.attn.hook_z"].ctx == {}
+
+
+def test_handle_keeps_an_inline_model_alive(device):
+    """`h = attach(build_model())`: the handle is the only reference to the model, which must live."""
+    import gc
+
+    h = pyqkv.hf.attach(make_model(device))
+    gc.collect()
+    ids, _ = inputs(device)
+    with torch.no_grad():
+        out, cache = h.run_with_cache(ids, names_filter=["blocks.0.attn.hook_pattern"])
+    assert cache["blocks.0.attn.hook_pattern"].shape == (2, 4, ids.shape[1], ids.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------------

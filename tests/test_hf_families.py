@@ -258,7 +258,7 @@ def test_hook_shapes_and_head_ablation(device, fam):
         assert cache["blocks.0.attn.hook_rot_k"].shape == (3, 10, Hkv, DH)
         assert not torch.equal(cache["blocks.0.attn.hook_rot_q"], cache["blocks.0.attn.hook_q"])
     else:
-        with pytest.raises(ValueError, match="rotary"):
+        with pytest.raises(ValueError, match=r"^blocks\.0\.attn\.hook_rot_q: this hook point does not fire: this layer has no rotary embedding"):
             h.add_hook("blocks.0.attn.hook_rot_q", lambda t, hook: None)
 
     def ablate(z, hook):
@@ -333,12 +333,12 @@ def test_detach_writes_edited_weights_back_in_the_family_layout(device, fam):
 
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
-def test_from_hf_split_weights_match_hf_projection(device, fam):
+def test_bridge_from_module_split_weights_match_hf_projection(device, fam):
     """W_Q, W_K, W_V (HookedTransformer format) reproduce what the module's own fused projection computes
     for each head: a check of the layout that does not go through the Bridge's forward."""
     model = fam.make(device)
     attn = fam.attentions(model)[0]
-    bridge = pyqkv.Bridge.from_hf(attn)
+    bridge = pyqkv.hf.bridge_from_module(attn)
     x = torch.randn(2, 5, D, device=device)
     with torch.no_grad():
         q = torch.einsum("bsd,hde->bshe", x, bridge.W_Q) + bridge.b_Q
@@ -371,7 +371,7 @@ def test_train_mode_dropout_matches_hf_same_seed(device, fam):
 
 def test_unsupported_module_names_the_supported_ones():
     with pytest.raises(TypeError) as e:
-        pyqkv.Bridge.from_hf(torch.nn.Linear(4, 4))
+        pyqkv.hf.bridge_from_module(torch.nn.Linear(4, 4))
     for name in ("GPT2Attention", "GPTNeoXAttention", "Phi3Attention", "GPTBigCodeAttention", "FalconAttention",
                  "BloomAttention", "CodeGenAttention"):
         assert name in str(e.value)

@@ -217,9 +217,9 @@ def test_wrong_shape_raises_value_error(device, point, bad):
 def test_wrong_dtype_or_type_raises_type_error(device):
     b, _, _ = plain_bridge(device)
     x = randx(device)
-    with pytest.raises(TypeError, match="hook_z"):
+    with pytest.raises(TypeError, match=r"^hook_z: hook .* returned torch.float64 on \S+; expected torch.float32"):
         b.run_with_hooks(x, fwd_hooks=[("hook_z", lambda t, hook: t.double())])
-    with pytest.raises(TypeError, match="hook_q"):
+    with pytest.raises(TypeError, match=r"^hook_q: hook .* returned list; expected None or a Tensor"):
         b.run_with_hooks(x, fwd_hooks=[("hook_q", lambda t, hook: t.tolist())])
     assert no_hooks_left(b)
 
@@ -251,7 +251,7 @@ def test_replacements_with_odd_strides(device, point):
 @pytest.mark.parametrize("head", [0, 2])
 def test_zeroing_head_at_hook_z_by_hand(device, head):
     m = gpt2_attention(device)
-    b = pyqkv.Bridge.from_hf(m)
+    b = pyqkv.hf.bridge_from_module(m)
     x = randx(device)
     _, cache = b.run_with_cache(x, names_filter="hook_z")
     z = cache["hook_z"].double().clone()
@@ -426,7 +426,7 @@ def test_attn_in_sees_per_head_copies_and_kv_use_first_heads(device):
 
 def test_attn_result(device):
     m = gpt2_attention(device)
-    b = pyqkv.Bridge.from_hf(m, use_attn_result=True)
+    b = pyqkv.hf.bridge_from_module(m, use_attn_result=True)
     oracle = Oracle.from_gpt2(m)
     x = randx(device)
     out, cache = b.run_with_cache(x, names_filter=["hook_result", "hook_z"])
@@ -463,7 +463,7 @@ def test_add_hook_unknown_and_gated_names(device):
         b.run_with_cache(randx(device), names_filter=["nope"])
     for name, flag in (("hook_result", "use_attn_result"), ("hook_q_input", "use_split_qkv_input"),
                        ("hook_k_input", "use_split_qkv_input"), ("hook_attn_in", "use_attn_in")):
-        with pytest.raises(ValueError, match=flag):
+        with pytest.raises(ValueError, match=f"^{name}: this hook point does not fire: set {flag} first"):
             b.add_hook(name, _noop)
     for name in ("hook_rot_q", "hook_rot_k"):
         with pytest.raises(ValueError):
@@ -552,7 +552,7 @@ def test_hook_points_are_not_modules(device):
     b, _, _ = plain_bridge(device)
     assert list(b.children()) == []
     assert all(not isinstance(p, torch.nn.Module) for p in b.hook_points().values())
-    assert set(b.hook_points()) == set(SHAPES) | {"hook_rot_q", "hook_rot_k"}
+    assert set(b.hook_points()) == set(SHAPES) | {"hook_rot_q", "hook_rot_k", "hook_q_normed", "hook_k_normed"}
 
 
 def test_hooks_context_removes_exactly_what_it_added(device):
@@ -707,7 +707,7 @@ def test_backward_hook_wrong_shape_raises(device):
     x = randx(device).requires_grad_(True)
     with b.hooks(bwd_hooks=[("hook_z", lambda g, hook: g[:, :1])]):
         out = b(x)
-        with pytest.raises(ValueError, match="hook_z"):
+        with pytest.raises(ValueError, match=r"^hook_z: hook .* returned shape \(2, 1, 4, 16\); expected \(2, \d+, 4, 16\)"):
             out.sum().backward()
 
 
@@ -761,7 +761,7 @@ def test_bad_conversion_rules(device):
             return t
 
     b = pyqkv.Bridge(w, None, ow, None, n_heads=4, d_head=16, hook_conversions={"hook_z": Flat()})
-    with pytest.raises(ValueError, match="hook_z"):
+    with pytest.raises(ValueError, match=r"^hook_z: conversion rule .* reverted the hook's tensor to shape \(\d+,\); expected the kernel layout"):
         b.run_with_hooks(randx(device), fwd_hooks=[("hook_z", _noop)])
     assert no_hooks_left(b)
 
@@ -777,3 +777,37 @@ def test_all_flag_combinations_exclusive(device):
                 b.cfg.use_attn_in = c
         else:
             b.cfg.use_attn_in = c
+
+
+def test_hooks_are_called_as_transformer_lens_calls_them(device):
+    """TransformerLens calls hook(tensor, hook=point): a hook whose `hook` argument is keyword-only works
+    (forward and backward), and a standalone Bridge's point has no layer."""
+    b, _, _ = plain_bridge(device)
+    x = randx(device).requires_grad_(True)
+    seen = {}
+
+    def keyword_only(t, *, hook):
+        seen[hook.name] = tuple(t.shape)
+
+    with b.hooks(fwd_hooks=[("hook_z", keyword_only)], bwd_hooks=[("hook_q", keyword_only)]):
+        b(x).sum().backward()
+    assert set(seen) == {"hook_z", "hook_q"}
+    with pytest.raises(ValueError, match=r"^hook_z: not a point inside a model's blocks"):
+        b.hook_points()["hook_z"].layer()
+    assert no_hooks_left(b)
+
+
+def test_unknown_name_message_is_short_and_suggests(device):
+    b, _, _ = plain_bridge(device)
+    with pytest.raises(KeyError) as info:
+        b.add_hook("hook_patern", _noop)
+    message = str(info.value)
+    assert "did you mean 'hook_pattern'?" in message and len(message) < 600
+
+
+def test_filter_that_selects_nothing_warns(device):
+    b, _, _ = plain_bridge(device)
+    with pytest.warns(UserWarning, match="selects no hook point"):
+        b.run_with_cache(randx(device), names_filter=lambda name: name == "hook_nope")
+    with pytest.warns(UserWarning, match="selects no hook point"):
+        b.run_with_cache(randx(device), names_filter=["blocks.*"])

@@ -1,0 +1,87 @@
+"""The Python-side pre-checks of a Bridge call: what Python must say before any hook runs or any state
+(a KV cache) changes. Every rule the native ops enforce is checked in C++ (csrc/checks.h,
+csrc/attention.h); only what the Bridge knows before the op runs (the input against its weights, the
+user's mask against B, S and K = cached + new positions) is checked here, under the Bridge's argument
+names. Each message names the argument, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+
+def describe(obj) -> str:
+    """A short description of a received value for error messages."""
+    if isinstance(obj, torch.Tensor):
+        return f"Tensor {tuple(obj.shape)} {obj.dtype}"
+    return type(obj).__name__
+
+
+def positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def boolean(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+def probability(name: str, p) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(p).__name__} {p!r}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name}: expected a probability in [0, 1], got {p}")
+    return float(p)
+
+
+def input_like_weights(x, d_model: int, weight: torch.Tensor) -> None:
+    """x must be [B, S, D] in the dtype and on the device of the Bridge's weights."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a Tensor [B, S, D={d_model}], got {describe(x)}")
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"x: expected shape [B, S, D={d_model}], got {tuple(x.shape)}")
+    if x.dtype != weight.dtype or x.device != weight.device:
+        raise TypeError(f"x: expected {weight.dtype} on {weight.device} (the Bridge's weights), got {x.dtype} on {x.device}")
+
+
+def attention_mask(mask, B: int, S: int, K: int, H: int, device):
+    """(mask for the attention op, causal) from a Bridge's attention_mask: None (causal), a padding mask
+    [B, K] (causal as well) or a 4-D mask [B or 1, 1 or H, S, K] (authoritative: no causal mask on top).
+    A 4-D bool mask (True = attend, Hugging Face's sdpa masks) is turned into the additive form."""
+    if mask is None:
+        return None, True
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a Tensor or None, got {describe(mask)}")
+    if mask.device != device:
+        raise ValueError(f"attention_mask: expected device {device}, got {mask.device}")
+    if mask.dim() == 2:
+        if tuple(mask.shape) != (B, K):
+            raise ValueError(
+                f"attention_mask: expected a padding mask [B, K] = [{B}, {K}] (K = cached + new positions), "
+                f"got {tuple(mask.shape)}"
+            )
+        if mask.is_complex():
+            raise TypeError(f"attention_mask: expected bool, integer or float, got {mask.dtype}")
+        return mask, True
+    if mask.dim() == 4:
+        if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (S, K):
+            raise ValueError(
+                f"attention_mask: expected a 4-D mask [B or 1, 1 or H, S, K] = [{B}, 1 or {H}, {S}, {K}], "
+                f"got {tuple(mask.shape)}"
+            )
+        if mask.dtype == torch.bool:  # True = attend -> additive
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(
+                ~mask, torch.finfo(torch.float32).min
+            )
+        elif not mask.is_floating_point():
+            raise TypeError(f"attention_mask: expected a float additive or bool 4-D mask, got {mask.dtype}")
+        return mask, False
+    raise ValueError(
+        f"attention_mask: expected None, a padding mask [B, K] or a 4-D mask [B, 1 or H, S, K], got "
+        f"{mask.dim()}-D {tuple(mask.shape)}"
+    )

@@ -1,0 +1,251 @@
+"""attach(model) / detach(model): every supported attention module of a Hugging Face model becomes a
+Bridge behind that module's calling convention, and the model-level hook handle over them.
+
+    h = pyqkv.hf.attach(model)              # every supported attention module becomes a Bridge behind its convention
+    logits, cache = h.run_with_cache(input_ids, names_filter=["blocks.0.attn.hook_pattern"])
+    with h.hooks(fwd_hooks=[("blocks.3.attn.hook_z", ablate_head_5)]):
+        model.generate(input_ids, max_new_tokens=8)
+    pyqkv.hf.detach(model)                  # the original modules, with the Bridge's current weights
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pyqkv import ops
+from pyqkv.bridge import Bridge
+from pyqkv.cache import KVCache
+from pyqkv.hf.families import SUPPORTED, LayerSpec, family_of, layer_spec
+from pyqkv.hf.hf_cache import CacheMirror
+from pyqkv.hf.recording import attention_recorder, install_hf_recording_hooks
+from pyqkv.hooks import HookedMixin
+
+
+def bridge_from_module(module, spec: Optional[LayerSpec] = None, **flags) -> Bridge:
+    """A Bridge equal to `module` (a Hugging Face attention module of a supported family)."""
+    spec = layer_spec(module) if spec is None else spec
+    bridge = Bridge(
+        spec.qkv.weight,
+        getattr(spec.qkv, "bias", None),
+        spec.out.weight,
+        getattr(spec.out, "bias", None),
+        layout=spec.layout,
+        conv1d=spec.conv1d,
+        **spec.bridge_kwargs,
+        **flags,
+    )
+    return bridge.train(module.training)  # dropout follows the wrapped module's mode
+
+
+def _write_back(bridge: Bridge, spec: LayerSpec) -> None:
+    """Copy the Bridge's (possibly edited or trained) weights into the original module, in its own layout."""
+    with torch.no_grad():
+        b = bridge
+        weight, bias = ops.pack_qkv(b.W_Q, b.W_K, b.W_V, *(
+            (b.b_Q, b.b_K, b.b_V) if b.qkv_bias is not None else ()), layout=spec.layout, conv1d=spec.conv1d)
+        spec.qkv.weight.copy_(weight)
+        if getattr(spec.qkv, "bias", None) is not None and bias is not None:
+            spec.qkv.bias.copy_(bias)
+        spec.out.weight.copy_(b.out_weight if spec.conv1d else b.out_weight.t())
+        if getattr(spec.out, "bias", None) is not None and b.out_bias is not None:
+            spec.out.bias.copy_(b.out_bias)
+
+
+class HFAttention(nn.Module):
+    """A Bridge behind a Hugging Face attention module's calling convention, in place of the module.
+
+    Called exactly as the original (its forward's signature binds the arguments): the hidden states; the
+    cache under `past_key_values`, `layer_past` or `cache` (a transformers Cache or a pyqkv.KVCache); HF's
+    mask (4-D additive or bool, or None); and, as the family passes them, `position_embeddings` (cos, sin),
+    `position_ids`, `alibi` and `residual`. Returns (attn_output, attn_weights) as HF expects; attn_weights
+    is the pattern when output_attentions is set.
+    """
+
+    def __init__(self, bridge: Bridge, original: nn.Module, layer_idx: int, spec: LayerSpec):
+        super().__init__()
+        self.bridge = bridge
+        self.layer_idx = layer_idx
+        # Kept outside the Module tree so its parameters appear neither in state_dict nor in parameters().
+        object.__setattr__(self, "_original", original)
+        object.__setattr__(self, "_spec", spec)
+        object.__setattr__(self, "_call", CallConvention(type(original)))
+        object.__setattr__(self, "_mirror", CacheMirror(layer_idx))
+
+    def forward(self, *args, **kwargs):
+        a = self._call.arguments(args, kwargs)
+        hidden_states = a["hidden_states"]
+        if a.get("encoder_hidden_states") is not None:
+            raise NotImplementedError("pyqkv Bridge: cross-attention is not supported")
+        hf_cache = next((a.get(n) for n in ("past_key_values", "layer_past", "cache") if a.get(n) is not None), None)
+        output_attentions = bool(a.get("output_attentions"))
+        call = dict(attention_mask=a.get("attention_mask"), position_embeddings=a.get("position_embeddings"),
+                    position_ids=a.get("position_ids"), alibi=self._alibi(a.get("alibi"), output_attentions))
+        if self.bridge.cfg.rotary_dim is None:
+            call.pop("position_embeddings"), call.pop("position_ids")
+        elif call["position_embeddings"] is not None:
+            call.pop("position_ids")  # the model's own cos/sin win (SPEC §4)
+        recorder = attention_recorder()  # model-level output_attentions (transformers >= 5)
+        # The pattern HF returns comes from the Bridge's own return value, never through the public hook
+        # points, so a user's hook or conversion rule cannot change what HF sees (beyond the edit it makes).
+        call["return_pattern"] = output_attentions or recorder is not None
+        if hf_cache is None or isinstance(hf_cache, KVCache):
+            result = self.bridge(hidden_states, kv_cache=hf_cache, **call)
+        else:
+            result = self._mirror.run(self.bridge, hidden_states, hf_cache, call)
+        out, pattern = result if call["return_pattern"] else (result, None)
+        if self._spec.residual_inside:
+            out = out + a["residual"]
+        if recorder is not None:
+            recorder.append(pattern)
+        return out, pattern if output_attentions else None
+
+    def hand_back_caches(self, spec: LayerSpec) -> None:
+        """Leave every live Hugging Face cache this layer mirrored in the form the original module expects."""
+        self._mirror.hand_back(spec.hf_cache_heads, self.bridge.cfg.n_kv_heads)
+
+    def _alibi(self, alibi, output_attentions: bool):
+        """The model's alibi tensor as the Bridge adds it to the scaled scores, or None."""
+        spec = self._spec
+        if spec.alibi_scale is None or alibi is None:
+            return None
+        if spec.alibi_in_mask_with_sdpa and not output_attentions and _attn_implementation(self._original) == "sdpa":
+            # The model folded alibi into the mask, and the module's SDPA path adds nothing more.
+            return alibi.new_zeros(1, 1, alibi.shape[-1])
+        return alibi if spec.alibi_scale == 1.0 else alibi * spec.alibi_scale
+
+class CallConvention:
+    """A Hugging Face attention module's forward signature, read once: positional names in order, and
+    whether it takes **kwargs. Turns a call's (args, kwargs) into {parameter name: value} with the
+    errors Python would give, without inspect's per-call binding."""
+
+    def __init__(self, module_class):
+        self.module_name = module_class.__name__
+        params = list(inspect.signature(module_class.forward).parameters.values())[1:]  # without self
+        P = inspect.Parameter
+        self.positional = [p.name for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+        self.keyword = {p.name for p in params if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)}
+        self.var_keyword = any(p.kind == P.VAR_KEYWORD for p in params)
+        self.defaults = {p.name: p.default for p in params if p.default is not P.empty}
+
+    def arguments(self, args, kwargs) -> dict:
+        if len(args) > len(self.positional):
+            raise TypeError(
+                f"{self.module_name} (attached to pyqkv): takes {len(self.positional)} positional arguments, "
+                f"got {len(args)}"
+            )
+        a = dict(self.defaults)
+        a.update(zip(self.positional, args))
+        for name, value in kwargs.items():
+            if name in self.positional[: len(args)]:
+                raise TypeError(f"{self.module_name} (attached to pyqkv): got multiple values for argument {name!r}")
+            if name not in self.keyword and not self.var_keyword:
+                raise TypeError(f"{self.module_name} (attached to pyqkv): got an unexpected keyword argument {name!r}")
+            a[name] = value
+        if "hidden_states" not in a:
+            raise TypeError(f"{self.module_name} (attached to pyqkv): missing the argument 'hidden_states'")
+        return a
+
+
+def _attn_implementation(module) -> Optional[str]:
+    config = getattr(module, "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+class AttachedModel(HookedMixin):
+    """Model-level hooks over every Bridge of an attached model, named `blocks.{i}.attn.hook_*`.
+
+    Calling it calls the model. `run_with_cache(*args, names_filter=..., **kwargs)` returns (model
+    output, cache); `hooks(...)`, `add_hook(...)`, `reset_hooks()` work as on a Bridge.
+    """
+
+    def __init__(self, model: nn.Module, bridges: list):
+        # A strong reference: a model built inline (`h = attach(build_model())`) lives as long as its
+        # handle. The model holds nothing of the handle, so there is no cycle to keep it alive longer.
+        self.model = model
+        self.bridges = bridges  # index i -> Bridge of block i
+        self._points = {}
+        self._aliases = {}
+        self._owner = {}
+        for i, bridge in enumerate(bridges):
+            prefix = f"blocks.{i}.attn."
+            bridge.set_hook_prefix(prefix)
+            for name, point in bridge.hook_points().items():
+                self._points[prefix + name] = point
+                self._owner[prefix + name] = (bridge, name)
+            for alias, target in bridge.hook_aliases().items():
+                self._aliases[prefix + alias] = prefix + target
+
+    def hook_points(self) -> dict:
+        return self._points
+
+    def hook_aliases(self) -> dict:
+        return self._aliases
+
+    def hook_gate(self, name: str) -> Optional[str]:
+        bridge, local = self._owner[name]
+        return bridge.hook_gate(local)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"AttachedModel({type(self.model).__name__}, {len(self.bridges)} bridges)"
+
+
+def attach(model: nn.Module, **flags) -> AttachedModel:
+    """Replace, in place, every supported attention module of `model` with a Bridge (behind HF's
+    calling convention). Flags (use_split_qkv_input, use_attn_in, use_attn_result) apply to every Bridge.
+    Returns the model-level hook handle. Raises TypeError if the model has no supported module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, HFAttention) for m in model.modules()):
+        raise ValueError("model: already attached (call pyqkv.hf.detach(model) first)")
+    # Cross-attention modules (GPT-2 with add_cross_attention) stay Hugging Face's own.
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if family_of(m) is not None and not getattr(m, "is_cross_attention", False)
+    ]
+    if not targets:
+        found = sorted({type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__})
+        raise TypeError(
+            f"model: no supported attention module found (supported: {', '.join(SUPPORTED)}; found: "
+            f"{', '.join(found) or 'none'})"
+        )
+    # Build every Bridge first: an unsupported configuration raises before the model is touched.
+    built = []
+    for name, m in targets:
+        spec = layer_spec(m)
+        built.append((name, m, spec, bridge_from_module(m, spec, **flags)))
+    install_hf_recording_hooks(model, [name for name, _ in targets])
+    bridges = []
+    for i, (name, module, spec, bridge) in enumerate(built):
+        layer_idx = module.layer_idx if getattr(module, "layer_idx", None) is not None else i
+        _set_submodule(model, name, HFAttention(bridge, module, layer_idx, spec).train(module.training))
+        bridges.append(bridge)
+    return AttachedModel(model, bridges)
+
+
+def detach(model: nn.Module) -> None:
+    """Restore the original attention modules, carrying over the Bridges' current weights."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, HFAttention):
+            original = module._original
+            # The model may have been moved, cast, or switched between train() and eval() while attached:
+            # the original (outside the Module tree, so left behind) follows the Bridge.
+            weight = module.bridge.qkv_weight
+            original.to(device=weight.device, dtype=weight.dtype).train(module.training)
+            spec = layer_spec(original)
+            _write_back(module.bridge, spec)
+            module.hand_back_caches(spec)
+            _set_submodule(model, name, original)
+
+
+def _set_submodule(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

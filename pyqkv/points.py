@@ -1,0 +1,107 @@
+"""The hook-point table: every fact about a hook point lives in one row here.
+
+The Bridge makes its points from it (names, aliases, firing order, gates), the conversion rules take
+their kernel layouts and default hook formats from it, and the README's list of points is generated
+from it (`python -m pyqkv.points` prints the markdown; a test checks the README holds exactly that).
+
+Notation: B batch, S positions in this call, K key positions (cache included), H query heads, Hkv
+key/value heads, Dh head dim, D model dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    """One hook point.
+
+    name: the canonical name; aliases: other names of the same point (one hook, not two).
+    hook_shape: what a hook function and the activation cache see (the hook format).
+    kernel_layout / kernel_rank: the layout the kernels use; a user's conversion pattern starts from it.
+    default_rule: the einops pattern from the kernel layout to the hook format (None: they are the same).
+    flag: the Bridge config flag that must be on for the point to fire (None: no flag).
+    requires: a feature the layer must have for the point to fire ("rotary": a rotary embedding;
+        "qk_norm": a normalization of queries and keys), or None.
+    fires: when it fires, in words (for the README and error messages).
+    """
+
+    name: str
+    hook_shape: str
+    kernel_layout: str
+    kernel_rank: int
+    fires: str
+    default_rule: Optional[str] = None
+    aliases: tuple = ()
+    flag: Optional[str] = None
+    requires: Optional[str] = None
+
+
+_HEADS = "b s (h d) -> b s h d"
+
+# Firing order (SPEC §2).
+POINTS = (
+    PointSpec("hook_in", "[B, S, D]", "[B, S, D]", 3, "always, first"),
+    PointSpec("hook_attn_in", "[B, S, H, D]", "[B, S, H, D]", 4,
+              "the residual copied per head; K and V use its first Hkv heads", flag="use_attn_in"),
+    PointSpec("hook_q_input", "[B, S, H, D]", "[B, S, H, D]", 4, "the residual copied per query head",
+              flag="use_split_qkv_input"),
+    PointSpec("hook_k_input", "[B, S, Hkv, D]", "[B, S, Hkv, D]", 4, "the residual copied per KV head",
+              flag="use_split_qkv_input"),
+    PointSpec("hook_v_input", "[B, S, Hkv, D]", "[B, S, Hkv, D]", 4, "the residual copied per KV head",
+              flag="use_split_qkv_input"),
+    PointSpec("hook_q", "[B, S, H, Dh]", "[B, S, H*Dh]", 3, "always: the projection's queries",
+              default_rule=_HEADS, aliases=("q.hook_out",)),
+    PointSpec("hook_k", "[B, S, Hkv, Dh]", "[B, S, Hkv*Dh]", 3,
+              "always: this call's keys, before the cache append", default_rule=_HEADS, aliases=("k.hook_out",)),
+    PointSpec("hook_v", "[B, S, Hkv, Dh]", "[B, S, Hkv*Dh]", 3,
+              "always: this call's values, before the cache append", default_rule=_HEADS, aliases=("v.hook_out",)),
+    PointSpec("hook_q_normed", "[B, S, H, Dh]", "[B, S, H*Dh]", 3, "after the query norm, before RoPE",
+              default_rule=_HEADS, requires="qk_norm"),
+    PointSpec("hook_k_normed", "[B, S, Hkv, Dh]", "[B, S, Hkv*Dh]", 3, "after the key norm, before RoPE",
+              default_rule=_HEADS, requires="qk_norm"),
+    PointSpec("hook_rot_q", "[B, S, H, Dh]", "[B, S, H*Dh]", 3, "after RoPE", default_rule=_HEADS,
+              requires="rotary"),
+    PointSpec("hook_rot_k", "[B, S, Hkv, Dh]", "[B, S, Hkv*Dh]", 3, "after RoPE, before the cache append",
+              default_rule=_HEADS, requires="rotary"),
+    PointSpec("hook_attn_scores", "[B, H, S, K]", "[B, H, S, K]", 4,
+              "scaled (and soft-capped) scores with the masks applied, before the softmax"),
+    PointSpec("hook_pattern", "[B, H, S, K]", "[B, H, S, K]", 4, "the softmax output (after attention dropout)"),
+    PointSpec("hook_z", "[B, S, H, Dh]", "[B, S, H*Dh]", 3, "always: pattern · V, the output projection's input",
+              default_rule=_HEADS, aliases=("o.hook_in",)),
+    PointSpec("hook_result", "[B, S, H, D]", "[B, S, H, D]", 4,
+              "each head's output before the head sum and the output bias", flag="use_attn_result"),
+    PointSpec("hook_out", "[B, S, D]", "[B, S, D]", 3, "always, last",
+              aliases=("hook_hidden_states", "o.hook_out")),
+)
+
+BY_NAME = {p.name: p for p in POINTS}
+HOOK_NAMES = tuple(p.name for p in POINTS)
+HOOK_ALIASES = {alias: p.name for p in POINTS for alias in p.aliases}
+# What a layer without the feature lacks, in words (gate messages, the README).
+FEATURE_WORDS = {"rotary": "rotary embedding (rotary_dim is None)", "qk_norm": "query/key norm (qk_norm is None)"}
+
+
+def canonical(name: str) -> str:
+    """The canonical name of a point or alias (names that are neither are returned unchanged)."""
+    return HOOK_ALIASES.get(name, name)
+
+
+def markdown_table() -> str:
+    """The README's table of hook points, made from POINTS."""
+    rows = ["| hook point | aliases | hook format | fires |", "|---|---|---|---|"]
+    for p in POINTS:
+        when = p.fires
+        if p.flag:
+            when += f" (only with `{p.flag}`)"
+        if p.requires:
+            when += f" (only on layers with a {FEATURE_WORDS[p.requires].split(' (')[0]})"
+        aliases = ", ".join(f"`{a}`" for a in p.aliases)
+        rows.append(f"| `{p.name}` | {aliases} | {p.hook_shape} | {when} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
