@@ -33,8 +33,9 @@ built=$(date +%s)
 # The package under test: this tree's Python files with the sanitized _C next to them.
 PKG=$OUT/pkg
 rm -rf "$PKG"
-mkdir -p "$PKG/pyqkv"
-cp pyqkv/*.py "$PKG/pyqkv/"
+mkdir -p "$PKG"
+cp -r pyqkv "$PKG/pyqkv"
+rm -rf "$PKG"/pyqkv/_C*.so "$PKG"/pyqkv/__pycache__ "$PKG"/pyqkv/*/__pycache__
 cp "$OUT"/lib/pyqkv/_C*.so "$PKG/pyqkv/"
 
 # Python itself is not instrumented, so the ASan runtime must be loaded before anything else; and with

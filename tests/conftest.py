@@ -33,3 +33,19 @@ def _seed():
     """Every test starts from the same RNG state, so a failure reproduces on its own."""
     torch.manual_seed(0)
     yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Skips summarized by reason, one line each (pytest's -rs would print a line per skipping test
+    location: ~200 lines of 'CUDA is not available' on a machine without a GPU)."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    reasons = {}
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    terminalreporter.section("skipped, by reason")
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        terminalreporter.line(f"{n:6d}  {reason}")

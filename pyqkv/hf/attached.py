@@ -82,7 +82,7 @@ class HFAttention(nn.Module):
             raise NotImplementedError("pyqkv Bridge: cross-attention is not supported")
         hf_cache = next((a.get(n) for n in ("past_key_values", "layer_past", "cache") if a.get(n) is not None), None)
         output_attentions = bool(a.get("output_attentions"))
-        call = dict(attention_mask=a.get("attention_mask"), position_embeddings=a.get("position_embeddings"),
+        call = dict(attention_mask=a.get("attention_mask"), position_embeddings=self._tables(a.get("position_embeddings")),
                     position_ids=a.get("position_ids"), alibi=self._alibi(a.get("alibi"), output_attentions))
         if self.bridge.cfg.rotary_dim is None:
             call.pop("position_embeddings"), call.pop("position_ids")
@@ -106,6 +106,16 @@ class HFAttention(nn.Module):
     def hand_back_caches(self, spec: LayerSpec) -> None:
         """Leave every live Hugging Face cache this layer mirrored in the form the original module expects."""
         self._mirror.hand_back(spec.hf_cache_heads, self.bridge.cfg.n_kv_heads)
+
+    def _tables(self, position_embeddings):
+        """The model's position_embeddings as the Bridge takes them: (cos, sin), each [B, S, rotary_dim]."""
+        convention = self._spec.position_embeddings
+        if position_embeddings is None or convention == "ignore":
+            return None
+        if convention == "sin_cos_half":  # (sin, cos) [B, S, R/2], one entry per rotated pair
+            sin, cos = position_embeddings
+            return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+        return position_embeddings
 
     def _alibi(self, alibi, output_attentions: bool):
         """The model's alibi tensor as the Bridge adds it to the scaled scores, or None."""

@@ -29,6 +29,10 @@ class LayerSpec:
         only on its eager path (Falcon): the Bridge follows whichever path the module would take;
     hf_cache_heads: the head count the module writes into a Hugging Face cache (Falcon's grouped layout
         broadcasts K/V to every query head; the Bridge keeps n_kv_heads).
+    position_embeddings: how the model's `position_embeddings` argument reads: "cos_sin" (a pair
+        (cos, sin) of [B, S, R] tables, as most families pass them), "sin_cos_half" ((sin, cos) at half
+        width [B, S, R/2], each frequency once: GPT-J and CodeGen on newer transformers, rotate-every-two),
+        or "ignore" (the model passes tables this layer does not use).
     """
 
     family: str
@@ -41,6 +45,27 @@ class LayerSpec:
     alibi_scale: Optional[float] = None
     alibi_in_mask_with_sdpa: bool = False
     hf_cache_heads: Optional[int] = None
+    position_embeddings: str = "cos_sin"
+
+
+def attr(module, *names):
+    """The first of `names` that `module` has: HF internals are read by feature, never by version. A module
+    with none of them is one this reader does not know: say which attributes were looked for."""
+    for name in names:
+        if hasattr(module, name):
+            return getattr(module, name)
+    wanted = " or ".join(repr(n) for n in names)
+    raise TypeError(
+        f"module: this {type(module).__name__} has no attribute {wanted}; pyqkv does not know this version of "
+        f"the module (supported: {', '.join(SUPPORTED)})"
+    )
+
+
+def takes_argument(module, name: str) -> bool:
+    """Whether the module's forward names the argument `name` (a feature of its calling convention)."""
+    import inspect
+
+    return name in inspect.signature(type(module).forward).parameters
 
 
 def _rope(config, head_dim):
@@ -143,13 +168,18 @@ def _codegen(m) -> LayerSpec:
     if m.rotary_dim is None:
         # CodeGen then rotates each head with a table as wide as the whole model: only H = 1 would work.
         raise ValueError("module: a CodeGenAttention with rotary_dim=None is not supported (set config.rotary_dim)")
+    # Newer transformers: `scaling` and a float `attention_dropout`, and the model passes (sin, cos) at half
+    # width; older: `scale_attn` (= sqrt(Dh)), an nn.Dropout `attn_dropout`, tables made from position_ids.
+    scale = m.scaling if hasattr(m, "scaling") else 1.0 / float(attr(m, "scale_attn"))
     return LayerSpec(
         "CodeGen", m.qkv_proj, m.out_proj, conv1d=False, layout="codegen",
         bridge_kwargs=dict(
-            n_heads=m.num_attention_heads, d_head=m.head_dim, scale=1.0 / m.scale_attn,
+            n_heads=m.num_attention_heads, d_head=m.head_dim, scale=scale,
             rotary_dim=m.rotary_dim, rotary_interleaved=True,
-            attn_dropout=_dropout_p(m.attn_dropout), resid_dropout=_dropout_p(m.resid_dropout),
+            attn_dropout=_dropout_p(attr(m, "attention_dropout", "attn_dropout")),
+            resid_dropout=_dropout_p(m.resid_dropout),
         ),
+        position_embeddings="sin_cos_half" if takes_argument(m, "position_embeddings") else "cos_sin",
     )
 
 
