@@ -51,6 +51,14 @@ class BridgeConfig:
     rotary_base: float = 10000.0
     rotary_interleaved: bool = False
     alibi: bool = False
+    # clip_qkv: Q, K and V clamped to [-clip_qkv, clip_qkv] right after the projection (OLMo, DBRX, MPT).
+    # softcap: attention-logit soft-capping, scores = softcap * tanh(scores / softcap) (Gemma 2).
+    # window: a sliding window of this many keys (the query's own included), bottom-right aligned.
+    # qk_norm: None, "head" (a norm over Dh of every head) or "projection" (over all of Q's or K's features).
+    clip_qkv: Optional[float] = None
+    softcap: Optional[float] = None
+    window: Optional[int] = None
+    qk_norm: Optional[str] = None
 
     def __setattr__(self, name, value):
         if name in ("use_split_qkv_input", "use_attn_in", "use_attn_result"):
@@ -119,6 +127,13 @@ class Bridge(nn.Module, HookedMixin):
         rotary_base: float = 10000.0,
         rotary_interleaved: bool = False,
         alibi: bool = False,
+        clip_qkv: Optional[float] = None,
+        softcap: Optional[float] = None,
+        window: Optional[int] = None,
+        q_norm: Optional[nn.Module] = None,
+        k_norm: Optional[nn.Module] = None,
+        qk_norm_per_head: bool = True,
+        share_weights: bool = False,
         hook_conversions: Optional[dict] = None,
     ):
         nn.Module.__init__(self)
@@ -161,14 +176,40 @@ class Bridge(nn.Module, HookedMixin):
                 layer_idx=layer_idx,
             )
         scale = ops._check_scale(scale)  # the attention op's own rule for its scale argument
-        with torch.no_grad():
-            # Split with the source layout, then pack blocked: every layout runs the same one-GEMM forward
-            # with Q, K, V as zero-copy column blocks of its output.
-            split = ops.split_qkv(
-                weight, bias, n_heads=n_heads, n_kv_heads=n_kv_heads, d_head=d_head, layout=layout, conv1d=conv1d
-            )
-            fused_w, fused_b = ops.pack_qkv(*split, layout="blocked", conv1d=True)
-        D = fused_w.shape[0]
+        clip_qkv = _positive_or_none("clip_qkv", clip_qkv)
+        softcap = _positive_or_none("softcap", softcap)
+        if window is not None:
+            checks.positive_int("window", window)
+        checks.boolean("share_weights", share_weights)
+        checks.boolean("qk_norm_per_head", qk_norm_per_head)
+        if (q_norm is None) != (k_norm is None):
+            raise ValueError(f"q_norm, k_norm: expected both or neither, got {describe(q_norm)} and {describe(k_norm)}")
+        for name, m in (("q_norm", q_norm), ("k_norm", k_norm)):
+            if m is not None and not isinstance(m, nn.Module):
+                raise TypeError(f"{name}: expected an nn.Module (called on [B, S, heads, Dh] or [B, S, heads*Dh]), got {describe(m)}")
+        share_qkv = share_weights and layout == "blocked"
+        if share_qkv:
+            # The source's own tensors become the Bridge's parameters (the same Parameter objects when they
+            # are Parameters): no copy, and an edit through either is the same edit.
+            n_out = (n_heads + 2 * n_kv_heads) * d_head
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1 if conv1d else 0] != n_out:
+                raise ValueError(
+                    f"weight: expected {'[D, ' + str(n_out) + ']' if conv1d else '[' + str(n_out) + ', D]'} = "
+                    f"(n_heads + 2 * n_kv_heads) * d_head, got {describe(weight)}"
+                )
+            if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,)):
+                raise ValueError(f"bias: expected shape ({n_out},) = (n_heads + 2 * n_kv_heads) * d_head, got {describe(bias)}")
+            fused_w, fused_b = weight, bias
+            D = weight.shape[0] if conv1d else weight.shape[1]
+        else:
+            with torch.no_grad():
+                # Split with the source layout, then pack blocked: every layout runs the same one-GEMM forward
+                # with Q, K, V as zero-copy column blocks of its output.
+                split = ops.split_qkv(
+                    weight, bias, n_heads=n_heads, n_kv_heads=n_kv_heads, d_head=d_head, layout=layout, conv1d=conv1d
+                )
+                fused_w, fused_b = ops.pack_qkv(*split, layout="blocked", conv1d=True)
+            D = fused_w.shape[0]
         hd = n_heads * d_head
         want = (hd, D) if conv1d else (D, hd)
         if tuple(out_weight.shape) != want:
@@ -179,10 +220,16 @@ class Bridge(nn.Module, HookedMixin):
         if out_bias is not None and (not isinstance(out_bias, torch.Tensor) or tuple(out_bias.shape) != (D,)):
             raise ValueError(f"out_bias: expected shape ({D},), got {describe(out_bias)}")
 
-        self.qkv_weight = nn.Parameter(fused_w)  # [D, (H + 2 Hkv) Dh], blocked, x @ W orientation
-        self.qkv_bias = None if fused_b is None else nn.Parameter(fused_b)
-        self.out_weight = nn.Parameter((out_weight if conv1d else out_weight.t()).detach().clone().contiguous())
-        self.out_bias = None if out_bias is None else nn.Parameter(out_bias.detach().clone())
+        # Blocked fused weight: [D, (H + 2 Hkv) Dh] (conv1d) or [(H + 2 Hkv) Dh, D] when shared with a Linear.
+        self.qkv_weight = _parameter(fused_w)
+        self.qkv_bias = None if fused_b is None else _parameter(fused_b)
+        if share_weights:  # the output projection is shared in any layout: its layout is the same everywhere
+            self.out_weight = _parameter(out_weight)
+            self.out_bias = None if out_bias is None else _parameter(out_bias)
+        else:
+            self.out_weight = nn.Parameter((out_weight if conv1d else out_weight.t()).detach().clone().contiguous())
+            self.out_bias = None if out_bias is None else nn.Parameter(out_bias.detach().clone())
+        self.q_norm, self.k_norm = q_norm, k_norm
 
         self.cfg = BridgeConfig(
             n_heads=n_heads,
@@ -198,7 +245,15 @@ class Bridge(nn.Module, HookedMixin):
             rotary_base=float(rotary_base),
             rotary_interleaved=rotary_interleaved,
             alibi=alibi,
+            clip_qkv=clip_qkv,
+            softcap=softcap,
+            window=window,
+            qk_norm=None if q_norm is None else ("head" if qk_norm_per_head else "projection"),
         )
+        # The orientation of the stored weights: conv1d ([D, n_out], [H*Dh, D]: x @ W), or nn.Linear's
+        # ([n_out, D], [D, H*Dh]) when they are shared with a Linear-oriented source.
+        self._qkv_conv1d = conv1d if share_qkv else True
+        self._out_conv1d = conv1d if share_weights else True
         self.cfg.use_split_qkv_input = use_split_qkv_input
         self.cfg.use_attn_in = use_attn_in
         self.cfg.use_attn_result = use_attn_result
@@ -225,15 +280,16 @@ class Bridge(nn.Module, HookedMixin):
     # are zero-copy and an in-place edit (bridge.W_Q[3].zero_()) changes the layer, as it does W_O.
 
     def _head_block(self, tensor, which: int):
-        """Q (0), K (1) or V (2) of the blocked fused weight [D, n_out] as [heads, D, Dh], or of the fused
-        bias [n_out] as [heads, Dh]: views, no copy."""
+        """Q (0), K (1) or V (2) of the blocked fused weight ([D, n_out] or [n_out, D]) as [heads, D, Dh], or
+        of the fused bias [n_out] as [heads, Dh]: views, no copy."""
         c = self.cfg
         heads = c.n_heads if which == 0 else c.n_kv_heads
         start = (0, c.n_heads, c.n_heads + c.n_kv_heads)[which] * c.d_head
-        block = tensor.narrow(-1, start, heads * c.d_head)
         if tensor.dim() == 1:
-            return block.view(heads, c.d_head)
-        return block.view(c.d_model, heads, c.d_head).transpose(0, 1)
+            return tensor.narrow(0, start, heads * c.d_head).view(heads, c.d_head)
+        if self._qkv_conv1d:
+            return tensor.narrow(1, start, heads * c.d_head).view(c.d_model, heads, c.d_head).transpose(0, 1)
+        return tensor.narrow(0, start, heads * c.d_head).view(heads, c.d_head, c.d_model).transpose(1, 2)
 
     def _bias_block(self, which: int):
         if self.qkv_bias is not None:
@@ -275,7 +331,8 @@ class Bridge(nn.Module, HookedMixin):
     def W_O(self) -> torch.Tensor:
         """[H, Dh, D]: a view of the output weight"""
         c = self.cfg
-        return self.out_weight.view(c.n_heads, c.d_head, c.d_model)
+        w = self.out_weight if self._out_conv1d else self.out_weight.t()  # [H*Dh, D]
+        return w.view(c.n_heads, c.d_head, c.d_model)
 
     @property
     def b_O(self) -> torch.Tensor:
@@ -303,6 +360,8 @@ class Bridge(nn.Module, HookedMixin):
         """Whether this layer has a feature that hook points may require ("rotary", "qk_norm")."""
         if feature == "rotary":
             return self.cfg.rotary_dim is not None
+        if feature == "qk_norm":
+            return self.q_norm is not None
         return False
 
     def set_hook_prefix(self, prefix: str) -> None:
@@ -381,6 +440,9 @@ class Bridge(nn.Module, HookedMixin):
         q = self._fire("hook_q", q)
         k = self._fire("hook_k", k)
         v = self._fire("hook_v", v)
+        if self.q_norm is not None:  # after the projection hooks, before RoPE (Qwen3, Gemma 3, OLMo 2, ...)
+            q = self._fire("hook_q_normed", self._normed(self.q_norm, q, H))
+            k = self._fire("hook_k_normed", self._normed(self.k_norm, k, Hkv))
         q4, k4, v4 = q.view(B, S, H, Dh), k.view(B, S, Hkv, Dh), v.view(B, S, Hkv, Dh)
         if rotary is not None:
             # After the projection hooks, before the cache: the cache holds rotated keys, as HF's does.
@@ -405,6 +467,13 @@ class Bridge(nn.Module, HookedMixin):
             kv_cache.length = past  # a failure mid-way leaves the cache as it was
             raise
 
+    def _normed(self, norm: nn.Module, t: torch.Tensor, heads: int) -> torch.Tensor:
+        """A query or key norm on t [B, S, heads*Dh]: over Dh of each head, or over the whole projection."""
+        if self.cfg.qk_norm == "projection":
+            return norm(t)
+        B, S, _ = t.shape
+        return norm(t.view(B, S, heads, self.cfg.d_head)).reshape(B, S, heads * self.cfg.d_head)
+
     def _project_qkv(self, x):
         """Q, K, V in kernel layout: column blocks of one fused GEMM, unless a fork point is hooked."""
         c = self.cfg
@@ -424,7 +493,9 @@ class Bridge(nn.Module, HookedMixin):
         if len(forks) < 3:
             # Unhooked fork points read the residual directly: the fused GEMM equals the per-head
             # projection of an H-fold copy of x, without making the copy.
-            qkv = _linear(x, self.qkv_weight, self.qkv_bias)  # [B, S, (H + 2 Hkv) Dh]
+            qkv = _linear(x, self.qkv_weight, self.qkv_bias, self._qkv_conv1d)  # [B, S, (H + 2 Hkv) Dh]
+            if c.clip_qkv is not None:  # on the fresh GEMM output, before any hook sees Q, K or V
+                qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
             out = {"q": qkv[..., : H * Dh], "k": qkv[..., H * Dh : (H + Hkv) * Dh], "v": qkv[..., (H + Hkv) * Dh :]}
         if forks:
             for kind, per_head_in in forks.items():
@@ -432,6 +503,8 @@ class Bridge(nn.Module, HookedMixin):
                 W = self._head_block(self.qkv_weight, which)
                 b = None if self.qkv_bias is None else self._head_block(self.qkv_bias, which)
                 out[kind] = ops.per_head_proj(per_head_in, W, b).flatten(2)
+                if c.clip_qkv is not None:
+                    out[kind] = out[kind].clamp(-c.clip_qkv, c.clip_qkv)
         return out["q"], out["k"], out["v"]
 
     def _attend_and_project(self, q4, k_all, v_all, mask, causal, alibi, return_pattern):
@@ -441,9 +514,17 @@ class Bridge(nn.Module, HookedMixin):
         B, S, H, Dh = q4.shape
         dropout_p = c.attn_dropout if self.training else 0.0
         pattern_point = self._points["hook_pattern"]
+        # Soft-capping and a sliding window, only when the layer has them (a 4-D mask already holds the
+        # window: it is authoritative, and causal is then False).
+        extra = {}
+        if c.softcap is not None:
+            extra["softcap"] = c.softcap
+        if c.window is not None and causal:
+            extra["window"] = c.window
         if self._hooked("hook_attn_scores"):
             score_dtype = torch.float32 if c.reorder_and_upcast_attn else q4.dtype
-            scores = ops.attn_scores(q4, k_all, scale=c.scale, causal=causal, mask=mask, dtype=score_dtype, alibi=alibi)
+            scores = ops.attn_scores(q4, k_all, scale=c.scale, causal=causal, mask=mask, dtype=score_dtype, alibi=alibi,
+                                     **extra)
             scores = self._fire("hook_attn_scores", scores)
             pattern = ops.attn_softmax(scores, dtype=v_all.dtype)
             if dropout_p:
@@ -455,7 +536,7 @@ class Bridge(nn.Module, HookedMixin):
             # version counter, and the counter is how an in-place edit by a hook is noticed.
             with torch.inference_mode(False):
                 z, _, pattern = ops.attention(
-                    q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask, return_pattern=True, alibi=alibi
+                    q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask, return_pattern=True, alibi=alibi, **extra
                 )
             if dropout_p:
                 pattern = F.dropout(pattern, dropout_p, training=True)
@@ -467,7 +548,7 @@ class Bridge(nn.Module, HookedMixin):
                 z = ops.attn_apply(hooked, v_all)
             pattern = hooked
         else:
-            z, _, _ = ops.attention(q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask, alibi=alibi)
+            z, _, _ = ops.attention(q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask, alibi=alibi, **extra)
             pattern = None
 
         z = self._fire("hook_z", z.reshape(B, S, H * Dh))
@@ -477,7 +558,7 @@ class Bridge(nn.Module, HookedMixin):
             if self.out_bias is not None:
                 out = out + self.out_bias
         else:
-            out = _linear(z, self.out_weight, self.out_bias)
+            out = _linear(z, self.out_weight, self.out_bias, self._out_conv1d)
         if self.training and c.resid_dropout:
             out = F.dropout(out, c.resid_dropout, training=True)
         out = self._fire("hook_out", out)
@@ -491,11 +572,28 @@ class Bridge(nn.Module, HookedMixin):
         )
 
 
-def _linear(x, weight_in_out, bias):
-    """x [..., in] @ W [in, out] + b as one addmm over the flattened leading dims."""
+def _linear(x, weight, bias, conv1d: bool):
+    """x [..., in] @ W + b as one GEMM over the flattened leading dims; W is [in, out] (conv1d) or [out, in]
+    (nn.Linear, read transposed in place)."""
+    w = weight if conv1d else weight.t()
     x2 = x.reshape(-1, x.shape[-1])
-    y = torch.mm(x2, weight_in_out) if bias is None else torch.addmm(bias, x2, weight_in_out)
-    return y.view(*x.shape[:-1], weight_in_out.shape[1])
+    y = torch.mm(x2, w) if bias is None else torch.addmm(bias, x2, w)
+    return y.view(*x.shape[:-1], w.shape[1])
+
+
+def _parameter(t: torch.Tensor) -> nn.Parameter:
+    """t itself when it is a Parameter (shared, not copied), else a Parameter over the same storage."""
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t.detach())
+
+
+def _positive_or_none(name: str, value) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected None or a positive number, got {type(value).__name__} {value!r}")
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"{name}: expected None or a positive finite number, got {value!r}")
+    return float(value)
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:

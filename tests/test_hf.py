@@ -62,12 +62,14 @@ def test_attach_replaces_every_attention(device, cls):
     model = make_model(device, cls, n_layer=3)
     originals = [m for m in model.modules() if isinstance(m, GPT2Attention)]
     assert len(originals) == 3
+    n_params = len(list(model.parameters()))
     h = pyqkv.hf.attach(model)
     assert not any(isinstance(m, GPT2Attention) for m in model.modules())
     found = bridges_of(model)
     assert len(found) == 3 and [id(b) for b in found] == [id(b) for b in h.bridges]
-    assert all(not any(p is q for q in model.parameters()) for o in originals for p in o.parameters()), \
-        "the replaced modules' parameters must not stay in the model"
+    # The Bridges hold the originals' own Parameters (no copy): the model has the same parameters as before.
+    assert all(b.qkv_weight is o.c_attn.weight and b.out_weight is o.c_proj.weight for b, o in zip(found, originals))
+    assert len(list(model.parameters())) == n_params
     with pytest.raises(ValueError, match="already attached"):
         pyqkv.hf.attach(model)
     pyqkv.hf.detach(model)

@@ -26,33 +26,120 @@ from pyqkv.hooks import HookedMixin
 
 
 def bridge_from_module(module, spec: Optional[LayerSpec] = None, **flags) -> Bridge:
-    """A Bridge equal to `module` (a Hugging Face attention module of a supported family)."""
+    """A Bridge equal to `module` (a Hugging Face attention module of a supported family), holding no
+    second copy of its weights where the layout allows: a blocked fused weight and the output projection
+    are the module's own Parameters; separate Q, K, V projections are packed into one fused weight that
+    q_proj.weight, k_proj.weight and v_proj.weight become views of. Other fused layouts (interleaved,
+    grouped, codegen) are repacked into a blocked copy (attach then frees the module's own).
+    Flags: use_split_qkv_input, use_attn_in, use_attn_result, hook_conversions."""
     spec = layer_spec(module) if spec is None else spec
+    if isinstance(spec.qkv, tuple):
+        weight, bias = pack_separate(spec.qkv)
+    else:
+        weight, bias = spec.qkv.weight, getattr(spec.qkv, "bias", None)
+    for name, t in (("qkv weight", weight), ("output weight", spec.out.weight)):
+        if t.device.type == "meta":
+            raise NotImplementedError(
+                f"module: the {type(module).__name__}'s {name} is on the meta device (offloaded, or not loaded "
+                f"yet); pyqkv needs the weights in memory to attach"
+            )
     bridge = Bridge(
-        spec.qkv.weight,
-        getattr(spec.qkv, "bias", None),
+        weight,
+        bias,
         spec.out.weight,
         getattr(spec.out, "bias", None),
         layout=spec.layout,
         conv1d=spec.conv1d,
+        share_weights=True,
         **spec.bridge_kwargs,
+        **spec.bridge_modules,
         **flags,
     )
     return bridge.train(module.training)  # dropout follows the wrapped module's mode
 
 
-def _write_back(bridge: Bridge, spec: LayerSpec) -> None:
-    """Copy the Bridge's (possibly edited or trained) weights into the original module, in its own layout."""
+def pack_separate(projections):
+    """(weight [n_out, D], bias [n_out] or None): the Linear projections' weights as one blocked fused
+    weight, with each projection's weight (and bias) rebound as a view of it. Projections that already view
+    one storage in order (packed before) are left as they are."""
+    weights = [p.weight for p in projections]
+    biases = [getattr(p, "bias", None) for p in projections]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        raise TypeError("module: expected a bias on all of q_proj, k_proj and v_proj or on none of them")
+    fused_w = _adjacent(weights)
+    fused_b = None if biases[0] is None else _adjacent(biases)
     with torch.no_grad():
-        b = bridge
-        weight, bias = ops.pack_qkv(b.W_Q, b.W_K, b.W_V, *(
-            (b.b_Q, b.b_K, b.b_V) if b.qkv_bias is not None else ()), layout=spec.layout, conv1d=spec.conv1d)
-        spec.qkv.weight.copy_(weight)
-        if getattr(spec.qkv, "bias", None) is not None and bias is not None:
-            spec.qkv.bias.copy_(bias)
-        spec.out.weight.copy_(b.out_weight if spec.conv1d else b.out_weight.t())
-        if getattr(spec.out, "bias", None) is not None and b.out_bias is not None:
-            spec.out.bias.copy_(b.out_bias)
+        if fused_w is None:
+            fused_w = torch.cat([w.detach() for w in weights], 0)
+            _rebind_rows(projections, "weight", fused_w)
+        if biases[0] is not None and fused_b is None:
+            fused_b = torch.cat([b.detach() for b in biases], 0)
+            _rebind_rows(projections, "bias", fused_b)
+    return fused_w, fused_b
+
+
+def _adjacent(tensors):
+    """The tensor the given row blocks are consecutive views of (one storage, in order, contiguous), or None."""
+    first = tensors[0]
+    if not all(t.is_contiguous() and t.dtype == first.dtype and t.device == first.device for t in tensors):
+        return None
+    storage = first.untyped_storage().data_ptr()
+    end = first.storage_offset()
+    for t in tensors:
+        if t.untyped_storage().data_ptr() != storage or t.storage_offset() != end:
+            return None
+        end += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+
+
+def _rebind_rows(projections, name: str, fused: torch.Tensor) -> None:
+    """projection.<name> := a Parameter viewing its rows of `fused` (requires_grad as before)."""
+    start = 0
+    for p in projections:
+        old = getattr(p, name)
+        rows = old.shape[0]
+        setattr(p, name, nn.Parameter(fused[start : start + rows], requires_grad=old.requires_grad))
+        start += rows
+
+
+def _release(spec: LayerSpec) -> None:
+    """Free a fused projection the Bridge repacked (a non-blocked layout): while attached the Bridge holds
+    the layer's only copy, and detach writes it back. A meta tensor keeps the shape and dtype."""
+    if isinstance(spec.qkv, tuple) or spec.layout == "blocked":
+        return
+    for name in ("weight", "bias"):
+        old = getattr(spec.qkv, name, None)
+        if old is not None:
+            setattr(spec.qkv, name, nn.Parameter(old.detach().to("meta"), requires_grad=old.requires_grad))
+
+
+def _write_back(bridge: Bridge, spec: LayerSpec) -> None:
+    """Give the original module the Bridge's (possibly edited or trained, moved or cast) weights, in its own
+    layout: shared Parameters need nothing, views are re-made where they no longer view the Bridge's storage,
+    and a released fused projection gets a fresh tensor."""
+    b = bridge
+    with torch.no_grad():
+        if isinstance(spec.qkv, tuple):
+            if _adjacent([p.weight for p in spec.qkv]) is None or spec.qkv[0].weight.data_ptr() != b.qkv_weight.data_ptr():
+                _rebind_rows(spec.qkv, "weight", b.qkv_weight.detach())
+            if b.qkv_bias is not None and spec.qkv[0].bias.data_ptr() != b.qkv_bias.data_ptr():
+                _rebind_rows(spec.qkv, "bias", b.qkv_bias.detach())
+        elif spec.qkv.weight is not b.qkv_weight:
+            weight, bias = ops.pack_qkv(b.W_Q, b.W_K, b.W_V, *(
+                (b.b_Q, b.b_K, b.b_V) if b.qkv_bias is not None else ()), layout=spec.layout, conv1d=spec.conv1d)
+            _set(spec.qkv, "weight", weight)
+            if getattr(spec.qkv, "bias", None) is not None and bias is not None:
+                _set(spec.qkv, "bias", bias)
+        if spec.out.weight is not b.out_weight:
+            _set(spec.out, "weight", b.out_weight if spec.conv1d == b._out_conv1d else b.out_weight.t())
+        if getattr(spec.out, "bias", None) is not None and b.out_bias is not None and spec.out.bias is not b.out_bias:
+            _set(spec.out, "bias", b.out_bias)
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.detach().contiguous().clone(), requires_grad=old.requires_grad))
 
 
 class HFAttention(nn.Module):
@@ -226,11 +313,18 @@ def attach(model: nn.Module, **flags) -> AttachedModel:
             f"model: no supported attention module found (supported: {', '.join(SUPPORTED)}; found: "
             f"{', '.join(found) or 'none'})"
         )
-    # Build every Bridge first: an unsupported configuration raises before the model is touched.
+    # Every layer's spec first: an unsupported module or configuration raises before the model is touched.
+    specs = [(name, m, layer_spec(m)) for name, m in targets]
     built = []
-    for name, m in targets:
-        spec = layer_spec(m)
-        built.append((name, m, spec, bridge_from_module(m, spec, **flags)))
+    try:
+        for name, m, spec in specs:
+            bridge = bridge_from_module(m, spec, **flags)
+            built.append((name, m, spec, bridge))
+            _release(spec)  # layer by layer, so attaching never holds two copies of every layer at once
+    except BaseException:
+        for _, _, spec, bridge in built:
+            _write_back(bridge, spec)
+        raise
     install_hf_recording_hooks(model, [name for name, _ in targets])
     bridges = []
     for i, (name, module, spec, bridge) in enumerate(built):
@@ -244,13 +338,13 @@ def detach(model: nn.Module) -> None:
     """Restore the original attention modules, carrying over the Bridges' current weights."""
     for name, module in list(model.named_modules()):
         if isinstance(module, HFAttention):
-            original = module._original
+            original, spec = module._original, module._spec
             # The model may have been moved, cast, or switched between train() and eval() while attached:
-            # the original (outside the Module tree, so left behind) follows the Bridge.
+            # the weights come back from the Bridge, and the rest of the original (outside the Module tree,
+            # so left behind) follows them.
+            _write_back(module.bridge, spec)
             weight = module.bridge.qkv_weight
             original.to(device=weight.device, dtype=weight.dtype).train(module.training)
-            spec = layer_spec(original)
-            _write_back(module.bridge, spec)
             module.hand_back_caches(spec)
             _set_submodule(model, name, original)
 

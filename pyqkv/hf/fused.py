@@ -1,0 +1,126 @@
+"""Readers of the fused-QKV attention families: one function per module class, returning its LayerSpec.
+
+GPT-2 (Conv1D, blocked), GPT-NeoX / Pythia (interleaved, partial RoPE), Phi-3 (blocked GQA, RoPE),
+GPT-BigCode (blocked MQA or interleaved MHA), Falcon (grouped GQA for new_decoder_architecture,
+interleaved classic, blocked multi_query; RoPE or ALiBi), Bloom (interleaved, ALiBi, residual added
+inside attention), CodeGen (codegen layout, rotate-every-two RoPE over rotary_dim).
+"""
+
+from __future__ import annotations
+
+from pyqkv.hf.spec import LayerSpec, attr, dropout_p, rope_config, takes_argument
+
+
+def _gpt2(m) -> LayerSpec:
+    if getattr(m, "is_cross_attention", False):
+        raise ValueError("module: a cross-attention GPT2Attention is not supported (self-attention only)")
+    return LayerSpec(
+        "GPT-2", m.c_attn, m.c_proj, conv1d=True, layout="blocked",
+        bridge_kwargs=dict(
+            n_heads=m.num_heads, d_head=m.head_dim, layer_idx=m.layer_idx,
+            scale_attn_weights=m.scale_attn_weights,
+            scale_attn_by_inverse_layer_idx=m.scale_attn_by_inverse_layer_idx,
+            reorder_and_upcast_attn=m.reorder_and_upcast_attn,
+            attn_dropout=dropout_p(m.attn_dropout), resid_dropout=dropout_p(m.resid_dropout),
+        ),
+    )
+
+
+def _neox(m) -> LayerSpec:
+    # query_key_value's output is [B, S, H, 3 * Dh]: per head [Q_h, K_h, V_h].
+    _, base = rope_config(m.config, m.head_size)
+    return LayerSpec(
+        "GPT-NeoX", m.query_key_value, m.dense, conv1d=False, layout="interleaved",
+        bridge_kwargs=dict(
+            n_heads=m.config.num_attention_heads, d_head=m.head_size, scale=m.scaling,
+            rotary_dim=m.rotary_ndims or None, rotary_base=base, attn_dropout=dropout_p(m.attention_dropout),
+        ),
+    )
+
+
+def _phi3(m) -> LayerSpec:
+    rotary_dim, base = rope_config(m.config, m.head_dim)
+    return LayerSpec(
+        "Phi-3", m.qkv_proj, m.o_proj, conv1d=False, layout="blocked",
+        bridge_kwargs=dict(
+            n_heads=m.config.num_attention_heads, n_kv_heads=m.num_key_value_heads, d_head=m.head_dim,
+            scale=m.scaling, rotary_dim=rotary_dim, rotary_base=base, attn_dropout=dropout_p(m.attention_dropout),
+        ),
+    )
+
+
+def _bigcode(m) -> LayerSpec:
+    if getattr(m, "is_cross_attention", False):
+        raise ValueError("module: a cross-attention GPTBigCodeAttention is not supported (self-attention only)")
+    # multi_query: [all Q heads | K | V]; otherwise c_attn's output is [B, S, H, 3 * Dh] (per head Q, K, V).
+    return LayerSpec(
+        "GPT-BigCode", m.c_attn, m.c_proj, conv1d=False, layout="blocked" if m.multi_query else "interleaved",
+        bridge_kwargs=dict(
+            n_heads=m.num_heads, n_kv_heads=m.kv_heads, d_head=m.head_dim, scale=m.scaling,
+            attn_dropout=dropout_p(m.attn_pdrop), resid_dropout=dropout_p(m.resid_dropout),
+        ),
+    )
+
+
+def _falcon(m) -> LayerSpec:
+    cfg = m.config
+    H, Dh = m.num_heads, m.head_dim
+    if cfg.new_decoder_architecture:  # per KV group: [Q of its heads, K, V]
+        layout, Hkv = "grouped", cfg.num_kv_heads
+    elif cfg.multi_query:  # [all Q heads | K | V]
+        layout, Hkv = "blocked", 1
+    else:  # per head [Q_h, K_h, V_h]
+        layout, Hkv = "interleaved", H
+    kwargs = dict(n_heads=H, n_kv_heads=Hkv, d_head=Dh, scale=m.inv_norm_factor)
+    if cfg.alibi:
+        kwargs.update(alibi=True, attn_dropout=dropout_p(m.attention_dropout))  # dropout only on the ALiBi path
+    else:
+        rotary_dim, base = rope_config(cfg, Dh)
+        kwargs.update(rotary_dim=rotary_dim, rotary_base=base)
+    return LayerSpec(
+        "Falcon", m.query_key_value, m.dense, conv1d=False, layout=layout, bridge_kwargs=kwargs,
+        alibi_scale=m.inv_norm_factor if cfg.alibi else None, alibi_in_mask_with_sdpa=bool(cfg.alibi),
+        hf_cache_heads=H if cfg.new_decoder_architecture else Hkv,
+    )
+
+
+def _bloom(m) -> LayerSpec:
+    return LayerSpec(
+        "Bloom", m.query_key_value, m.dense, conv1d=False, layout="interleaved",
+        bridge_kwargs=dict(
+            n_heads=m.num_heads, d_head=m.head_dim, scale=m.inv_norm_factor, alibi=True,
+            attn_dropout=dropout_p(m.attention_dropout), resid_dropout=dropout_p(m.hidden_dropout),
+        ),
+        residual_inside=True, alibi_scale=m.beta,
+    )
+
+
+def _codegen(m) -> LayerSpec:
+    if m.rotary_dim is None:
+        # CodeGen then rotates each head with a table as wide as the whole model: only H = 1 would work.
+        raise ValueError("module: a CodeGenAttention with rotary_dim=None is not supported (set config.rotary_dim)")
+    # Newer transformers: `scaling` and a float `attention_dropout`, and the model passes (sin, cos) at half
+    # width; older: `scale_attn` (= sqrt(Dh)), an nn.Dropout `attn_dropout`, tables made from position_ids.
+    scale = m.scaling if hasattr(m, "scaling") else 1.0 / float(attr(m, "scale_attn"))
+    return LayerSpec(
+        "CodeGen", m.qkv_proj, m.out_proj, conv1d=False, layout="codegen",
+        bridge_kwargs=dict(
+            n_heads=m.num_attention_heads, d_head=m.head_dim, scale=scale,
+            rotary_dim=m.rotary_dim, rotary_interleaved=True,
+            attn_dropout=dropout_p(attr(m, "attention_dropout", "attn_dropout")),
+            resid_dropout=dropout_p(m.resid_dropout),
+        ),
+        position_embeddings="sin_cos_half" if takes_argument(m, "position_embeddings") else "cos_sin",
+    )
+
+
+# Module class name -> reader.
+READERS = {
+    "GPT2Attention": _gpt2,
+    "GPTNeoXAttention": _neox,
+    "Phi3Attention": _phi3,
+    "GPTBigCodeAttention": _bigcode,
+    "FalconAttention": _falcon,
+    "BloomAttention": _bloom,
+    "CodeGenAttention": _codegen,
+}
