@@ -6,7 +6,21 @@
         ablated = bridge(x)
 """
 
-from pyqkv import ops
+try:
+    from pyqkv import ops
+except ImportError as e:  # a source tree without its built extension: say what is wrong and what to do
+    if "_C" not in str(e):
+        raise
+    import glob as _glob
+    import os as _os
+
+    _here = _os.path.dirname(__file__)
+    _built = _glob.glob(_os.path.join(_here, "_C*.so")) + _glob.glob(_os.path.join(_here, "_C*.pyd"))
+    _why = f"{_built[0]} does not load ({e})" if _built else f"it is not built (no _C*.so in {_here})"
+    raise ImportError(
+        f"pyqkv's native extension pyqkv._C is missing: {_why}. Build it with `make build`, or with "
+        "`pip install --no-build-isolation -e .` in an environment that has torch 2.11-2.15."
+    ) from None
 from pyqkv.bridge import Bridge, BridgeConfig
 from pyqkv.cache import KVCache
 from pyqkv.hooks import ActivationCache, HookPoint

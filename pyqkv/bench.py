@@ -6,7 +6,9 @@ Rows (prefill): the Bridge fast path; the Bridge with a read-only hook_pattern h
 use_split_qkv_input and no hook; the pure-PyTorch materialized layer (three GEMMs, [B,H,S,K] scores and
 pattern, like the reference system); PyTorch's best fused path (addmm + SDPA(is_causal) + addmm).
 Decode: one token per step after a prefill, the Bridge with KVCache against the materialized layer
-with a torch.cat cache. Timings are never used in tests.
+with a torch.cat cache. Each row shows the median and the spread (min - max) of its rounds; a row whose
+max exceeds its min by more than NOISY (30 %) is flagged "noisy": the machine was busy, rerun it.
+Timings are never used in tests.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pyqkv.bridge import Bridge
 from pyqkv.cache import KVCache
 
 GPT2_SMALL = dict(d_model=768, n_heads=12, d_head=64)
+NOISY = 1.3  # max / min of a row's rounds above this: flagged as noisy
 
 
 @dataclass
@@ -119,9 +122,26 @@ def prefill_rows(w: LayerWeights, *, with_compile: bool = False) -> dict:
     return rows
 
 
+@dataclass
+class Spread:
+    """Seconds per call over a row's rounds."""
+
+    min: float
+    median: float
+    max: float
+
+    @property
+    def noisy(self) -> bool:
+        return self.max > NOISY * self.min
+
+    @classmethod
+    def of(cls, times) -> "Spread":
+        return cls(min(times), statistics.median(times), max(times))
+
+
 def time_interleaved(fns: dict, args: tuple, *, reps: int, warmup: int = 2) -> dict:
-    """Median seconds per call of each fn, running every fn once per round in rotating order so slow
-    drifts of the machine hit all rows alike."""
+    """{name: Spread} of seconds per call of each fn, running every fn once per round in rotating order so
+    slow drifts of the machine hit all rows alike (after `warmup` untimed rounds of every fn)."""
     names = list(fns)
     with torch.inference_mode():
         for _ in range(warmup):
@@ -133,13 +153,13 @@ def time_interleaved(fns: dict, args: tuple, *, reps: int, warmup: int = 2) -> d
                 t0 = time.perf_counter()
                 fns[name](*args)
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: Spread.of(t) for name, t in times.items()}
 
 
 def gemm_rate(dtype=torch.float32, m=4096, k=768, n=2304, reps=10) -> float:
     """The machine's measured GEMM rate (GFLOP/s) at the projection's shape."""
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    t = time_interleaved({"mm": torch.mm}, (a, b), reps=reps)["mm"]
+    t = time_interleaved({"mm": torch.mm}, (a, b), reps=reps)["mm"].median
     return 2 * m * k * n / t / 1e9
 
 
@@ -219,85 +239,111 @@ def run(seq_lens=(128, 512, 1024), contexts=(512, 2000), batch=4, reps=7, steps=
     baseline = "torch fused (addmm+SDPA)"
     for S in seq_lens:
         x = torch.randn(batch, S, D)
-        med = time_interleaved(rows, (x,), reps=reps)
+        spread = time_interleaved(rows, (x,), reps=reps)
+        med = {name: sp.median for name, sp in spread.items()}
         mem = {name: peak_memory_mb(name, batch, S) for name in rows if "compile" not in name} if memory else {}
         flops = layer_flops(batch, S, D, H, Dh)
         entry = {}
         for name, t in med.items():
-            entry[name] = {"median_ms": t * 1e3, "vs_torch_fused": t / med[baseline],
-                           "vs_fast_path": t / med["pyqkv fast path"], "peak_mb": mem.get(name)}
+            sp = spread[name]
+            entry[name] = {"median_ms": t * 1e3, "min_ms": sp.min * 1e3, "max_ms": sp.max * 1e3, "noisy": sp.noisy,
+                           "vs_torch_fused": t / med[baseline], "vs_fast_path": t / med["pyqkv fast path"],
+                           "peak_mb": mem.get(name)}
         entry["pyqkv fast path"]["gflops"] = flops / med["pyqkv fast path"] / 1e9
         result["prefill"][S] = entry
-        table = [[name, f"{e['median_ms']:.2f}", f"{e['vs_torch_fused']:.2f}x", f"{e['vs_fast_path']:.2f}x",
+        table = [[name, f"{e['median_ms']:.2f}", f"{e['min_ms']:.2f} - {e['max_ms']:.2f}" + (" noisy" if e["noisy"] else ""),
+                  f"{e['vs_torch_fused']:.2f}x", f"{e['vs_fast_path']:.2f}x",
                   "-" if e["peak_mb"] is None else f"{e['peak_mb']:.0f}"] for name, e in entry.items()]
         say(f"\nprefill S={S} (fast path {entry['pyqkv fast path']['gflops']:.1f} GFLOP/s = "
             f"{entry['pyqkv fast path']['gflops'] / rate:.0%} of GEMM rate)")
-        say(format_table(["row", "median ms", "vs torch fused", "vs fast path", "peak MB"], table))
+        say(format_table(["row", "median ms", "min - max", "vs torch fused", "vs fast path", "peak MB"], table))
     for ctx in contexts:
         per_step = decode_step_times(w, batch, ctx, steps)
         entry = {}
         for name, ts in per_step.items():
-            half = len(ts) // 2
-            entry[name] = {"median_ms": statistics.median(ts) * 1e3,
+            half = max(1, len(ts) // 2)
+            sp = Spread.of(ts)
+            entry[name] = {"median_ms": sp.median * 1e3, "min_ms": sp.min * 1e3, "max_ms": sp.max * 1e3,
                            "first_half_ms": statistics.median(ts[:half]) * 1e3,
-                           "second_half_ms": statistics.median(ts[half:]) * 1e3}
+                           "second_half_ms": statistics.median(ts[half:] or ts) * 1e3}
         ratio = entry["pyqkv + KVCache"]["median_ms"] / entry["reference + torch.cat"]["median_ms"]
         entry["ratio"] = ratio
         result["decode"][ctx] = entry
-        table = [[name, f"{e['median_ms']:.3f}", f"{e['first_half_ms']:.3f}", f"{e['second_half_ms']:.3f}"]
-                 for name, e in entry.items() if name != "ratio"]
+        table = [[name, f"{e['median_ms']:.3f}", f"{e['min_ms']:.3f} - {e['max_ms']:.3f}", f"{e['first_half_ms']:.3f}",
+                  f"{e['second_half_ms']:.3f}"] for name, e in entry.items() if name != "ratio"]
         say(f"\ndecode after a {ctx}-token prefill, {steps} steps (pyqkv / reference = {ratio:.2f}x)")
-        say(format_table(["row", "median ms/step", "first half", "second half"], table))
+        say(format_table(["row", "median ms/step", "min - max", "first half", "second half"], table))
     return result
 
 
 def plot(result: dict, path: str) -> None:
-    """PNG of median time against S, one line per row, from run()'s result or its JSON."""
+    """PNG from run()'s result or its JSON: median time against S per prefill row (left) and per-step
+    decode time against the context length (right, when the result has decode rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     prefill = {int(s): rows for s, rows in result["prefill"].items()}  # JSON turned the keys into strings
+    decode = {int(c): rows for c, rows in result.get("decode", {}).items()}
+    fig, axes = plt.subplots(1, 2 if decode else 1, figsize=(12 if decode else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
     seqs = sorted(prefill)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in prefill[seqs[0]]:
         ax.plot(seqs, [prefill[s][name]["median_ms"] for s in seqs], marker="o", label=name)
     ax.set_xlabel("sequence length S")
     ax.set_ylabel("median ms per layer call")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_title(f"GPT-2-small attention layer, float32, batch {result['config']['batch']}")
+    ax.set_title(f"prefill: GPT-2-small attention layer, float32, batch {result['config']['batch']}")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
+    if decode:
+        ax = axes[0][1]
+        ctxs = sorted(decode)
+        for name in (n for n in decode[ctxs[0]] if n != "ratio"):
+            ax.plot(ctxs, [decode[c][name]["median_ms"] for c in ctxs], marker="o", label=name)
+        ax.set_xlabel("context length (cached tokens)")
+        ax.set_ylabel("median ms per decode step")
+        ax.set_title("decode: one token per step")
+        ax.legend(fontsize=8)
+        ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="pyqkv bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="pyqkv bench",
+        description=__doc__.split("\n\n")[0] + " At the defaults this takes about 3 minutes on a 2-core machine "
+        "(most of it the peak-memory subprocesses: --no-memory halves it).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--seq", type=int, nargs="+", default=[128, 512, 1024], help="prefill sequence lengths")
     p.add_argument("--context", type=int, nargs="+", default=[512, 2000], help="decode context lengths")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="batch size")
     p.add_argument("--reps", type=int, default=7, help="interleaved rounds per prefill size")
     p.add_argument("--steps", type=int, default=64, help="decode steps per context")
     p.add_argument("--no-memory", action="store_true", help="skip the per-row peak-memory subprocesses")
     p.add_argument("--compile", action="store_true", help="add a torch.compile(bridge) row")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    p.add_argument("--plot", metavar="FILE", help="write a PNG of time against S (needs matplotlib)")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG of prefill and decode times (needs matplotlib: "
+                   "pip install 'pyqkv[bench]')")
     a = p.parse_args(argv)
+    if a.plot:  # before measuring: minutes of timing must not end in an ImportError
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("--plot needs matplotlib: pip install 'pyqkv[bench]' (or pip install matplotlib)", file=sys.stderr)
+            return 1
     result = run(a.seq, a.context, a.batch, a.reps, a.steps, memory=not a.no_memory, with_compile=a.compile)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)
         print(f"\nwrote {a.json}")
     if a.plot:
-        try:
-            plot(result, a.plot)
-            print(f"wrote {a.plot}")
-        except ImportError:
-            print("--plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
-            return 1
+        plot(result, a.plot)
+        print(f"wrote {a.plot}")
     return 0
 
 

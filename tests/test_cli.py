@@ -11,6 +11,7 @@ def test_demo_checks_pass(capsys):
     assert demo(timing_seq=(16,), timing_batch=1, reps=1) == 0
     out = capsys.readouterr().out
     assert "demo OK" in out and "hook_pattern [2, 12, 64, 64]" in out
+    assert "pyqkv.hf.attach on a random 4-layer GPT-2" in out and "min - max" in out
 
 
 def test_cli_help_and_unknown_command(capsys):
@@ -27,6 +28,7 @@ def test_bench_result_has_every_row(tmp_path):
     assert set(rows) == {"pyqkv fast path", "pyqkv + read-only hook_pattern", "pyqkv use_split_qkv_input",
                          "reference (materialized)", "torch fused (addmm+SDPA)"}
     assert all(r["median_ms"] > 0 for r in rows.values()) and rows["pyqkv fast path"]["gflops"] > 0
+    assert all(r["min_ms"] <= r["median_ms"] <= r["max_ms"] and isinstance(r["noisy"], bool) for r in rows.values())
     assert set(result["decode"]["16"]) == {"pyqkv + KVCache", "reference + torch.cat", "ratio"}
     assert result["gemm_gflops"] > 0
 
@@ -51,6 +53,29 @@ def test_peak_memory_probe_sees_the_pattern():
     assert materialized - fast > pattern_bytes
 
 
+def test_bench_help_shows_defaults_and_run_time(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: [128, 512, 1024])" in out and "about 3 minutes" in out
+
+
+def test_bench_plot_checks_matplotlib_before_measuring(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(bench, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured first")))
+    assert bench.main(["--plot", "x.png"]) == 1
+    assert "pyqkv[bench]" in capsys.readouterr().err
 
 
 def test_bench_plot_is_a_png(tmp_path):
