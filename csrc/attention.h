@@ -5,11 +5,22 @@
 #include <limits>
 
 #include "checks.h"
+#include "host_device.h"
 
 namespace pyqkv {
 
+// What a `mask` argument is. Every path (the CPU kernel, the CUDA kernels, the split form) reads a mask
+// through these kinds and the visibility rules below.
+enum class MaskKind {
+  kNone,
+  kPadding,     // [B, K], bool / integer / float: nonzero = attend (keys only)
+  kBool4d,      // [B|1, 1|H, S, K] bool: true = attend (Hugging Face's sdpa masks)
+  kAdditive4d,  // [B|1, 1|H, S, K] float: added to the scores; visible iff > hidden_threshold (below)
+};
+
 struct AttnDims {
   int64_t B, S, H, Dh, K, Hkv;
+  MaskKind mask = MaskKind::kNone;
 };
 
 inline AttnDims check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -38,16 +49,20 @@ inline AttnDims check_attention(const at::Tensor& q, const at::Tensor& k, const 
                         d.B, ", ", d.K, "], got ", shape_str(m));
       TORCH_CHECK_TYPE(!at::isComplexType(m.scalar_type()), "mask: expected a bool, integer or float padding mask, got ",
                        m.scalar_type());
+      d.mask = MaskKind::kPadding;
     } else if (m.dim() == 4) {
-      TORCH_CHECK_TYPE(at::isFloatingType(m.scalar_type()),
-                       "mask: expected a floating-point additive 4-D mask (0 = visible, very negative = hidden), got ",
+      TORCH_CHECK_TYPE(at::isFloatingType(m.scalar_type()) || m.scalar_type() == at::kBool,
+                       "mask: expected a floating-point additive 4-D mask (0 = visible, very negative = hidden) or a "
+                       "bool one (True = attend), got ",
                        m.scalar_type());
       TORCH_CHECK_VALUE((m.size(0) == d.B || m.size(0) == 1) && (m.size(1) == 1 || m.size(1) == d.H) &&
                             m.size(2) == d.S && m.size(3) == d.K,
                         "mask: expected a 4-D additive mask [B or 1, 1 or H, S, K] = [", d.B, ", 1 or ", d.H, ", ",
-                        d.S, ", ", d.K, "], got ", shape_str(m));
+                        d.S, ", ", d.K, "] (or a bool one of that shape), got ", shape_str(m));
+      d.mask = m.scalar_type() == at::kBool ? MaskKind::kBool4d : MaskKind::kAdditive4d;
     } else {
-      TORCH_CHECK_VALUE(false, "mask: expected a 2-D padding mask [B, K] or a 4-D additive mask [B, 1 or H, S, K], got ",
+      TORCH_CHECK_VALUE(false, "mask: expected a 2-D padding mask [B, K] or a 4-D additive mask [B, 1 or H, S, K] (or a bool "
+                        "one), got ",
                         m.dim(), "-D with shape ", shape_str(m));
     }
   }
@@ -70,9 +85,14 @@ inline at::Tensor alibi_in(const c10::optional<at::Tensor>& alibi, at::ScalarTyp
   return alibi->scalar_type() == acc_dtype ? *alibi : alibi->to(acc_dtype);
 }
 
-// An additive mask entry at or below this value means "hidden" (weight exactly 0, a fully hidden row
-// gives zeros): half the most negative finite value of the mask's own dtype, which is how Hugging Face
-// writes hidden entries (torch.finfo(dtype).min). Larger negative values are ordinary biases.
+// ---- The mask rule ---------------------------------------------------------------------------------
+// An entry of an additive 4-D mask makes its (query, key) pair visible iff it is greater than
+// hidden_threshold(the mask's dtype); otherwise the pair is hidden (weight exactly 0; a row with nothing
+// visible gives zeros and lse = -inf). So NaN hides, as do -inf and Hugging Face's torch.finfo(dtype).min;
+// entries above the threshold, however negative, are ordinary biases added to the scores. The threshold
+// is half the most negative finite value of the mask's own dtype (a float16 mask's -65504 hides even
+// after conversion to float32). Every path applies the rule through additive_visible: the CPU kernel,
+// the CUDA kernels (attention_common.cuh's masked_score), and the split form's scores (tensor version).
 inline double hidden_threshold(at::ScalarType mask_dtype) {
   switch (mask_dtype) {
     case at::kHalf: return -0.5 * 65504.0;
@@ -81,5 +101,14 @@ inline double hidden_threshold(at::ScalarType mask_dtype) {
     default: return -0.5 * std::numeric_limits<double>::max();
   }
 }
+
+// The rule for one entry, in the dtype the kernels accumulate in (the threshold converted to it).
+template <typename T>
+PYQKV_HOST_DEVICE inline bool additive_visible(T entry, T threshold) {
+  return entry > threshold;  // false for NaN: a NaN entry hides
+}
+
+// The rule for a whole additive mask: a bool tensor of its shape, true where visible.
+inline at::Tensor additive_visible(const at::Tensor& mask) { return mask > hidden_threshold(mask.scalar_type()); }
 
 }  // namespace pyqkv

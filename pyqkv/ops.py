@@ -196,8 +196,10 @@ def attention(q, k, v, *, scale: float, causal: bool, mask=None, return_pattern:
 
     q: [B, S, H, Dh]; k, v: [B, K, Hkv, Dh], any strides (views into one fused projection are read in
     place). Query head h reads KV head h // (H / Hkv); K and V are never repeated in memory.
-    mask: None; a padding mask [B, K] (bool True / nonzero = attend); or an additive float mask
-    [B or 1, 1 or H, S, K] (0 = visible; at most half the dtype's most negative value = hidden).
+    mask: None; a padding mask [B, K] (bool True / nonzero = attend); a bool mask [B or 1, 1 or H, S, K]
+    (True = attend, as Hugging Face's sdpa masks); or an additive float mask [B or 1, 1 or H, S, K],
+    added to the scores, where an entry is visible iff it is greater than half the mask dtype's most
+    negative finite value (so torch.finfo(dtype).min, -inf and NaN hide). A 4-D mask is authoritative.
     causal: bottom-right aligned, so query i sees keys 0 .. K - S + i; a one-token decode step sees the
     whole cache:
 
@@ -278,7 +280,7 @@ def _attention_backward(ctx, grad_z, grad_lse, grad_pattern):
         gk = (torch.einsum("bngsk,bngsd->bknd", dS, q5) * ctx.scale).to(k.dtype)
     if ctx.needs_input_grad[2]:
         gv = torch.einsum("bngsk,bngsd->bknd", P5, gz5).to(v.dtype)
-    if ctx.needs_input_grad[3] and mask is not None and mask.dim() == 4:
+    if ctx.needs_input_grad[3] and mask is not None and mask.dim() == 4 and mask.is_floating_point():
         dS4 = dS.reshape(B, H, S, K)
         dims = [d for d in range(2) if ctx.mask_shape[d] == 1]
         gmask = (dS4.sum(dim=dims, keepdim=True) if dims else dS4).to(mask.dtype)
@@ -346,8 +348,8 @@ def _check_split_form(q=None, k=None, v=None, mask=None, pattern=None, alibi=Non
             if mask.dim() == 2 and mask.is_complex():
                 raise TypeError(f"mask: expected a bool, integer or float padding mask, got {mask.dtype}")
             if mask.dim() == 4:
-                if not mask.is_floating_point():
-                    raise TypeError(f"mask: expected a floating-point additive 4-D mask, got {mask.dtype}")
+                if not (mask.is_floating_point() or mask.dtype == torch.bool):
+                    raise TypeError(f"mask: expected a floating-point additive 4-D mask or a bool one, got {mask.dtype}")
                 if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (S, K):
                     raise ValueError(
                         f"mask: expected a 4-D additive mask [B or 1, 1 or H, S, K] = [{B}, 1 or {H}, {S}, {K}], "
@@ -414,9 +416,11 @@ def attn_scores(q, k, *, scale: float, causal: bool, mask=None, dtype: Optional[
         hidden = hidden | (j > (K - S) + i)
     if mask is not None and mask.dim() == 2:
         hidden = hidden | (mask == 0).view(B, 1, 1, K)
+    elif mask is not None and mask.dtype == torch.bool:
+        hidden = hidden | ~mask
     elif mask is not None:
         scores = scores + mask.to(dtype)
-        hidden = hidden | (mask <= torch.finfo(mask.dtype).min / 2)
+        hidden = hidden | ~(mask > torch.finfo(mask.dtype).min / 2)  # visible iff > threshold: NaN hides
     return scores.masked_fill(hidden, torch.finfo(dtype).min)
 
 

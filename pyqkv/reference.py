@@ -100,9 +100,10 @@ def visible_keys(B, H, S, K, *, causal, mask=None, device=None):
     """Bool [B,H or 1,S,K]: True where query i may see key j.
 
     Causal is bottom-right aligned: query i (0-based in this call) sees keys 0 .. K - S + i, so a
-    one-token step sees the whole cache. A 2-D mask [B,K] removes keys where it is 0/False. A 4-D
-    additive mask hides an entry whose value is at most half the mask dtype's most negative finite value
-    (how Hugging Face writes "hidden"); other values are biases added to the scores.
+    one-token step sees the whole cache. A 2-D mask [B,K] removes keys where it is 0/False. A 4-D bool
+    mask keeps the entries where it is True. A 4-D additive mask keeps an entry iff its value is greater
+    than half the mask dtype's most negative finite value (so Hugging Face's finfo.min, -inf and NaN
+    hide); the kept values are biases added to the scores.
 
         S=3, K=5, causal:   keys 0 1 2 3 4
                   query 0:       x x x . .
@@ -117,6 +118,8 @@ def visible_keys(B, H, S, K, *, causal, mask=None, device=None):
     if mask is not None:
         if mask.dim() == 2:
             vis = vis & (mask != 0).view(B, 1, 1, K)
+        elif mask.dtype == torch.bool:
+            vis = vis & mask
         else:
             vis = vis & (mask > torch.finfo(mask.dtype).min / 2)
     return vis
@@ -151,7 +154,7 @@ def attention(q, k, v, *, scale, causal, mask=None, return_pattern=False, alibi=
     scores = (qf @ kf.transpose(-1, -2)) * scale  # [B,H,S,K]
     if alibi is not None:
         scores = scores + _alibi_scores(alibi, compute_dtype)
-    if mask is not None and mask.dim() == 4:
+    if mask is not None and mask.dim() == 4 and mask.is_floating_point():
         scores = scores + mask.to(compute_dtype)
     vis = visible_keys(B, H, S, K, causal=causal, mask=mask, device=q.device)
     scores = scores.masked_fill(~vis, float("-inf"))
@@ -177,7 +180,7 @@ def attn_scores(q, k, *, scale, causal, mask=None, alibi=None, compute_dtype=tor
     scores = (qf @ kf.transpose(-1, -2)) * scale
     if alibi is not None:
         scores = scores + _alibi_scores(alibi, compute_dtype)
-    if mask is not None and mask.dim() == 4:
+    if mask is not None and mask.dim() == 4 and mask.is_floating_point():
         scores = scores + mask.to(compute_dtype)
     vis = visible_keys(B, H, S, K, causal=causal, mask=mask, device=q.device)
     return scores.to(q.dtype).masked_fill(~vis, torch.finfo(q.dtype).min)

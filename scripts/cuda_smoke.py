@@ -63,7 +63,8 @@ class AttnCase:
     Hkv: int
     Dh: int
     causal: bool = True
-    mask: str | None = None  # None, "pad", "pad_int", "pad_all", "pad_nan", "add", "add_bcast", "add_heads", "add_f16"
+    mask: str | None = None  # None, "pad", "pad_int", "pad_all", "pad_nan", "add", "add_bcast", "add_heads", "add_f16",
+    # "add_nan" (hidden entries NaN: hidden by the one mask rule), "bool4d" / "bool4d_bcast" (True = attend)
     pattern: bool = False
     scale: float | None = None  # default Dh ** -0.5
     q_gain: float = 1.0  # multiplies q: large logits exercise the online-softmax rescaling
@@ -88,6 +89,10 @@ def attention_cases():
         c("add4d expanded [1,1,S,K]", 2, 30, 30, 4, 4, 64, causal=False, mask="add_bcast"),
         c("add4d per-head [1,H,S,K]", 2, 30, 30, 4, 2, 64, causal=False, mask="add_heads", pattern=True),
         c("add4d float16 mask", 2, 30, 30, 4, 4, 64, causal=False, mask="add_f16"),
+        c("add4d NaN entries hide +pattern", 2, 30, 30, 4, 2, 64, causal=False, mask="add_nan", pattern=True),
+        c("bool4d [B,1,S,K] +pattern", 2, 30, 30, 4, 2, 64, causal=False, mask="bool4d", pattern=True),
+        c("bool4d expanded causal", 2, 89, 89, 12, 4, 64, mask="bool4d_bcast"),
+        c("decode bool4d S=1", 2, 1, 700, 8, 2, 64, causal=False, mask="bool4d"),
         c("causal K<S: empty rows +pattern", 1, 8, 5, 2, 2, 32, pattern=True),
         c("causal K<S prefill: empty rows +pattern", 1, 40, 20, 2, 1, 64, pattern=True),
         c("decode S=1 K=5000 split", 2, 1, 5000, 32, 8, 128),
@@ -186,10 +191,10 @@ def build_attention_inputs(case: AttnCase, dtype, device, seed=0):
             k = k.masked_fill(hole, float("nan"))
             v = v.masked_fill(hole, float("nan"))
             k_ref, v_ref = k.masked_fill(hole, 0.0), v.masked_fill(hole, 0.0)
-    elif case.mask is not None and case.mask.startswith("add"):
+    elif case.mask is not None and (case.mask.startswith("add") or case.mask.startswith("bool4d")):
         mdtype = torch.float16 if case.mask == "add_f16" else torch.float32
         heads = H if case.mask == "add_heads" else 1
-        lead = 1 if case.mask == "add_bcast" else B
+        lead = 1 if case.mask in ("add_bcast", "bool4d_bcast") else B
         i = torch.arange(S).view(S, 1)
         j = torch.arange(K).view(1, K)
         hidden = (j > (K - S) + i).expand(lead, heads, S, K).clone()  # HF-style: causal inside the mask
@@ -197,9 +202,10 @@ def build_attention_inputs(case: AttnCase, dtype, device, seed=0):
         if heads > 1:
             hidden[-1, -1, S // 2, : K // 2] = True
         bias = -torch.rand((lead, heads, S, K), generator=g) * 2.0  # ordinary biases stay biases
-        m = bias.masked_fill(hidden, torch.finfo(mdtype).min).to(mdtype)
+        fill = float("nan") if case.mask == "add_nan" else torch.finfo(mdtype).min
+        m = ~hidden if case.mask.startswith("bool4d") else bias.masked_fill(hidden, fill).to(mdtype)
         mask = m.to(device)
-        if case.mask == "add_bcast":
+        if case.mask in ("add_bcast", "bool4d_bcast"):
             mask = mask.expand(B, 1, S, K)  # stride 0 over the batch
     scale = case.scale if case.scale is not None else Dh**-0.5
     alibi = build_alibi(case.alibi, B, H, K, device) if case.alibi is not None else None

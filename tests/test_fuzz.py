@@ -197,11 +197,12 @@ def qkv_views(g, B, S, K, H, Hkv, Dh, kind, dtype, scale):
 
 @st.composite
 def masks(draw, B, H, S, K, dtype, seed):
-    """None, a 2-D padding mask [B, K] (bool, int64 or float 0/1; sometimes a batch row with no key), or
-    a 4-D additive mask [B or 1, 1 or H, S, K] in q's dtype or float32 (sometimes a stride-0 expand over
-    B as Hugging Face passes it), with hidden entries (the dtype's minimum) and/or finite biases."""
+    """None, a 2-D padding mask [B, K] (bool, int64 or float 0/1; sometimes a batch row with no key), a
+    4-D bool mask [B or 1, 1 or H, S, K] (True = attend), or a 4-D additive mask of that shape in q's
+    dtype or float32 (sometimes a stride-0 expand over B as Hugging Face passes it), with hidden entries
+    (the dtype's minimum, -inf or NaN: the one mask rule hides all three) and/or finite biases."""
     g = gen(seed + 1)
-    kind = draw(st.sampled_from(["none", "pad2d", "add4d"]))
+    kind = draw(st.sampled_from(["none", "pad2d", "add4d", "bool4d"]))
     if kind == "none":
         return None
     p_hidden = draw(st.sampled_from([0.0, 0.2, 0.6, 1.0]))
@@ -214,7 +215,11 @@ def masks(draw, B, H, S, K, dtype, seed):
     b_dim, h_dim = draw(st.sampled_from([1, B])), draw(st.sampled_from([1, H]))
     bias = randn(g, b_dim, h_dim, S, K, scale=draw(st.sampled_from([0.0, 1.0, 4.0])))
     hidden = torch.rand(b_dim, h_dim, S, K, generator=g) < p_hidden
-    m = bias.to(mdtype).masked_fill(hidden, torch.finfo(mdtype).min)
+    if kind == "bool4d":
+        m = ~hidden
+    else:
+        fill = draw(st.sampled_from([torch.finfo(mdtype).min, float("-inf"), float("nan")]))
+        m = bias.to(mdtype).masked_fill(hidden, fill)
     if b_dim == 1 and draw(st.booleans()):
         m = m.expand(B, h_dim, S, K)
     return m

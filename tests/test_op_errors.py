@@ -100,7 +100,7 @@ ERRORS = [
     Bad("attn-mask-rank-3", "attention", lambda d: attn(d, mask=t(2, 3, 5, device=d)), VE, ("mask:", "got 3-D", "[2, 3, 5]")),
     Bad("attn-mask-4d-S", "attention", lambda d: attn(d, mask=t(2, 1, 4, 5, device=d)), VE, ("mask: expected a 4-D additive mask [B or 1, 1 or H, S, K] = [2, 1 or 4, 3, 5]", "[2, 1, 4, 5]")),
     Bad("attn-mask-4d-heads", "attention", lambda d: attn(d, mask=t(2, 2, 3, 5, device=d)), VE, ("mask: expected a 4-D additive mask", "[2, 2, 3, 5]")),
-    Bad("attn-mask-4d-bool", "attention", lambda d: attn(d, mask=torch.ones(2, 1, 3, 5, dtype=torch.bool, device=d)), TE, ("mask: expected a floating-point additive 4-D mask", "Bool")),
+    Bad("attn-mask-4d-bool-shape", "attention", lambda d: attn(d, mask=torch.ones(2, 1, 3, 4, dtype=torch.bool, device=d)), VE, ("mask: expected a 4-D additive mask [B or 1, 1 or H, S, K] = [2, 1 or 4, 3, 5] (or a bool one", "got [2, 1, 3, 4]")),
     Bad("attn-mask-4d-int", "attention", lambda d: attn(d, mask=torch.zeros(2, 1, 3, 5, dtype=i64, device=d)), TE, ("mask: expected a floating-point additive 4-D mask", "Long")),
     Bad("attn-mask-complex", "attention", lambda d: attn(d, mask=torch.ones(2, 5, dtype=torch.complex64, device=d)), TE, ("mask: expected a bool, integer or float padding mask", "ComplexFloat")),
     Bad("attn-mixed-dtype-k", "attention", lambda d: attn(d, k=t(2, 5, 2, 8, dtype=f64, device=d)), TE, ("k: expected dtype Float (the dtype of q)", "got Double")),
@@ -120,7 +120,7 @@ ERRORS = [
     # the split form of attention (composites used for hook_attn_scores) --------------------------
     Bad("scores-H-not-multiple-of-Hkv", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 3, 8, device=d), scale=0.35, causal=True), VE, ("k: expected a KV head count that divides H=4", "Hkv=3")),
     Bad("scores-k-head-dim", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 6, device=d), scale=0.35, causal=True), VE, ("k: expected shape [2, K, Hkv, 8]", "[2, 5, 2, 6]")),
-    Bad("scores-mask-4d-bool", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True, mask=torch.ones(2, 1, 3, 5, dtype=torch.bool, device=d)), TE, ("mask: expected a floating-point additive 4-D mask", "torch.bool")),
+    Bad("scores-mask-4d-int", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True, mask=torch.ones(2, 1, 3, 5, dtype=i64, device=d)), TE, ("mask: expected a floating-point additive 4-D mask", "or a bool one", "int64")),
     Bad("scores-mask-2d-shape", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True, mask=torch.ones(2, 7, device=d)), VE, ("mask: expected a 2-D padding mask [B, K] = [2, 5]", "[2, 7]")),
     Bad("scores-alibi-rank", "attention", lambda d: scores(d, alibi=t(8, 5, device=d)), VE, ("alibi: expected a 3-D tensor [B or 1, H or 1, K]", "[8, 5]")),
     Bad("scores-alibi-shape", "attention", lambda d: scores(d, alibi=t(8, 1, 5, device=d)), VE, ("alibi: expected shape [B or 1, H or 1, K] = [2 or 1, 4 or 1, 5]", "got [8, 1, 5]")),

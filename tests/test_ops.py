@@ -73,6 +73,9 @@ MASK_KINDS = [
     "add4d_bh",  # [B, H, S, K] additive, hidden = finfo(dtype).min
     "add4d_bcast",  # [1, 1, S, K] expanded to [B, 1, S, K] (stride 0 over B), as HF passes it
     "add4d_fp32",  # [B, 1, S, K] float32 whatever q's dtype
+    "add4d_nan",  # [B, H, S, K] additive, hidden = NaN or -inf (the one rule: visible iff > threshold)
+    "bool4d",  # [B, H, S, K] bool, True = attend (Hugging Face's sdpa masks)
+    "bool4d_bcast",  # [1, 1, S, K] bool expanded to [B, 1, S, K] (stride 0 over B)
     "alibi",  # [B, H, S, K] finite biases only
     "alibi_hidden",  # ALiBi biases plus hidden entries
 ]
@@ -89,9 +92,15 @@ def make_mask(kind, B, H, S, K, *, dtype, device):
         mask_dtype = {"bool2d": torch.bool, "int2d": torch.int64, "float2d": dtype}[kind]
         return keep.to(device=device, dtype=mask_dtype)
     mask_dtype = torch.float32 if kind == "add4d_fp32" else dtype
-    heads = 1 if kind in ("add4d_b1", "add4d_fp32", "add4d_bcast") else H
-    batch = 1 if kind == "add4d_bcast" else B
+    heads = 1 if kind in ("add4d_b1", "add4d_fp32", "add4d_bcast", "bool4d_bcast") else H
+    batch = 1 if kind in ("add4d_bcast", "bool4d_bcast") else B
     hidden = torch.rand(batch, heads, S, K) < 0.25
+    if kind.startswith("bool4d"):
+        m = (~hidden).to(device)
+        return m.expand(B, 1, S, K) if kind == "bool4d_bcast" else m
+    if kind == "add4d_nan":
+        fill = torch.where(torch.rand(batch, heads, S, K) < 0.5, float("nan"), float("-inf"))
+        return torch.where(hidden, fill, -torch.rand(batch, heads, S, K)).to(device=device, dtype=mask_dtype)
     if kind == "alibi":
         return alibi_bias(B, H, S, K, dtype=mask_dtype, device=device)
     bias = alibi_bias(B, H, S, K, dtype=torch.float32, device="cpu") if kind == "alibi_hidden" else 0.0
@@ -435,6 +444,37 @@ def test_attention_fully_masked_rows_are_zero(mask_kind, dtype, device):
     assert torch.isfinite(lse[0]).all() and torch.isfinite(lse[1, :, pad:]).all()
     sums = pattern[1, :, pad:].double().sum(-1)
     torch.testing.assert_close(sums, torch.ones_like(sums), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [float("nan"), float("-inf"), "finfo.min"])
+def test_one_mask_rule_for_every_path(hidden, dtype, device):
+    """An additive entry is visible iff it is > half the mask dtype's most negative value, so NaN hides
+    like -inf and finfo.min (issue 14, defect 1: the split form gave a NaN row). With q = 0 every score is
+    0 and the pattern is softmax(mask row) = softmax([0, hidden, -1.6]) = [0.832, 0, 0.168]. The fused op,
+    the split form (the path of a hook on hook_attn_scores) and the reference give that row; so does the
+    same mask written as a bool mask (True = attend) plus its finite biases."""
+    hidden = torch.finfo(dtype).min if hidden == "finfo.min" else hidden
+    B, S, K, H, Dh = 1, 1, 3, 2, 8
+    q = torch.zeros(B, S, H, Dh, dtype=dtype, device=device)
+    k, v = rand(B, K, H, Dh, dtype=dtype, device=device), rand(B, K, H, Dh, dtype=dtype, device=device)
+    mask = torch.tensor([0.0, hidden, -1.6], dtype=dtype).view(1, 1, 1, K).to(device)
+    want = torch.tensor([1.0, 0.0, math.exp(-1.6)], dtype=torch.float64)
+    want = (want / want.sum()).view(1, 1, 1, K).expand(B, H, S, K)
+    tol = dict(atol=1e-2, rtol=0) if dtype in (torch.bfloat16, torch.float16) else dict(atol=1e-6, rtol=0)
+    _, _, fused = ops.attention(q, k, v, scale=1.0, causal=False, mask=mask, return_pattern=True)
+    split = ops.attn_softmax(ops.attn_scores(q, k, scale=1.0, causal=False, mask=mask))
+    oracle = ref.attention(q, k, v, scale=1.0, causal=False, mask=mask, return_pattern=True)[2]
+    for name, got in (("fused op", fused), ("split form", split), ("reference", oracle)):
+        torch.testing.assert_close(got.double().cpu(), want, **tol, msg=lambda m: f"{name}: {m}")
+    vis = torch.tensor([True, False, True], device=device).view(1, 1, 1, K)
+    bias = torch.tensor([0.0, 0.0, -1.6], dtype=dtype).view(1, 1, 1, K).to(device)
+    z_bool, _, p_bool = ops.attention(q, k, v + 0, scale=1.0, causal=False, mask=vis, return_pattern=True,
+                                      alibi=bias.view(1, 1, K))
+    torch.testing.assert_close(p_bool.double().cpu(), want, **tol, msg="bool mask")
+    z = ops.attention(q, k, v, scale=1.0, causal=False, mask=mask)[0]
+    assert not torch.isnan(z).any()
+    torch.testing.assert_close(z, z_bool, msg="the bool mask and the additive mask give different z")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -180,6 +180,7 @@ template <typename scalar_t>
 void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& pad,   // [B, K] bool, or undefined
                       const at::Tensor& bias,  // [B|1, 1|H, S, K] in acc_t, or undefined
+                      const at::Tensor& vis4,  // [B|1, 1|H, S, K] bool (true = attend), or undefined
                       const at::Tensor& alibi, // [B|1, H|1, K] in acc_t, or undefined
                       double hidden_below, double scale_d, bool causal, const AttnDims& dims,
                       at::Tensor& z, at::Tensor& lse, at::Tensor& pattern) {
@@ -198,9 +199,12 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const scalar_t* vp = v.data_ptr<scalar_t>();
   const bool* padp = pad.defined() ? pad.data_ptr<bool>() : nullptr;
   const acc_t* biasp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
-  const int64_t mb_s = bias.defined() ? (bias.size(0) == 1 ? 0 : bias.stride(0)) : 0;
-  const int64_t mh_s = bias.defined() ? (bias.size(1) == 1 ? 0 : bias.stride(1)) : 0;
-  const int64_t ms_s = bias.defined() ? bias.stride(2) : 0, mk_s = bias.defined() ? bias.stride(3) : 0;
+  const bool* vis4p = vis4.defined() ? vis4.data_ptr<bool>() : nullptr;
+  // The strides of whichever 4-D mask there is (at most one), 0 on broadcast dims.
+  const at::Tensor& m4 = bias.defined() ? bias : vis4;
+  const int64_t mb_s = m4.defined() ? (m4.size(0) == 1 ? 0 : m4.stride(0)) : 0;
+  const int64_t mh_s = m4.defined() ? (m4.size(1) == 1 ? 0 : m4.stride(1)) : 0;
+  const int64_t ms_s = m4.defined() ? m4.stride(2) : 0, mk_s = m4.defined() ? m4.stride(3) : 0;
   const acc_t* alibip = alibi.defined() ? alibi.data_ptr<acc_t>() : nullptr;
   const int64_t ab_s = alibi.defined() && alibi.size(0) != 1 ? alibi.stride(0) : 0;
   const int64_t ah_s = alibi.defined() && alibi.size(1) != 1 ? alibi.stride(1) : 0;
@@ -291,11 +295,16 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
             for (int64_t c = 0; c < nk; ++c)
               if (!prow[c]) srow[c] = neg_inf;
           }
+          if (vis4p) {
+            const bool* vrow = vis4p + b * mb_s + h * mh_s + i * ms_s + j0 * mk_s;
+            for (int64_t c = 0; c < nk; ++c)
+              if (!vrow[c * mk_s]) srow[c] = neg_inf;
+          }
           if (biasp) {
             const acc_t* brow = biasp + b * mb_s + h * mh_s + i * ms_s + j0 * mk_s;
             for (int64_t c = 0; c < nk; ++c) {
               const acc_t add = brow[c * mk_s];
-              srow[c] = add > hidden ? srow[c] + add : neg_inf;
+              srow[c] = additive_visible(add, hidden) ? srow[c] + add : neg_inf;
             }
           }
           if (patp) std::copy(srow, srow + nk, raw_row(r) + j0);
@@ -374,11 +383,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q
     if (return_pattern) pattern.zero_();
     return {z, lse, pattern};
   }
-  at::Tensor pad, bias;
+  at::Tensor pad, bias, vis4;
   double hidden = -std::numeric_limits<double>::infinity();
-  if (mask.has_value() && mask->dim() == 2) {
+  if (d.mask == MaskKind::kPadding) {
     pad = (*mask != 0).contiguous();  // O(B*K): a bool per key
-  } else if (mask.has_value()) {
+  } else if (d.mask == MaskKind::kBool4d) {
+    vis4 = *mask;  // read in place through its strides (HF's expanded views)
+  } else if (d.mask == MaskKind::kAdditive4d) {
     hidden = hidden_threshold(mask->scalar_type());
     // Read in place through its strides when already in the accumulation dtype (HF's float32 masks,
     // often expanded views); other dtypes are converted once.
@@ -387,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q
   const at::Tensor alibi_acc = alibi_in(alibi, acc_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_cpu", [&] {
     at::Tensor pat = return_pattern ? pattern : at::Tensor();
-    attention_kernel<scalar_t>(q, k, v, pad, bias, alibi_acc, hidden, scale, causal, d, z, lse, pat);
+    attention_kernel<scalar_t>(q, k, v, pad, bias, vis4, alibi_acc, hidden, scale, causal, d, z, lse, pat);
   });
   return {z, lse, pattern};
 }

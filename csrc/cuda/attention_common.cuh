@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "../attention.h"
+
 namespace pyqkv {
 namespace attn {
 
@@ -21,10 +23,11 @@ struct Params {
   int64_t v_sb, v_ss, v_sh, v_sd;
   const bool* pad;   // [B, K] contiguous, true = attend; nullptr without a padding mask
   const void* bias;  // additive [B|1, 1|H, S, K] in the accumulation dtype; nullptr without one
-  int64_t m_sb, m_sh, m_ss, m_sk;  // its strides, 0 on broadcast dims
+  const bool* vis4;  // bool [B|1, 1|H, S, K], true = attend; nullptr without one
+  int64_t m_sb, m_sh, m_ss, m_sk;  // the strides of the 4-D mask (bias or vis4), 0 on broadcast dims
   const void* alibi;  // per-key bias [B|1, H|1, K] in the accumulation dtype; nullptr without one
   int64_t a_sb, a_sh, a_sk;  // its strides, 0 on broadcast dims
-  double hidden;                   // bias entries at or below this are hidden (attention.h)
+  double hidden;                   // the additive rule's threshold (attention.h, additive_visible)
   double scale;
   int64_t B, S, H, Hkv, Dh, K;
   bool causal;
@@ -59,11 +62,12 @@ __device__ __forceinline__ acc_t masked_score(const Params& p, acc_t s, int64_t 
                                               int64_t j) {
   if (p.causal && j > p.K - p.S + i) return neg_inf<acc_t>();
   if (p.pad != nullptr && !p.pad[b * p.K + j]) return neg_inf<acc_t>();
+  if (p.vis4 != nullptr && !p.vis4[b * p.m_sb + h * p.m_sh + i * p.m_ss + j * p.m_sk]) return neg_inf<acc_t>();
   if (p.alibi != nullptr)
     s = add_rn(s, static_cast<const acc_t*>(p.alibi)[b * p.a_sb + h * p.a_sh + j * p.a_sk]);
   if (p.bias != nullptr) {
     const acc_t add = static_cast<const acc_t*>(p.bias)[b * p.m_sb + h * p.m_sh + i * p.m_ss + j * p.m_sk];
-    if (!(add > static_cast<acc_t>(p.hidden))) return neg_inf<acc_t>();  // NaN counts as hidden, as on CPU
+    if (!additive_visible(add, static_cast<acc_t>(p.hidden))) return neg_inf<acc_t>();  // NaN hides
     s = add_rn(s, add);
   }
   return s;

@@ -18,7 +18,7 @@ namespace attn {
 struct Prepared {
   AttnDims d;
   at::Tensor z, lse, pattern;  // the op's outputs
-  at::Tensor pad, bias, alibi; // prepared masks and bias (kept alive while the kernels run)
+  at::Tensor pad, bias, vis4, alibi; // prepared masks and bias (kept alive while the kernels run)
   Params p;
   bool done = false;           // the outputs are final already (empty problem or no keys)
 };
@@ -45,9 +45,11 @@ inline Prepared prepare_attention(const at::Tensor& q, const at::Tensor& k, cons
     return r;
   }
   double hidden = -std::numeric_limits<double>::infinity();
-  if (mask.has_value() && mask->dim() == 2) {
+  if (d.mask == MaskKind::kPadding) {
     r.pad = (*mask != 0).contiguous();  // O(B*K): a bool per key
-  } else if (mask.has_value()) {
+  } else if (d.mask == MaskKind::kBool4d) {
+    r.vis4 = *mask;  // read in place through its strides (HF's expanded views)
+  } else if (d.mask == MaskKind::kAdditive4d) {
     hidden = hidden_threshold(mask->scalar_type());
     // Read in place through its strides when already in the accumulation dtype (HF's float32 masks,
     // often expanded views); other dtypes are converted once.
@@ -65,11 +67,13 @@ inline Prepared prepare_attention(const at::Tensor& q, const at::Tensor& k, cons
   p.v_sb = v.stride(0), p.v_ss = v.stride(1), p.v_sh = v.stride(2), p.v_sd = v.stride(3);
   p.pad = r.pad.defined() ? r.pad.data_ptr<bool>() : nullptr;
   p.bias = r.bias.defined() ? r.bias.data_ptr() : nullptr;
-  if (r.bias.defined()) {
-    p.m_sb = r.bias.size(0) == 1 ? 0 : r.bias.stride(0);
-    p.m_sh = r.bias.size(1) == 1 ? 0 : r.bias.stride(1);
-    p.m_ss = r.bias.stride(2);
-    p.m_sk = r.bias.stride(3);
+  p.vis4 = r.vis4.defined() ? r.vis4.data_ptr<bool>() : nullptr;
+  const at::Tensor& m4 = r.bias.defined() ? r.bias : r.vis4;  // at most one 4-D mask
+  if (m4.defined()) {
+    p.m_sb = m4.size(0) == 1 ? 0 : m4.stride(0);
+    p.m_sh = m4.size(1) == 1 ? 0 : m4.stride(1);
+    p.m_ss = m4.stride(2);
+    p.m_sk = m4.stride(3);
   }
   p.alibi = r.alibi.defined() ? r.alibi.data_ptr() : nullptr;
   if (r.alibi.defined()) {
