@@ -3,23 +3,32 @@
 
     python bench/gpu_attention.py [--json out.json] [--quick]
 
-Rows (bf16, H = 32, Dh = 128, inputs in pyqkv's [B, S, H, Dh] layout; PyTorch is given the same memory
-as [B, H, S, Dh] views, and contiguous copies, and the faster of the two counts):
+Rows (bf16 unless stated, H = 32, Dh = 128, inputs in pyqkv's [B, S, H, Dh] layout; PyTorch is given the
+same memory as [B, H, S, Dh] views, and contiguous copies, and the faster of the two counts):
   ceilings  the device-to-device copy bandwidth (bytes read + written) and a bf16 GEMM rate, measured here;
-  prefill   causal (and one non-causal) attention, S in {2048, 8192}, B in {1, 2, 4, 8}, against
+  prefill   causal attention, B in {1, 4}, S in {1024, 4096, 8192}, Hkv in {32, 8}, with no padding and
+            left-padded (a 2-D padding mask; SDPA gets the equivalent 4-D bool mask), against
             F.scaled_dot_product_attention: TFLOP/s (causal counts half the S x S products) and the ratio;
-  decode    one query position against a cache of 8192 or 32768 keys held in a larger KVCache-style buffer
-            (a strided view, as pyqkv's cache hands it over), MHA and GQA (Hkv = 8): the K/V bytes read per
-            second against the measured copy bandwidth, and SDPA's time on the same view;
-  pattern   return_pattern=True against the materialized PyTorch computation (matmul, mask, float32
-            softmax, matmul), as hooked attention tools do it: time ratio.
+            float32 rows at S = 1024;
+  decode    one query position per step against a cache that grows by one key every step, as in
+            generation (contexts 2k .. 32k, B in {1, 16}, Hkv in {32, 8}, the cache a strided view of a
+            larger KVCache-style buffer): the K/V bytes read per second against the measured copy
+            bandwidth, and SDPA's time on the same views (its cuDNN graph is rebuilt per new length);
+  pattern   return_pattern=True at S in {1024, 2048, 4096} against the materialized PyTorch computation
+            (matmul, mask, float32 softmax, matmul), as hooked attention tools do it: time ratio;
+  backends  one prefill and one decode shape with each backend forced (pyqkv.ops.attention_backend),
+            where the plan lets it run; the plan's refusals otherwise.
 Each time is the median over repeats of a timed loop between CUDA events, after warm-up. Every row also
 checks the output against PyTorch's (relative Frobenius error), so a fast wrong kernel cannot pass.
+The JSON has the issue's top-level "summary": prefill_time_vs_sdpa (max over shapes of pyqkv time / SDPA
+time), decode_fraction_of_copy (min over contexts >= 8k), pattern_speedup_vs_materialized (min); the
+model-level keys are null here (a model-level benchmark measures them).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -80,66 +89,110 @@ def ceilings() -> dict:
     return {"copy_GBps": copy_gbs, "gemm_bf16_TFLOPs": 2 * 8192**3 / (ms_mm * 1e-3) / 1e12}
 
 
-def pyqkv_attn(q, k, v, causal, pattern=False):
-    return torch.ops.pyqkv.attention(q, k, v, None, 1.0 / math.sqrt(q.shape[-1]), causal, pattern, None)
+def pyqkv_attn(q, k, v, causal, pattern=False, mask=None):
+    return torch.ops.pyqkv.attention(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]), causal, pattern, None)
 
 
-def sdpa_best(q, k, v, causal):
-    """(ms, z) of PyTorch's SDPA: on transposed views of our layout, and on contiguous [B, H, S, Dh]."""
+def sdpa_best(q, k, v, causal, attn_mask=None):
+    """(ms, z) of PyTorch's SDPA: on transposed views of our layout, and on contiguous [B, H, S, Dh].
+    attn_mask (a bool [B, 1, S, K], True = attend) replaces causal when given."""
     gqa = q.shape[2] != k.shape[2]
     views = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     conts = tuple(t.contiguous() for t in views)
     best = None
     for qq, kk, vv in (views, conts):
-        fn = lambda: F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, enable_gqa=gqa)  # noqa: E731
+        fn = lambda: F.scaled_dot_product_attention(  # noqa: E731
+            qq, kk, vv, attn_mask=attn_mask, is_causal=causal and attn_mask is None, enable_gqa=gqa)
         ms = timed(fn)
         if best is None or ms < best[0]:
             best = (ms, fn().transpose(1, 2))
     return best
 
 
+def left_padding(B, S, device="cuda"):
+    """A 2-D padding mask [B, S] (True = attend) whose odd batch rows start after S // 8 pad keys; the
+    equivalent bool [B, 1, S, S] mask for SDPA (causal and padding); and the rows to compare [B, S, 1].
+    A pad query sees no key: pyqkv gives it zeros, SDPA NaN, so SDPA's mask lets those rows see
+    themselves and the error is measured on the other rows."""
+    keep = torch.ones(B, S, dtype=torch.bool, device=device)
+    keep[1::2, : S // 8] = False
+    allowed = torch.ones(S, S, dtype=torch.bool, device=device).tril() & keep[:, None, None, :]
+    empty = ~allowed.any(-1, keepdim=True)
+    allowed = allowed | (empty & torch.eye(S, dtype=torch.bool, device=device)[None, None])
+    return keep, allowed, ~empty.view(B, 1, S).transpose(1, 2)  # rows to compare: [B, S, 1]
+
+
 def prefill_rows(quick: bool) -> list:
     rows = []
-    shapes = [(b, s, True) for s in (2048, 8192) for b in ((1, 8) if quick else (1, 2, 4, 8))]
-    shapes.append((4, 2048, False))
-    for B, S, causal in shapes:
-        q, k, v = (torch.randn(B, S, H, DH, device="cuda", dtype=DT) for _ in range(3))
-        flops = 4 * B * H * S * S * DH * (0.5 if causal else 1.0)
-        ms = timed(lambda: pyqkv_attn(q, k, v, causal))
-        z = pyqkv_attn(q, k, v, causal)[0]
-        ms_ref, z_ref = sdpa_best(q, k, v, causal)
+    shapes = [(B, S, Hkv, pad, DT) for S in ((1024, 4096) if quick else (1024, 4096, 8192)) for B in (1, 4)
+              for Hkv in (32, 8) for pad in (False, True)]
+    shapes += [(1, 1024, 32, False, torch.float32), (1, 1024, 8, False, torch.float32)]
+    for B, S, Hkv, pad, dt in shapes:
+        q = torch.randn(B, S, H, DH, device="cuda", dtype=dt)
+        k, v = (torch.randn(B, S, Hkv, DH, device="cuda", dtype=dt) for _ in range(2))
+        flops = 4 * B * H * S * S * DH * 0.5
+        mask = sdpa_mask = None
+        rows_ok = torch.ones(B, S, 1, dtype=torch.bool, device="cuda")
+        if pad:
+            mask, sdpa_mask, rows_ok = left_padding(B, S)
+        ms = timed(lambda: pyqkv_attn(q, k, v, True, mask=mask))
+        z = pyqkv_attn(q, k, v, True, mask=mask)[0]
+        ms_ref, z_ref = sdpa_best(q, k, v, True, attn_mask=sdpa_mask)
+        ok = rows_ok.unsqueeze(-1).expand_as(z)
         rows.append({
-            "B": B, "S": S, "causal": causal, "pyqkv_ms": ms, "sdpa_ms": ms_ref,
+            "B": B, "S": S, "Hkv": Hkv, "padded": pad, "dtype": str(dt)[6:], "pyqkv_ms": ms, "sdpa_ms": ms_ref,
             "pyqkv_TFLOPs": flops / ms / 1e9, "sdpa_TFLOPs": flops / ms_ref / 1e9,
-            "ratio_vs_sdpa": ms_ref / ms, "rel_err": rel_err(z, z_ref),
+            "time_vs_sdpa": ms / ms_ref, "rel_err": rel_err(z[ok], z_ref[ok]), "backend": plan_name(q, k, v, mask),
         })
         del q, k, v, z, z_ref
         torch.cuda.empty_cache()
     return rows
 
 
+def plan_name(q, k, v, mask=None, causal=True, pattern=False) -> str:
+    return pyqkv.ops.attention_plan(q, k, v, scale=DH**-0.5, causal=causal, mask=mask, return_pattern=pattern).backend
+
+
 def decode_rows(quick: bool, copy_gbs: float) -> list:
+    """A generation-like loop: `steps` calls, the cache one key longer at each (k, v are views of a
+    preallocated buffer, as pyqkv.KVCache hands them over)."""
     rows = []
-    for ctx in (8192, 32768):
+    steps = 16 if quick else 32
+    for ctx in ((8192, 32768) if quick else (2048, 8192, 16384, 32768)):
         for Hkv in (32, 8):
-            for B in ((1, 8) if not quick else (8,)):
-                cap = ctx + 512  # the cache's buffer is larger than what is filled: k, v are strided views
+            for B in (1, 16):
+                if B * ctx * Hkv * DH * 2 * 2 > 24 << 30:
+                    continue  # keep the buffers within a few tens of GB
+                cap = ctx + steps + 512
                 kbuf = torch.randn(B, cap, Hkv, DH, device="cuda", dtype=DT)
                 vbuf = torch.randn(B, cap, Hkv, DH, device="cuda", dtype=DT)
-                k, v = kbuf[:, :ctx], vbuf[:, :ctx]
                 q = torch.randn(B, 1, H, DH, device="cuda", dtype=DT)
-                ms = timed(lambda: pyqkv_attn(q, k, v, True), target_ms=100, max_iters=200)
+                kvs = [(kbuf[:, : ctx + i], vbuf[:, : ctx + i]) for i in range(steps)]
+
+                def ours():
+                    for k, v in kvs:
+                        pyqkv_attn(q, k, v, True)
+
+                qt = q.transpose(1, 2)
+                kvt = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in kvs]
+
+                def sdpa():
+                    for k, v in kvt:
+                        F.scaled_dot_product_attention(qt, k, v, enable_gqa=Hkv != H)
+
+                ms = timed(ours, target_ms=100, max_iters=20) / steps
+                ms_ref = timed(sdpa, target_ms=100, max_iters=20) / steps
+                k, v = kvs[-1]
                 z = pyqkv_attn(q, k, v, True)[0]
-                # causal with one query at the end sees every key: SDPA's equivalent is no mask
-                ms_ref, z_ref = sdpa_best(q, k, v, False)
-                kv_bytes = 2 * B * ctx * Hkv * DH * k.element_size()
+                z_ref = F.scaled_dot_product_attention(qt, *kvt[-1], enable_gqa=Hkv != H).transpose(1, 2)
+                kv_bytes = 2 * B * (ctx + steps / 2) * Hkv * DH * kbuf.element_size()
                 gbs = kv_bytes / (ms * 1e-3) / 1e9
                 rows.append({
                     "B": B, "context": ctx, "Hkv": Hkv, "pyqkv_us": ms * 1e3, "sdpa_us": ms_ref * 1e3,
-                    "pyqkv_GBps": gbs, "fraction_of_copy": gbs / copy_gbs, "ratio_vs_sdpa": ms_ref / ms,
-                    "rel_err": rel_err(z, z_ref),
+                    "pyqkv_GBps": gbs, "fraction_of_copy": gbs / copy_gbs, "time_vs_sdpa": ms / ms_ref,
+                    "rel_err": rel_err(z, z_ref), "backend": plan_name(q, k, v),
                 })
-                del kbuf, vbuf, k, v, q, z, z_ref
+                del kbuf, vbuf, kvs, kvt, q, z, z_ref
                 torch.cuda.empty_cache()
     return rows
 
@@ -155,7 +208,7 @@ def materialized(q, k, v, scale, causal_mask):
 
 def pattern_rows(quick: bool) -> list:
     rows = []
-    for B, S in ((1, 2048), (4, 2048), (1, 4096)) if not quick else ((1, 2048),):
+    for B, S in ((1, 1024), (1, 2048), (1, 4096)) if not quick else ((1, 1024), (1, 2048)):
         q, k, v = (torch.randn(B, S, H, DH, device="cuda", dtype=DT) for _ in range(3))
         scale = 1.0 / math.sqrt(DH)
         cm = torch.ones(S, S, dtype=torch.bool, device="cuda").triu(1)
@@ -167,16 +220,61 @@ def pattern_rows(quick: bool) -> list:
             "B": B, "S": S, "pyqkv_ms": ms, "materialized_ms": ms_ref, "speedup": ms_ref / ms,
             "pattern_GBps": B * H * S * S * 2 / (ms * 1e-3) / 1e9,
             "rel_err_z": rel_err(z, z_ref), "rel_err_pattern": rel_err(p, p_ref),
+            "backend": plan_name(q, k, v, pattern=True),
         })
         del q, k, v, z, p, z_ref, p_ref
         torch.cuda.empty_cache()
     return rows
 
 
+def backend_rows(quick: bool) -> list:
+    """Each backend forced on one prefill shape (B=1, S=4096, GQA 32/8) and one decode shape (B=1, 8k
+    keys, GQA): its time where the plan lets it run, else its reasons."""
+    rows = []
+    for kind, S, K in (("prefill", 4096, 4096), ("decode", 1, 8192)):
+        q = torch.randn(1, S, H, DH, device="cuda", dtype=DT)
+        k, v = (torch.randn(1, K, 8, DH, device="cuda", dtype=DT) for _ in range(2))
+        ms_ref, z_ref = sdpa_best(q, k, v, S == K)
+        for name in pyqkv.ops.BACKENDS:
+            with pyqkv.ops.attention_backend(name):
+                p = pyqkv.ops.attention_plan(q, k, v, scale=DH**-0.5, causal=True)
+                if p.backend is None:
+                    rows.append({"shape": kind, "backend": name, "ms": None, "time_vs_sdpa": None,
+                                 "rel_err": None, "refused": "; ".join(p.refusals.get(name, []))[:200]})
+                    continue
+                ms = timed(lambda: pyqkv_attn(q, k, v, True))
+                z = pyqkv_attn(q, k, v, True)[0]
+            rows.append({"shape": kind, "backend": name, "ms": ms, "time_vs_sdpa": ms / ms_ref,
+                         "rel_err": rel_err(z, z_ref), "refused": ""})
+        del q, k, v, z_ref
+        torch.cuda.empty_cache()
+    return rows
+
+
+def summary(result) -> dict:
+    """The issue's top-level keys (None where this benchmark does not measure them)."""
+
+    def rows(name):
+        return result[name] if isinstance(result.get(name), list) else []
+
+    pre = [r["time_vs_sdpa"] for r in rows("prefill") if r["dtype"] == "bfloat16"]
+    dec = [r["fraction_of_copy"] for r in rows("decode") if r["context"] >= 8192]
+    pat = [r["speedup"] for r in rows("pattern")]
+    return {
+        "prefill_time_vs_sdpa": max(pre) if pre else None,
+        "decode_fraction_of_copy": min(dec) if dec else None,
+        "pattern_speedup_vs_materialized": min(pat) if pat else None,
+        "generate_tokens_per_s_vs_hf_sdpa": None,
+        "generate_hooked_vs_hf_sdpa": None,
+        "run_with_cache_patterns_vs_hf_eager": None,
+        "peak_memory_patterns_vs_hf_eager": None,
+    }
+
+
 def table(title, rows, cols) -> str:
     lines = [title, "  ".join(f"{c:>14}" for c in cols)]
     for r in rows:
-        lines.append("  ".join(f"{r[c]:>14.4g}" if isinstance(r[c], float) else f"{str(r[c]):>14}" for c in cols))
+        lines.append("  ".join(f"{r[c]:>14.4g}" if isinstance(r[c], float) else f"{str(r[c])[:60]:>14}" for c in cols))
     return "\n".join(lines)
 
 
@@ -189,17 +287,22 @@ def main(argv=None) -> int:
         print("no GPU: skipped")
         return 0
     torch.manual_seed(0)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__}
     result["ceilings"] = ceilings()
     print(f"{result['device']}, torch {result['torch']}: copy {result['ceilings']['copy_GBps']:.0f} GB/s, "
           f"bf16 GEMM {result['ceilings']['gemm_bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
     sections = [
         ("prefill", lambda: prefill_rows(args.quick),
-         ["B", "S", "causal", "pyqkv_ms", "sdpa_ms", "pyqkv_TFLOPs", "sdpa_TFLOPs", "ratio_vs_sdpa", "rel_err"]),
+         ["B", "S", "Hkv", "padded", "dtype", "pyqkv_ms", "sdpa_ms", "pyqkv_TFLOPs", "time_vs_sdpa", "rel_err",
+          "backend"]),
         ("decode", lambda: decode_rows(args.quick, result["ceilings"]["copy_GBps"]),
-         ["B", "context", "Hkv", "pyqkv_us", "sdpa_us", "pyqkv_GBps", "fraction_of_copy", "ratio_vs_sdpa", "rel_err"]),
+         ["B", "context", "Hkv", "pyqkv_us", "sdpa_us", "pyqkv_GBps", "fraction_of_copy", "time_vs_sdpa", "rel_err",
+          "backend"]),
         ("pattern", lambda: pattern_rows(args.quick),
-         ["B", "S", "pyqkv_ms", "materialized_ms", "speedup", "pattern_GBps", "rel_err_z", "rel_err_pattern"]),
+         ["B", "S", "pyqkv_ms", "materialized_ms", "speedup", "pattern_GBps", "rel_err_z", "rel_err_pattern",
+          "backend"]),
+        ("backends", lambda: backend_rows(args.quick), ["shape", "backend", "ms", "time_vs_sdpa", "rel_err", "refused"]),
     ]
     for name, fn, cols in sections:
         try:
@@ -208,6 +311,8 @@ def main(argv=None) -> int:
         except Exception as e:  # keep the other sections' numbers
             result[name] = f"{type(e).__name__}: {e}"
             print(f"== {name}: FAILED: {result[name]}", flush=True)
+    result["summary"] = summary(result)
+    print("summary:", json.dumps(result["summary"]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

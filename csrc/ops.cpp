@@ -16,14 +16,38 @@ TORCH_LIBRARY(pyqkv, m) {
   // Per-head projection  b s n d, n d e -> b s n e  (+ b[n, e]).
   m.def("per_head_proj(Tensor x, Tensor W, Tensor? b) -> Tensor");
 
-  // Scaled, masked attention. q [B,S,H,Dh]; k, v [B,K,Hkv,Dh] (any strides); mask None,
-  // [B,K] padding (nonzero = attend) or [B,1|H,S,K] additive. Causal is bottom-right aligned.
+  // Scaled, masked attention. q [B,S,H,Dh]; k, v [B,K,Hkv,Dh] (any strides); mask None, [B,K] padding
+  // (nonzero = attend), [B|1,1|H,S,K] bool (true = attend) or [B|1,1|H,S,K] additive (visible iff >
+  // hidden_threshold: csrc/attention.h). Causal is bottom-right aligned.
   // alibi: None or a per-key bias [B|1, H|1, K] (ALiBi: Bloom, Falcon-RW), the same for every query
-  // position: score = scale * q.k + alibi[b,h,j] (+ the additive mask); it hides nothing by itself.
+  // position; it hides nothing by itself. softcap: None / 0 (off) or c > 0 (Gemma 2): the score is
+  //   s = scale * q.k;  s = c * tanh(s / c);  s += alibi[b,h,j];  s += mask[b,h,i,j].
+  // window: None or W >= 1 keys (Hugging Face's sliding_window, the query's own position included),
+  // causal only: query i at position p = K - S + i sees keys p - W < j <= p.
   // Returns z [B,S,H,Dh], lse [B,H,S] (float32, -inf on fully masked rows) and pattern [B,H,S,K]
   // (an empty tensor unless return_pattern).
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
-        " bool return_pattern, Tensor? alibi=None) -> (Tensor, Tensor, Tensor)");
+        " bool return_pattern, Tensor? alibi=None, float? softcap=None, int? window=None)"
+        " -> (Tensor, Tensor, Tensor)");
+
+  // The split form of attention (csrc/attention_split.cpp), for hooks on the scores and the pattern:
+  // the same arguments and rules as attention. attn_scores -> scores [B,H,S,K] in dtype (default q's),
+  // hidden entries at finfo(dtype).min; attn_softmax -> pattern [B,H,S,K] in dtype (default the
+  // scores'); attn_apply(pattern [B,H,S,K], v [B,K,Hkv,Dh]) -> z [B,S,H,Dh].
+  m.def("attn_scores(Tensor q, Tensor k, Tensor? mask, float scale, bool causal, Tensor? alibi=None,"
+        " float? softcap=None, int? window=None, ScalarType? dtype=None) -> Tensor");
+  m.def("attn_softmax(Tensor scores, ScalarType? dtype=None) -> Tensor");
+  m.def("attn_apply(Tensor pattern, Tensor v) -> Tensor");
+
+  // Which backend attention would run (csrc/attention_plan.h) and why the others refuse: the name
+  // ("" when none accepts) and "backend<TAB>reason" lines. device_capability (major, minor) plans for a
+  // CUDA device (required for meta tensors); torch_version and flash_available describe the torch build.
+  m.def("attention_plan(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
+        " bool return_pattern, Tensor? alibi=None, float? softcap=None, int? window=None,"
+        " int[]? device_capability=None, int[]? torch_version=None, bool? flash_available=None)"
+        " -> (str, str[])");
+  // Forces one attention backend process-wide ("" clears); returns the previous one.
+  m.def("_set_attention_backend(str name) -> str");
 
   // RoPE on the first R features of every head: x [B,S,n,Dh] (any strides), cos/sin [B|1,S,R] (any
   // float dtype), R even, R <= Dh. out = x*cos + rotate(x)*sin in float32 (float64 for float64 x),

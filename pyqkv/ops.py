@@ -9,6 +9,8 @@ ValueError / TypeError naming the argument, what was expected and what was recei
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import numbers
 import operator
@@ -191,13 +193,16 @@ torch.library.register_autograd("pyqkv::per_head_proj", _per_head_proj_backward,
 # attention
 
 
-def attention(q, k, v, *, scale: float, causal: bool, mask=None, return_pattern: bool = False, alibi=None):
+def attention(q, k, v, *, scale: float, causal: bool, mask=None, return_pattern: bool = False, alibi=None,
+              softcap: Optional[float] = None, window: Optional[int] = None):
     """Scaled, masked attention with GQA by index. Returns (z, lse, pattern).
 
     q: [B, S, H, Dh]; k, v: [B, K, Hkv, Dh], any strides (views into one fused projection are read in
     place). Query head h reads KV head h // (H / Hkv); K and V are never repeated in memory.
-    mask: None; a padding mask [B, K] (bool True / nonzero = attend); or an additive float mask
-    [B or 1, 1 or H, S, K] (0 = visible; at most half the dtype's most negative value = hidden).
+    mask: None; a padding mask [B, K] (bool True / nonzero = attend); a bool mask [B or 1, 1 or H, S, K]
+    (True = attend, as Hugging Face's sdpa masks); or an additive float mask [B or 1, 1 or H, S, K],
+    added to the scores, where an entry is visible iff it is greater than half the mask dtype's most
+    negative finite value (so torch.finfo(dtype).min, -inf and NaN hide). A 4-D mask is authoritative.
     causal: bottom-right aligned, so query i sees keys 0 .. K - S + i; a one-token decode step sees the
     whole cache:
 
@@ -205,21 +210,31 @@ def attention(q, k, v, *, scale: float, causal: bool, mask=None, return_pattern:
             query 0:     x x x .
             query 1:     x x x x
 
+    window: None or W >= 1 (Hugging Face's `sliding_window`: W keys, the query's own included), with
+    causal=True only: query i, at position p = K - S + i, sees keys p - W < j <= p.
+
+        S=2, K=4, W=2:  keys 0 1 2 3
+            query 0:         . x x .
+            query 1:         . . x x
+
+    softcap: None or 0 (off), or c > 0 (Gemma 2's attention-logit softcapping): s = c * tanh(s / c) on
+    the scaled scores, before ALiBi and the additive mask.
     alibi: None or a per-key bias [B or 1, H or 1, K] (ALiBi: Bloom's and Falcon's [B*H, 1, K] reshaped
-    to [B, H, K]), any float dtype and strides, added to every query position's scaled scores:
-    score[b, h, i, j] = scale * q·k + alibi[b, h, j] (+ the additive mask). It hides nothing by itself
-    (visibility comes from causal and mask) and no [B, H, S, K] bias is ever built.
+    to [B, H, K]), any float dtype and strides, added to every query position's scores:
+    score[b, h, i, j] = softcap(scale * q·k) + alibi[b, h, j] (+ the additive mask). It hides nothing by
+    itself (visibility comes from causal, window and mask) and no [B, H, S, K] bias is ever built.
 
     Returns z [B, S, H, Dh] (q's dtype), lse [B, H, S] (float32; float64 for float64 inputs; -inf on a
     row with no visible key) and pattern [B, H, S, K] (None unless return_pattern). A row with no
     visible key gives zeros in z and pattern, never NaN. Half types accumulate in float32.
     """
-    z, lse, pattern = _ops.attention(q, k, v, mask, _check_scale(scale), bool(causal), bool(return_pattern), alibi)
+    z, lse, pattern = _ops.attention(q, k, v, mask, _check_scale(scale), bool(causal), bool(return_pattern), alibi,
+                                     _check_softcap(softcap), _check_window(window))
     return z, lse, (pattern if return_pattern else None)
 
 
 @torch.library.register_fake("pyqkv::attention")
-def _attention_fake(q, k, v, mask, scale, causal, return_pattern, alibi=None):
+def _attention_fake(q, k, v, mask, scale, causal, return_pattern, alibi=None, softcap=None, window=None):
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q, k: expected 4-D [B, S, H, Dh] / [B, K, Hkv, Dh]")
     B, S, H, Dh = q.shape
     K = k.shape[1]
@@ -239,8 +254,8 @@ def _attention_fake(q, k, v, mask, scale, causal, return_pattern, alibi=None):
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, mask, scale, causal, return_pattern, alibi = inputs
-    ctx.scale, ctx.causal = scale, causal
+    q, k, v, mask, scale, causal, return_pattern, alibi, softcap, window = (tuple(inputs) + (None,) * 3)[:10]
+    ctx.scale, ctx.causal, ctx.softcap, ctx.window = scale, causal, softcap, window
     ctx.mask_shape = None if mask is None else mask.shape
     ctx.save_for_backward(q, k, v, mask, alibi)
 
@@ -248,15 +263,17 @@ def _attention_setup(ctx, inputs, output):
 def _attention_backward(ctx, grad_z, grad_lse, grad_pattern):
     """Exact gradients from the recomputed pattern P (in the accumulation dtype):
     dV = Pᵀ dZ, dP = dZ Vᵀ (+ the pattern's own gradient), dS = P ⊙ (dP − rowsum(dP ⊙ P)) + P ⊙ dlse,
-    dQ = scale · dS K, dK = scale · dSᵀ Q, d(additive mask) = dS, d(alibi) = dS summed over query
-    positions. GQA heads sum into their KV head; broadcast dims of mask and alibi are summed over."""
+    d(additive mask) = dS, d(alibi) = dS summed over query positions; through the softcap
+    s = c·tanh(r / c) of the raw scores r = scale·QKᵀ: dR = dS ⊙ (1 − tanh²(r / c)); dQ = scale · dR K,
+    dK = scale · dRᵀ Q. GQA heads sum into their KV head; broadcast dims of mask and alibi are summed
+    over."""
     q, k, v, mask, alibi = ctx.saved_tensors
     B, S, H, Dh = q.shape
     K, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
     acc = _acc_dtype(q.dtype)
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-    _, _, P = _ops.attention(qa, ka, va, mask, ctx.scale, ctx.causal, True, alibi)
+    _, _, P = _ops.attention(qa, ka, va, mask, ctx.scale, ctx.causal, True, alibi, ctx.softcap, ctx.window)
     P5 = P.view(B, Hkv, G, S, K)
     q5 = qa.view(B, S, Hkv, G, Dh).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, S, Dh]
     kt, vt = ka.permute(0, 2, 1, 3), va.permute(0, 2, 1, 3)  # [B, Hkv, K, Dh]
@@ -271,14 +288,19 @@ def _attention_backward(ctx, grad_z, grad_lse, grad_pattern):
     if grad_lse is not None:
         dS = dS + P5 * grad_lse.to(acc).reshape(B, Hkv, G, S, 1)
 
+    dR = dS
+    if ctx.softcap:  # d/dr c·tanh(r / c) = 1 − tanh²(r / c), r = scale·q·k
+        t = torch.tanh(torch.einsum("bngsd,bnkd->bngsk", q5, kt) * (ctx.scale / ctx.softcap))
+        dR = dS * (1 - t * t)
+
     gq = gk = gv = gmask = galibi = None
     if ctx.needs_input_grad[0]:
-        gq = (torch.einsum("bngsk,bnkd->bsngd", dS, kt) * ctx.scale).reshape(B, S, H, Dh).to(q.dtype)
+        gq = (torch.einsum("bngsk,bnkd->bsngd", dR, kt) * ctx.scale).reshape(B, S, H, Dh).to(q.dtype)
     if ctx.needs_input_grad[1]:
-        gk = (torch.einsum("bngsk,bngsd->bknd", dS, q5) * ctx.scale).to(k.dtype)
+        gk = (torch.einsum("bngsk,bngsd->bknd", dR, q5) * ctx.scale).to(k.dtype)
     if ctx.needs_input_grad[2]:
         gv = torch.einsum("bngsk,bngsd->bknd", P5, gz5).to(v.dtype)
-    if ctx.needs_input_grad[3] and mask is not None and mask.dim() == 4:
+    if ctx.needs_input_grad[3] and mask is not None and mask.dim() == 4 and mask.is_floating_point():
         dS4 = dS.reshape(B, H, S, K)
         dims = [d for d in range(2) if ctx.mask_shape[d] == 1]
         gmask = (dS4.sum(dim=dims, keepdim=True) if dims else dS4).to(mask.dtype)
@@ -287,16 +309,16 @@ def _attention_backward(ctx, grad_z, grad_lse, grad_pattern):
         dA = dS.sum(dim=3).reshape(B, H, K)  # the same bias at every query position: sum over them
         dims = [d for d in range(2) if alibi.shape[d] == 1]
         galibi = (dA.sum(dim=dims, keepdim=True) if dims else dA).to(alibi.dtype)
-    return gq, gk, gv, gmask, None, None, None, galibi
+    return gq, gk, gv, gmask, None, None, None, galibi, None, None
 
 
 torch.library.register_autograd("pyqkv::attention", _attention_backward, setup_context=_attention_setup)
 
 
 # --------------------------------------------------------------------------------------------------
-# The split form of attention, for a hook on the scores: the [B, H, S, K] scores must exist for the hook
-# to see them, so these are composed of ATen ops (autograd and every device for free). Same semantics
-# as the fused op: GQA by index, bottom-right causal, hidden entries at the dtype's most negative value.
+# Argument pre-checks that Python must make itself: the type of a Python value (a str for a float, a
+# list for a tensor) is decided before the op's schema sees it. Every rule about values, shapes, dtypes
+# and devices lives in C++ (csrc/attention.h), once.
 
 
 def _check_scale(scale) -> float:
@@ -310,140 +332,137 @@ def _check_scale(scale) -> float:
     return scale
 
 
-def _shape(t) -> str:
-    return f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+def _check_softcap(softcap) -> Optional[float]:
+    """None, or a real number (its value is checked by the op: >= 0 and finite)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap: expected None or a float, got {type(softcap).__name__} {softcap!r}")
+    return float(softcap)
 
 
-def _check_split_form(q=None, k=None, v=None, mask=None, pattern=None, alibi=None) -> None:
-    """The fused op's argument rules (csrc/attention.h), for the composite split form: each failure names
-    the argument, what was expected and what was received."""
-    for name, t, layout in (("q", q, "[B, S, H, Dh]"), ("k", k, "[B, K, Hkv, Dh]"), ("v", v, "[B, K, Hkv, Dh]"),
-                            ("pattern", pattern, "[B, H, S, K]")):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor {layout}, got {_shape(t)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-    if q is not None and k is not None:
-        B, S, H, Dh = q.shape
-        if k.shape[0] != B or k.shape[3] != Dh:
-            raise ValueError(f"k: expected shape [{B}, K, Hkv, {Dh}] (B and Dh of q {list(q.shape)}), got {list(k.shape)}")
-        if k.shape[2] < 1 or H % k.shape[2]:
-            raise ValueError(f"k: expected a KV head count that divides H={H}, got Hkv={k.shape[2]}")
-        if q.device != k.device:
-            raise ValueError(f"k: expected device {q.device} (the device of q), got {k.device}")
-        if k.dtype != q.dtype:
-            raise TypeError(f"k: expected dtype {q.dtype} (the dtype of q), got {k.dtype}")
-        if mask is not None:
-            K = k.shape[1]
-            if not isinstance(mask, torch.Tensor):
-                raise TypeError(f"mask: expected a Tensor or None, got {type(mask).__name__}")
-            if mask.device != q.device:
-                raise ValueError(f"mask: expected device {q.device} (the device of q), got {mask.device}")
-            if mask.dim() == 2 and tuple(mask.shape) != (B, K):
-                raise ValueError(f"mask: expected a 2-D padding mask [B, K] = [{B}, {K}], got {list(mask.shape)}")
-            if mask.dim() == 2 and mask.is_complex():
-                raise TypeError(f"mask: expected a bool, integer or float padding mask, got {mask.dtype}")
-            if mask.dim() == 4:
-                if not mask.is_floating_point():
-                    raise TypeError(f"mask: expected a floating-point additive 4-D mask, got {mask.dtype}")
-                if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (S, K):
-                    raise ValueError(
-                        f"mask: expected a 4-D additive mask [B or 1, 1 or H, S, K] = [{B}, 1 or {H}, {S}, {K}], "
-                        f"got {list(mask.shape)}"
-                    )
-            if mask.dim() not in (2, 4):
-                raise ValueError(f"mask: expected a 2-D padding mask [B, K] or a 4-D additive mask, got {_shape(mask)}")
-        if alibi is not None:
-            K = k.shape[1]
-            if not isinstance(alibi, torch.Tensor) or alibi.dim() != 3:
-                raise ValueError(f"alibi: expected a 3-D tensor [B or 1, H or 1, K] (a per-key bias), got {_shape(alibi)}")
-            if not alibi.is_floating_point():
-                raise TypeError(f"alibi: expected a floating-point tensor, got {alibi.dtype}")
-            if alibi.device != q.device:
-                raise ValueError(f"alibi: expected device {q.device} (the device of q), got {alibi.device}")
-            if alibi.shape[0] not in (1, B) or alibi.shape[1] not in (1, H) or alibi.shape[2] != K:
-                raise ValueError(
-                    f"alibi: expected shape [B or 1, H or 1, K] = [{B} or 1, {H} or 1, {K}], got {list(alibi.shape)}"
-                )
-    if pattern is not None and v is not None:
-        B, H, S, K = pattern.shape
-        if v.dtype != pattern.dtype:
-            raise TypeError(f"v: expected dtype {pattern.dtype} (the dtype of pattern), got {v.dtype}")
-        if v.device != pattern.device:
-            raise ValueError(f"v: expected device {pattern.device} (the device of pattern), got {v.device}")
-        if v.shape[0] != B or v.shape[1] != K or v.shape[2] < 1 or H % v.shape[2]:
-            raise ValueError(
-                f"v: expected shape [{B}, {K}, Hkv, Dh] with Hkv dividing H={H} (pattern {list(pattern.shape)}), "
-                f"got {list(v.shape)}"
-            )
+def _check_window(window) -> Optional[int]:
+    """None, or an integer (its value is checked by the op: >= 1, and causal only)."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not hasattr(type(window), "__index__"):
+        raise TypeError(f"window: expected None or an int, got {type(window).__name__} {window!r}")
+    return operator.index(window)
 
 
-def _grouped_queries(q, Hkv):
-    """q [B, S, H, Dh] -> [B, Hkv, G*S, Dh]: the G query heads of each KV head stacked along S."""
-    B, S, H, Dh = q.shape
-    G = H // Hkv
-    return q.reshape(B, S, Hkv, G, Dh).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, Dh)
+def _check_optional_tensor(name: str, t, layout: str) -> None:
+    if t is not None and not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a Tensor or None ({layout}), got {type(t).__name__}")
 
 
-def attn_scores(q, k, *, scale: float, causal: bool, mask=None, dtype: Optional[torch.dtype] = None, alibi=None):
-    """Scaled, masked scores [B, H, S, K] (what hook_attn_scores sees), in `dtype` (default q's).
+def _check_dtype(dtype) -> None:
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a floating-point dtype or None, got {type(dtype).__name__} {dtype!r}")
 
-    scale * q·k + alibi[b, h, j] (alibi: None or [B or 1, H or 1, K], as in attention) + the additive
-    mask. Hidden entries (causal, padding or an additive entry at or below half the dtype's minimum)
-    hold the dtype's most negative finite value, so attn_softmax gives them weight exactly 0.
+
+# --------------------------------------------------------------------------------------------------
+# The split form of attention, for a hook on the scores (csrc/attention_split.cpp): the [B, H, S, K]
+# scores must exist for the hook to see them, so these ops are composed of ATen ops in C++ (autograd,
+# torch.compile and every device for free), with the fused op's argument checks and mask rules.
+
+
+def attn_scores(q, k, *, scale: float, causal: bool, mask=None, dtype: Optional[torch.dtype] = None, alibi=None,
+                softcap: Optional[float] = None, window: Optional[int] = None):
+    """Scaled, softcapped, masked scores [B, H, S, K] (what hook_attn_scores sees), in `dtype` (default q's).
+
+    softcap(scale * q·k) + alibi[b, h, j] + the additive mask, with q [B, S, H, Dh], k [B, K, Hkv, Dh] and
+    every argument as in attention. Hidden entries (causal, window, padding, a bool mask's False, an
+    additive entry not above half the dtype's minimum) hold the dtype's most negative finite value, so
+    attn_softmax gives them weight exactly 0.
     """
     _check_tensor("q", q, "[B, S, H, Dh]")
     _check_tensor("k", k, "[B, K, Hkv, Dh]")
-    _check_split_form(q=q, k=k, mask=mask, alibi=alibi)
-    scale = _check_scale(scale)
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype: expected a floating-point dtype or None, got {dtype}")
-    B, S, H, Dh = q.shape
-    K, Hkv = k.shape[1], k.shape[2]
-    dtype = q.dtype if dtype is None else dtype
-    qg = _grouped_queries(q.to(dtype), Hkv)
-    scores = (qg @ k.to(dtype).permute(0, 2, 3, 1)).reshape(B, H, S, K) * scale
-    if alibi is not None:  # [B|1, H|1, K] -> [B|1, H|1, 1, K]: the same bias for every query position
-        scores = scores + alibi.to(dtype).unsqueeze(2)
-    hidden = torch.zeros((), dtype=torch.bool, device=q.device)
-    if causal:
-        i = torch.arange(S, device=q.device).view(S, 1)
-        j = torch.arange(K, device=q.device).view(1, K)
-        hidden = hidden | (j > (K - S) + i)
-    if mask is not None and mask.dim() == 2:
-        hidden = hidden | (mask == 0).view(B, 1, 1, K)
-    elif mask is not None:
-        scores = scores + mask.to(dtype)
-        hidden = hidden | (mask <= torch.finfo(mask.dtype).min / 2)
-    return scores.masked_fill(hidden, torch.finfo(dtype).min)
+    _check_optional_tensor("mask", mask, "[B, K] or [B or 1, 1 or H, S, K]")
+    _check_optional_tensor("alibi", alibi, "[B or 1, H or 1, K]")
+    _check_dtype(dtype)
+    return _ops.attn_scores(q, k, mask, _check_scale(scale), bool(causal), alibi, _check_softcap(softcap),
+                            _check_window(window), dtype)
 
 
 def attn_softmax(scores, *, dtype: Optional[torch.dtype] = None):
-    """Pattern [B, H, S, K] from scores: softmax in the accumulation dtype; entries at or below half the
-    dtype's most negative value get weight 0 and a row with none left is all zeros (never NaN)."""
-    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
-        raise TypeError(f"scores: expected a floating-point tensor [B, H, S, K], got {_shape(scores)}")
-    if scores.dim() != 4:
-        raise ValueError(f"scores: expected a 4-D tensor [B, H, S, K], got {_shape(scores)}")
-    hidden = scores <= torch.finfo(scores.dtype).min / 2
-    s = scores.to(_acc_dtype(scores.dtype)).masked_fill(hidden, float("-inf"))
-    any_visible = ~hidden.all(dim=-1, keepdim=True)
-    pattern = torch.softmax(s.masked_fill(~any_visible, 0.0), dim=-1).masked_fill(~any_visible, 0.0)
-    return pattern.to(scores.dtype if dtype is None else dtype)
+    """Pattern [B, H, S, K] from scores [B, H, S, K]: softmax over keys in the accumulation dtype, where an
+    entry is visible iff it is greater than half the dtype's most negative value (the mask rule: hidden
+    scores, -inf and NaN get weight 0); a row with nothing visible is all zeros (never NaN). In `dtype`
+    (default the scores')."""
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores: expected a floating-point tensor [B, H, S, K], got {type(scores).__name__}")
+    _check_dtype(dtype)
+    return _ops.attn_softmax(scores, dtype)
 
 
 def attn_apply(pattern, v):
     """z [B, S, H, Dh] = pattern [B, H, S, K] · v [B, K, Hkv, Dh], GQA by index."""
     _check_tensor("pattern", pattern, "[B, H, S, K]")
     _check_tensor("v", v, "[B, K, Hkv, Dh]")
-    _check_split_form(v=v, pattern=pattern)
-    B, H, S, K = pattern.shape
-    Hkv, Dh = v.shape[2], v.shape[3]
-    G = H // Hkv
-    z = pattern.reshape(B, Hkv, G * S, K) @ v.to(pattern.dtype).permute(0, 2, 1, 3)  # [B, Hkv, G*S, Dh]
-    return z.reshape(B, Hkv, G, S, Dh).permute(0, 3, 1, 2, 4).reshape(B, S, H, Dh)
+    return _ops.attn_apply(pattern, v)
+
+
+# --------------------------------------------------------------------------------------------------
+# Which backend runs attention (csrc/attention_plan.h): the backends as data
+
+
+BACKENDS = ("flash", "mem_efficient", "cudnn", "own_decode", "own_tc", "own_simt", "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+    """What pyqkv::attention would run for an input: `backend` (a name of BACKENDS, or None when no
+    backend accepts it, in which case the op raises with every reason) and `refusals` (backend name ->
+    the reasons it refuses the input, for every backend that does)."""
+
+    backend: Optional[str]
+    refusals: dict
+
+    def __str__(self):
+        lines = [f"attention plan: {self.backend or 'no backend accepts the input'}"]
+        lines += [f"  {name}: {'; '.join(reasons)}" for name, reasons in self.refusals.items()]
+        return "\n".join(lines)
+
+
+def attention_plan(q, k, v, *, scale: float, causal: bool, mask=None, return_pattern: bool = False, alibi=None,
+                   softcap: Optional[float] = None, window: Optional[int] = None, device_capability=None,
+                   torch_version=None, flash_available: Optional[bool] = None) -> AttentionPlan:
+    """The backend pyqkv.ops.attention would run for these arguments, and why the others would not.
+
+    Takes ops.attention's arguments; the tensors may be meta tensors (nothing is computed, only shapes,
+    strides, dtypes and flags are read). device_capability: (major, minor) of the CUDA device to plan for,
+    e.g. (9, 0) for an H100/H200 (required for meta tensors; default: q's device). torch_version
+    ((major, minor), default the running torch) and flash_available (default: whether this process has
+    FlashAttention-2 switched on) describe the torch build, which the plan depends on too. A backend
+    forced with attention_backend(...) or PYQKV_ATTENTION_BACKEND is the only one considered.
+    """
+    for name, t, layout in (("q", q, "[B, S, H, Dh]"), ("k", k, "[B, K, Hkv, Dh]"), ("v", v, "[B, K, Hkv, Dh]")):
+        _check_tensor(name, t, layout)
+    caps = None if device_capability is None else [operator.index(c) for c in device_capability]
+    version = None if torch_version is None else [operator.index(c) for c in torch_version]
+    backend, lines = _ops.attention_plan(q, k, v, mask, _check_scale(scale), bool(causal), bool(return_pattern), alibi,
+                                         _check_softcap(softcap), _check_window(window), caps, version,
+                                         flash_available)
+    refusals: dict = {}
+    for line in lines:
+        name, reason = line.split("\t", 1)
+        refusals.setdefault(name, []).append(reason)
+    return AttentionPlan(backend or None, refusals)
+
+
+@contextlib.contextmanager
+def attention_backend(name: Optional[str]):
+    """Force one attention backend (a name of BACKENDS; None: the plan chooses) inside the block, for
+    tests and benchmarks: a call the backend refuses raises with its reasons. Process-wide (the op may
+    run on autograd's threads), and it wins over the environment variable PYQKV_ATTENTION_BACKEND, which
+    forces a backend the same way for a whole process."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"name: expected one of {BACKENDS} or None, got {name!r}")
+    previous = _ops._set_attention_backend(name or "")
+    try:
+        yield
+    finally:
+        _ops._set_attention_backend(previous)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -96,13 +96,15 @@ def kv_append(k_cache, v_cache, k_new, v_new, start):
     v_cache[:, :, start : start + S] = v_new.transpose(1, 2)
 
 
-def visible_keys(B, H, S, K, *, causal, mask=None, device=None):
+def visible_keys(B, H, S, K, *, causal, mask=None, window=None, device=None):
     """Bool [B,H or 1,S,K]: True where query i may see key j.
 
-    Causal is bottom-right aligned: query i (0-based in this call) sees keys 0 .. K - S + i, so a
-    one-token step sees the whole cache. A 2-D mask [B,K] removes keys where it is 0/False. A 4-D
-    additive mask hides an entry whose value is at most half the mask dtype's most negative finite value
-    (how Hugging Face writes "hidden"); other values are biases added to the scores.
+    Causal is bottom-right aligned: query i (0-based in this call) sits at position p = K - S + i and
+    sees keys 0 .. p, so a one-token step sees the whole cache. A sliding window of W keys (Hugging
+    Face's sliding_window, causal only) also hides keys j <= p - W: query i sees the W keys p - W + 1 .. p. A 2-D mask [B,K] removes keys where it is 0/False. A 4-D bool
+    mask keeps the entries where it is True. A 4-D additive mask keeps an entry iff its value is greater
+    than half the mask dtype's most negative finite value (so Hugging Face's finfo.min, -inf and NaN
+    hide); the kept values are biases added to the scores.
 
         S=3, K=5, causal:   keys 0 1 2 3 4
                   query 0:       x x x . .
@@ -110,13 +112,17 @@ def visible_keys(B, H, S, K, *, causal, mask=None, device=None):
                   query 2:       x x x x x
     """
     vis = torch.ones(B, 1, S, K, dtype=torch.bool, device=device)
+    p = torch.arange(S, device=device).view(S, 1) + (K - S)
+    j = torch.arange(K, device=device).view(1, K)
     if causal:
-        i = torch.arange(S, device=device).view(S, 1)
-        j = torch.arange(K, device=device).view(1, K)
-        vis = vis & (j <= (K - S) + i)
+        vis = vis & (j <= p)
+    if window:
+        vis = vis & (j > p - window)
     if mask is not None:
         if mask.dim() == 2:
             vis = vis & (mask != 0).view(B, 1, 1, K)
+        elif mask.dtype == torch.bool:
+            vis = vis & mask
         else:
             vis = vis & (mask > torch.finfo(mask.dtype).min / 2)
     return vis
@@ -127,16 +133,23 @@ def _alibi_scores(alibi, compute_dtype):
     return alibi.to(compute_dtype).unsqueeze(2)
 
 
-def attention(q, k, v, *, scale, causal, mask=None, return_pattern=False, alibi=None, compute_dtype=torch.float64):
+def _softcapped(scores, softcap):
+    """Gemma 2's logit softcapping: c * tanh(s / c) on the scaled scores, before any bias."""
+    return softcap * torch.tanh(scores / softcap) if softcap else scores
+
+
+def attention(q, k, v, *, scale, causal, mask=None, return_pattern=False, alibi=None, softcap=None, window=None,
+              compute_dtype=torch.float64):
     """q [B,S,H,Dh], k/v [B,K,Hkv,Dh] -> (z [B,S,H,Dh], lse [B,H,S], pattern [B,H,S,K] or None).
 
     Computed in float64 (float32 accumulation would do; float64 makes the oracle exact enough to judge
     float32 kernels) and cast back to q's dtype. GQA: query head h reads kv head h // (H / Hkv).
     A query row with no visible key gives zeros in z and pattern, and lse = -inf.
 
-    scores = scale * q.k + alibi[b, h, j] + mask[b, h, i, j]: alibi [B or 1, H or 1, K] is a per-key bias
-    (Bloom, Falcon-RW), the same for every query position; it hides nothing by itself (visibility comes
-    from causal and mask only).
+    scores = softcap(scale * q.k) + alibi[b, h, j] + mask[b, h, i, j]: softcap(s) = c * tanh(s / c) when
+    softcap = c is given (Gemma 2; None or 0 = off); alibi [B or 1, H or 1, K] is a per-key bias (Bloom,
+    Falcon-RW), the same for every query position; it hides nothing by itself (visibility comes from
+    causal, window and mask only). window: W keys per query, see visible_keys.
 
     compute_dtype: the dtype every step runs in. The tests also run the oracle in the inputs' own low
     precision (e.g. bfloat16) to measure how much error plain PyTorch makes there: the tolerance rule
@@ -148,12 +161,12 @@ def attention(q, k, v, *, scale, causal, mask=None, return_pattern=False, alibi=
     qf, kf, vf = (t.to(compute_dtype).transpose(1, 2) for t in (q, k, v))  # [B, heads, seq, Dh]
     kf = kf.repeat_interleave(group, dim=1)
     vf = vf.repeat_interleave(group, dim=1)
-    scores = (qf @ kf.transpose(-1, -2)) * scale  # [B,H,S,K]
+    scores = _softcapped((qf @ kf.transpose(-1, -2)) * scale, softcap)  # [B,H,S,K]
     if alibi is not None:
         scores = scores + _alibi_scores(alibi, compute_dtype)
-    if mask is not None and mask.dim() == 4:
+    if mask is not None and mask.dim() == 4 and mask.is_floating_point():
         scores = scores + mask.to(compute_dtype)
-    vis = visible_keys(B, H, S, K, causal=causal, mask=mask, device=q.device)
+    vis = visible_keys(B, H, S, K, causal=causal, mask=mask, window=window, device=q.device)
     scores = scores.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf on rows with no visible key
     pattern = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # -inf - -inf = nan -> 0
@@ -166,20 +179,20 @@ def attention(q, k, v, *, scale, causal, mask=None, return_pattern=False, alibi=
     )
 
 
-def attn_scores(q, k, *, scale, causal, mask=None, alibi=None, compute_dtype=torch.float64):
-    """Scaled, masked scores [B,H,S,K] in q's dtype; hidden entries hold the dtype's most negative value.
-    alibi [B or 1, H or 1, K] is added as in attention. compute_dtype: the dtype the product and the
-    additions run in (see attention)."""
+def attn_scores(q, k, *, scale, causal, mask=None, alibi=None, softcap=None, window=None, compute_dtype=torch.float64):
+    """Scaled, softcapped, masked scores [B,H,S,K] in q's dtype; hidden entries hold the dtype's most
+    negative value. softcap, alibi and window as in attention. compute_dtype: the dtype the product and
+    the additions run in (see attention)."""
     B, S, H, _ = q.shape
     K, Hkv = k.shape[1], k.shape[2]
     qf = q.to(compute_dtype).transpose(1, 2)
     kf = k.to(compute_dtype).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
-    scores = (qf @ kf.transpose(-1, -2)) * scale
+    scores = _softcapped((qf @ kf.transpose(-1, -2)) * scale, softcap)
     if alibi is not None:
         scores = scores + _alibi_scores(alibi, compute_dtype)
-    if mask is not None and mask.dim() == 4:
+    if mask is not None and mask.dim() == 4 and mask.is_floating_point():
         scores = scores + mask.to(compute_dtype)
-    vis = visible_keys(B, H, S, K, causal=causal, mask=mask, device=q.device)
+    vis = visible_keys(B, H, S, K, causal=causal, mask=mask, window=window, device=q.device)
     return scores.to(q.dtype).masked_fill(~vis, torch.finfo(q.dtype).min)
 
 

@@ -3,9 +3,14 @@
 # link and register a CUDA kernel for every pyqkv op. Nothing is run on a GPU.
 #
 # The project's own venv has a CPU torch, which cannot build CUDA code, so this builds in a second venv,
-# .venv-cuda, holding torch==2.14.0 from PyPI: its Linux wheel is a CUDA 13.0 build whose nvidia-*
-# packages match the local nvcc 13.0 and supply the CUDA library headers (cuBLAS, cuSPARSE, ...) that a
-# bare nvcc install lacks; CPATH points nvcc and g++ at them.
+# .venv-cuda-<version>, holding torch==2.15.0 (the current release; PYQKV_CUDA_CHECK_TORCH=2.14.0 checks
+# another) from PyPI: its Linux wheel is a CUDA 13.0 build whose nvidia-* packages match the local nvcc
+# 13.0 and supply the CUDA library headers (cuBLAS, cuSPARSE, ...) that a bare nvcc install lacks; CPATH
+# points nvcc and g++ at them. One version per run keeps CI time down (a build is several minutes on 2
+# cores): the newest, because code guarded by TORCH_VERSION_MINOR for older releases was written from
+# their headers (shared/research/gpu-dispatch.md §2), while the newest is where new breakage shows.
+# pip's machine-wide constraints may cap torch below the current release (/etc/xdg/pip here): this venv's
+# installs replace them (PIP_CONSTRAINT) with its own pin only.
 #
 # The build goes to build/cuda-check/ (never the source tree), so the CPU build's pyqkv/_C*.so is left
 # alone; the check imports the built package from there.
@@ -19,8 +24,9 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 PYTHON=${PYTHON:-python3}
-VENV=$ROOT/.venv-cuda
-TORCH_PIN=torch==2.14.0
+TORCH_VERSION=${PYQKV_CUDA_CHECK_TORCH:-2.15.0}
+VENV=$ROOT/.venv-cuda-$TORCH_VERSION
+TORCH_PIN=torch==$TORCH_VERSION
 OUT=$ROOT/build/cuda-check
 ARCHS=${TORCH_CUDA_ARCH_LIST:-9.0}  # one arch keeps the CI build short; setup.py's default has more
 OPS="split_qkv pack_qkv per_head_proj attention kv_append rotary"
@@ -74,7 +80,7 @@ if [ ! -f "$VENV/.ready" ]; then
   # The constraint pins torch for every package resolved in this install, so nothing can swap it.
   echo "$TORCH_PIN" > "$VENV/constraints.txt"
   # (grep drops the noise of pip configs whose local find-links folders do not hold every package)
-  "$VENV/bin/python" -m pip install -q -c "$VENV/constraints.txt" "$TORCH_PIN" setuptools wheel ninja einops \
+  PIP_CONSTRAINT="$VENV/constraints.txt" "$VENV/bin/python" -m pip install -q "$TORCH_PIN" setuptools wheel ninja einops \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   touch "$VENV/.ready"
 fi

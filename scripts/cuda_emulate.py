@@ -5,7 +5,7 @@ For machines without a GPU: the kernels (csrc/cuda/attention_*.cuh, rotary.cuh),
 and the plan (csrc/cuda/attention_host.cuh, attention_plan.cuh) are compiled by g++ against stand-in
 CUDA headers (scripts/cuda_emulate/shim) and run one CTA at a time, each CTA's threads as coroutines
 that switch at barriers (scripts/cuda_emulate/emu_runtime.h). This checks the attention kernels'
-indexing, masking, ALiBi bias, tiling, online softmax, Flash-Decoding splits and pattern pass against
+indexing, masking (4-D bool and additive masks, sliding windows), ALiBi bias, softcapping, tiling, online softmax, Flash-Decoding splits and pattern pass against
 the oracle, under several simulated GPUs (so that every kernel path and tile size is taken) and thread
 orders (so that a missing barrier shows); and the rotary kernel's indexing, grid-stride loop and
 rounding. It says nothing about speed, real-hardware races, or the CUDA launch code in attention.cu
@@ -81,9 +81,10 @@ def main(argv=None):
                 for order_name in order_names:
                     plan = []
 
-                    def run(q, k, v, mask, scale, causal, return_pattern, alibi):
+                    def run(q, k, v, mask, scale, causal, return_pattern, alibi, softcap, window):
                         z, lse, pattern, desc = emu.attention(q, k, v, mask, scale, causal, return_pattern, alibi,
-                                                              major, smem, sms, ORDERS[order_name], 1234)
+                                                              softcap, window, major, smem, sms,
+                                                              ORDERS[order_name], 1234)
                         plan.append(desc)
                         return z, lse, pattern
 

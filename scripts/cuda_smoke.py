@@ -63,12 +63,15 @@ class AttnCase:
     Hkv: int
     Dh: int
     causal: bool = True
-    mask: str | None = None  # None, "pad", "pad_int", "pad_all", "pad_nan", "add", "add_bcast", "add_heads", "add_f16"
+    mask: str | None = None  # None, "pad", "pad_int", "pad_all", "pad_nan", "add", "add_bcast", "add_heads", "add_f16",
+    # "add_nan" (hidden entries NaN: hidden by the one mask rule), "bool4d" / "bool4d_bcast" (True = attend)
     pattern: bool = False
     scale: float | None = None  # default Dh ** -0.5
     q_gain: float = 1.0  # multiplies q: large logits exercise the online-softmax rescaling
     q_stride2: bool = False  # q with a non-unit last-dim stride
     alibi: str | None = None  # None, "per_batch" [B,H,K], "b1" [1,H,K], "heads1_f16" [B,1,K] float16, "strided"
+    softcap: float | None = None  # Gemma 2's logit softcapping (with q_gain > 1 the cap bites)
+    window: int | None = None  # a sliding window of W keys (causal only)
     dtypes: tuple = ALL_DTYPES
 
 
@@ -88,6 +91,10 @@ def attention_cases():
         c("add4d expanded [1,1,S,K]", 2, 30, 30, 4, 4, 64, causal=False, mask="add_bcast"),
         c("add4d per-head [1,H,S,K]", 2, 30, 30, 4, 2, 64, causal=False, mask="add_heads", pattern=True),
         c("add4d float16 mask", 2, 30, 30, 4, 4, 64, causal=False, mask="add_f16"),
+        c("add4d NaN entries hide +pattern", 2, 30, 30, 4, 2, 64, causal=False, mask="add_nan", pattern=True),
+        c("bool4d [B,1,S,K] +pattern", 2, 30, 30, 4, 2, 64, causal=False, mask="bool4d", pattern=True),
+        c("bool4d expanded causal", 2, 89, 89, 12, 4, 64, mask="bool4d_bcast"),
+        c("decode bool4d S=1", 2, 1, 700, 8, 2, 64, causal=False, mask="bool4d"),
         c("causal K<S: empty rows +pattern", 1, 8, 5, 2, 2, 32, pattern=True),
         c("causal K<S prefill: empty rows +pattern", 1, 40, 20, 2, 1, 64, pattern=True),
         c("decode S=1 K=5000 split", 2, 1, 5000, 32, 8, 128),
@@ -118,6 +125,15 @@ def attention_cases():
         c("alibi causal K<S strided bias +pattern", 1, 40, 20, 2, 1, 64, pattern=True, alibi="strided"),
         c("alibi decode S=1 K=1500 split", 2, 1, 1500, 8, 2, 64, alibi="per_batch"),
         c("alibi decode S=2 pad2d +pattern", 2, 2, 300, 8, 2, 64, mask="pad", pattern=True, alibi="b1"),
+        c("softcap prefill gqa +pattern", 2, 89, 89, 12, 4, 64, pattern=True, softcap=5.0, q_gain=3.0),
+        c("softcap decode split + alibi", 2, 1, 1500, 8, 2, 64, softcap=2.0, q_gain=3.0, alibi="b1"),
+        c("softcap add4d non-causal", 2, 30, 30, 4, 2, 64, causal=False, mask="add", softcap=1.0, q_gain=3.0),
+        c("window prefill K>S +pattern", 2, 89, 120, 12, 4, 64, pattern=True, window=33),
+        c("window tensor-core tiles skipped", 1, 200, 200, 4, 2, 64, window=17),
+        c("window decode S=1 split", 2, 1, 3000, 8, 2, 128, window=700),
+        c("window decode S=3 pad2d +pattern", 2, 3, 400, 8, 2, 64, mask="pad", pattern=True, window=5),
+        c("window W=1 sees itself only", 1, 20, 20, 2, 1, 32, pattern=True, window=1),
+        c("window + softcap + bool4d", 2, 40, 40, 4, 2, 64, mask="bool4d", window=9, softcap=3.0, q_gain=3.0),
     ]
     return cases
 
@@ -186,10 +202,10 @@ def build_attention_inputs(case: AttnCase, dtype, device, seed=0):
             k = k.masked_fill(hole, float("nan"))
             v = v.masked_fill(hole, float("nan"))
             k_ref, v_ref = k.masked_fill(hole, 0.0), v.masked_fill(hole, 0.0)
-    elif case.mask is not None and case.mask.startswith("add"):
+    elif case.mask is not None and (case.mask.startswith("add") or case.mask.startswith("bool4d")):
         mdtype = torch.float16 if case.mask == "add_f16" else torch.float32
         heads = H if case.mask == "add_heads" else 1
-        lead = 1 if case.mask == "add_bcast" else B
+        lead = 1 if case.mask in ("add_bcast", "bool4d_bcast") else B
         i = torch.arange(S).view(S, 1)
         j = torch.arange(K).view(1, K)
         hidden = (j > (K - S) + i).expand(lead, heads, S, K).clone()  # HF-style: causal inside the mask
@@ -197,9 +213,10 @@ def build_attention_inputs(case: AttnCase, dtype, device, seed=0):
         if heads > 1:
             hidden[-1, -1, S // 2, : K // 2] = True
         bias = -torch.rand((lead, heads, S, K), generator=g) * 2.0  # ordinary biases stay biases
-        m = bias.masked_fill(hidden, torch.finfo(mdtype).min).to(mdtype)
+        fill = float("nan") if case.mask == "add_nan" else torch.finfo(mdtype).min
+        m = ~hidden if case.mask.startswith("bool4d") else bias.masked_fill(hidden, fill).to(mdtype)
         mask = m.to(device)
-        if case.mask == "add_bcast":
+        if case.mask in ("add_bcast", "bool4d_bcast"):
             mask = mask.expand(B, 1, S, K)  # stride 0 over the batch
     scale = case.scale if case.scale is not None else Dh**-0.5
     alibi = build_alibi(case.alibi, B, H, K, device) if case.alibi is not None else None
@@ -219,12 +236,12 @@ def _max_err(out, want, atol, rtol):
 
 
 def check_attention_case(case: AttnCase, dtype, device, run):
-    """Runs `run(q, k, v, mask, scale, causal, return_pattern, alibi) -> (z, lse, pattern)` and compares
+    """Runs `run(q, k, v, mask, scale, causal, return_pattern, alibi, softcap, window) -> (z, lse, pattern)` and compares
     with the reference. Returns (ok, message)."""
     q, k, v, mask, scale, alibi, k_ref, v_ref = build_attention_inputs(case, dtype, device)
-    z, lse, pattern = run(q, k, v, mask, scale, case.causal, case.pattern, alibi)
+    z, lse, pattern = run(q, k, v, mask, scale, case.causal, case.pattern, alibi, case.softcap, case.window)
     zr, lser, pr = ref.attention(q, k_ref, v_ref, scale=scale, causal=case.causal, mask=mask, return_pattern=True,
-                                 alibi=alibi)
+                                 alibi=alibi, softcap=case.softcap, window=case.window)
     atol, rtol = TOL[dtype]
     problems = []
     if z.shape != zr.shape or z.dtype != dtype or not z.is_contiguous():
@@ -389,12 +406,17 @@ def check_kv_append(device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-k", default="", help="only cases whose name contains this")
+    parser.add_argument("--backend", default=None,
+                        help="force this attention backend (pyqkv.ops.BACKENDS); cases it refuses are skipped")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no GPU: skipped")
         return 0
     sys.path.insert(0, ROOT)
     import pyqkv  # noqa: F401  (registers the ops)
+
+    if args.backend is not None:
+        pyqkv.ops.attention_backend(args.backend).__enter__()  # for the whole run
 
     for op in ("split_qkv", "pack_qkv", "per_head_proj", "attention", "kv_append", "rotary"):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pyqkv::{op}", "CUDA"):
@@ -405,21 +427,30 @@ def main(argv=None):
     failures = 0
     t0 = time.time()
 
-    def attention_op(q, k, v, mask, scale, causal, return_pattern, alibi):
-        z, lse, pattern = torch.ops.pyqkv.attention(q, k, v, mask, scale, causal, return_pattern, alibi)
+    def attention_op(q, k, v, mask, scale, causal, return_pattern, alibi, softcap, window):
+        z, lse, pattern = torch.ops.pyqkv.attention(q, k, v, mask, scale, causal, return_pattern, alibi, softcap,
+                                                    window)
         return z, lse, pattern
 
     for case in attention_cases():
         if args.k not in case.name:
             continue
         for dtype in case.dtypes:
+            backend = "?"
             try:
+                q, k, v, mask, scale, alibi, _, _ = build_attention_inputs(case, dtype, device)
+                backend = pyqkv.ops.attention_plan(q, k, v, scale=scale, causal=case.causal, mask=mask,
+                                                   return_pattern=case.pattern, alibi=alibi, softcap=case.softcap,
+                                                   window=case.window).backend
+                if backend is None:  # only with --backend: the forced backend refuses this case
+                    print(f"skip attention {case.name} [{str(dtype)[6:]}]: {args.backend} refuses it", flush=True)
+                    continue
                 ok, msg = check_attention_case(case, dtype, device, attention_op)
                 torch.cuda.synchronize()
             except Exception as e:  # a launch failure or an illegal address: report it, keep going
                 ok, msg = False, f"{type(e).__name__}: {e}"
             failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} attention {case.name} [{str(dtype)[6:]}]: {msg}", flush=True)
+            print(f"{'ok  ' if ok else 'FAIL'} attention {case.name} [{str(dtype)[6:]}, {backend}]: {msg}", flush=True)
     for case in rotary_cases():
         if args.k not in f"rotary {case.name}":
             continue

@@ -5,10 +5,15 @@
 #
 # 1. the extension: uses a pyqkv/_C*.so built for this python and torch if one is there and registers
 #    CUDA kernels (a build made elsewhere for the same torch and python), else builds here with nvcc;
-# 2. scripts/cuda_smoke.py: every CUDA op against pyqkv/reference.py on the tricky cases;
-# 3. bench/gpu_attention.py: prefill / decode / pattern against PyTorch (the issue's benchmark table);
+# 2. scripts/cuda_smoke.py: every CUDA op against pyqkv/reference.py on the tricky cases, with the
+#    backend the plan chooses (FlashAttention-2 where it applies), then again with each own kernel
+#    forced (own_tc, own_decode, own_simt; the cases a forced kernel refuses are skipped);
+# 3. bench/gpu_attention.py: prefill / decode / pattern / per-backend rows against PyTorch (the issue's
+#    benchmark table) with its "summary" in $OUT/bench.json;
 # 4. the test suite with CUDA (pytest -n 8 when pytest-xdist is there);
-# 5. compute-sanitizer memcheck over the smoke cases, then racecheck over a subset.
+# 5. compute-sanitizer memcheck over the smoke cases (the FlashAttention-2 path and the own kernels'
+#    window / softcap / bool-mask cases among them), then racecheck over a subset.
+# The default limits add up to about 9 minutes after the build check.
 # Each stage has its own time limit (seconds, overridable: T_SMOKE, T_BENCH, T_TESTS, T_MEMCHECK,
 # T_RACECHECK), so a slow stage cannot eat the others; logs go to $OUT, a summary is printed last.
 # STAGES picks stages (default: all, in the order above); TEST_K is pytest's -k (default "cuda": the CPU
@@ -44,13 +49,17 @@ want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if want smoke; then
 stage "smoke"
-timeout "${T_SMOKE:-90}" $PY scripts/cuda_smoke.py >"$OUT/smoke.log" 2>&1
+timeout "${T_SMOKE:-60}" $PY scripts/cuda_smoke.py >"$OUT/smoke.log" 2>&1
 echo "smoke rc=$?"
+for b in ${SMOKE_BACKENDS:-own_tc own_decode own_simt}; do
+  timeout "${T_SMOKE_OWN:-20}" $PY scripts/cuda_smoke.py -k "${SMOKE_OWN_K:-}" --backend "$b" >"$OUT/smoke-$b.log" 2>&1
+  echo "smoke --backend $b rc=$?"
+done
 fi
 
 if want bench; then
 stage "bench"
-timeout "${T_BENCH:-150}" $PY bench/gpu_attention.py --json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
+timeout "${T_BENCH:-170}" $PY bench/gpu_attention.py --json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
 echo "bench rc=$?"
 fi
 
@@ -60,14 +69,14 @@ XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n ${XDIST_N:-8}"
 PLUGINS=""
 $PY -c "import pytest_timeout" 2>/dev/null && PLUGINS="--timeout 120"
-timeout -s INT -k 20 "${T_TESTS:-220}" $PY -m pytest -q -p no:cacheprovider $XDIST $PLUGINS -rfE --tb=short \
+timeout -s INT -k 20 "${T_TESTS:-150}" $PY -m pytest -q -p no:cacheprovider $XDIST $PLUGINS -rfE --tb=short \
   -k "${TEST_K:-cuda}" tests >"$OUT/pytest.log" 2>&1
 echo "tests rc=$?"
 fi
 
 if want memcheck; then
 stage "memcheck"
-timeout "${T_MEMCHECK:-100}" compute-sanitizer --tool memcheck --print-limit 20 $PY scripts/cuda_smoke.py \
+timeout "${T_MEMCHECK:-70}" compute-sanitizer --tool memcheck --print-limit 20 $PY scripts/cuda_smoke.py \
   >"$OUT/memcheck.log" 2>&1
 echo "memcheck rc=$?"
 fi
@@ -75,9 +84,9 @@ fi
 if want racecheck; then
 stage "racecheck"
 : >"$OUT/racecheck.log"
-IFS=, read -ra RACE_CASES <<<"${RACE_K:-prefill,decode}"
+IFS=, read -ra RACE_CASES <<<"${RACE_K:-window,softcap}"
 for k in "${RACE_CASES[@]}"; do
-  timeout "${T_RACECHECK:-60}" compute-sanitizer --tool racecheck --print-limit 20 $PY scripts/cuda_smoke.py -k "$k" \
+  timeout "${T_RACECHECK:-30}" compute-sanitizer --tool racecheck --print-limit 20 $PY scripts/cuda_smoke.py -k "$k" \
     >>"$OUT/racecheck.log" 2>&1
   echo "racecheck -k '$k' rc=$?"
 done
@@ -85,8 +94,11 @@ fi
 
 stage "summary"
 echo "--- smoke: failures and the last line"
-grep -E "^FAIL" "$OUT/smoke.log" 2>/dev/null | head -n 30
-tail -n 1 "$OUT/smoke.log" 2>/dev/null
+for f in "$OUT"/smoke*.log; do
+  echo "$(basename "$f"):"
+  grep -E "^FAIL" "$f" 2>/dev/null | head -n 30
+  tail -n 1 "$f" 2>/dev/null
+done
 echo "--- bench"
 tail -n 40 "$OUT/bench.log" 2>/dev/null
 echo "--- tests"

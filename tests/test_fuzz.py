@@ -197,11 +197,12 @@ def qkv_views(g, B, S, K, H, Hkv, Dh, kind, dtype, scale):
 
 @st.composite
 def masks(draw, B, H, S, K, dtype, seed):
-    """None, a 2-D padding mask [B, K] (bool, int64 or float 0/1; sometimes a batch row with no key), or
-    a 4-D additive mask [B or 1, 1 or H, S, K] in q's dtype or float32 (sometimes a stride-0 expand over
-    B as Hugging Face passes it), with hidden entries (the dtype's minimum) and/or finite biases."""
+    """None, a 2-D padding mask [B, K] (bool, int64 or float 0/1; sometimes a batch row with no key), a
+    4-D bool mask [B or 1, 1 or H, S, K] (True = attend), or a 4-D additive mask of that shape in q's
+    dtype or float32 (sometimes a stride-0 expand over B as Hugging Face passes it), with hidden entries
+    (the dtype's minimum, -inf or NaN: the one mask rule hides all three) and/or finite biases."""
     g = gen(seed + 1)
-    kind = draw(st.sampled_from(["none", "pad2d", "add4d"]))
+    kind = draw(st.sampled_from(["none", "pad2d", "add4d", "bool4d"]))
     if kind == "none":
         return None
     p_hidden = draw(st.sampled_from([0.0, 0.2, 0.6, 1.0]))
@@ -214,7 +215,11 @@ def masks(draw, B, H, S, K, dtype, seed):
     b_dim, h_dim = draw(st.sampled_from([1, B])), draw(st.sampled_from([1, H]))
     bias = randn(g, b_dim, h_dim, S, K, scale=draw(st.sampled_from([0.0, 1.0, 4.0])))
     hidden = torch.rand(b_dim, h_dim, S, K, generator=g) < p_hidden
-    m = bias.to(mdtype).masked_fill(hidden, torch.finfo(mdtype).min)
+    if kind == "bool4d":
+        m = ~hidden
+    else:
+        fill = draw(st.sampled_from([torch.finfo(mdtype).min, float("-inf"), float("nan")]))
+        m = bias.to(mdtype).masked_fill(hidden, fill)
     if b_dim == 1 and draw(st.booleans()):
         m = m.expand(B, h_dim, S, K)
     return m
@@ -389,3 +394,33 @@ def test_attention_with_alibi_matches_reference(shape, kind, dtype, causal, b_di
         s_lo = ref.attn_scores(q, k, compute_dtype=dtype, **kw)
         assert_close_by_rule(scores[vis], s_hi[vis], s_lo[vis], what="attn_scores with alibi")
     assert_close_by_rule(ops.attn_apply(ops.attn_softmax(scores), v), hi[0], lo[0], what="split-form z with alibi")
+
+
+# --------------------------------------------------------------------------------------------------
+# softcap (Gemma 2) and sliding windows: fused op and split form
+
+
+@fuzz(ci=30, long=800)
+@given(attention_shapes(), st.sampled_from(["fused", "heads_major", "sliced"]), dtypes,
+       st.sampled_from([None, 0.0, 0.5, 5.0, 50.0]), st.one_of(st.none(), st.integers(1, 8), st.integers(9, 700)),
+       st.booleans(), seeds, st.data())
+def test_softcap_and_window_match_reference(shape, kind, dtype, softcap, window, return_pattern, seed, data):
+    """Any softcap and window (W = 1, W < K, W >= K) with any mask, causal (a window needs it): the fused
+    op and the split form against the reference; hidden keys (outside the window) get weight exactly 0."""
+    B, S, K, H, Hkv, Dh = shape
+    g = gen(seed)
+    q, k, v = qkv_views(g, B, S, K, H, Hkv, Dh, kind, dtype, 3.0)
+    mask = data.draw(masks(B, H, S, K, dtype, seed), label="mask")
+    kw = dict(scale=Dh**-0.5, causal=True, mask=mask, softcap=softcap, window=window)
+    z, lse, pattern = ops.attention(q, k, v, return_pattern=return_pattern, **kw)
+    hi = ref.attention(q, k, v, return_pattern=True, **kw)
+    lo = ref.attention(q, k, v, return_pattern=True, compute_dtype=dtype, **kw)
+    assert_close_by_rule(z, hi[0], lo[0], what="z")
+    assert_close_by_rule(lse, hi[1], lo[1], what="lse")
+    vis = ref.visible_keys(B, H, S, K, causal=True, mask=mask, window=window).expand(B, H, S, K)
+    if return_pattern:
+        assert_close_by_rule(pattern, hi[2], lo[2], what="pattern")
+        assert (pattern[~vis] == 0).all(), "a hidden key got weight"
+    scores = ops.attn_scores(q, k, **kw)
+    assert (scores[~vis] == torch.finfo(dtype).min).all()
+    assert_close_by_rule(ops.attn_apply(ops.attn_softmax(scores), v), hi[0], lo[0], what="split-form z")

@@ -26,12 +26,12 @@ def t(*shape, dtype=torch.float32, device="cpu"):
     return torch.randn(*shape).to(device=device, dtype=dtype)
 
 
-def attn(device, *, q=None, k=None, v=None, mask=None, alibi=None, **shapes):
+def attn(device, *, q=None, k=None, v=None, mask=None, alibi=None, softcap=None, window=None):
     """ops.attention on good inputs except for the ones given."""
     q = t(2, 3, 4, 8, device=device) if q is None else q
     k = t(2, 5, 2, 8, device=device) if k is None else k
     v = t(2, 5, 2, 8, device=device) if v is None else v
-    return ops.attention(q, k, v, scale=0.35, causal=True, mask=mask, alibi=alibi)
+    return ops.attention(q, k, v, scale=0.35, causal=True, mask=mask, alibi=alibi, softcap=softcap, window=window)
 
 
 def scores(device, *, alibi=None):
@@ -100,7 +100,7 @@ ERRORS = [
     Bad("attn-mask-rank-3", "attention", lambda d: attn(d, mask=t(2, 3, 5, device=d)), VE, ("mask:", "got 3-D", "[2, 3, 5]")),
     Bad("attn-mask-4d-S", "attention", lambda d: attn(d, mask=t(2, 1, 4, 5, device=d)), VE, ("mask: expected a 4-D additive mask [B or 1, 1 or H, S, K] = [2, 1 or 4, 3, 5]", "[2, 1, 4, 5]")),
     Bad("attn-mask-4d-heads", "attention", lambda d: attn(d, mask=t(2, 2, 3, 5, device=d)), VE, ("mask: expected a 4-D additive mask", "[2, 2, 3, 5]")),
-    Bad("attn-mask-4d-bool", "attention", lambda d: attn(d, mask=torch.ones(2, 1, 3, 5, dtype=torch.bool, device=d)), TE, ("mask: expected a floating-point additive 4-D mask", "Bool")),
+    Bad("attn-mask-4d-bool-shape", "attention", lambda d: attn(d, mask=torch.ones(2, 1, 3, 4, dtype=torch.bool, device=d)), VE, ("mask: expected a 4-D additive mask [B or 1, 1 or H, S, K] = [2, 1 or 4, 3, 5] (or a bool one", "got [2, 1, 3, 4]")),
     Bad("attn-mask-4d-int", "attention", lambda d: attn(d, mask=torch.zeros(2, 1, 3, 5, dtype=i64, device=d)), TE, ("mask: expected a floating-point additive 4-D mask", "Long")),
     Bad("attn-mask-complex", "attention", lambda d: attn(d, mask=torch.ones(2, 5, dtype=torch.complex64, device=d)), TE, ("mask: expected a bool, integer or float padding mask", "ComplexFloat")),
     Bad("attn-mixed-dtype-k", "attention", lambda d: attn(d, k=t(2, 5, 2, 8, dtype=f64, device=d)), TE, ("k: expected dtype Float (the dtype of q)", "got Double")),
@@ -120,16 +120,30 @@ ERRORS = [
     # the split form of attention (composites used for hook_attn_scores) --------------------------
     Bad("scores-H-not-multiple-of-Hkv", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 3, 8, device=d), scale=0.35, causal=True), VE, ("k: expected a KV head count that divides H=4", "Hkv=3")),
     Bad("scores-k-head-dim", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 6, device=d), scale=0.35, causal=True), VE, ("k: expected shape [2, K, Hkv, 8]", "[2, 5, 2, 6]")),
-    Bad("scores-mask-4d-bool", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True, mask=torch.ones(2, 1, 3, 5, dtype=torch.bool, device=d)), TE, ("mask: expected a floating-point additive 4-D mask", "torch.bool")),
+    Bad("scores-mask-4d-int", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True, mask=torch.ones(2, 1, 3, 5, dtype=i64, device=d)), TE, ("mask: expected a floating-point additive 4-D mask", "or a bool one", "got Long")),
     Bad("scores-mask-2d-shape", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True, mask=torch.ones(2, 7, device=d)), VE, ("mask: expected a 2-D padding mask [B, K] = [2, 5]", "[2, 7]")),
     Bad("scores-alibi-rank", "attention", lambda d: scores(d, alibi=t(8, 5, device=d)), VE, ("alibi: expected a 3-D tensor [B or 1, H or 1, K]", "[8, 5]")),
     Bad("scores-alibi-shape", "attention", lambda d: scores(d, alibi=t(8, 1, 5, device=d)), VE, ("alibi: expected shape [B or 1, H or 1, K] = [2 or 1, 4 or 1, 5]", "got [8, 1, 5]")),
-    Bad("scores-alibi-integer", "attention", lambda d: scores(d, alibi=torch.zeros(2, 4, 5, dtype=i64, device=d)), TE, ("alibi: expected a floating-point tensor", "torch.int64")),
+    Bad("scores-alibi-integer", "attention", lambda d: scores(d, alibi=torch.zeros(2, 4, 5, dtype=i64, device=d)), TE, ("alibi: expected a floating-point tensor", "got Long")),
     Bad("scores-alibi-other-device", "attention", lambda d: scores(d, alibi=t(2, 4, 5, device="cpu")), VE, ("alibi: expected device cuda", "got cpu"), needs_cuda=True),
-    Bad("scores-q-integer", "attention", lambda d: ops.attn_scores(torch.ones(2, 3, 4, 8, dtype=i64, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True), TE, ("q: expected a floating-point tensor", "torch.int64")),
-    Bad("softmax-integer-scores", "attention", lambda d: ops.attn_softmax(torch.ones(2, 4, 3, 5, dtype=i64, device=d)), TE, ("scores: expected a floating-point tensor [B, H, S, K]", "torch.int64")),
+    Bad("scores-q-integer", "attention", lambda d: ops.attn_scores(torch.ones(2, 3, 4, 8, dtype=i64, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True), TE, ("q: expected a floating-point tensor", "got Long")),
+    Bad("softmax-integer-scores", "attention", lambda d: ops.attn_softmax(torch.ones(2, 4, 3, 5, dtype=i64, device=d)), TE, ("scores: expected a floating-point tensor", "got Long")),
     Bad("apply-v-keys", "attention", lambda d: ops.attn_apply(t(2, 4, 3, 5, device=d), t(2, 6, 2, 8, device=d)), VE, ("v: expected shape [2, 5, Hkv, Dh]", "[2, 6, 2, 8]")),
     Bad("apply-pattern-rank", "attention", lambda d: ops.attn_apply(t(2, 4, 3, device=d), t(2, 5, 2, 8, device=d)), VE, ("pattern: expected a 4-D tensor [B, H, S, K]", "[2, 4, 3]")),
+    # softcap (Gemma 2) and window (sliding window), the fused op and the split form --------------------
+    Bad("attn-softcap-negative", "attention", lambda d: attn(d, softcap=-1.0), VE, ("softcap: expected None, 0 (off) or a positive finite float", "got -1")),
+    Bad("attn-softcap-nan", "attention", lambda d: attn(d, softcap=float("nan")), VE, ("softcap: expected None, 0 (off) or a positive finite float", "got nan")),
+    Bad("attn-softcap-inf", "attention", lambda d: attn(d, softcap=float("inf")), VE, ("softcap: expected None, 0 (off) or a positive finite float", "got inf")),
+    Bad("attn-softcap-str", "attention", lambda d: attn(d, softcap="50"), TE, ("softcap: expected None or a float", "got str '50'")),
+    Bad("attn-window-zero", "attention", lambda d: attn(d, window=0), VE, ("window: expected None or W >= 1", "got 0")),
+    Bad("attn-window-negative", "attention", lambda d: attn(d, window=-3), VE, ("window: expected None or W >= 1", "got -3")),
+    Bad("attn-window-not-causal", "attention", lambda d: ops.attention(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=False, window=4), VE, ("window: expected causal=True with a sliding window", "got window=4 with causal=False")),
+    Bad("attn-window-float", "attention", lambda d: attn(d, window=2.5), TE, ("window: expected None or an int", "got float 2.5")),
+    Bad("raw-attn-window-not-causal", "attention", lambda d: _ops.attention(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), t(2, 5, 2, 8, device=d), None, 0.35, False, False, None, None, 2), VE, ("window: expected causal=True", "got window=2 with causal=False")),
+    Bad("raw-attn-softcap-negative", "attention", lambda d: _ops.attention(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), t(2, 5, 2, 8, device=d), None, 0.35, True, True, None, -0.5), VE, ("softcap: expected None, 0 (off) or a positive finite float", "got -0.5")),
+    Bad("scores-softcap-negative", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True, softcap=-2.0), VE, ("softcap: expected None, 0 (off) or a positive finite float", "got -2")),
+    Bad("scores-window-not-causal", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=False, window=3), VE, ("window: expected causal=True", "got window=3 with causal=False")),
+    Bad("scores-window-zero", "attention", lambda d: ops.attn_scores(t(2, 3, 4, 8, device=d), t(2, 5, 2, 8, device=d), scale=0.35, causal=True, window=0), VE, ("window: expected None or W >= 1", "got 0")),
     # rotary ------------------------------------------------------------------------------------
     Bad("rope-x-rank", "rotary", lambda d: rope(d, x=t(2, 3, 32, device=d)), VE, ("x: expected a 4-D tensor [B, S, n, Dh]", "got 3-D", "[2, 3, 32]")),
     Bad("rope-cos-rank-4", "rotary", lambda d: rope(d, cos=t(1, 3, 1, 6, device=d)), VE, ("cos: expected a 3-D tensor [B or 1, S, R]", "got 4-D", "[1, 3, 1, 6]")),

@@ -73,6 +73,9 @@ MASK_KINDS = [
     "add4d_bh",  # [B, H, S, K] additive, hidden = finfo(dtype).min
     "add4d_bcast",  # [1, 1, S, K] expanded to [B, 1, S, K] (stride 0 over B), as HF passes it
     "add4d_fp32",  # [B, 1, S, K] float32 whatever q's dtype
+    "add4d_nan",  # [B, H, S, K] additive, hidden = NaN or -inf (the one rule: visible iff > threshold)
+    "bool4d",  # [B, H, S, K] bool, True = attend (Hugging Face's sdpa masks)
+    "bool4d_bcast",  # [1, 1, S, K] bool expanded to [B, 1, S, K] (stride 0 over B)
     "alibi",  # [B, H, S, K] finite biases only
     "alibi_hidden",  # ALiBi biases plus hidden entries
 ]
@@ -89,9 +92,15 @@ def make_mask(kind, B, H, S, K, *, dtype, device):
         mask_dtype = {"bool2d": torch.bool, "int2d": torch.int64, "float2d": dtype}[kind]
         return keep.to(device=device, dtype=mask_dtype)
     mask_dtype = torch.float32 if kind == "add4d_fp32" else dtype
-    heads = 1 if kind in ("add4d_b1", "add4d_fp32", "add4d_bcast") else H
-    batch = 1 if kind == "add4d_bcast" else B
+    heads = 1 if kind in ("add4d_b1", "add4d_fp32", "add4d_bcast", "bool4d_bcast") else H
+    batch = 1 if kind in ("add4d_bcast", "bool4d_bcast") else B
     hidden = torch.rand(batch, heads, S, K) < 0.25
+    if kind.startswith("bool4d"):
+        m = (~hidden).to(device)
+        return m.expand(B, 1, S, K) if kind == "bool4d_bcast" else m
+    if kind == "add4d_nan":
+        fill = torch.where(torch.rand(batch, heads, S, K) < 0.5, float("nan"), float("-inf"))
+        return torch.where(hidden, fill, -torch.rand(batch, heads, S, K)).to(device=device, dtype=mask_dtype)
     if kind == "alibi":
         return alibi_bias(B, H, S, K, dtype=mask_dtype, device=device)
     bias = alibi_bias(B, H, S, K, dtype=torch.float32, device="cpu") if kind == "alibi_hidden" else 0.0
@@ -321,21 +330,22 @@ def test_per_head_proj_broadcast_does_not_materialize_copies(device):
 # attention
 
 
-def attention_refs(q, k, v, *, scale, causal, mask, alibi=None):
+def attention_refs(q, k, v, *, scale, causal, mask, alibi=None, softcap=None, window=None):
     """(float64 reference, reference in q's own dtype), each (z, lse, pattern)."""
-    kw = dict(scale=scale, causal=causal, mask=mask, alibi=alibi, return_pattern=True)
+    kw = dict(scale=scale, causal=causal, mask=mask, alibi=alibi, softcap=softcap, window=window, return_pattern=True)
     hi = ref.attention(q, k, v, **kw)
     lo = ref.attention(q, k, v, **kw, compute_dtype=q.dtype)
     return hi, lo
 
 
-def check_attention(q, k, v, *, causal, mask=None, scale=None, alibi=None):
+def check_attention(q, k, v, *, causal, mask=None, scale=None, alibi=None, softcap=None, window=None):
     """Runs ops.attention with and without the pattern and checks z, lse and pattern against the
     reference by the tolerance rule, lse = -inf exactly on rows with no visible key, no NaN anywhere.
     Returns the kernel's (z, lse, pattern)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    (z_hi, lse_hi, p_hi), (z_lo, lse_lo, p_lo) = attention_refs(q, k, v, scale=scale, causal=causal, mask=mask, alibi=alibi)
-    z, lse, pattern = ops.attention(q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True, alibi=alibi)
+    extra = dict(alibi=alibi, softcap=softcap, window=window)
+    (z_hi, lse_hi, p_hi), (z_lo, lse_lo, p_lo) = attention_refs(q, k, v, scale=scale, causal=causal, mask=mask, **extra)
+    z, lse, pattern = ops.attention(q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True, **extra)
     B, S, H, Dh = q.shape
     K = k.shape[1]
     assert z.shape == (B, S, H, Dh) and z.dtype == q.dtype
@@ -344,7 +354,7 @@ def check_attention(q, k, v, *, causal, mask=None, scale=None, alibi=None):
     assert_close_by_rule(z, z_hi, z_lo, what="z")
     assert_close_by_rule(lse, lse_hi, lse_lo, what="lse")  # includes: -inf exactly where the reference has it
     assert_close_by_rule(pattern, p_hi, p_lo, what="pattern")
-    z2, lse2, none = ops.attention(q, k, v, scale=scale, causal=causal, mask=mask, alibi=alibi)
+    z2, lse2, none = ops.attention(q, k, v, scale=scale, causal=causal, mask=mask, **extra)
     assert none is None
     assert_close_by_rule(z2, z_hi, z_lo, what="z (return_pattern=False)")
     assert_close_by_rule(lse2, lse_hi, lse_lo, what="lse (return_pattern=False)")
@@ -435,6 +445,92 @@ def test_attention_fully_masked_rows_are_zero(mask_kind, dtype, device):
     assert torch.isfinite(lse[0]).all() and torch.isfinite(lse[1, :, pad:]).all()
     sums = pattern[1, :, pad:].double().sum(-1)
     torch.testing.assert_close(sums, torch.ones_like(sums), atol=2e-2, rtol=0)
+
+
+# (B, S, K, H, Hkv, Dh, mask kind): tails of the CPU kernel's blocks and vector loops, K != S, GQA.
+SOFTCAP_WINDOW_SHAPES = [
+    (2, 1, 40, 12, 4, 64, "none"),  # decode step
+    (2, 17, 40, 12, 1, 80, "bool2d"),
+    (1, 89, 89, 12, 4, 32, "add4d_bh"),
+    (1, 89, 300, 4, 2, 64, "bool4d"),  # several key blocks: the window skips whole blocks
+    (1, 130, 140, 4, 4, 80, "none"),  # several query blocks
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("softcap,window", [(5.0, None), (None, 1), (None, 16), (2.0, 33), (0.0, 300)],
+                         ids=["softcap5", "W1", "W16", "softcap2-W33", "softcap0-W300"])
+@pytest.mark.parametrize("shape", SOFTCAP_WINDOW_SHAPES, ids=lambda s: "-".join(map(str, s)))
+def test_attention_softcap_and_window(shape, softcap, window, dtype, device):
+    """Gemma 2's softcap (c * tanh(s / c) on the scaled scores, before the biases) and Hugging Face's
+    sliding window (W keys up to the query's own position), fused op and split form, against the
+    reference; large logits so that the cap bites."""
+    B, S, K, H, Hkv, Dh, mask_kind = shape
+    q, k, v = qkv_views(B, S, K, H, Hkv, Dh, dtype=dtype, device=device)
+    q = q * 4
+    mask = make_mask(mask_kind, B, H, S, K, dtype=dtype, device=device)
+    alibi = make_alibi("b1", B, H, K, dtype=dtype, device=device) if softcap else None
+    kw = dict(causal=True, mask=mask, alibi=alibi, softcap=softcap, window=window)
+    _, lse, pattern = check_attention(q, k, v, **kw)
+    vis = ref.visible_keys(B, H, S, K, causal=True, mask=mask, window=window, device=device).expand(B, H, S, K)
+    assert (pattern[~vis] == 0).all(), "a key outside the window (or masked) got weight"
+    if window == 1 and mask_kind == "none":  # W = 1: each query sees exactly its own position
+        assert (pattern.sum(-1) == pattern.amax(-1)).all()
+    scale = Dh**-0.5
+    scores = ops.attn_scores(q, k, scale=scale, **kw)
+    assert (scores[~vis] == torch.finfo(dtype).min).all()
+    if softcap:  # what hook_attn_scores sees is softcapped: |scale q.k| capped at c, plus the biases
+        bias = alibi.unsqueeze(2).expand(B, H, S, K).double()
+        rounding = 2 * torch.finfo(dtype).eps * (bias.abs() + softcap)  # scores are rounded to q's dtype
+        assert ((scores.double() - bias).abs() <= softcap + rounding)[vis].all()
+    s_hi = ref.attn_scores(q, k, scale=scale, **kw)
+    s_lo = ref.attn_scores(q, k, scale=scale, compute_dtype=dtype, **kw)
+    if vis.any():
+        assert_close_by_rule(scores[vis], s_hi[vis], s_lo[vis], what="attn_scores")
+    (z_hi, _, p_hi), (z_lo, _, p_lo) = attention_refs(q, k, v, scale=scale, **kw)
+    p_split = ops.attn_softmax(scores)
+    assert_close_by_rule(p_split, p_hi, p_lo, what="split-form pattern")
+    assert_close_by_rule(ops.attn_apply(p_split, v), z_hi, z_lo, what="split-form z")
+
+
+def test_softcap_zero_and_large_window_change_nothing(device):
+    """softcap=0 is off and a window of at least K keys hides nothing: bitwise the plain op."""
+    q, k, v = qkv_views(2, 17, 40, 4, 2, 32, dtype=torch.float32, device=device)
+    plain = ops.attention(q, k, v, scale=0.3, causal=True, return_pattern=True)
+    same = ops.attention(q, k, v, scale=0.3, causal=True, return_pattern=True, softcap=0.0, window=40)
+    for a, b in zip(plain, same):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [float("nan"), float("-inf"), "finfo.min"])
+def test_one_mask_rule_for_every_path(hidden, dtype, device):
+    """An additive entry is visible iff it is > half the mask dtype's most negative value, so NaN hides
+    like -inf and finfo.min (issue 14, defect 1: the split form gave a NaN row). With q = 0 every score is
+    0 and the pattern is softmax(mask row) = softmax([0, hidden, -1.6]) = [0.832, 0, 0.168]. The fused op,
+    the split form (the path of a hook on hook_attn_scores) and the reference give that row; so does the
+    same mask written as a bool mask (True = attend) plus its finite biases."""
+    hidden = torch.finfo(dtype).min if hidden == "finfo.min" else hidden
+    B, S, K, H, Dh = 1, 1, 3, 2, 8
+    q = torch.zeros(B, S, H, Dh, dtype=dtype, device=device)
+    k, v = rand(B, K, H, Dh, dtype=dtype, device=device), rand(B, K, H, Dh, dtype=dtype, device=device)
+    mask = torch.tensor([0.0, hidden, -1.6], dtype=dtype).view(1, 1, 1, K).to(device)
+    want = torch.tensor([1.0, 0.0, math.exp(-1.6)], dtype=torch.float64)
+    want = (want / want.sum()).view(1, 1, 1, K).expand(B, H, S, K)
+    tol = dict(atol=1e-2, rtol=0) if dtype in (torch.bfloat16, torch.float16) else dict(atol=1e-6, rtol=0)
+    _, _, fused = ops.attention(q, k, v, scale=1.0, causal=False, mask=mask, return_pattern=True)
+    split = ops.attn_softmax(ops.attn_scores(q, k, scale=1.0, causal=False, mask=mask))
+    oracle = ref.attention(q, k, v, scale=1.0, causal=False, mask=mask, return_pattern=True)[2]
+    for name, got in (("fused op", fused), ("split form", split), ("reference", oracle)):
+        torch.testing.assert_close(got.double().cpu(), want, **tol, msg=lambda m: f"{name}: {m}")
+    vis = torch.tensor([True, False, True], device=device).view(1, 1, 1, K)
+    bias = torch.tensor([0.0, 0.0, -1.6], dtype=dtype).view(1, 1, 1, K).to(device)
+    z_bool, _, p_bool = ops.attention(q, k, v + 0, scale=1.0, causal=False, mask=vis, return_pattern=True,
+                                      alibi=bias.view(1, 1, K))
+    torch.testing.assert_close(p_bool.double().cpu(), want, **tol, msg="bool mask")
+    z = ops.attention(q, k, v, scale=1.0, causal=False, mask=mask)[0]
+    assert not torch.isnan(z).any()
+    torch.testing.assert_close(z, z_bool, msg="the bool mask and the additive mask give different z")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -737,6 +833,7 @@ def opcheck_cases(device):
     alibi = _req(make_alibi("per_batch", B, H, K, dtype=f64, device=device))
     alibi_b1_fp32 = make_alibi("b1", B, H, K, dtype=torch.float32, device=device)
     alibi_expanded = make_alibi("expanded", B, H, K, dtype=f64, device=device)
+    bool4d = make_mask("bool4d", B, H, S, K, dtype=f64, device=device)
     return [
         ("attention-causal-nomask", attn, (q, k, v, None, 0.35, True, False)),
         ("attention-pattern-pad2d", attn, (q, k, v, pad, 0.35, False, True)),
@@ -746,6 +843,12 @@ def opcheck_cases(device):
         ("attention-alibi-add4d-grad", attn, (q, k, v, add_b1, 0.35, True, True, alibi)),
         ("attention-alibi-pad2d-expanded", attn, (q, k, v, pad, 0.35, False, False, alibi_expanded)),
         ("attention-alibi-bf16-fp32-bias", attn, (qh, kh, vh, None, 0.35, True, True, alibi_b1_fp32)),
+        ("attention-softcap-window-grad", attn, (q, k, v, add_b1, 0.35, True, True, alibi, 0.7, 3)),
+        ("attention-window-bool4d", attn, (q, k, v, bool4d, 0.35, True, True, None, None, 2)),
+        ("attention-softcap-bf16", attn, (qh, kh, vh, pad, 0.35, False, True, None, 1.5, None)),
+        ("attn_scores-softcap-window", torch.ops.pyqkv.attn_scores.default, (q, k, add_b1, 0.35, True, alibi, 0.7, 3, None)),
+        ("attn_softmax-fp32", torch.ops.pyqkv.attn_softmax.default, (add_bh.to(torch.float32), None)),
+        ("attn_apply-gqa", torch.ops.pyqkv.attn_apply.default, (_req(rand(B, H, S, K, dtype=f64, device=device)), v)),
         ("split_qkv-grouped-conv1d", torch.ops.pyqkv.split_qkv.default, (w, 4, 2, 2, "grouped", True)),
         ("split_qkv-blocked-linear", torch.ops.pyqkv.split_qkv.default, (wl, 4, 2, 2, "blocked", False)),
         ("pack_qkv-grouped-linear", torch.ops.pyqkv.pack_qkv.default, (*Ws, "grouped", False)),
@@ -764,6 +867,12 @@ OPCHECK_IDS = [
     "attention-alibi-add4d-grad",
     "attention-alibi-pad2d-expanded",
     "attention-alibi-bf16-fp32-bias",
+    "attention-softcap-window-grad",
+    "attention-window-bool4d",
+    "attention-softcap-bf16",
+    "attn_scores-softcap-window",
+    "attn_softmax-fp32",
+    "attn_apply-gqa",
     "split_qkv-grouped-conv1d",
     "split_qkv-blocked-linear",
     "pack_qkv-grouped-linear",
@@ -917,6 +1026,51 @@ def test_gradcheck_attention_alibi_full_jacobian(device):
         return _finite_lse(*ops.attention(q, k, v, scale=0.5, causal=True, mask=mask, return_pattern=True, alibi=alibi))
 
     assert torch.autograd.gradcheck(fn, (q, k, v, mask, alibi))
+
+
+SOFTCAP_GRAD_CASES = {
+    # id: (S, K, H, Hkv, mask kind, softcap, window, alibi, return_pattern)
+    "gqa-softcap-K>S-pattern": (3, 5, 4, 2, "none", 0.8, None, False, True),
+    "mqa-softcap-add4d-alibi": (3, 6, 4, 1, "add4d_b1", 0.5, None, True, True),
+    "gqa-window2-pattern": (4, 6, 4, 2, "none", None, 2, False, True),
+    "mha-softcap-window-pad2d": (4, 4, 2, 2, "bool2d", 0.6, 2, True, False),
+}
+
+
+@pytest.mark.parametrize("case_id", list(SOFTCAP_GRAD_CASES))
+def test_gradcheck_attention_softcap_window(case_id, device):
+    """float64 gradients through the softcap (dR = dS (1 - tanh²(r / c))) and the window, of every
+    output, wrt q, k, v (and an additive mask and alibi)."""
+    S, K, H, Hkv, mask_kind, softcap, window, with_alibi, return_pattern = SOFTCAP_GRAD_CASES[case_id]
+    B, Dh = 2, 4
+    q, k, v = (_req(t * 2) for t in qkv_views(B, S, K, H, Hkv, Dh, dtype=f64, device=device))
+    mask = make_mask(mask_kind, B, H, S, K, dtype=f64, device=device)
+    inputs = [q, k, v]
+    if mask is not None and mask.dim() == 4:
+        mask = _req(mask)
+        inputs.append(mask)
+    alibi = _req(rand(1, H, K, dtype=f64, device=device)) if with_alibi else None
+    if alibi is not None:
+        inputs.append(alibi)
+
+    def fn(q, k, v, *rest):
+        rest = list(rest)
+        m = rest.pop(0) if mask is not None and mask.dim() == 4 else mask
+        a = rest.pop(0) if alibi is not None else None
+        out = ops.attention(q, k, v, scale=0.5, causal=True, mask=m, return_pattern=return_pattern, alibi=a,
+                            softcap=softcap, window=window)
+        return _finite_lse(*out) if return_pattern else _finite_lse(*out)[:2]
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs), fast_mode=True)
+    # The split form's autograd (its ATen ops) agrees.
+    def split(q, k, v, *rest):
+        rest = list(rest)
+        m = rest.pop(0) if mask is not None and mask.dim() == 4 else mask
+        a = rest.pop(0) if alibi is not None else None
+        sc = ops.attn_scores(q, k, scale=0.5, causal=True, mask=m, alibi=a, softcap=softcap, window=window)
+        return ops.attn_apply(ops.attn_softmax(sc), v)
+
+    assert torch.autograd.gradcheck(split, tuple(inputs), fast_mode=True)
 
 
 def test_fully_masked_row_has_zero_gradient(device):

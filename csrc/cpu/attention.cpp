@@ -27,6 +27,7 @@
 #endif
 
 #include "../attention.h"
+#include "../attention_plan.h"
 
 namespace pyqkv {
 namespace {
@@ -180,6 +181,7 @@ template <typename scalar_t>
 void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& pad,   // [B, K] bool, or undefined
                       const at::Tensor& bias,  // [B|1, 1|H, S, K] in acc_t, or undefined
+                      const at::Tensor& vis4,  // [B|1, 1|H, S, K] bool (true = attend), or undefined
                       const at::Tensor& alibi, // [B|1, H|1, K] in acc_t, or undefined
                       double hidden_below, double scale_d, bool causal, const AttnDims& dims,
                       at::Tensor& z, at::Tensor& lse, at::Tensor& pattern) {
@@ -189,6 +191,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t B = dims.B, S = dims.S, H = dims.H, Dh = dims.Dh, K = dims.K, Hkv = dims.Hkv;
   const int64_t G = H / Hkv;
   const acc_t scale = static_cast<acc_t>(scale_d);
+  const acc_t cap = static_cast<acc_t>(dims.softcap);  // 0: off
+  const int64_t window = dims.window;                  // 0: none
   const acc_t hidden = static_cast<acc_t>(hidden_below);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const Strides4 qs(q), ks(k), vs(v);
@@ -198,9 +202,12 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const scalar_t* vp = v.data_ptr<scalar_t>();
   const bool* padp = pad.defined() ? pad.data_ptr<bool>() : nullptr;
   const acc_t* biasp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
-  const int64_t mb_s = bias.defined() ? (bias.size(0) == 1 ? 0 : bias.stride(0)) : 0;
-  const int64_t mh_s = bias.defined() ? (bias.size(1) == 1 ? 0 : bias.stride(1)) : 0;
-  const int64_t ms_s = bias.defined() ? bias.stride(2) : 0, mk_s = bias.defined() ? bias.stride(3) : 0;
+  const bool* vis4p = vis4.defined() ? vis4.data_ptr<bool>() : nullptr;
+  // The strides of whichever 4-D mask there is (at most one), 0 on broadcast dims.
+  const at::Tensor& m4 = bias.defined() ? bias : vis4;
+  const int64_t mb_s = m4.defined() ? (m4.size(0) == 1 ? 0 : m4.stride(0)) : 0;
+  const int64_t mh_s = m4.defined() ? (m4.size(1) == 1 ? 0 : m4.stride(1)) : 0;
+  const int64_t ms_s = m4.defined() ? m4.stride(2) : 0, mk_s = m4.defined() ? m4.stride(3) : 0;
   const acc_t* alibip = alibi.defined() ? alibi.data_ptr<acc_t>() : nullptr;
   const int64_t ab_s = alibi.defined() && alibi.size(0) != 1 ? alibi.stride(0) : 0;
   const int64_t ah_s = alibi.defined() && alibi.size(1) != 1 ? alibi.stride(1) : 0;
@@ -234,6 +241,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const int64_t key_end = causal ? std::max<int64_t>(0, std::min(K, causal_offset + i0 + nq)) : K;
       // Keys below this are visible to every row of the block: no causal test needed there.
       const int64_t key_all = causal ? std::max<int64_t>(0, std::min(K, causal_offset + i0 + 1)) : K;
+      // With a sliding window, keys before the first row's window are hidden from every row: skipped.
+      const int64_t key_begin = std::min(key_end, first_visible_key(i0, S, K, window));
 
       for (int64_t g = 0; g < G; ++g)
         for (int64_t t = 0; t < nq; ++t) {
@@ -255,7 +264,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         }
       };
 
-      for (int64_t j0 = 0; j0 < key_end; j0 += key_block) {
+      for (int64_t j0 = key_begin; j0 < key_end; j0 += key_block) {
         const int64_t nk = std::min(key_block, key_end - j0);
         const scalar_t* kblk = kp + b * ks.b + j0 * ks.s + hk * ks.h;
         const scalar_t* vblk = vp + b * vs.b + j0 * vs.s + hk * vs.h;
@@ -274,6 +283,13 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t g = r / nq, i = i0 + r % nq, h = hk * G + g;
           acc_t* srow = sc.data() + r * key_block;
+          if (cap > 0) {  // softcapping comes first: on scale * q.k, before any bias
+            for (int64_t c = 0; c < nk; ++c) srow[c] = softcapped(srow[c], cap);
+          }
+          if (window > 0) {  // keys up to K - S + i - W are outside this row's window
+            const int64_t n_out = std::min<int64_t>(nk, first_visible_key(i, S, K, window) - j0);
+            for (int64_t c = 0; c < n_out; ++c) srow[c] = neg_inf;
+          }
           if (alibip) {  // a per-key bias, the same for every query position; masks below still hide
             const acc_t* arow = alibip + b * ab_s + h * ah_s + j0 * ak_s;
             if (ak_s == 1) {
@@ -291,11 +307,16 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
             for (int64_t c = 0; c < nk; ++c)
               if (!prow[c]) srow[c] = neg_inf;
           }
+          if (vis4p) {
+            const bool* vrow = vis4p + b * mb_s + h * mh_s + i * ms_s + j0 * mk_s;
+            for (int64_t c = 0; c < nk; ++c)
+              if (!vrow[c * mk_s]) srow[c] = neg_inf;
+          }
           if (biasp) {
             const acc_t* brow = biasp + b * mb_s + h * mh_s + i * ms_s + j0 * mk_s;
             for (int64_t c = 0; c < nk; ++c) {
               const acc_t add = brow[c * mk_s];
-              srow[c] = add > hidden ? srow[c] + add : neg_inf;
+              srow[c] = additive_visible(add, hidden) ? srow[c] + add : neg_inf;
             }
           }
           if (patp) std::copy(srow, srow + nk, raw_row(r) + j0);
@@ -329,10 +350,11 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
             continue;
           }
           acc_t* rrow = raw_row(r);
-          exp_shift_sum(rrow, key_end, row_lse);  // exp(s - lse): the normalized pattern
+          exp_shift_sum(rrow + key_begin, key_end - key_begin, row_lse);  // exp(s - lse): the normalized pattern
           if constexpr (!kDirect) {
-            for (int64_t j = 0; j < key_end; ++j) prow[j] = static_cast<scalar_t>(rrow[j]);
+            for (int64_t j = key_begin; j < key_end; ++j) prow[j] = static_cast<scalar_t>(rrow[j]);
           }
+          std::fill(prow, prow + key_begin, scalar_t(0));    // keys before the window, skipped
           std::fill(prow + key_end, prow + K, scalar_t(0));  // causally skipped keys
         }
       }
@@ -361,8 +383,13 @@ at::Tensor empty_pattern(at::IntArrayRef sizes, const at::TensorOptions& options
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const c10::optional<at::Tensor>& mask,
                                                              double scale, bool causal, bool return_pattern,
-                                                             const c10::optional<at::Tensor>& alibi) {
-  const AttnDims d = check_attention(q, k, v, mask, alibi);
+                                                             const c10::optional<at::Tensor>& alibi,
+                                                             c10::optional<double> softcap,
+                                                             c10::optional<int64_t> window) {
+  const AttnDims d = check_attention(q, k, v, mask, alibi, causal, softcap, window);
+  // The backend table decides even here: a forced CUDA backend refuses CPU tensors with its reasons.
+  plan::choose_or_throw(plan::make_query(q, k, v, mask, d, causal, return_pattern, alibi.has_value(), plan::DeviceInfo{},
+                                         plan::this_torch_build()));
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor z = at::empty({d.B, d.S, d.H, d.Dh}, q.options());
   at::Tensor lse = at::empty({d.B, d.H, d.S}, q.options().dtype(acc_dtype));
@@ -374,11 +401,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q
     if (return_pattern) pattern.zero_();
     return {z, lse, pattern};
   }
-  at::Tensor pad, bias;
+  at::Tensor pad, bias, vis4;
   double hidden = -std::numeric_limits<double>::infinity();
-  if (mask.has_value() && mask->dim() == 2) {
+  if (d.mask == MaskKind::kPadding) {
     pad = (*mask != 0).contiguous();  // O(B*K): a bool per key
-  } else if (mask.has_value()) {
+  } else if (d.mask == MaskKind::kBool4d) {
+    vis4 = *mask;  // read in place through its strides (HF's expanded views)
+  } else if (d.mask == MaskKind::kAdditive4d) {
     hidden = hidden_threshold(mask->scalar_type());
     // Read in place through its strides when already in the accumulation dtype (HF's float32 masks,
     // often expanded views); other dtypes are converted once.
@@ -387,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q
   const at::Tensor alibi_acc = alibi_in(alibi, acc_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_cpu", [&] {
     at::Tensor pat = return_pattern ? pattern : at::Tensor();
-    attention_kernel<scalar_t>(q, k, v, pad, bias, alibi_acc, hidden, scale, causal, d, z, lse, pat);
+    attention_kernel<scalar_t>(q, k, v, pad, bias, vis4, alibi_acc, hidden, scale, causal, d, z, lse, pat);
   });
   return {z, lse, pattern};
 }

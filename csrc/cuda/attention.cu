@@ -16,7 +16,7 @@
 
 #include "attention_decode.cuh"
 #include "attention_host.cuh"
-#include "attention_plan.cuh"
+#include "../attention_plan.h"
 #include "attention_simt.cuh"
 #include "attention_tc.cuh"
 
@@ -25,6 +25,21 @@ namespace {
 
 using attn::Params;
 using attn::Plan;
+
+// The plan's view of a CUDA device (csrc/attention_plan.h), from its properties.
+plan::DeviceInfo cuda_device_info(int device_index) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device_index);
+  plan::DeviceInfo d;
+  d.cuda = true;
+  d.major = prop->major;
+  d.minor = prop->minor;
+  d.max_smem = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  d.n_sms = prop->multiProcessorCount;
+  return d;
+}
+
+// pyqkv.ops.attention_plan on CUDA tensors asks for the same information.
+[[maybe_unused]] const bool kDeviceInfoRegistered = (plan::set_cuda_device_info(&cuda_device_info), true);
 
 template <typename kernel_t>
 void allow_dynamic_smem(kernel_t kernel, size_t bytes) {
@@ -118,17 +133,30 @@ void launch_simt(const Params& p, const Plan& plan, const at::Tensor& q, cudaStr
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, const c10::optional<at::Tensor>& mask,
                                                               double scale, bool causal, bool return_pattern,
-                                                              const c10::optional<at::Tensor>& alibi) {
-  check_attention(q, k, v, mask, alibi);  // first, as on CPU: a device mismatch is reported by name
+                                                              const c10::optional<at::Tensor>& alibi,
+                                                              c10::optional<double> softcap,
+                                                              c10::optional<int64_t> window) {
+  // first, as on CPU: a device mismatch is reported by name
+  check_attention(q, k, v, mask, alibi, causal, softcap, window);
   TORCH_CHECK_VALUE(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());  // outputs, mask copies and kernels on q's device
-  const attn::Prepared r = attn::prepare_attention(q, k, v, mask, scale, causal, return_pattern, alibi);
+  const attn::Prepared r =
+      attn::prepare_attention(q, k, v, mask, scale, causal, return_pattern, alibi, softcap, window);
   if (r.done) return {r.z, r.lse, r.pattern};
   const Params& p = r.p;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const Plan plan = attn::plan_attention(attn::plan_inputs(r, q, k, v, return_pattern, prop->major,
-                                                           prop->sharedMemPerBlockOptin, prop->multiProcessorCount));
-  TORCH_CHECK_VALUE(plan.error.empty(), "q: ", plan.error, " in ", q.scalar_type());
+  const plan::Query query = plan::make_query(q, k, v, mask, r.d, causal, return_pattern, alibi.has_value(),
+                                             cuda_device_info(q.device().index()), plan::this_torch_build());
+  const plan::Backend backend = plan::choose_or_throw(query);  // raises with every backend's reasons
+  attn::OwnKernel kind = attn::OwnKernel::kCudaCores;
+  switch (backend) {
+    case plan::Backend::kOwnDecode: kind = attn::OwnKernel::kDecode; break;
+    case plan::Backend::kOwnTc: kind = attn::OwnKernel::kTensorCores; break;
+    case plan::Backend::kOwnSimt: kind = attn::OwnKernel::kCudaCores; break;
+    default: TORCH_INTERNAL_ASSERT(false, "pyqkv: internal: the plan chose ", plan::backend_name(backend),
+                                   ", which pyqkv::attention does not call yet");
+  }
+  const Plan plan = attn::plan_own(query.own, kind);
+  TORCH_INTERNAL_ASSERT(plan.error.empty(), plan.error);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   if (plan.tensor_cores) {  // planned for float16 / bfloat16 only

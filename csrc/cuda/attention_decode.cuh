@@ -97,8 +97,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
     for (int e = 0; e < kVec; ++e) o[r][e] = 0.0f;
   }
 
-  const int64_t kb = static_cast<int64_t>(split) * t.keys_per_split;
-  const int64_t ke = min(key_end_for(p, 0, p.S), kb + t.keys_per_split);
+  const int64_t split_begin = static_cast<int64_t>(split) * t.keys_per_split;
+  const int64_t kb = max(split_begin, key_begin_for(p, 0));  // keys before every row's window: skipped
+  const int64_t ke = min(key_end_for(p, 0, p.S), split_begin + t.keys_per_split);
   const scalar_t* kp = static_cast<const scalar_t*>(p.k) + b * p.k_sb + g * p.k_sh + d0;
   const scalar_t* vp = static_cast<const scalar_t*>(p.v) + b * p.v_sb + g * p.v_sh + d0;
   const int64_t step = static_cast<int64_t>(n_groups) * kUnroll;

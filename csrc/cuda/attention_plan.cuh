@@ -1,17 +1,17 @@
-// Kernel choice and tiling for the CUDA attention op, as plain host C++ (no CUDA headers): the host
-// function in attention.cu runs it, and so does scripts/cuda_emulate, which checks the kernels' logic on
-// a machine without a GPU. (.cuh like the other kernel headers, so that the Makefile rebuilds on a change.)
+// Tiling of pyqkv's own CUDA attention kernels, and why each refuses a shape, as plain host C++ (no CUDA
+// headers): the backend table (csrc/attention_plan.h, compiled in the CPU build too) asks it which own
+// kernel takes an input, attention.cu launches the tiling, and scripts/cuda_emulate runs the same kernels
+// from it on a machine without a GPU. (.cuh like the other kernel headers, so that the Makefile rebuilds
+// on a change.)
 #pragma once
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
-#ifdef __CUDACC__
-#define PYQKV_HOST_DEVICE __host__ __device__
-#else
-#define PYQKV_HOST_DEVICE
-#endif
+#include "../host_device.h"
 
 namespace pyqkv {
 namespace attn {
@@ -104,6 +104,18 @@ inline size_t simt_smem_bytes(int64_t R, int64_t bk, int64_t Dh, size_t acc_byte
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Why a kernel refuses an input. The texts are built only when asked for (pyqkv.ops.attention_plan and
+// the error when no backend fits), so the choice made on every call builds no strings.
+struct Refusals {
+  std::vector<std::string>* out = nullptr;
+  bool any = false;
+  template <typename Text>  // a callable returning std::string
+  void add(Text&& text) {
+    any = true;
+    if (out != nullptr) out->push_back(std::forward<Text>(text)());
+  }
+};
+
 struct Plan {
   bool tensor_cores = false;
   bool decode = false;
@@ -130,19 +142,30 @@ struct PlanInputs {
 // The decode kernel's tiling, or rows = 0 when it does not apply: no pattern (its second pass lives in
 // the CUDA-core kernel), float32 accumulation, rows of 16-byte loads, a decode shape with at most
 // kDecodeMaxRows rows per KV head, Dh at most 32 loads wide.
-inline DecodeTiling plan_decode(const PlanInputs& in) {
+inline DecodeTiling plan_decode(const PlanInputs& in, Refusals& why) {
   DecodeTiling t{};
   const int64_t G = in.H / in.Hkv, R = G * in.S;
-  if (in.return_pattern || in.acc_bytes != 4 || !in.kv_rows16 || in.S >= kTcMinQueries || R > kDecodeMaxRows)
-    return t;
-  const int64_t chunks = in.Dh / (16 / in.elem_bytes);
-  if (chunks < 1 || chunks > 32) return t;
+  if (in.return_pattern) why.add([] { return std::string("the pattern is written by the CUDA-core kernel"); });
+  if (in.acc_bytes != 4) why.add([] { return std::string("float64 (accumulates in float32 only)"); });
+  if (!in.kv_rows16)
+    why.add([] { return std::string("k/v rows are not 16-byte loadable (unit feature stride, aligned rows)"); });
+  if (in.S >= kTcMinQueries || R > kDecodeMaxRows)
+    why.add([&] {
+      return "not a decode shape: S=" + std::to_string(in.S) + ", H/Hkv*S=" + std::to_string(R) + " rows (needs S < " +
+             std::to_string(kTcMinQueries) + " and at most " + std::to_string(kDecodeMaxRows) + " rows per KV head)";
+    });
+  const int64_t chunks = in.Dh / (16 / std::max(1, in.elem_bytes));
+  if (chunks < 1 || chunks > 32) why.add([&] { return "Dh=" + std::to_string(in.Dh) + " is not 1..32 loads of 16 bytes"; });
+  if (why.any) return t;
   int lanes = 1;
   while (lanes < chunks) lanes *= 2;
   int rmax = 1;
   while (rmax < R) rmax *= 2;
   const int64_t n_groups = (kDecodeThreads / 32) * (32 / lanes);
-  if (decode_smem_bytes(n_groups, rmax, in.Dh) > in.max_smem) return t;
+  if (decode_smem_bytes(n_groups, rmax, in.Dh) > in.max_smem) {
+    why.add([&] { return "needs " + std::to_string(decode_smem_bytes(n_groups, rmax, in.Dh)) + " bytes of shared memory"; });
+    return t;
+  }
   t.rows = static_cast<int>(R);
   t.rmax = rmax;
   t.lanes = lanes;
@@ -158,38 +181,36 @@ inline DecodeTiling plan_decode(const PlanInputs& in) {
   return t;
 }
 
-inline Plan plan_attention(const PlanInputs& in) {
-  Plan plan;
+// The tensor-core kernel's tiling, or bk = 0 when it does not apply.
+inline TcTiling plan_tc(const PlanInputs& in, Refusals& why) {
+  TcTiling t{};
   const int64_t G = in.H / in.Hkv;
-  const DecodeTiling dec = plan_decode(in);
-  if (dec.rows > 0) {
-    plan.decode = true;
-    plan.dec = dec;
-    plan.smem = decode_smem_bytes((kDecodeThreads / 32) * (32 / dec.lanes), dec.rmax, in.Dh);
-    return plan;
-  }
-  const bool decode_shape = in.S < kTcMinQueries && G * in.S <= kMaxGroupRows;
-  if (in.half_type && in.sm_major >= 8 && in.Dh <= kTcMaxHeadDim && !decode_shape) {
-    TcTiling t{};
-    t.dhp = static_cast<int>(ceil_div(in.Dh, 16) * 16);
-    t.n_qt = static_cast<int>(ceil_div(in.S, kTcRows));
-    t.q_vec = in.q_vec;
-    t.k_vec = in.k_vec;
-    t.v_vec = in.v_vec;
-    for (int bk : {64, 32, 16}) {
-      if (tc_layout(bk, t.dhp).total <= in.max_smem) {
-        t.bk = bk;
-        break;
-      }
+  if (!in.half_type) why.add([] { return std::string("takes float16 / bfloat16 only"); });
+  if (in.sm_major < 8) why.add([&] { return "needs sm_80+, the device is sm_" + std::to_string(in.sm_major) + "x"; });
+  if (in.Dh > kTcMaxHeadDim) why.add([&] { return "Dh=" + std::to_string(in.Dh) + " > " + std::to_string(kTcMaxHeadDim); });
+  if (in.S < kTcMinQueries && G * in.S <= kMaxGroupRows)
+    why.add([&] { return "a decode shape (S=" + std::to_string(in.S) + " < " + std::to_string(kTcMinQueries) + ")"; });
+  if (why.any) return t;
+  t.dhp = static_cast<int>(ceil_div(in.Dh, 16) * 16);
+  t.n_qt = static_cast<int>(ceil_div(in.S, kTcRows));
+  t.q_vec = in.q_vec;
+  t.k_vec = in.k_vec;
+  t.v_vec = in.v_vec;
+  for (int bk : {64, 32, 16}) {
+    if (tc_layout(bk, t.dhp).total <= in.max_smem) {
+      t.bk = bk;
+      break;
     }
-    if (t.bk > 0) {
-      plan.tensor_cores = true;
-      plan.tc = t;
-      plan.smem = tc_layout(t.bk, t.dhp).total;
-      return plan;
-    }  // else: a GPU with little shared memory; the CUDA-core kernel takes it
   }
+  if (t.bk == 0)
+    why.add([&] { return "needs " + std::to_string(tc_layout(16, t.dhp).total) + " bytes of shared memory"; });
+  return t;
+}
 
+// The CUDA-core kernel's tiling (and its bytes of shared memory), or bk = 0 when even its smallest tile
+// does not fit the device's shared memory.
+inline SimtTiling plan_simt(const PlanInputs& in, Refusals& why, size_t* smem) {
+  const int64_t G = in.H / in.Hkv;
   // Candidate (heads per CTA, positions per CTA), best first: the decode layout (all heads of a KV
   // group), then prefill tiles of shrinking height (large Dh in float64 needs small tiles).
   SimtTiling t{};
@@ -203,17 +224,19 @@ inline Plan plan_attention(const PlanInputs& in) {
         t.nh = static_cast<int>(nh);
         t.nq = static_cast<int>(nq);
         t.bk = bk;
-        plan.smem = bytes;
+        *smem = bytes;
         break;
       }
     }
     if (t.bk > 0) break;
   }
   if (t.bk == 0) {
-    plan.error = "head dim Dh=" + std::to_string(in.Dh) + " is too large for the CUDA attention kernel (" +
-                 std::to_string(simt_smem_bytes(1, 8, in.Dh, in.acc_bytes)) + " bytes of shared memory needed, " +
-                 std::to_string(in.max_smem) + " available)";
-    return plan;
+    why.add([&] {
+      return "head dim Dh=" + std::to_string(in.Dh) + " is too large (" +
+             std::to_string(simt_smem_bytes(1, 8, in.Dh, in.acc_bytes)) + " bytes of shared memory needed, " +
+             std::to_string(in.max_smem) + " available)";
+    });
+    return t;
   }
   t.n_qt = static_cast<int>(ceil_div(in.S, t.nq));
   t.n_splits = 1;
@@ -229,7 +252,43 @@ inline Plan plan_attention(const PlanInputs& in) {
       t.n_splits = static_cast<int>(ceil_div(in.K, t.keys_per_split));
     }
   }
-  plan.simt = t;
+  return t;
+}
+
+enum class OwnKernel { kDecode, kTensorCores, kCudaCores };
+
+// The launch plan of one own kernel (the backend table chose it, so it accepts the input), or the first
+// own kernel that accepts when none is given (the CPU emulator's choice, the same order as the table).
+inline Plan plan_own(const PlanInputs& in, OwnKernel kind) {
+  Plan plan;
+  Refusals why;
+  if (kind == OwnKernel::kDecode) {
+    plan.dec = plan_decode(in, why);
+    plan.decode = plan.dec.rows > 0;
+    if (plan.decode) plan.smem = decode_smem_bytes((kDecodeThreads / 32) * (32 / plan.dec.lanes), plan.dec.rmax, in.Dh);
+  } else if (kind == OwnKernel::kTensorCores) {
+    plan.tc = plan_tc(in, why);
+    plan.tensor_cores = plan.tc.bk > 0;
+    if (plan.tensor_cores) plan.smem = tc_layout(plan.tc.bk, plan.tc.dhp).total;
+  } else {
+    plan.simt = plan_simt(in, why, &plan.smem);
+  }
+  if (why.any) plan.error = "pyqkv: internal: the chosen own kernel refuses the input";
+  return plan;
+}
+
+inline Plan plan_attention(const PlanInputs& in) {
+  Refusals why;
+  if (plan_decode(in, why).rows > 0) return plan_own(in, OwnKernel::kDecode);
+  Refusals why_tc;
+  if (plan_tc(in, why_tc).bk > 0) return plan_own(in, OwnKernel::kTensorCores);
+  std::vector<std::string> reasons;
+  Refusals why_simt{&reasons};
+  size_t smem = 0;
+  plan_simt(in, why_simt, &smem);
+  if (!why_simt.any) return plan_own(in, OwnKernel::kCudaCores);
+  Plan plan;
+  plan.error = reasons.front();
   return plan;
 }
 

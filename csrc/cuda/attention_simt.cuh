@@ -81,8 +81,8 @@ __global__ void __launch_bounds__(kSimtThreads)
   const int64_t q0 = static_cast<int64_t>(qt) * t.nq;
   const int64_t nq_valid = min(static_cast<int64_t>(t.nq), p.S - q0);
   const int64_t key_end = key_end_for(p, q0, nq_valid);
-  const int64_t kb = split * t.keys_per_split;
-  const int64_t ke = min(key_end, kb + t.keys_per_split);
+  const int64_t kb = max(static_cast<int64_t>(split) * t.keys_per_split, key_begin_for(p, q0));
+  const int64_t ke = min(key_end, static_cast<int64_t>(split) * t.keys_per_split + t.keys_per_split);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n_warps = blockDim.x >> 5;
   const acc_t ninf = neg_inf<acc_t>();
 

@@ -128,7 +128,8 @@ __global__ void __launch_bounds__(kTcThreads)
   const bool my_row_valid = my_r < nq;
   const int64_t my_i = q0 + my_r;
 
-  for (int64_t k0 = 0; k0 < key_end; k0 += BK) {
+  // Keys before the first row's sliding window are hidden from every row of the tile: skipped.
+  for (int64_t k0 = key_begin_for(p, q0); k0 < key_end; k0 += BK) {
     const int nk = static_cast<int>(min(static_cast<int64_t>(BK), key_end - k0));
     const int nk16 = (nk + 15) / 16 * 16;
     tc_load_rows(reinterpret_cast<uint16_t*>(Ks), ldh, kbase, p.k_ss, p.k_sd, k0, nk, nk16, Dh, DhP, t.k_vec,

@@ -111,13 +111,19 @@ std::string describe(const Plan& plan) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::string> emulate_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
-    double scale, bool causal, bool return_pattern, const c10::optional<at::Tensor>& alibi, int64_t sm_major,
-    int64_t max_smem, int64_t n_sms, int64_t order, int64_t seed) {
-  pyqkv::check_attention(q, k, v, mask, alibi);
-  Prepared r = prepare_attention(q, k, v, mask, scale, causal, return_pattern, alibi);
+    double scale, bool causal, bool return_pattern, const c10::optional<at::Tensor>& alibi,
+    c10::optional<double> softcap, c10::optional<int64_t> window, int64_t sm_major, int64_t max_smem,
+    int64_t n_sms, int64_t order, int64_t seed) {
+  Prepared r = prepare_attention(q, k, v, mask, scale, causal, return_pattern, alibi, softcap, window);
   if (r.done) return {r.z, r.lse, r.pattern, "early exit"};
-  const Plan plan = plan_attention(plan_inputs(r, q, k, v, return_pattern, static_cast<int>(sm_major),
-                                               static_cast<size_t>(max_smem), static_cast<int>(n_sms)));
+  pyqkv::plan::DeviceInfo device;
+  device.cuda = true;
+  device.major = static_cast<int>(sm_major);
+  device.max_smem = max_smem;
+  device.n_sms = static_cast<int>(n_sms);
+  const pyqkv::plan::Query query = pyqkv::plan::make_query(q, k, v, mask, r.d, causal, return_pattern,
+                                                           alibi.has_value(), device, pyqkv::plan::TorchBuild{});
+  const Plan plan = plan_attention(query.own);  // the own kernels only: these are what is emulated
   TORCH_CHECK_VALUE(plan.error.empty(), "q: ", plan.error, " in ", q.scalar_type());
   Params p = r.p;
   Guarded gz(r.z), glse(r.lse), gpat(r.pattern);
@@ -202,7 +208,8 @@ std::tuple<at::Tensor, std::string> emulate_rotary(const at::Tensor& x, const at
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &emulate_attention,
         "pyqkv's CUDA attention kernels run on CPU threads: (q, k, v, mask, scale, causal, return_pattern, "
-        "alibi, sm_major, max_smem, n_sms, order 0/1/2 = forward/reverse/shuffled, seed) -> (z, lse, pattern, plan)");
+        "alibi, softcap, window, sm_major, max_smem, n_sms, order 0/1/2 = forward/reverse/shuffled, seed) "
+        "-> (z, lse, pattern, plan)");
   m.def("rotary", &emulate_rotary,
         "pyqkv's CUDA rotary kernel run on CPU threads: (x, cos, sin, interleaved, max_blocks, order, seed) "
         "-> (out, launch)");
