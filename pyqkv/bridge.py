@@ -177,7 +177,8 @@ class Bridge(nn.Module, HookedMixin):
             )
         scale = ops._check_scale(scale)  # the attention op's own rule for its scale argument
         clip_qkv = _positive_or_none("clip_qkv", clip_qkv)
-        softcap = _positive_or_none("softcap", softcap)
+        # Pre-checks, here rather than at the first call (a Bridge is built whole); 0 means off, as in the op.
+        softcap = None if (ops._check_softcap(softcap) or 0.0) == 0.0 else _positive_or_none("softcap", softcap)
         if window is not None:
             checks.positive_int("window", window)
         checks.boolean("share_weights", share_weights)

@@ -51,8 +51,8 @@ def input_like_weights(x, d_model: int, weight: torch.Tensor) -> None:
 
 def attention_mask(mask, B: int, S: int, K: int, H: int, device):
     """(mask for the attention op, causal) from a Bridge's attention_mask: None (causal), a padding mask
-    [B, K] (causal as well) or a 4-D mask [B or 1, 1 or H, S, K] (authoritative: no causal mask on top).
-    A 4-D bool mask (True = attend, Hugging Face's sdpa masks) is turned into the additive form."""
+    [B, K] (causal as well) or a 4-D mask [B or 1, 1 or H, S, K] (authoritative: no causal mask on top),
+    additive float or bool (True = attend, Hugging Face's sdpa masks)."""
     if mask is None:
         return None, True
     if not isinstance(mask, torch.Tensor):
@@ -74,11 +74,7 @@ def attention_mask(mask, B: int, S: int, K: int, H: int, device):
                 f"attention_mask: expected a 4-D mask [B or 1, 1 or H, S, K] = [{B}, 1 or {H}, {S}, {K}], "
                 f"got {tuple(mask.shape)}"
             )
-        if mask.dtype == torch.bool:  # True = attend -> additive
-            mask = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(
-                ~mask, torch.finfo(torch.float32).min
-            )
-        elif not mask.is_floating_point():
+        if mask.dtype != torch.bool and not mask.is_floating_point():  # the op reads bool masks natively
             raise TypeError(f"attention_mask: expected a float additive or bool 4-D mask, got {mask.dtype}")
         return mask, False
     raise ValueError(

@@ -219,10 +219,6 @@ DROPOUT = {  # every dropout the family's attention (and the rest of the model) 
     "phi-qk-layernorm": dict(attention_dropout=0.2, resid_pdrop=0.1, embd_pdrop=0.1),
 }
 FAMILIES = [replace(f, dropout=DROPOUT.get(f.id, {})) for f in FAMILIES]
-import inspect  # noqa: E402  (temporary: until the attention op takes softcap)
-
-if "softcap" not in inspect.signature(pyqkv.ops.attention).parameters:
-    FAMILIES = [f for f in FAMILIES if "softcap" not in f.quirks]
 IDS = [f.id for f in FAMILIES]
 WITH_IMPLS = [pytest.param(f, impl, id=f"{f.id}-{impl}") for f in FAMILIES for impl in f.impls]
 
