@@ -23,7 +23,7 @@ except ImportError as e:  # a source tree without its built extension: say what 
     ) from None
 from pyqkv.bridge import Bridge, BridgeConfig
 from pyqkv.cache import KVCache
-from pyqkv.hooks import ActivationCache, HookPoint
+from pyqkv.hooks import ActivationCache, HookPoint, zero_heads
 
 
 def __getattr__(name):
@@ -35,5 +35,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'pyqkv' has no attribute {name!r}")
 
 
-__all__ = ["ActivationCache", "Bridge", "BridgeConfig", "HookPoint", "KVCache", "hf", "ops"]
+__all__ = ["ActivationCache", "Bridge", "BridgeConfig", "HookPoint", "KVCache", "hf", "ops", "zero_heads"]
 __version__ = "0.1.0"

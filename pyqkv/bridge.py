@@ -70,6 +70,22 @@ class BridgeConfig:
         super().__setattr__(name, value)
 
 
+@dataclass
+class Projections:
+    """Projection modules a Bridge calls instead of holding their weights.
+
+    For weights the Bridge cannot hold or view: offloaded ones (on the meta device between forwards,
+    loaded by accelerate's hooks around each module's own forward), quantized or PEFT-wrapped projections,
+    tensor-parallel shards (whose wrapped forward does the communication). qkv: one fused module whose
+    output [B, S, n_out] is in the Bridge's layout, or (q, k, v) modules; out: the output projection
+    (bias included). reason: why, in words, for the errors of what then cannot work (W_Q views, the
+    per-head flags)."""
+
+    qkv: object
+    out: nn.Module
+    reason: str
+
+
 def attention_scale(d_head, *, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, layer_idx=None):
     """GPT-2's rule: Dh^-0.5 unless scale_attn_weights is False, divided by (layer_idx + 1) when asked."""
     scale = d_head**-0.5 if scale_attn_weights else 1.0
@@ -134,6 +150,8 @@ class Bridge(nn.Module, HookedMixin):
         k_norm: Optional[nn.Module] = None,
         qk_norm_per_head: bool = True,
         share_weights: bool = False,
+        projections: Optional[Projections] = None,
+        d_model: Optional[int] = None,
         hook_conversions: Optional[dict] = None,
     ):
         nn.Module.__init__(self)
@@ -151,7 +169,19 @@ class Bridge(nn.Module, HookedMixin):
             raise ValueError(f"rotary_base: expected a number > 1, got {rotary_base!r}")
         checks.boolean("rotary_interleaved", rotary_interleaved)
         checks.boolean("alibi", alibi)
+        if projections is not None:
+            for name, t in (("weight", weight), ("bias", bias), ("out_weight", out_weight), ("out_bias", out_bias)):
+                if t is not None:
+                    raise ValueError(f"{name}: expected None with projections (the Bridge calls the modules), got {describe(t)}")
+            checks.positive_int("d_model", d_model)
+            for name, value in (("use_split_qkv_input", use_split_qkv_input), ("use_attn_in", use_attn_in),
+                                ("use_attn_result", use_attn_result)):
+                if value:
+                    raise ValueError(f"{name}: needs the projection weights, which this Bridge does not hold "
+                                     f"({projections.reason})")
         for name, t in (("weight", weight), ("out_weight", out_weight), ("bias", bias), ("out_bias", out_bias)):
+            if projections is not None:
+                break
             if t is None and name in ("bias", "out_bias"):
                 continue
             if not isinstance(t, torch.Tensor):
@@ -189,7 +219,9 @@ class Bridge(nn.Module, HookedMixin):
             if m is not None and not isinstance(m, nn.Module):
                 raise TypeError(f"{name}: expected an nn.Module (called on [B, S, heads, Dh] or [B, S, heads*Dh]), got {describe(m)}")
         share_qkv = share_weights and layout == "blocked"
-        if share_qkv:
+        if projections is not None:
+            D = d_model
+        elif share_qkv:
             # The source's own tensors become the Bridge's parameters (the same Parameter objects when they
             # are Parameters): no copy, and an edit through either is the same edit.
             n_out = (n_heads + 2 * n_kv_heads) * d_head
@@ -213,7 +245,7 @@ class Bridge(nn.Module, HookedMixin):
             D = fused_w.shape[0]
         hd = n_heads * d_head
         want = (hd, D) if conv1d else (D, hd)
-        if tuple(out_weight.shape) != want:
+        if projections is None and tuple(out_weight.shape) != want:
             raise ValueError(
                 f"out_weight: expected shape {want} ({'conv1d [H*Dh, D]' if conv1d else 'Linear [D, H*Dh]'}), "
                 f"got {tuple(out_weight.shape)}"
@@ -221,15 +253,23 @@ class Bridge(nn.Module, HookedMixin):
         if out_bias is not None and (not isinstance(out_bias, torch.Tensor) or tuple(out_bias.shape) != (D,)):
             raise ValueError(f"out_bias: expected shape ({D},), got {describe(out_bias)}")
 
-        # Blocked fused weight: [D, (H + 2 Hkv) Dh] (conv1d) or [(H + 2 Hkv) Dh, D] when shared with a Linear.
-        self.qkv_weight = _parameter(fused_w)
-        self.qkv_bias = None if fused_b is None else _parameter(fused_b)
-        if share_weights:  # the output projection is shared in any layout: its layout is the same everywhere
-            self.out_weight = _parameter(out_weight)
-            self.out_bias = None if out_bias is None else _parameter(out_bias)
+        self.projections = None  # None: the Bridge's own GEMMs over the weights it holds
+        if projections is not None:
+            self.qkv_weight = self.qkv_bias = self.out_weight = self.out_bias = None
+            qkv = projections.qkv
+            self.qkv_module = nn.ModuleList(qkv) if isinstance(qkv, (tuple, list)) else qkv
+            self.out_module = projections.out
+            self.projections = projections.reason
         else:
-            self.out_weight = nn.Parameter((out_weight if conv1d else out_weight.t()).detach().clone().contiguous())
-            self.out_bias = None if out_bias is None else nn.Parameter(out_bias.detach().clone())
+            # Blocked fused weight: [D, (H + 2 Hkv) Dh] (conv1d) or [(H + 2 Hkv) Dh, D] when shared with a Linear.
+            self.qkv_weight = _parameter(fused_w)
+            self.qkv_bias = None if fused_b is None else _parameter(fused_b)
+            if share_weights:  # the output projection is shared in any layout: its layout is the same everywhere
+                self.out_weight = _parameter(out_weight)
+                self.out_bias = None if out_bias is None else _parameter(out_bias)
+            else:
+                self.out_weight = nn.Parameter((out_weight if conv1d else out_weight.t()).detach().clone().contiguous())
+                self.out_bias = None if out_bias is None else nn.Parameter(out_bias.detach().clone())
         self.q_norm, self.k_norm = q_norm, k_norm
 
         self.cfg = BridgeConfig(
@@ -274,11 +314,34 @@ class Bridge(nn.Module, HookedMixin):
             name: make_rule(name, conversions.get(name, _alias_value(conversions, name)), d_head=d_head)
             for name in HOOK_NAMES
         }
+        self._custom_rules = {HOOK_ALIASES.get(n, n) for n in conversions}
+        self.set_heads(range(n_heads), range(n_kv_heads), n_heads, n_kv_heads)
+
+    def set_heads(self, heads: range, kv_heads: range, n_heads_total: int, n_kv_heads_total: int) -> None:
+        """Which global heads this layer's tensors hold: all of them on one process; under tensor
+        parallelism a rank's own (hook.heads then says which, and pyqkv.zero_heads uses it). A point
+        whose hook format a user's conversion rule changed has no known head axis (heads None)."""
+        for name, point in self._points.items():
+            axis = BY_NAME[name].head_axis
+            if axis is None or name in self._custom_rules:
+                point.heads = point.n_heads_total = point.head_dim = None
+                continue
+            dim, kind = axis
+            point.head_dim = dim
+            point.heads, point.n_heads_total = (heads, n_heads_total) if kind == "H" else (kv_heads, n_kv_heads_total)
 
     # ---------------------------------------------------------------------------------------------
     # Weights in HookedTransformer format. The native split op turned the source layout into the blocked
     # fused weight at construction; split per head, a blocked weight is a set of strided views, so these
     # are zero-copy and an in-place edit (bridge.W_Q[3].zero_()) changes the layer, as it does W_O.
+
+    def _held(self, name: str) -> None:
+        """The weight views exist only where the Bridge holds the weights."""
+        if self.projections is not None:
+            raise RuntimeError(
+                f"{name}: this Bridge calls its projection modules ({self.projections}) and holds no weights to "
+                f"view; an edit there would not persist. Edit the module's own weights where they are in memory."
+            )
 
     def _head_block(self, tensor, which: int):
         """Q (0), K (1) or V (2) of the blocked fused weight ([D, n_out] or [n_out, D]) as [heads, D, Dh], or
@@ -301,43 +364,51 @@ class Bridge(nn.Module, HookedMixin):
     @property
     def W_Q(self) -> torch.Tensor:
         """[H, D, Dh]"""
+        self._held("W_Q")
         return self._head_block(self.qkv_weight, 0)
 
     @property
     def W_K(self) -> torch.Tensor:
         """[Hkv, D, Dh] (not expanded to H)"""
+        self._held("W_K")
         return self._head_block(self.qkv_weight, 1)
 
     @property
     def W_V(self) -> torch.Tensor:
         """[Hkv, D, Dh]"""
+        self._held("W_V")
         return self._head_block(self.qkv_weight, 2)
 
     @property
     def b_Q(self) -> torch.Tensor:
         """[H, Dh] (zeros, not a view, when the layer has no QKV bias)"""
+        self._held("b_Q")
         return self._bias_block(0)
 
     @property
     def b_K(self) -> torch.Tensor:
         """[Hkv, Dh]"""
+        self._held("b_K")
         return self._bias_block(1)
 
     @property
     def b_V(self) -> torch.Tensor:
         """[Hkv, Dh]"""
+        self._held("b_V")
         return self._bias_block(2)
 
     @property
     def W_O(self) -> torch.Tensor:
         """[H, Dh, D]: a view of the output weight"""
         c = self.cfg
+        self._held("W_O")
         w = self.out_weight if self._out_conv1d else self.out_weight.t()  # [H*Dh, D]
         return w.view(c.n_heads, c.d_head, c.d_model)
 
     @property
     def b_O(self) -> torch.Tensor:
         """[D] (zeros when the layer has no output bias)"""
+        self._held("b_O")
         return self.out_bias if self.out_bias is not None else self.out_weight.new_zeros(self.cfg.d_model)
 
     # ---------------------------------------------------------------------------------------------
@@ -351,6 +422,8 @@ class Bridge(nn.Module, HookedMixin):
 
     def hook_gate(self, name: str) -> Optional[str]:
         spec = BY_NAME[name]
+        if spec.flag is not None and self.projections is not None:
+            return f"{spec.flag} needs the projection weights, which this Bridge does not hold ({self.projections})"
         if spec.flag is not None and not getattr(self.cfg, spec.flag):
             return f"set {spec.flag} first (bridge.cfg.{spec.flag} = True)"
         if spec.requires is not None and not self.has_feature(spec.requires):
@@ -425,7 +498,7 @@ class Bridge(nn.Module, HookedMixin):
         """
         c = self.cfg
         H, Hkv, Dh = c.n_heads, c.n_kv_heads, c.d_head
-        checks.input_like_weights(x, c.d_model, self.qkv_weight)
+        checks.input_like_weights(x, c.d_model, self.qkv_weight)  # (shape only when the modules are called)
         if kv_cache is not None and not isinstance(kv_cache, KVCache):
             raise TypeError(f"kv_cache: expected a pyqkv.KVCache or None, got {describe(kv_cache)}")
         checks.boolean("return_pattern", return_pattern)
@@ -468,6 +541,26 @@ class Bridge(nn.Module, HookedMixin):
             kv_cache.length = past  # a failure mid-way leaves the cache as it was
             raise
 
+    def _call_projections(self, x):
+        """Q, K, V in kernel layout [B, S, heads*Dh] from the projection modules: a fused module's output is
+        in the Bridge's layout (blocked: column views; other layouts: the one split op, a copy)."""
+        c = self.cfg
+        B, S, _ = x.shape
+        H, Hkv, Dh = c.n_heads, c.n_kv_heads, c.d_head
+        if isinstance(self.qkv_module, nn.ModuleList):
+            q, k, v = (m(x) for m in self.qkv_module)
+        else:
+            qkv = self.qkv_module(x)  # [B, S, (H + 2 Hkv) Dh] in the module's own layout
+            if c.layout == "blocked":
+                q, k, v = qkv[..., : H * Dh], qkv[..., H * Dh : (H + Hkv) * Dh], qkv[..., (H + Hkv) * Dh :]
+            else:  # an activation is a one-input-row "weight": the same split op as the weights'
+                parts = ops.split_qkv(qkv.reshape(B * S, -1), None, n_heads=H, n_kv_heads=Hkv, d_head=Dh,
+                                      layout=c.layout, conv1d=True)[:3]
+                q, k, v = (t.transpose(0, 1).reshape(B, S, -1) for t in parts)  # [heads, B*S, Dh] -> [B, S, heads*Dh]
+        if c.clip_qkv is not None:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        return q, k, v
+
     def _normed(self, norm: nn.Module, t: torch.Tensor, heads: int) -> torch.Tensor:
         """A query or key norm on t [B, S, heads*Dh]: over Dh of each head, or over the whole projection."""
         if self.cfg.qk_norm == "projection":
@@ -491,6 +584,8 @@ class Bridge(nn.Module, HookedMixin):
                     forks[kind] = self._fire(f"hook_{kind}_input", x.unsqueeze(2).expand(B, S, heads, D).contiguous())
 
         out = {}
+        if self.projections is not None:  # the model's own modules (offloaded, quantized, sharded weights)
+            return self._call_projections(x)
         if len(forks) < 3:
             # Unhooked fork points read the residual directly: the fused GEMM equals the per-head
             # projection of an H-fold copy of x, without making the copy.
@@ -558,6 +653,8 @@ class Bridge(nn.Module, HookedMixin):
             out = self._fire("hook_result", result).sum(dim=2)
             if self.out_bias is not None:
                 out = out + self.out_bias
+        elif self.projections is not None:
+            out = self.out_module(z)
         else:
             out = _linear(z, self.out_weight, self.out_bias, self._out_conv1d)
         if self.training and c.resid_dropout:

@@ -39,13 +39,14 @@ def probability(name: str, p) -> float:
     return float(p)
 
 
-def input_like_weights(x, d_model: int, weight: torch.Tensor) -> None:
-    """x must be [B, S, D] in the dtype and on the device of the Bridge's weights."""
+def input_like_weights(x, d_model: int, weight) -> None:
+    """x must be [B, S, D] in the dtype and on the device of the Bridge's weights (weight None: a Bridge
+    that calls its projection modules, which place and cast inputs as they need)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a Tensor [B, S, D={d_model}], got {describe(x)}")
     if x.dim() != 3 or x.shape[-1] != d_model:
         raise ValueError(f"x: expected shape [B, S, D={d_model}], got {tuple(x.shape)}")
-    if x.dtype != weight.dtype or x.device != weight.device:
+    if weight is not None and (x.dtype != weight.dtype or x.device != weight.device):
         raise TypeError(f"x: expected {weight.dtype} on {weight.device} (the Bridge's weights), got {x.dtype} on {x.device}")
 
 

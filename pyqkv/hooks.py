@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import operator
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -44,12 +45,19 @@ class HookPoint:
 
     name: the canonical name (e.g. "hook_pattern", or "blocks.3.attn.hook_pattern" inside a model).
     fwd / bwd: registered HookHandles in run order. ctx: scratch space for hooks; cleared by reset_hooks.
+    heads: the global head indices the tensor holds along head_dim (range(0, H) on one process; a slice
+    of them on a tensor-parallel rank), None for points without heads.
     """
 
     name: str
     fwd: list = field(default_factory=list)
     bwd: list = field(default_factory=list)
     ctx: dict = field(default_factory=dict)
+    # For a point with a head axis: the global indices of the heads its tensor holds (all of them on one
+    # process; this rank's under tensor parallelism), their total count, and the axis in the hook format.
+    heads: Optional[range] = None
+    n_heads_total: Optional[int] = None
+    head_dim: Optional[int] = None
 
     def add(self, fn: HookFn, dir: str = "fwd", prepend: bool = False, is_permanent: bool = False) -> HookHandle:
         _check_hook_args(self.name, fn, dir, prepend, is_permanent)
@@ -68,6 +76,52 @@ class HookPoint:
 
     def __repr__(self) -> str:
         return f"HookPoint({self.name!r}, fwd={len(self.fwd)}, bwd={len(self.bwd)})"
+
+
+def zero_heads(heads) -> HookFn:
+    """A hook that zeroes the given GLOBAL head indices of any point with a head axis (hook_z, hook_pattern,
+    hook_q, ...), in place. Under tensor parallelism each rank zeroes those of its own heads, so the same
+    hook gives the same model output as on one process.
+
+        h.run_with_hooks(ids, fwd_hooks=[("blocks.3.attn.hook_z", pyqkv.zero_heads([2, 5]))])
+    """
+    wanted = sorted({operator.index(h) for h in heads})
+
+    def zero(tensor, hook):
+        if hook.heads is None:
+            raise ValueError(f"{hook.name}: zero_heads needs a point with a head axis (e.g. hook_z), this one has none")
+        bad = [h for h in wanted if not 0 <= h < hook.n_heads_total]
+        if bad:
+            raise ValueError(f"{hook.name}: expected head indices in [0, {hook.n_heads_total}), got {bad}")
+        local = [h - hook.heads.start for h in wanted if h in hook.heads]
+        if local:
+            tensor.index_fill_(hook.head_dim, torch.tensor(local, device=tensor.device), 0)
+
+    zero.__qualname__ = f"zero_heads({wanted})"
+    return zero
+
+
+def gather_heads(point: HookPoint, tensor: torch.Tensor) -> torch.Tensor:
+    """A point's tensor with every rank's heads along its head axis, in global order: the collective
+    run_with_cache(gather=True) makes. Unchanged where the tensor already holds every head."""
+    if point.heads is None or len(point.heads) == point.n_heads_total:
+        return tensor
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{point.name}: gather=True needs torch.distributed initialized (this rank holds heads "
+                           f"{point.heads.start}..{point.heads.stop - 1} of {point.n_heads_total})")
+    starts = [None] * dist.get_world_size()
+    dist.all_gather_object(starts, (point.heads.start, len(point.heads)))
+    widest = max(n for _, n in starts)
+    dim = point.head_dim
+    pad = list(tensor.shape)
+    pad[dim] = widest - tensor.shape[dim]
+    padded = torch.cat([tensor, tensor.new_zeros(pad)], dim) if pad[dim] else tensor.contiguous()
+    parts = [torch.empty_like(padded) for _ in starts]
+    dist.all_gather(parts, padded)
+    ordered = sorted(zip(starts, parts), key=lambda item: item[0][0])
+    return torch.cat([part.narrow(dim, 0, n) for (_, n), part in ordered], dim)
 
 
 def check_hook_output(point: HookPoint, fn: HookFn, out, like: torch.Tensor) -> torch.Tensor:
@@ -295,9 +349,14 @@ class HookedMixin:
         with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, reset_hooks_end=reset_hooks_end):
             return self(*args, **kwargs)
 
-    def run_with_cache(self, *args, names_filter: NameFilter = None, **kwargs):
+    def run_with_cache(self, *args, names_filter: NameFilter = None, gather: bool = False, **kwargs):
         """Run the forward and return (output, cache): canonical names (and aliases asked for by name)
-        mapped to detached hook-format tensors. A gated point is skipped, even when named."""
+        mapped to detached hook-format tensors. A gated point is skipped, even when named.
+
+        gather: under tensor parallelism, where each rank's points hold its own heads, all-gather them so
+        every rank's cache holds every head in global order (a collective: call it on every rank)."""
+        if not isinstance(gather, bool):
+            raise TypeError(f"gather: expected a bool, got {type(gather).__name__}")
         cache = ActivationCache()
         selected = self._select(names_filter, by_name_strict=False)
         aliases_asked = {}
@@ -326,4 +385,10 @@ class HookedMixin:
         finally:
             for handle in added:
                 handle.remove()
+        if gather:
+            for name in selected:
+                if name in cache:
+                    cache[name] = gather_heads(points[name], cache[name])
+                    for alias in aliases_asked.get(name, ()):
+                        cache[alias] = cache[name]
         return out, cache

@@ -38,6 +38,15 @@ class PointSpec:
     flag: Optional[str] = None
     requires: Optional[str] = None
 
+    @property
+    def head_axis(self) -> Optional[tuple]:
+        """(dim of the head axis in the hook format, "H" or "Hkv"), or None for a point without heads."""
+        axes = [a.strip() for a in self.hook_shape.strip("[]").split(",")]
+        for i, a in enumerate(axes):
+            if a in ("H", "Hkv"):
+                return i, a
+        return None
+
 
 _HEADS = "b s (h d) -> b s h d"
 

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from pyqkv import ops
-from pyqkv.bridge import Bridge
+from pyqkv.bridge import Bridge, Projections
 from pyqkv.cache import KVCache
 from pyqkv.hf.families import SUPPORTED, LayerSpec, family_of, layer_spec
+from pyqkv.hf import placement
 from pyqkv.hf.hf_cache import CacheMirror
 from pyqkv.hf.recording import attention_recorder, install_hf_recording_hooks
 from pyqkv.hooks import HookedMixin
@@ -31,8 +32,13 @@ def bridge_from_module(module, spec: Optional[LayerSpec] = None, **flags) -> Bri
     are the module's own Parameters; separate Q, K, V projections are packed into one fused weight that
     q_proj.weight, k_proj.weight and v_proj.weight become views of. Other fused layouts (interleaved,
     grouped, codegen) are repacked into a blocked copy (attach then frees the module's own).
+    Where the weights cannot be held (offloaded by accelerate, a quantized or PEFT-wrapped projection,
+    tensor-parallel shards) the Bridge calls the module's own projections instead (pyqkv.hf.placement).
     Flags: use_split_qkv_input, use_attn_in, use_attn_result, hook_conversions."""
     spec = layer_spec(module) if spec is None else spec
+    reason = placement.delegation_reason(spec)
+    if reason is not None:
+        return _calling_bridge(module, spec, reason, **flags)
     if isinstance(spec.qkv, tuple):
         weight, bias = pack_separate(spec.qkv)
     else:
@@ -56,6 +62,29 @@ def bridge_from_module(module, spec: Optional[LayerSpec] = None, **flags) -> Bri
         **flags,
     )
     return bridge.train(module.training)  # dropout follows the wrapped module's mode
+
+
+def _calling_bridge(module, spec: LayerSpec, reason: str, **flags) -> Bridge:
+    """A Bridge that calls the module's projections (Projections): nothing is copied or viewed. Under tensor
+    parallelism it is built with this rank's head counts, and its points say which global heads they hold."""
+    kw = dict(spec.bridge_kwargs)
+    H, Dh = kw["n_heads"], kw["d_head"]
+    Hkv = kw.get("n_kv_heads") or H
+    D = placement.d_model_of(spec)
+    heads, kv_heads = range(H), range(Hkv)
+    if reason.startswith("weights sharded"):
+        if spec.layout in ("codegen", "grouped"):
+            raise NotImplementedError(
+                f"module: a {type(module).__name__} ({spec.layout} layout) under tensor parallelism: its fused "
+                f"blocks split across ranks in a layout pyqkv does not read; tensor parallelism is supported for "
+                f"per-head (interleaved, separate-projection) and gathered layouts"
+            )
+        H_local, Hkv_local, heads, kv_heads = placement.local_heads(spec, H, Hkv, Dh, D)
+        kw.update(n_heads=H_local, n_kv_heads=Hkv_local)
+    bridge = Bridge(None, None, None, None, layout=spec.layout, conv1d=spec.conv1d, d_model=D,
+                    projections=Projections(spec.qkv, spec.out, reason), **kw, **spec.bridge_modules, **flags)
+    bridge.set_heads(heads, kv_heads, H, Hkv)
+    return bridge.train(module.training)
 
 
 def pack_separate(projections):
@@ -106,7 +135,7 @@ def _rebind_rows(projections, name: str, fused: torch.Tensor) -> None:
 def _release(spec: LayerSpec) -> None:
     """Free a fused projection the Bridge repacked (a non-blocked layout): while attached the Bridge holds
     the layer's only copy, and detach writes it back. A meta tensor keeps the shape and dtype."""
-    if isinstance(spec.qkv, tuple) or spec.layout == "blocked":
+    if isinstance(spec.qkv, tuple) or spec.layout == "blocked" or placement.delegation_reason(spec) is not None:
         return
     for name in ("weight", "bias"):
         old = getattr(spec.qkv, name, None)
@@ -119,6 +148,8 @@ def _write_back(bridge: Bridge, spec: LayerSpec) -> None:
     layout: shared Parameters need nothing, views are re-made where they no longer view the Bridge's storage,
     and a released fused projection gets a fresh tensor."""
     b = bridge
+    if b.projections is not None:  # it called the module's own projections: nothing to give back
+        return
     with torch.no_grad():
         if isinstance(spec.qkv, tuple):
             if _adjacent([p.weight for p in spec.qkv]) is None or spec.qkv[0].weight.data_ptr() != b.qkv_weight.data_ptr():
@@ -344,7 +375,9 @@ def detach(model: nn.Module) -> None:
             # so left behind) follows them.
             _write_back(module.bridge, spec)
             weight = module.bridge.qkv_weight
-            original.to(device=weight.device, dtype=weight.dtype).train(module.training)
+            if weight is not None:
+                original.to(device=weight.device, dtype=weight.dtype)
+            original.train(module.training)
             module.hand_back_caches(spec)
             _set_submodule(model, name, original)
 
