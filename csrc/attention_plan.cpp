@@ -32,7 +32,7 @@ void refuse_flash(const Query& q, Refusals& why) {
   if (!on_cuda(q, why)) return;
   const AttnDims& d = q.d;
   if (!kFlashWired) why.add([] { return str("not wired into pyqkv::attention yet (issue 12)"); });
-  if (!q.torch.flash)
+  if (!q.torch.flash || !q.device.flash_in_build)
     why.add([] { return str("not in this torch build, or switched off (torch.backends.cuda.enable_flash_sdp)"); });
   if (sm(q.device) < 80 || sm(q.device) > 121)
     why.add([&] { return "needs sm_80 .. sm_121, the device is " + sm_str(q.device); });

@@ -22,7 +22,7 @@ namespace pyqkv {
 namespace plan {
 
 // Whether pyqkv::attention's CUDA kernel can call the backend (the plan never chooses one it cannot).
-constexpr bool kFlashWired = false;
+constexpr bool kFlashWired = true;  // dense FA2 (csrc/cuda/attention.cu)
 
 enum class Backend { kFlash, kMemEfficient, kCudnn, kOwnDecode, kOwnTc, kOwnSimt, kCpu };
 constexpr std::array<Backend, 7> kPriority = {Backend::kFlash,  Backend::kMemEfficient, Backend::kCudnn,
@@ -58,6 +58,7 @@ struct DeviceInfo {
   int major = 0, minor = 0;
   int64_t max_smem = 0;
   int n_sms = 0;
+  bool flash_in_build = true;  // torch's CUDA build has FlashAttention-2 (sdp::is_flash_attention_available)
 };
 
 // A representative GPU of a compute capability, for plans on meta tensors (device_capability=(9, 0)

@@ -55,15 +55,18 @@ def reasons(p, backend) -> str:
 
 # (id, plan kwargs, expected backend, {backend: fragment of one of its reasons})
 TABLE = [
-    ("prefill-bf16-gqa-causal", {}, "own_tc", {"flash": "not wired into pyqkv", "cudnn": "opt-in only"}),
-    ("prefill-fp16-mha", dict(H=32, Hkv=32, dtype=f16), "own_tc", {"flash": "not wired"}),
-    ("decode-bf16-S1-K4096", dict(S=1, K=4096), "own_decode", {"own_tc": "a decode shape"}),
-    ("decode-MQA-R8", dict(S=1, K=2048, H=8, Hkv=1, Dh=64), "own_decode", {}),
-    ("decode-GQA-R16-too-many-rows", dict(S=1, K=2048, H=16, Hkv=1, Dh=64), "own_simt",
+    ("prefill-bf16-gqa-causal", {}, "flash", {"mem_efficient": "not wired", "cudnn": "opt-in only"}),
+    ("prefill-fp16-mha", dict(H=32, Hkv=32, dtype=f16), "flash", {}),
+    ("prefill-non-causal-K>S", dict(S=17, K=40, causal=False), "flash", {"cudnn": "not wired"}),
+    ("decode-bf16-S1-K4096", dict(S=1, K=4096), "flash", {}),
+    ("decode-MQA-R8", dict(S=1, K=2048, H=8, Hkv=1, Dh=64), "flash", {}),
+    ("decode-GQA-R16-flash-off", dict(S=1, K=2048, H=16, Hkv=1, Dh=64, flash_available=False), "own_simt",
      {"own_decode": "not a decode shape", "own_tc": "a decode shape"}),
+    ("decode-MQA-R8-flash-off", dict(S=1, K=2048, H=8, Hkv=1, Dh=64, flash_available=False), "own_decode", {}),
     ("decode-pattern", dict(S=1, K=4096, return_pattern=True), "own_simt",
      {"own_decode": "the pattern is written by the CUDA-core kernel"}),
-    ("window", dict(window=256), "own_tc", {"cudnn": "sliding window is not exposed"}),
+    ("window", dict(window=256), "flash", {"cudnn": "sliding window is not exposed"}),
+    ("window-K>S", dict(window=7, S=17, K=40), "flash", {}),
     ("softcap", dict(softcap=50.0), "own_tc",
      {"flash": "softcap is compiled out", "mem_efficient": "has no softcap", "cudnn": "has no softcap"}),
     ("alibi", dict(alibi=torch.empty(1, 32, 1024, device="meta")), "own_tc",
@@ -85,8 +88,9 @@ TABLE = [
     ("sm75-decode", dict(cap=(7, 5), S=1, K=4096), "own_decode", {}),
     ("sm120-flash-range", dict(cap=(13, 0)), "own_tc", {"flash": "sm_80 .. sm_121, the device is sm_130"}),
     ("flash-switched-off", dict(flash_available=False), "own_tc", {"flash": "switched off"}),
-    ("cudnn-causal-S!=K", dict(S=17, K=40), "own_tc", {"cudnn": "top-left aligned: S == K only"}),
-    ("mem-eff-gqa-torch-2.13", dict(torch_version=(2, 13)), "own_tc", {"mem_efficient": "GQA (H=32, Hkv=8) needs torch 2.14+"}),
+    ("cudnn-causal-S!=K", dict(S=17, K=40), "flash", {"cudnn": "top-left aligned: S == K only"}),
+    ("mem-eff-gqa-torch-2.13", dict(torch_version=(2, 13), flash_available=False), "own_tc",
+     {"mem_efficient": "GQA (H=32, Hkv=8) needs torch 2.14+"}),
     ("cudnn-fp32-mask-torch-2.13", dict(torch_version=(2, 13), causal=False,
                                         mask=torch.empty(1, 1, 1024, 1024, device="meta")), "own_tc",
      {"cudnn": "an additive mask must have q's dtype on torch <= 2.13"}),
@@ -179,7 +183,7 @@ def test_forced_backend_is_the_only_one_considered():
         assert p.backend == "own_simt" and p.refusals == {}
         p = plan(dtype=f64, Dh=4096, S=16, H=2, Hkv=2)  # refused: only its reasons
         assert p.backend is None and list(p.refusals) == ["own_simt"]
-    assert plan().backend == "own_tc", "the context manager must restore the plan's own choice"
+    assert plan().backend == "flash", "the context manager must restore the plan's own choice"
 
 
 def test_forced_backend_that_refuses_raises_with_its_reasons():

@@ -552,6 +552,37 @@ def test_attention_reads_a_kv_cache_in_place(S, dtype, device):
         assert not torch.isnan(z).any() and not torch.isnan(pattern).any()
 
 
+def test_cpu_pattern_memory_is_reused_only_when_nothing_holds_it():
+    """A large CPU pattern (>= 4 MiB) is written into the previous call's memory when nothing holds that
+    any more (a read-only hook_pattern drops it: no fresh pages to fault in), never while a tensor or a
+    view of it is alive; either way the values are the reference's."""
+    B, S, H, Hkv, Dh = 1, 1100, 2, 1, 8  # pattern: 2 * 1100 * 1100 float32 = 9.7 MB
+    q, k, v = qkv_views(B, S, S, H, Hkv, Dh, dtype=torch.float32, device="cpu")
+    want = ref.attention(q, k, v, scale=0.3, causal=True, return_pattern=True)[2]
+
+    def pattern():
+        p = ops.attention(q, k, v, scale=0.3, causal=True, return_pattern=True)[2]
+        torch.testing.assert_close(p, want)
+        return p
+
+    p = pattern()
+    ptr, nbytes = p.data_ptr(), p.numel() * p.element_size()
+    del p
+    # Without the reuse, freed memory would go back to the allocator and this block would likely take it.
+    blocker = torch.empty(nbytes, dtype=torch.uint8)
+    p = pattern()
+    assert p.data_ptr() == ptr, "released memory was not reused"
+    del blocker
+    held = p.clone()
+    p2 = pattern()
+    assert p2.data_ptr() != p.data_ptr() and torch.equal(p, held), "memory still held was reused"
+    row = p2[0, 0]  # a view keeps the memory alive too
+    ptr2 = p2.data_ptr()
+    del p2
+    assert pattern().data_ptr() != ptr2, "memory held by a view was reused"
+    del row
+
+
 def test_incremental_decoding_equals_full_causal_attention(device):
     """Prefill P tokens, then decode one token at a time with kv_append into a NaN-filled cache: each step's
     z equals the matching row of one causal attention over the whole sequence (bottom-right alignment)."""

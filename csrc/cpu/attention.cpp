@@ -12,12 +12,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/strides.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #include <sys/mman.h>
@@ -364,20 +366,41 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
 // The pattern output [B, H, S, K] is the one large buffer this op makes, and a fresh large allocation
 // is mmapped memory that faults in one 4 KiB page at a time on first write: for a 50 MB pattern that
-// costs more than computing it. Buffers of 4 MiB and more are taken 2 MiB-aligned and advised as
-// transparent huge pages (honoured where THP is in "madvise" or "always" mode), 512x fewer faults.
+// costs more than computing it. So (1) buffers of 4 MiB and more are taken 2 MiB-aligned and advised
+// as transparent huge pages (honoured where THP is in "madvise" or "always" mode), 512x fewer faults;
+// and (2) the memory of the last such buffer is kept and handed out again, as a new tensor, by the next
+// call that needs as many bytes when nothing else holds it any more (no tensor, view or Python object:
+// the storage's use count is the cache's own), so a read-only hook_pattern or run_with_cache that drops
+// the pattern after each layer writes into pages that are already mapped. A pattern that is still held
+// (kept by the user, saved for a backward) is never reused; the cost is one retained buffer.
+struct PatternBuffer {
+  std::mutex mutex;
+  c10::Storage storage;  // the last large pattern's memory
+};
+PatternBuffer& pattern_buffer() {
+  static PatternBuffer* buffer = new PatternBuffer();  // never destroyed: safe at interpreter exit
+  return *buffer;
+}
+
 at::Tensor empty_pattern(at::IntArrayRef sizes, const at::TensorOptions& options) {
   constexpr size_t kHuge = size_t(2) << 20;
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
   if (bytes < 2 * kHuge) return at::empty(sizes, options);
-  void* ptr = nullptr;
-  if (posix_memalign(&ptr, kHuge, bytes) != 0) return at::empty(sizes, options);
+  PatternBuffer& cache = pattern_buffer();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  if (!cache.storage || cache.storage.nbytes() != bytes || cache.storage.use_count() != 1) {
+    void* ptr = nullptr;
+    if (posix_memalign(&ptr, kHuge, bytes) != 0) return at::empty(sizes, options);
 #ifdef MADV_HUGEPAGE
-  madvise(ptr, bytes, MADV_HUGEPAGE);  // advice only: on failure the pages are ordinary
+    madvise(ptr, bytes, MADV_HUGEPAGE);  // advice only: on failure the pages are ordinary
 #endif
-  return at::from_blob(ptr, sizes, [](void* p) { free(p); }, options);
+    cache.storage = at::from_blob(ptr, {static_cast<int64_t>(bytes)}, [](void* p) { free(p); },
+                                  options.dtype(at::kByte))
+                        .storage();
+  }
+  return at::empty({0}, options).set_(cache.storage, 0, sizes, c10::contiguous_strides(sizes));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k,

@@ -1,15 +1,26 @@
-// attention on CUDA: the host function (argument checks, mask preparation and kernel choice) over the
-// kernels of attention_tc.cuh (tensor cores, half-type prefill), attention_decode.cuh (decode shapes:
-// few query rows per KV head, wide loads, Flash-Decoding splits) and attention_simt.cuh (CUDA cores:
-// float64, the pattern, and every case the other two decline).
+// attention on CUDA: the host function (argument checks, mask preparation, and the backend the plan of
+// csrc/attention_plan.h chooses) over PyTorch's FlashAttention-2 (half types, no mask or a sliding
+// window, no pattern) and pyqkv's own kernels: attention_tc.cuh (tensor cores, half-type prefill),
+// attention_decode.cuh (decode shapes: few query rows per KV head, wide loads, Flash-Decoding splits)
+// and attention_simt.cuh (CUDA cores: float64, the pattern, and every case the other two decline).
 // Semantics are those of the CPU op (csrc/cpu/attention.cpp), output for output.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <ATen/native/transformers/cuda/sdp_utils.h>
+#include <ATen/ops/_flash_attention_forward_cuda_dispatch.h>
+#include <ATen/record_function.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/headeronly/version.h>
 #include <torch/library.h>
+
+#define PYQKV_TORCH_GE(maj, min) \
+  (TORCH_VERSION_MAJOR > (maj) || (TORCH_VERSION_MAJOR == (maj) && TORCH_VERSION_MINOR >= (min)))
+#if PYQKV_TORCH_GE(2, 12)
+#include <ATen/ops/_flash_attention_forward_no_dropout_inplace_cuda_dispatch.h>
+#endif
 
 #include <algorithm>
 #include <limits>
@@ -35,6 +46,7 @@ plan::DeviceInfo cuda_device_info(int device_index) {
   d.minor = prop->minor;
   d.max_smem = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
   d.n_sms = prop->multiProcessorCount;
+  d.flash_in_build = sdp::is_flash_attention_available();
   return d;
 }
 
@@ -130,6 +142,37 @@ void launch_simt(const Params& p, const Plan& plan, const at::Tensor& q, cudaStr
   // after these kernels on this stream.
 }
 
+// PyTorch's FlashAttention-2, called below the dispatcher (at::cuda::, so that a process-wide FA3/FA4
+// registration cannot swap the kernel: shared/research/gpu-dispatch.md §7). The plan admitted the input:
+// float16 / bfloat16, Dh % 8 == 0 and <= 256, unit stride over Dh with 16-byte aligned data and strides
+// (FA2 loads 16 bytes at a time and checks neither), no mask, no ALiBi, no softcap, no pattern. FA2's
+// dense path has exactly pyqkv's semantics: bottom-right causal, GQA by index with no K/V copy, any
+// batch/row/head strides (the fused-QKV views and the head-major cache are read in place), split-KV
+// for decode. Only arguments that every torch 2.11 - 2.15 has are passed; scale and the windows as
+// typed optionals (a bare nullopt in the 11th slot is ambiguous with the .quantized overload).
+void run_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttnDims& d, double scale,
+               bool causal, at::Tensor z, at::Tensor& lse) {
+  RECORD_FUNCTION("pyqkv::attention.flash", std::vector<c10::IValue>());
+  // Hugging Face's sliding_window W counts the query's own key; FA2's window is an inclusive band:
+  // W - 1 keys to the left, 0 to the right (causal).
+  const std::optional<int64_t> left = d.window > 0 ? std::optional<int64_t>(d.window - 1) : std::nullopt;
+  const std::optional<int64_t> right = d.window > 0 ? std::optional<int64_t>(0) : std::nullopt;
+  const std::optional<double> sc(scale);
+  const std::optional<at::Tensor> none;
+#if PYQKV_TORCH_GE(2, 12)
+  // The out= form writes straight into z [B, S, H, Dh]; it returns the lse.
+  lse = at::cuda::_flash_attention_forward_no_dropout_inplace(z, q, k, v, none, none, d.S, d.K, 0.0, causal,
+                                                              /*return_debug_mask=*/false, sc, left, right);
+#else
+  auto out = at::cuda::_flash_attention_forward(q, k, v, none, none, d.S, d.K, 0.0, causal,
+                                                /*return_debug_mask=*/false, sc, left, right);
+  z.copy_(std::get<0>(out));
+  lse = std::get<1>(out);
+#endif
+  // FA2 gives a row with no visible key (causal with K < S) out = 0 and lse = +inf; pyqkv's lse is -inf.
+  lse.masked_fill_(lse == std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, const c10::optional<at::Tensor>& mask,
                                                               double scale, bool causal, bool return_pattern,
@@ -147,6 +190,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cuda(const at::Tensor& 
   const plan::Query query = plan::make_query(q, k, v, mask, r.d, causal, return_pattern, alibi.has_value(),
                                              cuda_device_info(q.device().index()), plan::this_torch_build());
   const plan::Backend backend = plan::choose_or_throw(query);  // raises with every backend's reasons
+  if (backend == plan::Backend::kFlash) {
+    at::Tensor lse;
+    run_flash(q, k, v, r.d, scale, causal, r.z, lse);
+    return {r.z, lse, r.pattern};
+  }
   attn::OwnKernel kind = attn::OwnKernel::kCudaCores;
   switch (backend) {
     case plan::Backend::kOwnDecode: kind = attn::OwnKernel::kDecode; break;
