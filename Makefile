@@ -81,10 +81,10 @@ $(VENV)/.built: $(VENV)/.torch requirements/build.txt $(SOURCES)
 clean:
 	rm -rf build *.egg-info pyqkv/*.so $(VENV)/.built
 
-# The CUDA kernels' logic on CPU threads: the CUDA smoke cases run through the kernels compiled for an
-# emulated GPU, against the CPU op. See scripts/cuda_emulate.py.
+# The CUDA kernels' logic on CPU threads (tools/cuda_emulate, see its README.md): every case of
+# scripts/cuda_smoke.py through the kernels compiled by g++ for simulated GPUs, against the CPU op.
 emulate: $(VENV)/.built $(VENV)/.test-deps
-	$(PY) scripts/cuda_emulate.py
+	$(PY) tools/cuda_emulate/run.py $(EMULATE_ARGS)
 
 # ruff for Python, clang-format for csrc (both from PyPI, in the venv).
 lint: $(VENV)/.test-deps

@@ -8,11 +8,11 @@ The first thing to run on a GPU machine, after building the project against a CU
 
 Prints one line per case with the largest error per output and exits non-zero on any mismatch (or any
 NaN). Without a GPU it prints "no GPU: skipped" and exits 0. The attention cases are also run, on CPU
-threads, by scripts/cuda_emulate.py, which executes the same kernels without a GPU.
+threads, by tools/cuda_emulate/run.py, which executes the same kernels without a GPU.
 
 Tolerances (|out - ref| <= atol + rtol * |ref|, ref computed in float64): float64 1e-9, float32 5e-5,
 float16 5e-3, bfloat16 3e-2; lse is float32 for the half types, so it is held to 2e-3 there. The rotary
-cases are run by scripts/cuda_emulate.py as well.
+cases are run by tools/cuda_emulate/run.py as well.
 """
 
 from __future__ import annotations

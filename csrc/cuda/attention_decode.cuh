@@ -27,7 +27,7 @@ namespace pyqkv {
 namespace attn {
 
 // The elements of one 32-bit word, as float. Bits are moved by value (no pointer cast of a register
-// array: that is type punning, which a host compiler may miscompile in scripts/cuda_emulate).
+// array: that is type punning, which a host compiler may miscompile in tools/cuda_emulate).
 __device__ __forceinline__ void unpack_word(uint32_t w, float* out, float) { out[0] = __uint_as_float(w); }
 __device__ __forceinline__ void unpack_word(uint32_t w, float* out, c10::Half) {
   out[0] = static_cast<float>(c10::Half(static_cast<uint16_t>(w & 0xffffu), c10::Half::from_bits()));

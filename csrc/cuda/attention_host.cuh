@@ -1,6 +1,6 @@
 // Host-side preparation of the CUDA attention op, in plain ATen (no CUDA API): argument checks, outputs,
 // the early exits, mask preparation and the kernel parameter block, exactly as the CPU op does them.
-// attention.cu launches the kernels on it; scripts/cuda_emulate runs the same kernels from it on CPU
+// attention.cu launches the kernels on it; tools/cuda_emulate runs the same kernels from it on CPU
 // threads to check their logic where no GPU exists.
 #pragma once
 #include <ATen/ATen.h>

@@ -1,6 +1,6 @@
 // Tiling of pyqkv's own CUDA attention kernels, and why each refuses a shape, as plain host C++ (no CUDA
 // headers): the backend table (csrc/attention_plan.h, compiled in the CPU build too) asks it which own
-// kernel takes an input, attention.cu launches the tiling, and scripts/cuda_emulate runs the same kernels
+// kernel takes an input, attention.cu launches the tiling, and tools/cuda_emulate runs the same kernels
 // from it on a machine without a GPU. (.cuh like the other kernel headers, so that the Makefile rebuilds
 // on a change.)
 #pragma once

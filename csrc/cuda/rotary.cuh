@@ -1,5 +1,5 @@
 // The rotary (RoPE) kernel: one thread per output element, grid-stride, on any strides of x. rotary.cu
-// launches it; scripts/cuda_emulate runs the same kernel on CPU threads where no GPU exists.
+// launches it; tools/cuda_emulate runs the same kernel on CPU threads where no GPU exists.
 //
 // Each output feature d < R reads x[d] and its rotation partner (d ^ 1 for rotate-every-two, d +- R/2 for
 // rotate-half) and the tables at d: out[d] = x[d] * cos[d] -+ x[partner] * sin[d], in the accumulation

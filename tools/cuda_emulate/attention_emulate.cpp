@@ -2,7 +2,7 @@
 // (csrc/cuda/attention_host.cuh, attention_plan.cuh; rotary.cuh's make_params) and the same kernels
 // (csrc/cuda/attention_*.cuh, rotary.cuh), compiled by g++ against stand-in CUDA headers (shim/). Only
 // the launches differ: CTAs run one after another, each with its threads as coroutines. Built and
-// driven by scripts/cuda_emulate.py.
+// driven by tools/cuda_emulate/run.py.
 #include <ATen/OpMathType.h>
 #include <torch/extension.h>
 

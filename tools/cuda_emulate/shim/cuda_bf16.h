@@ -1,4 +1,4 @@
-// Stand-in for <cuda_bf16.h> (scripts/cuda_emulate): c10::BFloat16 has the same bits and rounding.
+// Stand-in for <cuda_bf16.h> (tools/cuda_emulate): c10::BFloat16 has the same bits and rounding.
 #pragma once
 #include <c10/util/BFloat16.h>
 using __nv_bfloat16 = c10::BFloat16;

@@ -1,4 +1,4 @@
-// Stand-in for <cuda_runtime.h> when the kernels are compiled by g++ for scripts/cuda_emulate.
+// Stand-in for <cuda_runtime.h> when the kernels are compiled by g++ for tools/cuda_emulate.
 #pragma once
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-// Stand-in for <mma.h> (scripts/cuda_emulate): WMMA 16x16x16 fragments as whole matrices held by every
+// Stand-in for <mma.h> (tools/cuda_emulate): WMMA 16x16x16 fragments as whole matrices held by every
 // lane; products are exact, sums in float32 in k order (the hardware's order inside an MMA differs, so
 // results agree to float32 rounding, not bitwise). Collective stores are done by lane 0 only, so a read
 // by another lane without __syncwarp() in between sees stale data. Pointers must be 32-byte aligned and

@@ -3,15 +3,15 @@
 
 For machines without a GPU: the kernels (csrc/cuda/attention_*.cuh, rotary.cuh), the host preparation
 and the plan (csrc/cuda/attention_host.cuh, attention_plan.cuh) are compiled by g++ against stand-in
-CUDA headers (scripts/cuda_emulate/shim) and run one CTA at a time, each CTA's threads as coroutines
-that switch at barriers (scripts/cuda_emulate/emu_runtime.h). This checks the attention kernels'
+CUDA headers (tools/cuda_emulate/shim) and run one CTA at a time, each CTA's threads as coroutines
+that switch at barriers (tools/cuda_emulate/emu_runtime.h). This checks the attention kernels'
 indexing, masking (4-D bool and additive masks, sliding windows), ALiBi bias, softcapping, tiling, online softmax, Flash-Decoding splits and pattern pass against
 the oracle, under several simulated GPUs (so that every kernel path and tile size is taken) and thread
 orders (so that a missing barrier shows); and the rotary kernel's indexing, grid-stride loop and
 rounding. It says nothing about speed, real-hardware races, or the CUDA launch code in attention.cu
 and rotary.cu.
 
-    python scripts/cuda_emulate.py [-k NAME] [--quick]
+    python tools/cuda_emulate/run.py [-k NAME] [--quick]
 
 Needs a CPU torch (the project venv); builds into build/cuda-emulate (about a minute).
 """
@@ -27,9 +27,9 @@ import torch
 from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-import cuda_smoke  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import cuda_smoke  # noqa: E402  (the case table the GPU smoke test runs)
 
 # Simulated devices: (name, compute capability major, opt-in shared memory per block, SM count).
 DEVICES = [
@@ -41,7 +41,7 @@ ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
 
 
 def build():
-    src = os.path.join(HERE, "cuda_emulate")
+    src = HERE
     out = os.path.join(ROOT, "build", "cuda-emulate")
     os.makedirs(out, exist_ok=True)
     return cpp_extension.load(

@@ -1,4 +1,4 @@
-// Stand-in for <cuda_fp16.h> (scripts/cuda_emulate): c10::Half has the same bits and rounding.
+// Stand-in for <cuda_fp16.h> (tools/cuda_emulate): c10::Half has the same bits and rounding.
 #pragma once
 #include <c10/util/Half.h>
 using __half = c10::Half;
