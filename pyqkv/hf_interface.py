@@ -210,7 +210,7 @@ def _attend(module, layer, query, key, value, mask, *, dropout, scaling, is_caus
     extra = {} if softcap is None else {"softcap": float(softcap)}
     if layer is None:
         z, pattern = _attention(q4, k4, v4, scale, causal, mask, p, want_pattern, extra)
-        return z, pattern
+        return z.contiguous(), pattern
 
     q4 = layer.fire("hook_rot_q", q4)
     # K and V here are the cache's own storage (DynamicCache returns it, a StaticCache buffer is written in
@@ -243,7 +243,9 @@ def _attend(module, layer, query, key, value, mask, *, dropout, scaling, is_caus
     else:
         z, pattern = _attention(q4, k4, v4, scale, causal, mask, p, want_pattern, extra)
     z = layer.fire("hook_z", z)
-    return z, (pattern if want_pattern else None)
+    # Modules reshape the output with .view(B, S, H * Dh) (sdpa returns it contiguous): a hook's replacement
+    # may not be.
+    return z.contiguous(), (pattern if want_pattern else None)
 
 
 def _attention(q4, k4, v4, scale, causal, mask, p, want_pattern, extra):

@@ -191,10 +191,17 @@ FULL = os.environ.get("PYQKV_HF_ALL") == "1"
 FAMILIES = causal_lm_types() if FULL else [t for t in REPRESENTATIVE if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
 
 
-def _output_projection(module, width: int):
-    """The attention module's output projection (a Linear taking z flattened, H * Dh wide), by its usual names."""
-    for name in ("o_proj", "out_proj", "dense", "c_proj", "wo", "o", "proj", "attn_out", "output_proj"):
-        lin = getattr(module, name, None)
+def _output_projection(model, path: str, width: int):
+    """The attention module's output projection (a Linear taking z flattened, H * Dh wide), by its usual names;
+    BERT-style models keep it in a sibling (attention.self -> attention.output.dense)."""
+    module = model.get_submodule(path)
+    parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+    candidates = [getattr(module, name, None) for name in
+                  ("o_proj", "out_proj", "dense", "c_proj", "wo", "Wo", "o", "proj", "attn_out", "output_proj")]
+    output = getattr(parent, "output", None)
+    if path.endswith(".self") and isinstance(output, torch.nn.Module):
+        candidates.append(getattr(output, "dense", None))
+    for lin in candidates:
         if isinstance(lin, torch.nn.Linear) and lin.in_features == width:
             return lin, False
         w = getattr(lin, "weight", None)  # GPT-2's Conv1D stores [in, out]
@@ -321,6 +328,7 @@ def test_family_head_ablation(built, model_type):
         pytest.skip(f"no decoder layer hooked (layers: {h.layers})")
     prefix, path = blocks[-1]
     with torch.no_grad():
+        _run(eager, ids, am)  # skips a family whose eager model needs more than input_ids
         try:
             out, cache = h.run_with_cache(ids, attention_mask=am, names_filter=[f"{prefix}.hook_z"])
         except NotImplementedError as e:
@@ -338,7 +346,7 @@ def test_family_head_ablation(built, model_type):
     with torch.no_grad():
         assert torch.equal(ours(ids, attention_mask=am).logits, out.logits), f"{model_type}: state left behind"
 
-    proj, conv1d = _output_projection(eager.get_submodule(path), Hq * Dh)
+    proj, conv1d = _output_projection(eager, path, Hq * Dh)
     by_hand = None
     if proj is not None:
         with torch.no_grad():
@@ -362,3 +370,371 @@ def test_family_head_ablation(built, model_type):
         "the output projection does not read z directly")
     pytest.skip(f"{type(eager.get_submodule(path)).__name__}: {why}; hook_z ablation equals eager with the head "
                 "zeroed in its attention output, the by-hand projection oracle does not apply")
+
+
+# --------------------------------------------------------------------------------------------------
+# The contract's traps and rules, on small fixed families (fast; these run in every CI job).
+
+
+def pair(model_type: str = "llama", **overrides):
+    """(eager, ours) from the tiny config of `model_type` with `overrides` applied."""
+    saved = OVERRIDES.get(model_type, {})
+    OVERRIDES[model_type] = {**saved, **overrides}
+    try:
+        return build_pair(model_type)
+    finally:
+        OVERRIDES[model_type] = saved
+
+
+def test_register_is_idempotent_and_registers_the_mask_under_the_same_name():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    hf_interface.register()
+    hf_interface.register()
+    assert AttentionInterface._global_mapping["pyqkv"] is hf_interface.attention_forward
+    assert AttentionMaskInterface._global_mapping["pyqkv"] is hf_interface.mask_function
+
+
+def test_padding_reaches_every_layer():
+    """Left padding changes every layer's mask: without the mask registration HF would hand each layer
+    attention_mask=None and the padded keys would be attended (logits off by far more than 1e-4)."""
+    eager, ours = pair("llama")
+    ids, am = left_padded()
+    seen = []
+    original = hf_interface.mask_function
+
+    def spy(*args, **kwargs):
+        mask = original(*args, **kwargs)
+        seen.append(None if mask is None else tuple(mask.shape))
+        return mask
+
+    from unittest import mock
+
+    from transformers.masking_utils import AttentionMaskInterface
+
+    with torch.no_grad(), mock.patch.dict(AttentionMaskInterface._global_mapping, {"pyqkv": spy}):
+        out = ours(ids, attention_mask=am).logits
+        ref = eager(ids, attention_mask=am).logits
+    assert seen and all(s == (B, 1, S, S) for s in seen), seen
+    keep = am.bool()
+    assert_close(out[keep], ref[keep], "llama: padded batch", atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_static_cache_generation_equals_eager(model_type):
+    """An empty StaticCache prefill gets mask=None with K = max_cache_len > S: HF means causal over the first
+    S keys (top-left); pyqkv slices the empty slots away. Gemma 3 adds sliding layers."""
+    eager, ours = pair(model_type)
+    ids, _ = left_padded()
+    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None,
+              cache_implementation="static")
+    with torch.no_grad():
+        ref = eager.generate(ids, **kw)
+        out = ours.generate(ids, **kw)
+    assert out.tolist() == ref.tolist()
+
+
+def test_static_cache_prefill_without_mask_sees_only_its_own_keys():
+    """The trap itself, at the interface: K > S and mask None means top-left causal over keys 0..S-1."""
+    eager, ours = pair("llama")
+    module = ours.get_submodule("model.layers.0.self_attn")
+    Bq, Hq, Hkv, Sq, Kbuf, Dh = 2, H, 2, 5, 9, DH
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(Bq, Hq, Sq, Dh, generator=g)
+    k = torch.randn(Bq, Hkv, Kbuf, Dh, generator=g)
+    v = torch.randn(Bq, Hkv, Kbuf, Dh, generator=g)
+    k[:, :, Sq:] = 0  # the empty StaticCache slots
+    v[:, :, Sq:] = 0
+    z, _ = hf_interface.attention_forward(module, q, k, v, None, scaling=0.25)
+    kk, vv = k[:, :, :Sq].repeat_interleave(Hq // Hkv, 1), v[:, :, :Sq].repeat_interleave(Hq // Hkv, 1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=0.25).transpose(1, 2)
+    assert_close(z, ref, "static prefill, mask None", atol=1e-5, rtol=0)
+
+
+def test_bidirectional_module_attends_everywhere():
+    """A module with is_causal False (Gemma's use_bidirectional_attention) and a mask of None sees every key:
+    sdpa's rule, which pyqkv follows since its mask function is sdpa's. (Gemma's eager path builds a causal
+    mask regardless, so for this flag HF's own eager and sdpa disagree; the reference here is sdpa.)"""
+    eager, ours = pair("gemma", use_bidirectional_attention=True)
+    assert not ours.get_submodule("model.layers.0.self_attn").is_causal
+    sdpa = copy.deepcopy(eager)
+    sdpa.set_attn_implementation("sdpa")
+    ids, _ = left_padded()
+    with torch.no_grad():
+        ref = sdpa(ids).logits
+        out = ours(ids).logits
+        causal = eager(ids).logits
+    assert not torch.allclose(ref, causal, atol=1e-3), "the bidirectional flag changed nothing"
+    assert_close(out, ref, "gemma bidirectional vs sdpa", atol=1e-4, rtol=0)
+
+
+def test_sliding_window_decode_with_a_sliding_cache():
+    """Mistral with a window of 3: the prefill mask holds the window, and decode reads a cache that keeps only
+    the window; every step equals eager, and hook_rot_k shows the K keys attention reads."""
+    eager, ours = pair("mistral", sliding_window=3)
+    ids, am = left_padded()
+    kw = dict(attention_mask=am, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        assert ours.generate(ids, **kw).tolist() == eager.generate(ids, **kw).tolist()
+
+
+def test_train_mode_dropout_matches_eager_with_one_seed():
+    """Attention dropout in train mode draws eager's mask (softmax -> dropout -> @ V); gradients flow."""
+    eager, ours = pair("llama", attention_dropout=0.3)
+    eager.train(), ours.train()
+    ids, _ = left_padded()
+    torch.manual_seed(5)
+    ref = eager(ids).logits
+    torch.manual_seed(5)
+    out = ours(ids).logits
+    assert_close(out, ref, "llama train-mode logits", atol=1e-4, rtol=0)
+    torch.manual_seed(6)
+    assert not torch.allclose(ours(ids).logits, out, atol=1e-3), "dropout had no effect"
+    out.square().mean().backward()
+    grad = ours.get_submodule("model.layers.0.self_attn.q_proj").weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    ours.eval()
+    with torch.no_grad():
+        assert_close(ours(ids).logits, eager.eval()(ids).logits, "eval() after train()", atol=1e-4, rtol=0)
+
+
+def test_output_attentions_returns_the_pattern():
+    eager, ours = pair("llama")
+    ids, am = left_padded()
+    with torch.no_grad():
+        ref = eager(ids, attention_mask=am, output_attentions=True).attentions
+        out = ours(ids, attention_mask=am, output_attentions=True).attentions
+    assert len(out) == len(ref) == 2
+    rows = am.bool()[:, None, :].expand(-1, H, -1)
+    for a, b in zip(out, ref):
+        assert a.shape == (B, H, S, S)
+        assert_close(a[rows], b[rows], "output_attentions", atol=1e-5, rtol=0)
+
+
+def test_softcap_is_rejected_by_name_until_the_op_has_it():
+    eager, ours = pair("gemma2")
+    ids, am = left_padded()
+    if hf_interface._op_takes("softcap"):
+        with torch.no_grad():
+            keep = am.bool()
+            assert_close(ours(ids, attention_mask=am).logits[keep], eager(ids, attention_mask=am).logits[keep],
+                         "gemma2 with softcap", atol=1e-4, rtol=0)
+        return
+    with pytest.raises(NotImplementedError, match="softcap"):
+        with torch.no_grad():
+            ours(ids, attention_mask=am)
+
+
+def test_kwargs_that_change_the_math_are_rejected_by_name():
+    _, ours = pair("llama")
+    module = ours.get_submodule("model.layers.0.self_attn")
+    q, k = torch.randn(1, H, 3, DH), torch.randn(1, 2, 3, DH)
+    with pytest.raises(NotImplementedError, match="s_aux.*sinks"):
+        hf_interface.attention_forward(module, q, k, k, None, s_aux=torch.zeros(H))
+    with pytest.raises(NotImplementedError, match="cu_seq_lens_q.*position_ids"):
+        hf_interface.attention_forward(module, q, k, k, None, cu_seq_lens_q=torch.tensor([0, 3]))
+    with pytest.raises(NotImplementedError, match="frobnicate=.*does not know"):
+        hf_interface.attention_forward(module, q, k, k, None, frobnicate=2.0)
+    # None, and the harmless ones, pass
+    z, w = hf_interface.attention_forward(module, q, k, k, None, s_aux=None, sliding_window=4, position_ids=None)
+    assert z.shape == (1, 3, H, DH) and w is None
+    with pytest.raises(ValueError, match="attention_mask: expected None or a 4-D mask"):
+        hf_interface.attention_forward(module, q, k, k, torch.ones(1, 3, dtype=torch.bool))
+
+
+# A few families that accept attn_implementation="pyqkv" in their config (or reject it in HF itself) but never
+# call the interface: hooks_for and enable must say so instead of hooking nothing.
+NEVER_ROUTED = ["falcon", "gpt_neo", "bloom", "mpt", "openai-gpt", "gpt_neox_japanese"]
+
+
+@pytest.mark.parametrize("model_type", NEVER_ROUTED)
+def test_families_that_never_call_the_interface_get_a_clear_error(model_type):
+    cfg = tiny_config(model_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    assert not any(hf_interface.routes_through_interface(m) for m in model.modules())
+    with pytest.raises(TypeError, match="calls Hugging Face's AttentionInterface.*pyqkv.hf.attach") as e:
+        hf_interface.hooks_for(model)
+    if model_type in ("falcon", "bloom"):
+        assert "gives every hook point" in str(e.value)  # these have a full Bridge
+    with pytest.raises(TypeError, match="AttentionInterface"):
+        hf_interface.enable(model)
+    assert model.config._attn_implementation == "eager", "enable() changed the model before raising"
+
+
+def test_hooks_for_needs_the_pyqkv_implementation_and_enable_sets_it():
+    eager, _ = pair("llama")
+    with pytest.raises(ValueError, match="attn_implementation=eager, expected 'pyqkv'.*set_attn_implementation"):
+        hf_interface.hooks_for(eager)
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        hf_interface.hooks_for("llama")
+    ids, am = left_padded()
+    with torch.no_grad():
+        ref = eager(ids, attention_mask=am).logits
+    h = hf_interface.enable(eager)
+    assert eager.config._attn_implementation == "pyqkv" and hf_interface.hooks_for(eager) is h
+    assert [p for p, _ in h.layers] == ["blocks.0.attn", "blocks.1.attn"]
+    with torch.no_grad():
+        _, cache = h.run_with_cache(ids, attention_mask=am, names_filter="blocks.1.attn.hook_pattern")
+    assert list(cache) == ["blocks.1.attn.hook_pattern"]
+    eager.set_attn_implementation("eager")  # hooks can no longer fire: run_with_cache says so
+    with pytest.raises(RuntimeError, match="no attention layer .* called pyqkv's attention"):
+        h.run_with_cache(ids, attention_mask=am)
+    assert no_hooks_left(h)
+    with torch.no_grad():
+        assert torch.equal(eager(ids, attention_mask=am).logits, ref)
+
+
+def test_points_the_interface_cannot_see_raise_naming_attach():
+    _, ours = pair("gpt2")
+    h = hf_interface.hooks_for(ours)
+    for name in ("hook_q", "hook_k", "hook_in", "hook_result", "hook_out", "hook_q_input", "q.hook_out",
+                 "hook_hidden_states"):
+        with pytest.raises(ValueError, match="does not fire: not available with attn_implementation='pyqkv'.*"
+                                             r"pyqkv.hf.attach\(model\) gives every hook point .*GPT2Attention"):
+            h.add_hook(f"blocks.0.attn.{name}", lambda t, hook: None)
+    with pytest.raises(KeyError, match="unknown hook point.*valid names"):
+        h.add_hook("blocks.0.attn.hook_nope", lambda t, hook: None)
+    # filters skip what cannot fire; aliases name the same point
+    seen = []
+    h.add_hook(lambda n: n.startswith("blocks.0."), lambda t, hook: seen.append(hook.name))
+    h.add_hook("blocks.1.attn.o.hook_in", lambda t, hook: seen.append(hook.name))
+    with torch.no_grad():
+        ours(left_padded()[0])
+    h.reset_hooks()
+    assert seen == [f"blocks.0.attn.{n}" for n in hf_interface.POINTS] + ["blocks.1.attn.hook_z"]
+    assert no_hooks_left(h)
+    _, llama = pair("llama")
+    with pytest.raises(ValueError, match="does not support LlamaAttention"):
+        hf_interface.hooks_for(llama).add_hook("blocks.0.attn.hook_q", lambda t, hook: None)
+
+
+def test_a_failure_midway_leaves_no_hooks():
+    _, ours = pair("llama")
+    h = hf_interface.hooks_for(ours)
+    ok = lambda t, hook: None  # noqa: E731
+    with pytest.raises(ValueError, match="hook_out"):
+        with h.hooks(fwd_hooks=[("blocks.0.attn.hook_z", ok), ("blocks.0.attn.hook_out", ok)]):
+            pass
+    assert no_hooks_left(h)
+
+    def boom(t, hook):
+        raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        h.run_with_hooks(left_padded()[0], fwd_hooks=[("blocks.1.attn.hook_pattern", boom)])
+    assert no_hooks_left(h)
+    with pytest.raises(ValueError, match=r"hook_z: hook .* returned shape"):
+        h.run_with_hooks(left_padded()[0], fwd_hooks=[("blocks.0.attn.hook_z", lambda t, hook: t[:, :1])])
+    assert no_hooks_left(h)
+
+
+def test_pattern_edits_recompute_z_and_untouched_patterns_do_not(monkeypatch):
+    """A hook_pattern hook that only reads keeps the fused op's z (no attn_apply); editing the pattern in
+    place recomputes z from it: zeroing head 2's pattern equals zeroing head 2 at hook_z."""
+    _, ours = pair("llama")
+    h = hf_interface.hooks_for(ours)
+    ids, am = left_padded()
+    applied = []
+    real_apply = hf_interface.ops.attn_apply
+    monkeypatch.setattr(hf_interface.ops, "attn_apply", lambda *a: applied.append(1) or real_apply(*a))
+    with torch.no_grad():
+        plain = ours(ids, attention_mask=am).logits
+        read = h.run_with_hooks(ids, attention_mask=am,
+                                fwd_hooks=[("blocks.1.attn.hook_pattern", lambda p, hook: None)]).logits
+        assert not applied and torch.equal(read, plain)
+
+        def zero_pattern(p, hook):
+            p[:, 2] = 0
+
+        def zero_z(z, hook):
+            z[:, :, 2] = 0
+
+        by_pattern = h.run_with_hooks(ids, attention_mask=am, fwd_hooks=[("blocks.1.attn.hook_pattern", zero_pattern)])
+        assert applied
+        by_z = h.run_with_hooks(ids, attention_mask=am, fwd_hooks=[("blocks.1.attn.hook_z", zero_z)])
+        replaced = h.run_with_hooks(ids, attention_mask=am, fwd_hooks=[
+            ("blocks.1.attn.hook_pattern", lambda p, hook: torch.where(torch.arange(H).view(1, H, 1, 1) == 2, 0.0, p))])
+    keep = am.bool()
+    assert not torch.allclose(by_z.logits[keep], plain[keep], atol=1e-3)
+    assert_close(by_pattern.logits[keep], by_z.logits[keep], "pattern zeroed vs z zeroed", atol=1e-5, rtol=0)
+    assert_close(replaced.logits[keep], by_z.logits[keep], "pattern replaced vs z zeroed", atol=1e-5, rtol=0)
+
+
+def test_scores_hook_masks_a_key():
+    """Hiding key 0 at hook_attn_scores (the dtype's most negative value) renormalises over the rest."""
+    _, ours = pair("llama")
+    h = hf_interface.hooks_for(ours)
+    ids, _ = left_padded()
+
+    def hide_first_key(s, hook):
+        s[..., 1:, 0] = torch.finfo(s.dtype).min
+
+    with torch.no_grad():
+        _, cache = h.run_with_cache(ids, names_filter=["blocks.0.attn.hook_pattern"])
+        with h.hooks(fwd_hooks=[("blocks.0.attn.hook_attn_scores", hide_first_key)]):
+            _, edited = h.run_with_cache(ids, names_filter=["blocks.0.attn.hook_pattern"])
+    p, e = cache["blocks.0.attn.hook_pattern"], edited["blocks.0.attn.hook_pattern"]
+    assert torch.all(e[..., 1:, 0] == 0)
+    assert_close(e[..., 1:, 1:], p[..., 1:, 1:] / p[..., 1:, 1:].sum(-1, keepdim=True), "renormalised", atol=1e-5)
+
+
+def test_key_value_edits_affect_this_step_only_and_never_the_cache():
+    """hook_rot_k / hook_v see every key attention reads (the cache's past + the new ones, [B, K, Hkv, Dh])
+    as a copy: editing them changes this forward but not what the cache stores. GQA: Hkv = 2 of H = 4."""
+    eager, ours = pair("llama", num_key_value_heads=2)
+    h = hf_interface.hooks_for(ours)
+    ids, _ = left_padded()
+    with torch.no_grad():
+        cache_plain = DynamicCache(config=ours.config)
+        plain = ours(ids[:, :6], past_key_values=cache_plain, use_cache=True).logits
+
+        def scale_v(v, hook):
+            v.mul_(3.0)
+
+        cache_hooked = DynamicCache(config=ours.config)
+        with h.hooks(fwd_hooks=[("blocks.0.attn.hook_v", scale_v), ("blocks.0.attn.hook_rot_k", scale_v)]):
+            edited = ours(ids[:, :6], past_key_values=cache_hooked, use_cache=True).logits
+        assert not torch.allclose(edited, plain, atol=1e-3), "the K/V edit had no effect on this step"
+        a, b = cache_plain.layers[0], cache_hooked.layers[0]  # (layer 1's inputs changed with layer 0's output)
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), "an edit reached the cache"
+        # a decode step: K = 6 past + 1 new keys
+        _, step = h.run_with_cache(ids[:, 6:7], past_key_values=cache_plain, use_cache=True,
+                                   names_filter=["blocks.0.attn.hook_rot_k", "blocks.0.attn.hook_v",
+                                                 "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_rot_q"])
+    assert step["blocks.0.attn.hook_rot_k"].shape == (B, 7, 2, DH)
+    assert step["blocks.0.attn.hook_v"].shape == (B, 7, 2, DH)
+    assert step["blocks.0.attn.hook_rot_q"].shape == (B, 1, H, DH)
+    assert step["blocks.0.attn.hook_pattern"].shape == (B, H, 1, 7)
+    assert torch.equal(step["blocks.0.attn.hook_rot_k"][:, :6], cache_plain.layers[0].keys[:, :, :6].transpose(1, 2))
+
+
+def test_backward_hooks_see_gradients_in_hook_format():
+    _, ours = pair("llama")
+    h = hf_interface.hooks_for(ours)
+    ids, _ = left_padded()
+    grads = {}
+
+    def record(g, hook):
+        grads[hook.name] = tuple(g.shape)
+
+    with h.hooks(bwd_hooks=[(n, record)
+                            for n in ("blocks.0.attn.hook_z", "blocks.0.attn.hook_pattern", "blocks.1.attn.hook_rot_q")]):
+        ours(ids).logits.sum().backward()
+    assert grads == {"blocks.0.attn.hook_z": (B, S, H, DH), "blocks.0.attn.hook_pattern": (B, H, S, S),
+                     "blocks.1.attn.hook_rot_q": (B, S, H, DH)}
+    assert no_hooks_left(h)
+
+
+def test_cross_attention_and_towers_are_named_by_module_path():
+    """BART's decoder: self-attention is blocks.{layer_idx}.attn, its cross-attention (same layer_idx) goes
+    by module path."""
+    _, ours = pair("bart")
+    h = hf_interface.hooks_for(ours)
+    assert h.layers == [("blocks.0.attn", "model.decoder.layers.0.self_attn"),
+                        ("model.decoder.layers.0.encoder_attn", "model.decoder.layers.0.encoder_attn"),
+                        ("blocks.1.attn", "model.decoder.layers.1.self_attn"),
+                        ("model.decoder.layers.1.encoder_attn", "model.decoder.layers.1.encoder_attn")]
+    assert "model.decoder.layers.1.encoder_attn.hook_pattern" in h.hook_points()
