@@ -35,6 +35,8 @@ from pyqkv import hf_interface  # noqa: E402
 from test_bridge_oracle import assert_close, no_hooks_left  # noqa: E402
 
 hf_interface.register()
+# transformers 5.24 renames past_key_values to cache; 5.17 only knows the old name, which both accept.
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 VOCAB, D, H, DH = 128, 64, 4, 16
@@ -422,17 +424,27 @@ def test_padding_reaches_every_layer():
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
-def test_static_cache_generation_equals_eager(model_type):
-    """An empty StaticCache prefill gets mask=None with K = max_cache_len > S: HF means causal over the first
-    S keys (top-left); pyqkv slices the empty slots away. Gemma 3 adds sliding layers."""
+def test_static_cache_equals_eager(model_type):
+    """A StaticCache prefill without an attention mask reaches attention with mask=None and K = max_cache_len
+    > S: HF means causal over the first S keys (top-left); pyqkv slices the empty slots away. Then decode
+    steps (masked), and generate(cache_implementation="static"). Gemma 3 adds sliding layers."""
+    from transformers import StaticCache
+
     eager, ours = pair(model_type)
     ids, _ = left_padded()
-    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None,
-              cache_implementation="static")
     with torch.no_grad():
+        caches = [StaticCache(config=m.config, max_cache_len=16) for m in (eager, ours)]
+        for start, stop in ((0, 6), (6, 7), (7, 8)):
+            ref = eager(ids[:, start:stop], past_key_values=caches[0], use_cache=True).logits
+            out = ours(ids[:, start:stop], past_key_values=caches[1], use_cache=True).logits
+            assert_close(out, ref, f"{model_type}: StaticCache positions {start}..{stop - 1}", atol=1e-4, rtol=0)
+        kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  cache_implementation="static", return_dict_in_generate=True, output_logits=True)
         ref = eager.generate(ids, **kw)
         out = ours.generate(ids, **kw)
-    assert out.tolist() == ref.tolist()
+    assert out.sequences.tolist() == ref.sequences.tolist()
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+        assert_close(a, b, f"{model_type}: static-cache generate step {step}", atol=1e-4, rtol=0)
 
 
 def test_static_cache_prefill_without_mask_sees_only_its_own_keys():
