@@ -230,8 +230,7 @@ def _attend(module, layer, query, key, value, mask, *, dropout, scaling, is_caus
         # Under inference_mode the pattern is made as a normal tensor: inference tensors have no version
         # counter, and the counter is how an in-place edit by a hook is noticed.
         with torch.inference_mode(False):
-            z, _, pattern = ops.attention(q4, k4, v4, scale=scale, causal=causal, mask=mask, return_pattern=True,
-                                          **extra)
+            z, _, pattern = _fused(q4, k4, v4, scale, causal, mask, True, extra)
         if p:
             pattern = F.dropout(pattern, p, training=True)
         version = pattern._version
@@ -251,14 +250,28 @@ def _attend(module, layer, query, key, value, mask, *, dropout, scaling, is_caus
 def _attention(q4, k4, v4, scale, causal, mask, p, want_pattern, extra):
     """z [B, S, H, Dh] and (when asked, or for dropout) the pattern [B, H, S, K], with no hook involved."""
     if not (p or want_pattern):
-        z, _, _ = ops.attention(q4, k4, v4, scale=scale, causal=causal, mask=mask, **extra)
+        z, _, _ = _fused(q4, k4, v4, scale, causal, mask, False, extra)
         return z, None
-    z, _, pattern = ops.attention(q4, k4, v4, scale=scale, causal=causal, mask=mask, return_pattern=True, **extra)
+    z, _, pattern = _fused(q4, k4, v4, scale, causal, mask, True, extra)
     if p:
         # eager's order: softmax -> dropout -> pattern @ V, so one seed draws eager's dropout mask
         pattern = F.dropout(pattern, p, training=True)
         z = ops.attn_apply(pattern, v4)
     return z, pattern
+
+
+def _fused(q4, k4, v4, scale, causal, mask, return_pattern, extra):
+    """ops.attention, also for a value head dim Dv other than Q/K's Dqk (multi-head latent attention:
+    DeepSeek V2/V3, Kimi...). The op wants one head dim: zero features appended to V (or to Q and K) leave
+    P·V (and Q·K) unchanged, and z is cut back to [B, S, H, Dv]. This costs one padded copy."""
+    Dqk, Dv = q4.shape[-1], v4.shape[-1]
+    if Dv < Dqk:
+        v4 = F.pad(v4, (0, Dqk - Dv))
+    elif Dv > Dqk:
+        q4, k4 = F.pad(q4, (0, Dv - Dqk)), F.pad(k4, (0, Dv - Dqk))
+    z, lse, pattern = ops.attention(q4, k4, v4, scale=scale, causal=causal, mask=mask, return_pattern=return_pattern,
+                                    **extra)
+    return (z[..., :Dv] if Dv != z.shape[-1] else z), lse, pattern
 
 
 def _op_mask(mask, K: int, dtype: torch.dtype):

@@ -483,7 +483,7 @@ def test_bidirectional_module_attends_everywhere():
 
 def test_sliding_window_decode_with_a_sliding_cache():
     """Mistral with a window of 3: the prefill mask holds the window, and decode reads a cache that keeps only
-    the window; every step equals eager, and hook_rot_k shows the K keys attention reads."""
+    the window; every step equals eager."""
     eager, ours = pair("mistral", sliding_window=3)
     ids, am = left_padded()
     kw = dict(attention_mask=am, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -750,3 +750,41 @@ def test_cross_attention_and_towers_are_named_by_module_path():
                         ("blocks.1.attn", "model.decoder.layers.1.self_attn"),
                         ("model.decoder.layers.1.encoder_attn", "model.decoder.layers.1.encoder_attn")]
     assert "model.decoder.layers.1.encoder_attn.hook_pattern" in h.hook_points()
+
+
+@pytest.mark.parametrize("v_head_dim", [8, 24])
+def test_value_head_dim_other_than_the_query_s(v_head_dim):
+    """Multi-head latent attention (DeepSeek V3): V's head dim differs from Q/K's (16 here); hook_z has V's."""
+    eager, ours = pair("deepseek_v3", v_head_dim=v_head_dim)
+    ids, am = left_padded()
+    keep = am.bool()
+    h = hf_interface.hooks_for(ours)
+    with torch.no_grad():
+        ref = eager(ids, attention_mask=am).logits
+        out = ours(ids, attention_mask=am).logits
+        _, cache = h.run_with_cache(ids, attention_mask=am, names_filter=["blocks.0.attn.hook_z"])
+        read = h.run_with_hooks(ids, attention_mask=am,
+                                fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: None)]).logits
+    assert cache["blocks.0.attn.hook_z"].shape == (B, S, H, v_head_dim)
+    assert_close(out[keep], ref[keep], f"deepseek_v3 v_head_dim={v_head_dim}", atol=1e-4, rtol=0)
+    assert_close(read[keep], ref[keep], "pattern-hook path", atol=1e-4, rtol=0)
+
+
+def test_position_bias_is_folded_into_the_mask_as_sdpa_does():
+    """An additive per-head bias [B|1, H, S, K] (T5-style position_bias) with causal from the module (mask None)
+    and with a bool mask, against the plain formula."""
+    _, ours = pair("llama")
+    module = ours.get_submodule("model.layers.0.self_attn")
+    g = torch.Generator().manual_seed(4)
+    Sq, K = 5, 5
+    q = torch.randn(2, H, Sq, DH, generator=g)
+    k, v = torch.randn(2, H, K, DH, generator=g), torch.randn(2, H, K, DH, generator=g)
+    bias = torch.randn(1, H, Sq, K, generator=g)
+    causal = torch.ones(Sq, K, dtype=torch.bool).tril()
+    pad = torch.ones(2, 1, Sq, K, dtype=torch.bool)
+    pad[1, :, :, 0] = False
+    for mask, visible in ((None, causal), (pad & causal, pad & causal)):
+        z, _ = hf_interface.attention_forward(module, q, k, v, mask, scaling=0.3, position_bias=bias)
+        s = (q @ k.transpose(-1, -2)) * 0.3 + bias
+        ref = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0) @ v  # empty row -> 0
+        assert_close(z, ref.transpose(1, 2), "position_bias", atol=1e-5, rtol=0)
