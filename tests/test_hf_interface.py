@@ -9,7 +9,12 @@ attn_implementation="eager":
 - cached greedy generation, token for token;
 - hook_pattern [B, H, S, K] (and the other points' shapes);
 - a head zeroed at hook_z changes the logits and equals eager with that head's input columns of the
-  output projection zeroed by hand.
+  output projection zeroed by hand (where something sits between attention and that projection, BitNet's
+  sub-norm or DiffLlama's second map, it must equal eager with the head zeroed in eager's own attention
+  output, and the test says so in its skip reason).
+
+Then the contract's traps on small fixed families (the mask registration, the empty StaticCache prefill,
+sliding windows, is_causal, dropout, rejected kwargs, gated points, edits that must not reach the cache).
 
 By default a fixed representative subset runs (REPRESENTATIVE); PYQKV_HF_ALL=1 (make test-hf-all) runs
 every enumerated family. A family that cannot be built tiny, needs inputs beyond input_ids, or never calls
