@@ -14,7 +14,7 @@ PIP     = $(PY) -m pip install -c requirements/constraints.txt -c $(VENV)/torch-
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 HAVE_TORCH := $(shell $(PYTHON) -c "import torch; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); assert (2, 11) <= v < (2, 16)" 2>/dev/null && echo yes)
 
-.PHONY: demo test ci bench build clean cuda-build-check fuzz sanitize gpu-check emulate test-hf-oldest lint format
+.PHONY: demo test ci bench build clean cuda-build-check fuzz sanitize gpu-check emulate test-hf-oldest test-hf-all lint format
 
 demo: $(VENV)/.built $(VENV)/.demo-deps
 	$(PY) -m pyqkv
@@ -46,6 +46,11 @@ sanitize: $(VENV)/.torch $(VENV)/.test-deps
 # of their own that reuses this tree's build. See scripts/test_hf_oldest.sh.
 test-hf-oldest: $(VENV)/.built
 	PYQKV_MAIN_PY=$(PY) bash scripts/test_hf_oldest.sh
+
+# Every causal-LM family of transformers against eager under attn_implementation="pyqkv" (tests/test_hf_interface.py;
+# make test runs a fixed subset). About 17 minutes on 2 cores.
+test-hf-all: $(VENV)/.built $(VENV)/.test-deps
+	PYQKV_HF_ALL=1 $(PY) -m pytest -q -rfs tests/test_hf_interface.py
 
 bench: $(VENV)/.built $(VENV)/.test-deps
 	mkdir -p bench/out

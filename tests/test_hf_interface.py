@@ -1,5 +1,5 @@
 """attn_implementation="pyqkv": Hugging Face models whose attention goes through transformers'
-AttentionInterface, run on pyqkv's attention op with model-level hooks (pyqkv/hf_interface.py).
+AttentionInterface, run on pyqkv's attention op with model-level hooks (pyqkv/hf/interface.py).
 
 Families are enumerated from transformers itself (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), each built from its
 default config shrunk to a tiny one (no download), and compared with the same weights under
@@ -36,7 +36,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, CONFIG_MAPPING, DynamicCache  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
-from pyqkv import hf_interface  # noqa: E402
+from pyqkv.hf import interface as hf_interface  # noqa: E402
 from test_bridge_oracle import assert_close, no_hooks_left  # noqa: E402
 
 hf_interface.register()
@@ -529,18 +529,14 @@ def test_output_attentions_returns_the_pattern():
         assert_close(a[rows], b[rows], "output_attentions", atol=1e-5, rtol=0)
 
 
-def test_softcap_is_rejected_by_name_until_the_op_has_it():
+def test_softcap_reaches_the_op():
+    """Gemma 2's attention-logit soft-capping runs inside pyqkv's op and equals eager."""
     eager, ours = pair("gemma2")
     ids, am = left_padded()
-    if hf_interface._op_takes("softcap"):
-        with torch.no_grad():
-            keep = am.bool()
-            assert_close(ours(ids, attention_mask=am).logits[keep], eager(ids, attention_mask=am).logits[keep],
-                         "gemma2 with softcap", atol=1e-4, rtol=0)
-        return
-    with pytest.raises(NotImplementedError, match="softcap"):
-        with torch.no_grad():
-            ours(ids, attention_mask=am)
+    keep = am.bool()
+    with torch.no_grad():
+        assert_close(ours(ids, attention_mask=am).logits[keep], eager(ids, attention_mask=am).logits[keep],
+                     "gemma2 with softcap", atol=1e-4, rtol=0)
 
 
 def test_kwargs_that_change_the_math_are_rejected_by_name():
@@ -612,7 +608,7 @@ def test_points_the_interface_cannot_see_raise_naming_attach():
         with pytest.raises(ValueError, match="does not fire: not available with attn_implementation='pyqkv'.*"
                                              r"pyqkv.hf.attach\(model\) gives every hook point .*GPT2Attention"):
             h.add_hook(f"blocks.0.attn.{name}", lambda t, hook: None)
-    with pytest.raises(KeyError, match="unknown hook point.*valid names"):
+    with pytest.raises(KeyError, match=r"unknown hook point 'blocks\.0\.attn\.hook_nope'.*Valid names: blocks\.\{0-1\}\.attn\.<point>"):
         h.add_hook("blocks.0.attn.hook_nope", lambda t, hook: None)
     # filters skip what cannot fire; aliases name the same point
     seen = []
@@ -623,9 +619,12 @@ def test_points_the_interface_cannot_see_raise_naming_attach():
     h.reset_hooks()
     assert seen == [f"blocks.0.attn.{n}" for n in hf_interface.POINTS] + ["blocks.1.attn.hook_z"]
     assert no_hooks_left(h)
-    _, llama = pair("llama")
-    with pytest.raises(ValueError, match="does not support LlamaAttention"):
+    _, llama = pair("llama")  # a family the full tier supports: the message points there
+    with pytest.raises(ValueError, match=r"pyqkv\.hf\.attach\(model\) gives every hook point for this model \(LlamaAttention\)"):
         hf_interface.hooks_for(llama).add_hook("blocks.0.attn.hook_q", lambda t, hook: None)
+    _, starcoder2 = pair("starcoder2")  # one it does not: the message says so
+    with pytest.raises(ValueError, match="does not support Starcoder2Attention"):
+        hf_interface.hooks_for(starcoder2).add_hook("blocks.0.attn.hook_q", lambda t, hook: None)
 
 
 def test_a_failure_midway_leaves_no_hooks():

@@ -5,10 +5,10 @@ Bridge). Here Hugging Face keeps its own projections, qk-norms, RoPE variants, c
 the attention itself, from post-RoPE Q and the cached K/V to z, runs on `pyqkv.ops.attention`, under the
 implementation name "pyqkv":
 
-    pyqkv.hf_interface.register()                       # idempotent; `import pyqkv.hf` will do it
+    pyqkv.hf.register()                                 # idempotent; `import pyqkv.hf` does it
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="pyqkv")
-    # or: model.set_attn_implementation("pyqkv"), or pyqkv.hf_interface.enable(model)
-    h = pyqkv.hf_interface.hooks_for(model)
+    # or: model.set_attn_implementation("pyqkv"), or pyqkv.hf.enable(model)
+    h = pyqkv.hf.hooks_for(model)
     logits, cache = h.run_with_cache(input_ids, names_filter=["blocks.0.attn.hook_pattern"])
     with h.hooks(fwd_hooks=[("blocks.3.attn.hook_z", ablate_head_5)]):
         model.generate(input_ids, max_new_tokens=8)
@@ -121,7 +121,7 @@ def register() -> None:
 
     Idempotent. The mask registration is what makes Hugging Face build a mask at all: for a name missing
     from the mask registry its mask preprocessing exits early and every layer receives attention_mask=None,
-    padding included (research/hf-families.md §3)."""
+    padding included."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -158,11 +158,6 @@ def attention_forward(module: nn.Module, query, key, value, attention_mask, drop
     when Hugging Face records attentions (output_attentions), as eager does.
     """
     _check_kwargs(module, kwargs)
-    if softcap is not None and not _op_takes("softcap"):
-        raise NotImplementedError(
-            f"softcap: {type(module).__name__} asks for attention-logit soft-capping (softcap={softcap}), which "
-            "pyqkv.ops.attention does not implement yet; run this model with attn_implementation='eager' until it does"
-        )
     layer = _LAYERS.get(module)
     if layer is not None:
         layer.owner._calls += 1
@@ -275,7 +270,8 @@ def _fused(q4, k4, v4, scale, causal, mask, return_pattern, extra):
 
 
 def _op_mask(mask, K: int, dtype: torch.dtype):
-    """HF's mask in a form pyqkv.ops.attention takes: None, or an additive float [B|1, 1|H, S, K]."""
+    """HF's mask as pyqkv.ops.attention takes it: None, a bool [B|1, 1|H, S, K] (True = attend, read natively by
+    the op) or an additive float one."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
@@ -285,17 +281,7 @@ def _op_mask(mask, K: int, dtype: torch.dtype):
         )
     if mask.shape[-1] > K:
         mask = mask[..., :K]  # a mask built for a longer buffer than the keys handed over (eager slices too)
-    if mask.dtype == torch.bool:
-        return _bool_to_additive(mask, dtype)
     return mask
-
-
-def _bool_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """bool [B, 1, S, K] (True = attend) -> additive (0 visible, dtype's most negative value hidden).
-    This conversion (one [B, 1, S, K] float copy) goes once pyqkv.ops.attention accepts bool 4-D masks."""
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def _fold_position_bias(bias, mask, causal: bool, S: int, K: int, dtype):
@@ -303,6 +289,8 @@ def _fold_position_bias(bias, mask, causal: bool, S: int, K: int, dtype):
     create_position_bias_mask does (causal from the module when there is no mask: the K keys are the S
     queries' own here, so top-left and bottom-right agree)."""
     bias = bias.to(dtype)
+    if mask is not None and mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, torch.finfo(dtype).min)
     if mask is not None:
         return bias + mask
     if causal:
@@ -310,11 +298,6 @@ def _fold_position_bias(bias, mask, causal: bool, S: int, K: int, dtype):
         j = torch.arange(K, device=bias.device).view(1, K)
         return bias.masked_fill(j > i + (K - S), torch.finfo(dtype).min)
     return bias
-
-
-def _op_takes(name: str) -> bool:
-    """Whether pyqkv.ops.attention and ops.attn_scores accept keyword `name` (softcap arrives with the op work)."""
-    return all(name in inspect.signature(f).parameters for f in (ops.attention, ops.attn_scores))
 
 
 def _recording_attentions() -> bool:
@@ -564,7 +547,7 @@ def hooks_for(model: nn.Module) -> InterfaceHooks:
         raise ValueError(
             f"model: its attention runs attn_implementation={', '.join(impls)}, expected 'pyqkv'; build it with "
             "from_config(cfg, attn_implementation='pyqkv') / from_pretrained(..., attn_implementation='pyqkv'), "
-            "or call model.set_attn_implementation('pyqkv') or pyqkv.hf_interface.enable(model)"
+            "or call model.set_attn_implementation('pyqkv') or pyqkv.hf.enable(model)"
         )
     taken = [m for _, m in ours if _LAYERS.get(m) is not None]
     if taken:
