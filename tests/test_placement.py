@@ -152,6 +152,54 @@ def test_wrapped_projection_is_called():
     pyqkv.hf.detach(model)
 
 
+class Int8Param(torch.nn.Parameter):
+    """A stand-in for a quantized library's weight type (bitsandbytes' Int8Params is a Parameter subclass)."""
+
+
+class QuantizedLinear(torch.nn.Linear):
+    """A Linear subclass whose weight is not a plain Parameter: its forward is the library's, not x @ W.T."""
+
+    def __init__(self, linear):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        self.weight = Int8Param(linear.weight.detach().clone())
+        if linear.bias is not None:
+            self.bias = torch.nn.Parameter(linear.bias.detach().clone())
+
+
+class PlainSubclassLinear(torch.nn.Linear):
+    """Falcon's FalconLinear in kind: a Linear subclass with its own forward computing x @ W.T + b."""
+
+    def forward(self, x):
+        return x @ self.weight.T + (0 if self.bias is None else self.bias)
+
+
+@pytest.mark.parametrize("cls, held", [(QuantizedLinear, False), (PlainSubclassLinear, True)])
+def test_linear_subclass_is_held_only_when_its_weight_is_a_plain_parameter(cls, held):
+    model = build("llama")
+    for layer in model.model.layers:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            old = getattr(layer.self_attn, name)
+            new = cls(old.in_features, old.out_features, bias=old.bias is not None) if cls is PlainSubclassLinear \
+                else cls(old)
+            if cls is PlainSubclassLinear:
+                new.load_state_dict(old.state_dict())
+            setattr(layer.self_attn, name, new)
+    with torch.no_grad():
+        ref = model(ids()).logits
+    h = pyqkv.hf.attach(model)
+    b = h.bridges[0]
+    if held:
+        assert b.projections is None
+        assert b.W_Q.shape == (4, 64, DH)
+    else:
+        assert b.projections is not None and f"{cls.__name__} projection" in b.projections
+        with pytest.raises(RuntimeError, match=r"^W_Q: this Bridge calls its projection modules"):
+            b.W_Q
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids()).logits, ref, atol=1e-5, rtol=0)
+    pyqkv.hf.detach(model)
+
+
 def test_zero_heads_on_one_process():
     model = build("gpt2")
     h = pyqkv.hf.attach(model)
@@ -168,3 +216,28 @@ def test_zero_heads_on_one_process():
         _, plain = h.run_with_cache(ids(), names_filter=["blocks.0.attn.hook_z"])
         _, gathered = h.run_with_cache(ids(), names_filter=["blocks.0.attn.hook_z"], gather=True)
     assert torch.equal(plain["blocks.0.attn.hook_z"], gathered["blocks.0.attn.hook_z"])
+
+
+def test_device_map_split_between_cuda_and_cpu():
+    """On a GPU machine: blocks 0-1 on the GPU, block 2 and the head on the CPU (accelerate moves the
+    activations between them). Each Bridge computes on its block's device; logits, a cached pattern and
+    generate equal the unattached model's. Skipped without a GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available on this machine (torch.cuda.is_available() is False)")
+    ref_model = build("llama")
+    with torch.no_grad():
+        ref = ref_model(ids()).logits
+        ref_tokens = ref_model.generate(ids(), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    model = build("llama")
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": "cpu",
+                  "model.norm": "cpu", "model.rotary_emb": 0, "lm_head": "cpu"}
+    accelerate.dispatch_model(model, device_map=device_map)
+    h = pyqkv.hf.attach(model)
+    assert [b.qkv_weight.device.type for b in h.bridges] == ["cuda", "cuda", "cpu"]
+    with torch.no_grad():
+        out, cache = h.run_with_cache(ids().cuda(), names_filter=lambda n: n.endswith("hook_pattern"))
+        tokens = model.generate(ids().cuda(), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(out.logits.cpu(), ref, atol=1e-4, rtol=0)
+    assert cache["blocks.0.attn.hook_pattern"].device.type == "cuda"
+    assert cache["blocks.2.attn.hook_pattern"].device.type == "cpu"
+    assert tokens.cpu().tolist() == ref_tokens.tolist()

@@ -3,7 +3,8 @@ called through the model's own projection modules when the Bridge cannot hold th
 
 - accelerate's CPU or disk offload keeps weights on the meta device between forwards and loads them in
   hooks around each module's own forward: the Bridge must call the module.
-- a quantized or PEFT-wrapped projection (anything but a plain nn.Linear / Conv1D) computes its own output.
+- a quantized or PEFT-wrapped projection (anything but a plain nn.Linear, a plain subclass of it, or Conv1D)
+  computes its own output.
 - transformers' tensor parallelism (tp_plan) shards the weights as DTensors and wraps each projection's
   forward with the communication: the Bridge calls the wrapped modules with this rank's head counts, and
   the row-parallel output projection all-reduces as it does without pyqkv.
@@ -42,9 +43,22 @@ def delegation_reason(spec) -> Optional[str]:
             if is_sharded(p):
                 return "weights sharded by tensor parallelism"
     for m in (spec.qkv if isinstance(spec.qkv, tuple) else (spec.qkv,)) + (spec.out,):
-        if type(m) is not nn.Linear and type(m).__name__ != "Conv1D":
+        if not _plain_projection(m):
             return f"a {type(m).__name__} projection (quantized or wrapped), called as it is"
     return None
+
+
+def _plain_projection(m: nn.Module) -> bool:
+    """A projection whose output is `x @ W.T + b` of its own floating-point Parameter: nn.Linear and its
+    plain subclasses (Falcon's FalconLinear), and HF's Conv1D. A quantized Linear subclass (bitsandbytes,
+    torchao) carries its own Parameter or tensor subclass; a PEFT wrapper is no Linear at all; a
+    parametrized weight (torch.nn.utils.parametrize) is computed, not held."""
+    if not (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"):
+        return False
+    w = getattr(m, "weight", None)
+    if type(w) is not nn.Parameter or not w.dtype.is_floating_point:
+        return False
+    return not hasattr(m, "parametrizations")
 
 
 def d_model_of(spec) -> int:
