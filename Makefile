@@ -14,7 +14,7 @@ PIP     = $(PY) -m pip install -c requirements/constraints.txt -c $(VENV)/torch-
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 HAVE_TORCH := $(shell $(PYTHON) -c "import torch; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); assert (2, 11) <= v < (2, 16)" 2>/dev/null && echo yes)
 
-.PHONY: demo test ci bench build clean cuda-build-check fuzz sanitize gpu-check emulate test-hf-oldest test-hf-all lint format
+.PHONY: demo test ci bench bench-model build clean cuda-build-check fuzz sanitize gpu-check emulate test-hf-oldest test-hf-all lint format
 
 demo: $(VENV)/.built $(VENV)/.demo-deps
 	$(PY) -m pyqkv
@@ -55,6 +55,16 @@ test-hf-all: $(VENV)/.built $(VENV)/.test-deps
 bench: $(VENV)/.built $(VENV)/.test-deps
 	mkdir -p bench/out
 	$(PY) -m pyqkv bench --compile --json bench/out/cpu.json
+
+# A whole GPT-2-small-shaped model against HF (sdpa, eager + output_attentions) and TransformerLens's bridge
+# (installed with --no-deps into build/bench-peers; see requirements/bench-peers.txt). pyqkv/bench_model.py.
+bench-model: $(VENV)/.built $(VENV)/.test-deps build/bench-peers/.ready
+	mkdir -p bench/out
+	HF_HUB_OFFLINE=1 PYTHONPATH=build/bench-peers $(PY) -m pyqkv bench-model --json bench/out/cpu-model.json
+
+build/bench-peers/.ready: requirements/bench-peers.txt
+	$(PY) -m pip install -q --no-deps --upgrade --target build/bench-peers -r requirements/bench-peers.txt
+	touch $@
 
 build: $(VENV)/.built
 

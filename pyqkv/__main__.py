@@ -1,7 +1,9 @@
 """`python -m pyqkv` / `pyqkv`: the demo: a GPT-2-small-shaped layer with random weights checked against the
 reference, a head ablation, the pattern, decoding with a KVCache, the same on a whole (small, random) Hugging
 Face model, and a short timing table. Nothing is downloaded.
-`pyqkv bench [...]`: the benchmark table (see pyqkv/bench.py, `pyqkv bench --help`)."""
+`pyqkv bench [...]`: the benchmark table (see pyqkv/bench.py, `pyqkv bench --help`).
+`pyqkv bench-model [...]`: a whole GPT-2-small-shaped model against Hugging Face and TransformerLens
+(pyqkv/bench_model.py)."""
 
 from __future__ import annotations
 
@@ -143,6 +145,10 @@ def main(argv=None) -> int:
         from pyqkv import bench
 
         return bench.main(argv[1:])
+    if argv and argv[0] == "bench-model":
+        from pyqkv import bench_model
+
+        return bench_model.main(argv[1:])
     if argv and argv[0] not in ("demo",):
         print(__doc__)
         return 0 if argv[0] in ("-h", "--help") else 2

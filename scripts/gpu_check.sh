@@ -12,8 +12,12 @@
 #    benchmark table) with its "summary" in $OUT/bench.json;
 # 4. the test suite with CUDA (pytest -n 8 when pytest-xdist is there);
 # 5. compute-sanitizer memcheck over the smoke cases (the FlashAttention-2 path and the own kernels'
-#    window / softcap / bool-mask cases among them), then racecheck over a subset.
-# The default limits add up to about 9 minutes after the build check.
+#    window / softcap / bool-mask cases among them), then racecheck over a subset;
+# 6. model: pyqkv/bench_model.py on the GPU (a Pythia-1.4B-shaped GPT-NeoX and a Llama-shaped GQA model,
+#    bf16: prefill, every layer's pattern against HF eager, generate with and without a hook_z ablation on
+#    every layer), its "summary" in $OUT/model.json; and tests/test_placement.py's GPU + CPU device map.
+# The default limits add up to about 11 minutes after the build check: with 15 minutes of device time
+# (starts included) pick stages, e.g. STAGES="smoke bench tests model" first.
 # Each stage has its own time limit (seconds, overridable: T_SMOKE, T_BENCH, T_TESTS, T_MEMCHECK,
 # T_RACECHECK), so a slow stage cannot eat the others; logs go to $OUT, a summary is printed last.
 # STAGES picks stages (default: all, in the order above); TEST_K is pytest's -k (default "cuda": the CPU
@@ -44,7 +48,7 @@ else
   $PY -c "$HAS_CUDA_OPS" || { echo "built, but no CUDA kernel registered"; exit 1; }
 fi
 
-STAGES=${STAGES:-smoke bench tests memcheck racecheck}
+STAGES=${STAGES:-smoke bench tests memcheck racecheck model}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if want smoke; then
@@ -92,6 +96,16 @@ for k in "${RACE_CASES[@]}"; do
 done
 fi
 
+if want model; then
+stage "model"
+timeout "${T_MODEL:-120}" $PY -m pyqkv bench-model --device cuda --dtype bfloat16 --shape pythia-1.4b llama-gqa-1b \
+  --batch 8 --seq 2048 --reps 3 --generate 256 --generate-batch 1 16 --json "$OUT/model.json" >"$OUT/model.log" 2>&1
+echo "bench-model rc=$?"
+timeout "${T_DEVICEMAP:-40}" $PY -m pytest -q -p no:cacheprovider -rfE tests/test_placement.py \
+  -k device_map_split_between_cuda_and_cpu >"$OUT/devicemap.log" 2>&1
+echo "device map rc=$?"
+fi
+
 stage "summary"
 echo "--- smoke: failures and the last line"
 for f in "$OUT"/smoke*.log; do
@@ -104,6 +118,9 @@ tail -n 40 "$OUT/bench.log" 2>/dev/null
 echo "--- tests"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" 2>/dev/null | cut -c 1-300 | head -n 40
 tail -n 2 "$OUT/pytest.log" 2>/dev/null
+echo "--- model"
+grep -E "summary|generate|rows agree" "$OUT/model.log" 2>/dev/null | head -n 20
+tail -n 2 "$OUT/devicemap.log" 2>/dev/null
 echo "--- memcheck"
 grep -E "ERROR SUMMARY|Invalid|FAIL|passed" "$OUT/memcheck.log" 2>/dev/null | head -n 20
 echo "--- racecheck"

@@ -91,3 +91,16 @@ def test_plot_from_saved_json(tmp_path):
     saved = json.loads(json.dumps(result))
     bench.plot(saved, str(tmp_path / "again.png"))
     assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_model_rows_agree_and_summarize():
+    """The model-level benchmark's rows compute the same model, and its summary has the ratios the README
+    and the GPU JSON report (at a tiny size; timings are not asserted)."""
+    from pyqkv import bench_model
+
+    result = bench_model.run(batch=1, seq=16, reps=1, layers=1, memory=False, quiet=True, generate=2,
+                             generate_batches=(1,), prompt=4)
+    assert result["rows_agree"] < 1e-4
+    assert {"unhooked_vs_hf_sdpa", "run_with_cache_patterns_vs_hf_eager", "generate_tokens_per_s_vs_hf_sdpa",
+            "generate_hooked_vs_hf_sdpa"} <= set(result["summary"])
+    assert set(result["generate"][1]) == {"generate: HF sdpa", "generate: pyqkv", "generate: pyqkv + hook_z ablation"}

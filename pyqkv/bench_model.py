@@ -1,0 +1,269 @@
+"""Model-level benchmark: a whole model with random weights, side by side in one process, medians of
+interleaved rounds and ratios. On the CPU (the default): GPT-2-small-shaped (12 layers, D = 768, H = 12),
+float32, B = 2, S = 512. On a GPU (`--device cuda`, what `make gpu-check` runs): a Pythia-1.4B-shaped
+GPT-NeoX (24 layers, D = 2048, H = 16) and a Llama-shaped GQA model of similar size (16 layers, D = 2048,
+H = 32, Hkv = 8), bfloat16, with the generate rows.
+
+Rows:
+- "HF sdpa": the unattached model with attn_implementation="sdpa", nothing asked for (the baseline of
+  the unhooked rows);
+- "pyqkv attached": the same model attached with pyqkv.hf.attach, nothing hooked;
+- "HF eager + output_attentions": every layer's pattern, the way Hugging Face gives it;
+- "TransformerLens bridge run_with_cache": TransformerLens's TransformerBridge (the reference system)
+  caching every layer's hook_pattern; only when transformer_lens can be imported (`make bench-model`
+  installs it into build/bench-peers);
+- "pyqkv run_with_cache": the attached model caching every layer's hook_pattern.
+With --generate N: greedy generation of N new tokens (tokens/s) by HF sdpa, by the attached model with
+nothing hooked, and with a hook_z head ablation on every layer (pyqkv.zero_heads).
+Peak MB: on the CPU the extra resident memory of one call, measured in a fresh process; on a GPU
+torch.cuda.max_memory_allocated over one call, above what was allocated before it.
+
+    python -m pyqkv bench-model [--batch 2] [--seq 512] [--reps 5] [--json FILE]
+    python -m pyqkv bench-model --device cuda --dtype bfloat16 --shape pythia-1.4b --batch 8 --seq 2048 --generate 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from pyqkv.bench import format_table, time_interleaved
+
+VOCAB = 50257
+SHAPES = {  # name: (transformers config class, its arguments); vocabulary 50257 throughout
+    "gpt2-small": ("GPT2Config", dict(n_layer=12, n_head=12, n_embd=768, n_positions=4096, attn_pdrop=0.0,
+                                      resid_pdrop=0.0, embd_pdrop=0.0)),
+    "pythia-1.4b": ("GPTNeoXConfig", dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=16,
+                                          intermediate_size=8192, max_position_embeddings=4096)),
+    "llama-gqa-1b": ("LlamaConfig", dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32,
+                                         num_key_value_heads=8, intermediate_size=8192,
+                                         max_position_embeddings=4096)),
+}
+
+
+def _config(shape: str, layers=None):
+    import transformers
+
+    cls, kw = SHAPES[shape]
+    kw = dict(kw)
+    if layers is not None:
+        kw["n_layer" if shape == "gpt2-small" else "num_hidden_layers"] = layers
+    cfg = getattr(transformers, cls)(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def _tiny_tokenizer(directory: str, vocab: int):
+    """A word-level tokenizer saved to `directory` (TransformerLens's bridge wants one; it is never used
+    here: the rows take token ids)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", pad_token="t0", bos_token="t0",
+                                                eos_token="t0")
+    fast.save_pretrained(directory)
+    return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def have_transformer_lens() -> bool:
+    try:
+        import transformer_lens.model_bridge  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def rows(layers=None, seed: int = 0, shape: str = "gpt2-small", device="cpu", dtype=torch.float32,
+         generate: int = 0) -> dict:
+    """Row name -> callable(ids). Each row has its own copy of one random model."""
+    import transformers
+
+    import pyqkv
+
+    torch.manual_seed(seed)
+    base = transformers.AutoModelForCausalLM.from_config(_config(shape, layers)).to(device=device, dtype=dtype).eval()
+    sdpa = copy.deepcopy(base)
+    sdpa.config._attn_implementation = "sdpa"
+    eager = copy.deepcopy(base)
+    attached_model = copy.deepcopy(base)
+    h = pyqkv.hf.attach(attached_model)
+    out = {
+        "HF sdpa": lambda ids: sdpa(ids).logits,
+        "pyqkv attached": lambda ids: attached_model(ids).logits,
+        "HF eager + output_attentions": lambda ids: eager(ids, output_attentions=True).attentions,
+        "pyqkv run_with_cache": lambda ids: h.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))[1],
+    }
+    if generate:
+        kw = dict(max_new_tokens=generate, min_new_tokens=generate, do_sample=False, pad_token_id=0)
+        ablate = [(f"blocks.{i}.attn.hook_z", pyqkv.zero_heads([0])) for i in range(len(h.bridges))]
+        out["generate: HF sdpa"] = lambda ids: sdpa.generate(ids, **kw)
+        out["generate: pyqkv"] = lambda ids: attached_model.generate(ids, **kw)
+
+        def generate_ablated(ids):
+            with h.hooks(fwd_hooks=ablate):
+                return attached_model.generate(ids, **kw)
+
+        out["generate: pyqkv + hook_z ablation"] = generate_ablated
+    if have_transformer_lens():
+        from transformer_lens.model_bridge import TransformerBridge
+
+        directory = tempfile.mkdtemp(prefix="pyqkv-bench-tl-")
+        tok = _tiny_tokenizer(directory, base.config.vocab_size)
+        base.config.save_pretrained(directory)
+        tl = TransformerBridge.boot_transformers(directory, hf_model=copy.deepcopy(base), tokenizer=tok)
+        out["TransformerLens bridge run_with_cache"] = (
+            lambda ids: tl.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))[1]
+        )
+    return out
+
+
+def check_rows_agree(fns: dict, ids) -> float:
+    """Every row computes the same model: the max |difference| of their logits / patterns (a sanity check
+    of the benchmark itself; the tests check pyqkv against Hugging Face)."""
+    with torch.inference_mode():
+        ref_logits = fns["HF sdpa"](ids)
+        worst = (fns["pyqkv attached"](ids) - ref_logits).abs().max().item()
+        ref_patterns = fns["HF eager + output_attentions"](ids)
+        for name in ("pyqkv run_with_cache", "TransformerLens bridge run_with_cache"):
+            if name in fns:
+                cache = fns[name](ids)
+                for i, p in enumerate(ref_patterns):
+                    worst = max(worst, (cache[f"blocks.{i}.attn.hook_pattern"].float() - p.float()).abs().max().item())
+    return worst
+
+
+def _synced(fn, device):
+    """fn followed by a device synchronize, so wall-clock timing sees the GPU's work."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def call(*args):
+        out = fn(*args)
+        torch.cuda.synchronize()
+        return out
+
+    return call
+
+
+def peak_memory_mb(row: str, B: int, S: int, layers, shape: str) -> float:
+    """Extra peak resident memory (MB) of one call of `row`, in a fresh process (see pyqkv.bench)."""
+    code = (
+        "import torch; from pyqkv import bench, bench_model; "
+        f"fns = bench_model.rows({layers!r}, shape={shape!r}); ids = torch.randint(0, {VOCAB}, ({B}, {S})); "
+        f"fn = fns[{row!r}]; fn(ids[:, :8]); base = bench.high_water_kib()\n"
+        "with torch.inference_mode(): fn(ids)\n"
+        "print(bench.high_water_kib() - base)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
+    return int(res.stdout.strip().splitlines()[-1]) / 1024
+
+
+def cuda_peak_mb(fn, args) -> float:
+    """torch.cuda.max_memory_allocated over one call, above what was allocated before it (MB)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        fn(*args)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def run(batch=2, seq=512, reps=5, layers=None, memory=True, quiet=False, shape="gpt2-small", device="cpu",
+        dtype=torch.float32, generate=0, generate_batches=(1, 16), prompt=32) -> dict:
+    say = (lambda *a: None) if quiet else print
+    fns = rows(layers, shape=shape, device=device, dtype=dtype, generate=generate)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=g).to(device)
+    agree = check_rows_agree(fns, ids)
+    forward = {n: _synced(f, device) for n, f in fns.items() if not n.startswith("generate")}
+    spread: dict = time_interleaved(forward, (ids,), reps=reps)
+    if not memory:
+        mem = {}
+    elif torch.device(device).type == "cuda":
+        mem = {name: cuda_peak_mb(fn, (ids,)) for name, fn in forward.items()}
+    else:
+        mem = {name: peak_memory_mb(name, batch, seq, layers, shape) for name in forward}
+    entry = {}
+    for name, sp in spread.items():
+        base = spread["HF sdpa"] if name in ("HF sdpa", "pyqkv attached") else spread["HF eager + output_attentions"]
+        entry[name] = {"median_ms": sp.median * 1e3, "min_ms": sp.min * 1e3, "max_ms": sp.max * 1e3, "noisy": sp.noisy,
+                       "vs_baseline": sp.median / base.median, "peak_mb": mem.get(name)}
+    summary = {
+        "unhooked_vs_hf_sdpa": spread["pyqkv attached"].median / spread["HF sdpa"].median,
+        "run_with_cache_patterns_vs_hf_eager": spread["HF eager + output_attentions"].median
+        / spread["pyqkv run_with_cache"].median,  # a speedup: > 1 is faster than HF eager
+    }
+    tl = "TransformerLens bridge run_with_cache"
+    if tl in spread:
+        summary["run_with_cache_patterns_vs_transformer_lens"] = spread[tl].median / spread["pyqkv run_with_cache"].median
+    if memory and mem["HF eager + output_attentions"] > 0:  # (tiny sizes can stay below the page granularity)
+        summary["peak_memory_patterns_vs_hf_eager"] = mem["pyqkv run_with_cache"] / mem["HF eager + output_attentions"]
+    generation = {}
+    if generate:
+        gen = {n: _synced(f, device) for n, f in fns.items() if n.startswith("generate")}
+        for B in generate_batches:
+            p_ids = torch.randint(0, VOCAB, (B, prompt), generator=g).to(device)
+            sp = time_interleaved(gen, (p_ids,), reps=max(1, reps // 2), warmup=1)
+            generation[B] = {n: {"tokens_per_s": B * generate / x.median, "median_s": x.median} for n, x in sp.items()}
+        base = "generate: HF sdpa"
+        summary["generate_tokens_per_s_vs_hf_sdpa"] = min(
+            r["generate: pyqkv"]["tokens_per_s"] / r[base]["tokens_per_s"] for r in generation.values())
+        summary["generate_hooked_vs_hf_sdpa"] = min(
+            r["generate: pyqkv + hook_z ablation"]["tokens_per_s"] / r[base]["tokens_per_s"] for r in generation.values())
+    n_layers = _config(shape, layers).num_hidden_layers
+    say(f"{shape}-shaped model ({n_layers} layers), random weights, {str(dtype)[6:]} on {device}, batch {batch}, S={seq}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; rows agree within {agree:.1e}")
+    table = [[name, f"{e['median_ms']:.0f}", f"{e['min_ms']:.0f} - {e['max_ms']:.0f}" + (" noisy" if e["noisy"] else ""),
+              f"{e['vs_baseline']:.2f}x", "-" if e["peak_mb"] is None else f"{e['peak_mb']:.0f}"]
+             for name, e in entry.items()]
+    say(format_table(["row", "median ms", "min - max", "vs HF (sdpa / eager)", "peak MB"], table))
+    for B, r in generation.items():
+        say(f"generate {generate} tokens after a {prompt}-token prompt, batch {B}: "
+            + ", ".join(f"{n[10:]} {x['tokens_per_s']:.0f} tok/s" for n, x in r.items()))
+    say("summary: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    if tl not in spread:
+        say("(no TransformerLens row: transformer_lens is not importable; `make bench-model` provides it)")
+    return {"config": dict(shape=shape, batch=batch, seq=seq, layers=n_layers, dtype=str(dtype)[6:], device=str(device),
+                           threads=torch.get_num_threads(), torch=torch.__version__,
+                           gpu=torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None),
+            "rows": entry, "generate": generation, "summary": summary, "rows_agree": agree}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="pyqkv bench-model", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=["gpt2-small"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+    p.add_argument("--reps", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--generate", type=int, default=0, help="new tokens per generate row (0: no generate rows)")
+    p.add_argument("--generate-batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    a = p.parse_args(argv)
+    results = {}
+    for shape in a.shape:
+        results[shape] = run(a.batch, a.seq, a.reps, a.layers, memory=not a.no_memory, shape=shape, device=a.device,
+                             dtype=getattr(torch, a.dtype), generate=a.generate, generate_batches=a.generate_batch)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results if len(results) > 1 else next(iter(results.values())), f, indent=2)
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
