@@ -570,3 +570,29 @@ def test_unsupported_module_names_the_supported_ones():
         class MyAttention(torch.nn.Module):
             pass
         pyqkv.hf.attach(torch.nn.Sequential(MyAttention()))
+
+
+def test_bridge_causal_keyword_applies_causal_and_the_mask(device):
+    """Bridge.forward(causal=...): None keeps the rule (a 4-D mask is authoritative); True is the causal mask
+    AND the given mask, whatever its form (what ImageGPT's and GPT-1's glue ask for); False is the mask
+    alone (and no mask at all: every key)."""
+    torch.manual_seed(0)
+    B, S = 2, 5
+    bridge = pyqkv.Bridge(torch.randn(D, 3 * D) * 0.2, None, torch.randn(D, D) * 0.2, None, n_heads=H, d_head=DH)
+    x = torch.randn(B, S, D)
+    pad = torch.ones(B, S, dtype=torch.bool)
+    pad[1, :2] = False
+    minimum = torch.finfo(torch.float32).min
+    bidirectional = torch.zeros(B, 1, S, S).masked_fill(~pad[:, None, None, :], minimum)  # padding only
+    tril = torch.ones(S, S, dtype=torch.bool).tril()
+    folded = bidirectional.masked_fill(~tril, minimum)  # the same padding with causality folded in
+    with torch.no_grad():
+        assert torch.equal(bridge(x, bidirectional, causal=None), bridge(x, bidirectional))
+        assert_close(bridge(x, bidirectional, causal=True), bridge(x, folded), "causal AND a 4-D mask", atol=1e-6, rtol=0)
+        assert not torch.allclose(bridge(x, bidirectional), bridge(x, folded), atol=1e-3)
+        assert_close(bridge(x, None, causal=False), bridge(x, torch.zeros(B, 1, S, S)), "no mask, not causal",
+                     atol=1e-6, rtol=0)
+        assert_close(bridge(x, pad, causal=False), bridge(x, bidirectional), "padding alone", atol=1e-6, rtol=0)
+        assert_close(bridge(x, pad, causal=True), bridge(x, pad), "padding and causal", atol=0, rtol=0)
+    with pytest.raises(TypeError, match=r"^causal: expected a bool, got str"):
+        bridge(x, causal="yes")
