@@ -52,17 +52,24 @@ class Family:
     attention_path: str = ""  # dotted path from the model to the list of blocks, then the attention attr
     head_out: str = ""        # dotted path (from the attention module) of the output projection
     dropout: dict = field(default_factory=dict)  # config overrides that switch on every dropout of the family
+    configure: object = None  # fn(config): what the config needs before the model builds (a transformers bug)
+    build: object = None      # fn(config) -> model, for a family without a causal-LM class of its own
+    tweak: object = None      # fn(model), under no_grad, after the random weights: make a quirk's weights matter
 
     def make(self, device, impl="eager", seed=0, **overrides):
         cfg_cls = getattr(transformers, self.config_cls)
         cfg = cfg_cls(**{**self.config, **overrides})
         cfg._attn_implementation = impl
+        if self.configure is not None:
+            self.configure(cfg)
         torch.manual_seed(seed)
-        model = getattr(transformers, self.model_cls)(cfg)
+        model = self.build(cfg) if self.build is not None else getattr(transformers, self.model_cls)(cfg)
         with torch.no_grad():  # weights large enough that patterns are far from uniform
             for name, p in model.named_parameters():
                 if p.dim() >= 2 or "bias" in name:
                     p.normal_(0.0, 0.2 if p.dim() >= 2 else 0.05)
+            if self.tweak is not None:
+                self.tweak(model)
         return model.to(device).eval()
 
     def rotary_of(self, layer: int) -> bool:
@@ -71,7 +78,7 @@ class Family:
     def attentions(self, model):
         blocks_path, attr = self.attention_path.rsplit(":", 1)
         blocks = model.get_submodule(blocks_path)
-        return [getattr(b, attr) for b in blocks]
+        return [b.get_submodule(attr) for b in blocks]
 
 
 COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -203,6 +210,85 @@ FAMILIES = [
            "SmolLM3Attention", "blocked", 2, rotary=(True, False), impls=("eager", "sdpa"),
            attention_path="model.layers:self_attn", head_out="o_proj"),
 ]
+
+
+def _dbrx_rope_theta(cfg):
+    """transformers 5.24's DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig does not
+    declare (its own rotary tables use config.rope_parameters): give it the same base, where it is missing."""
+    if not hasattr(cfg.attn_config, "rope_theta"):
+        cfg.attn_config.rope_theta = cfg.rope_parameters["rope_theta"]
+
+
+def _decision_transformer_lm(cfg):
+    """Decision Transformer's own GPT-2 stack (DecisionTransformerGPT2Model, whose blocks hold
+    DecisionTransformerGPT2Attention) under GPT-2's LM head: the family has no token-level LM class, and
+    this is the stack the Decision Transformer runs (tests/test_hf_families.py also attaches to a whole
+    DecisionTransformerModel)."""
+    from transformers.models.decision_transformer.modeling_decision_transformer import DecisionTransformerGPT2Model
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_dict()))
+    model.transformer = DecisionTransformerGPT2Model(cfg)
+    return model
+
+
+def _affine_qk_layernorms(model):
+    """Persimmon's Q/K LayerNorms are affine: weights away from 1 (biases are already random)."""
+    for name, p in model.named_parameters():
+        if "q_layernorm.weight" in name or "k_layernorm.weight" in name:
+            p.uniform_(0.5, 1.5)
+
+
+def _decision_transformer_impls():
+    """sdpa where the Decision Transformer's GPT-2 stack declares it (not every transformers does)."""
+    from transformers.models.decision_transformer import modeling_decision_transformer as dt
+
+    return ("eager", "sdpa") if getattr(dt.DecisionTransformerGPT2PreTrainedModel, "_supports_sdpa", False) else ("eager",)
+
+
+PERSIMMON = dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, intermediate_size=128,
+                 max_position_embeddings=64, qk_layernorm=True,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+DBRX_ATTN = dict(kv_n_heads=2, clip_qkv=0.5)  # clip_qkv must be set: 5.24's clamp(min=None, max=None) raises
+# Phi-4-multimodal: tiny vision and audio towers (not run: no images, no audio), longrope over 0.75 of Dh,
+# original_max_position_embeddings below max_position_embeddings so the model's tables carry longrope's
+# attention factor (and its short factors), which the Bridge's own default tables do not.
+PHI4MM = dict(
+    num_key_value_heads=2, original_max_position_embeddings=32,
+    rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                     "short_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0], "long_factor": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]},
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=28, patch_size=14, crop_size=28),
+    audio_config=dict(hidden_size=32, intermediate_size=64, num_blocks=1, num_attention_heads=2,
+                      ext_pw_out_channel=32, depthwise_separable_out_channel=32, nemo_conv_channels=32),
+    **DECODER)
+
+FAMILIES += [
+    # The remaining fused families.
+    Family("phi4-multimodal", "Phi4MultimodalForCausalLM", "Phi4MultimodalConfig", PHI4MM,
+           "Phi4MultimodalAttention", "blocked", 2, rotary=True, impls=("eager", "sdpa"),
+           attention_path="model.layers:self_attn", head_out="o_proj", quirks=("model_tables",)),
+    Family("dbrx-clip", "DbrxForCausalLM", "DbrxConfig",
+           dict(d_model=D, n_heads=H, n_layers=2, max_seq_len=64, attn_config=DBRX_ATTN,
+                ffn_config=dict(ffn_hidden_size=128, moe_num_experts=2, moe_top_k=2), **COMMON),  # top 2 of 2: no routing flips
+           "DbrxAttention", "blocked", 2, rotary=True, impls=("eager", "sdpa"), configure=_dbrx_rope_theta,
+           attention_path="transformer.blocks:norm_attn_norm.attn", head_out="out_proj", quirks=("clip_qkv",)),
+    Family("persimmon", "PersimmonForCausalLM", "PersimmonConfig", dict(**PERSIMMON, **COMMON),
+           "PersimmonAttention", "interleaved", H, rotary=True, qk_norm=True, impls=("eager", "sdpa"),
+           tweak=_affine_qk_layernorms, attention_path="model.layers:self_attn", head_out="dense", quirks=("qk_norm",)),
+    Family("fuyu", "FuyuForCausalLM", "FuyuConfig",  # Persimmon as Fuyu's language model; no image patches
+           dict(text_config=dict(model_type="persimmon", **PERSIMMON, **COMMON), hidden_size=D, patch_size=4,
+                num_channels=3, **COMMON),
+           "PersimmonAttention", "interleaved", H, rotary=True, qk_norm=True, impls=("eager", "sdpa"),
+           tweak=_affine_qk_layernorms, attention_path="model.language_model.layers:self_attn", head_out="dense",
+           quirks=("qk_norm",)),
+    Family("decision-transformer", "GPT2LMHeadModel", "DecisionTransformerConfig",
+           dict(state_dim=3, act_dim=2, hidden_size=D, n_head=H, n_layer=2, n_positions=64, max_ep_len=64,
+                attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **COMMON),
+           "DecisionTransformerGPT2Attention", "blocked", H, impls=_decision_transformer_impls(), build=_decision_transformer_lm,
+           attention_path="transformer.h:attn", head_out="c_proj"),
+]
+
+
 DROPOUT = {  # every dropout the family's attention (and the rest of the model) has, switched on
     "gpt2": dict(attn_pdrop=0.2, resid_pdrop=0.1, embd_pdrop=0.1),
     "neox": dict(attention_dropout=0.2, hidden_dropout=0.1),
@@ -217,6 +303,10 @@ DROPOUT = {  # every dropout the family's attention (and the rest of the model) 
     "gptj": dict(attn_pdrop=0.2, resid_pdrop=0.1, embd_pdrop=0.1),
     "opt": dict(attention_dropout=0.2, dropout=0.1),
     "phi-qk-layernorm": dict(attention_dropout=0.2, resid_pdrop=0.1, embd_pdrop=0.1),
+    "phi4-multimodal": dict(attention_dropout=0.2, resid_pdrop=0.1, embd_pdrop=0.1),
+    "dbrx-clip": dict(attn_config={**DBRX_ATTN, "attn_pdrop": 0.2}, resid_pdrop=0.1, emb_pdrop=0.1),
+    "persimmon": dict(attention_dropout=0.2, hidden_dropout=0.1),
+    "decision-transformer": dict(attn_pdrop=0.2, resid_pdrop=0.1, embd_pdrop=0.1),
 }
 FAMILIES = [replace(f, dropout=DROPOUT.get(f.id, {})) for f in FAMILIES]
 IDS = [f.id for f in FAMILIES]
@@ -570,6 +660,38 @@ def test_unsupported_module_names_the_supported_ones():
         class MyAttention(torch.nn.Module):
             pass
         pyqkv.hf.attach(torch.nn.Sequential(MyAttention()))
+
+
+def test_decision_transformer_model_attached_equals_hf(device):
+    """The whole DecisionTransformerModel (states, actions, returns-to-go in, three tokens per timestep),
+    left-padded: its predictions at the non-padded timesteps equal HF's."""
+    cfg = transformers.DecisionTransformerConfig(state_dim=3, act_dim=2, hidden_size=D, n_head=H, n_layer=2,
+                                                 n_positions=64, max_ep_len=64, attn_pdrop=0.0, resid_pdrop=0.0,
+                                                 embd_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.DecisionTransformerModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or "bias" in name:
+                p.normal_(0.0, 0.2 if p.dim() >= 2 else 0.05)
+    model = model.to(device).eval()
+    B, T = 3, 6
+    g = torch.Generator().manual_seed(2)
+    inputs = dict(states=torch.randn(B, T, 3, generator=g), actions=torch.randn(B, T, 2, generator=g),
+                  rewards=torch.randn(B, T, 1, generator=g), returns_to_go=torch.randn(B, T, 1, generator=g),
+                  timesteps=torch.arange(T).expand(B, T).contiguous())
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    with torch.no_grad():
+        ref = model(**inputs, attention_mask=mask.to(device))
+        h = pyqkv.hf.attach(model)
+        out = model(**inputs, attention_mask=mask.to(device))
+    assert len(h.bridges) == 2
+    keep = mask.bool().to(device)
+    for name in ("state_preds", "action_preds", "return_preds"):
+        assert_close(getattr(out, name)[keep], getattr(ref, name)[keep], f"Decision Transformer {name}", atol=1e-4, rtol=0)
 
 
 def test_bridge_causal_keyword_applies_causal_and_the_mask(device):

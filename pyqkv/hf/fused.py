@@ -4,18 +4,25 @@ GPT-2 (Conv1D, blocked), GPT-NeoX / Pythia (interleaved, partial RoPE), Phi-3 (b
 GPT-BigCode (blocked MQA or interleaved MHA), Falcon (grouped GQA for new_decoder_architecture,
 interleaved classic, blocked multi_query; RoPE or ALiBi), Bloom (interleaved, ALiBi, residual added
 inside attention), CodeGen (codegen layout, rotate-every-two RoPE over rotary_dim).
+
+And the rest of the fused families, each quirk read from the module (by feature, never by version):
+- Phi-4-multimodal's text stack: a copy of Phi-3's module under another class name (not a subclass).
+- DBRX: blocked GQA, clip_qkv on the fused output (Q, K and V alike), full RoPE.
+- Persimmon (and Fuyu's language model): interleaved with bias, partial RoPE, an affine LayerNorm over
+  Dh of every Q and K head before RoPE (qk_layernorm).
+- Decision Transformer: a GPT-2 copy under another class name.
 """
 
 from __future__ import annotations
 
-from pyqkv.hf.spec import LayerSpec, attr, dropout_p, rope_config, takes_argument
+from pyqkv.hf.spec import LayerSpec, UnsupportedModule, attr, dropout_p, rope_config, takes_argument
 
 
-def _gpt2(m) -> LayerSpec:
+def _gpt2(m, family: str = "GPT-2") -> LayerSpec:
     if getattr(m, "is_cross_attention", False):
-        raise ValueError("module: a cross-attention GPT2Attention is not supported (self-attention only)")
+        raise ValueError(f"module: a cross-attention {type(m).__name__} is not supported (self-attention only)")
     return LayerSpec(
-        "GPT-2", m.c_attn, m.c_proj, conv1d=True, layout="blocked",
+        family, m.c_attn, m.c_proj, conv1d=True, layout="blocked",
         bridge_kwargs=dict(
             n_heads=m.num_heads, d_head=m.head_dim, layer_idx=m.layer_idx,
             scale_attn_weights=m.scale_attn_weights,
@@ -38,10 +45,10 @@ def _neox(m) -> LayerSpec:
     )
 
 
-def _phi3(m) -> LayerSpec:
+def _phi3(m, family: str = "Phi-3") -> LayerSpec:
     rotary_dim, base = rope_config(m.config, m.head_dim)
     return LayerSpec(
-        "Phi-3", m.qkv_proj, m.o_proj, conv1d=False, layout="blocked",
+        family, m.qkv_proj, m.o_proj, conv1d=False, layout="blocked",
         bridge_kwargs=dict(
             n_heads=m.config.num_attention_heads, n_kv_heads=m.num_key_value_heads, d_head=m.head_dim,
             scale=m.scaling, rotary_dim=rotary_dim, rotary_base=base, attn_dropout=dropout_p(m.attention_dropout),
@@ -114,6 +121,42 @@ def _codegen(m) -> LayerSpec:
     )
 
 
+def _phi4_multimodal(m) -> LayerSpec:
+    # Phi4MultimodalAttention is Phi3Attention's code under another name (transformers copies, it does
+    # not subclass), so it is read as Phi-3, by name.
+    return _phi3(m, "Phi-4-multimodal")
+
+
+def _dbrx(m) -> LayerSpec:
+    clip = m.clip_qkv  # HF clamps the fused output to [-clip_qkv, clip_qkv]: Q, K and V alike
+    if clip is not None and not clip > 0:
+        raise UnsupportedModule(f"module: DbrxAttention.clip_qkv: expected None or a positive number, got {clip!r}")
+    _, base = rope_config(m.config, m.head_dim)  # the model's rotary tables use config.rope_parameters
+    return LayerSpec(
+        "DBRX", m.Wqkv, m.out_proj, conv1d=False, layout="blocked",
+        bridge_kwargs=dict(
+            n_heads=m.num_heads, n_kv_heads=m.num_key_value_heads, d_head=m.head_dim, scale=m.scaling,
+            rotary_dim=m.head_dim, rotary_base=base, clip_qkv=None if clip is None else float(clip),
+            attn_dropout=dropout_p(m.attention_dropout),
+        ),
+    )
+
+
+def _persimmon(m) -> LayerSpec:
+    # query_key_value's output is [B, S, H, 3, Dh]: per head [Q_h, K_h, V_h].
+    _, base = rope_config(m.config, m.head_dim)
+    # qk_layernorm: nn.LayerNorm(Dh) on [B, S, H, Dh], before RoPE: the Bridge's per-head q_norm / k_norm.
+    norms = dict(q_norm=m.q_layernorm, k_norm=m.k_layernorm) if attr(m, "qk_layernorm") else {}
+    return LayerSpec(
+        "Persimmon", m.query_key_value, m.dense, conv1d=False, layout="interleaved",
+        bridge_kwargs=dict(
+            n_heads=m.num_heads, d_head=m.head_dim, scale=m.scaling, rotary_dim=int(attr(m, "rotary_ndims")),
+            rotary_base=base, attn_dropout=dropout_p(m.config.attention_dropout),  # the rate HF's forward uses
+        ),
+        bridge_modules=norms,
+    )
+
+
 # Module class name -> reader.
 READERS = {
     "GPT2Attention": _gpt2,
@@ -123,4 +166,8 @@ READERS = {
     "FalconAttention": _falcon,
     "BloomAttention": _bloom,
     "CodeGenAttention": _codegen,
+    "Phi4MultimodalAttention": _phi4_multimodal,
+    "DbrxAttention": _dbrx,
+    "PersimmonAttention": _persimmon,
+    "DecisionTransformerGPT2Attention": lambda m: _gpt2(m, "Decision Transformer"),
 }
