@@ -13,7 +13,10 @@ pyqkv.hf.attach and compared with the unattached HF model itself:
 - parameter memory: attaching adds no weight storage, and an edit through the module's own projection
   weight is an edit of the attached layer (blocked and separate-projection layouts);
 - each family's quirk (clip_qkv, a query/key norm, soft-capping, rotate-every-two, the model's own RoPE
-  tables) matters: with the quirk switched off in the Bridge, the logits leave HF's.
+  tables, MPT's softmax_scale, position_bias ALiBi and True-means-masked bool mask, causal AND the model's
+  mask for ImageGPT and GPT-1, GPT-NeoX-Japanese's returned dense_bias) matters: with the quirk switched
+  off in the Bridge, the logits leave HF's.
+Families whose module takes no KV cache (GPT-1) generate uncached on both sides and skip the cache checks.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Family:
     configure: object = None  # fn(config): what the config needs before the model builds (a transformers bug)
     build: object = None      # fn(config) -> model, for a family without a causal-LM class of its own
     tweak: object = None      # fn(model), under no_grad, after the random weights: make a quirk's weights matter
+    no_cache: str = ""        # why the family's module takes no KV cache ("" = it takes one)
 
     def make(self, device, impl="eager", seed=0, **overrides):
         cfg_cls = getattr(transformers, self.config_cls)
@@ -245,9 +249,22 @@ def _decision_transformer_impls():
     return ("eager", "sdpa") if getattr(dt.DecisionTransformerGPT2PreTrainedModel, "_supports_sdpa", False) else ("eager",)
 
 
+def _neox_japanese_rope():
+    """Partial RoPE (half of Dh) where the model's rotary tables honour partial_rotary_factor; some
+    transformers (5.17) make full-width tables whatever the factor, which HF's own module then cannot
+    apply to its rotary_ndims (a shape error inside HF): there, full RoPE."""
+    from transformers.models.gpt_neox_japanese import modeling_gpt_neox_japanese as nj
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    config = transformers.GPTNeoXJapaneseConfig(hidden_size=D, num_attention_heads=H, rope_parameters=rope)
+    cos, _ = nj.GPTNeoXJapaneseRotaryEmbedding(config)(torch.zeros(1), torch.arange(2)[None])
+    return rope if cos.shape[-1] == DH // 2 else {**rope, "partial_rotary_factor": 1.0}
+
+
 PERSIMMON = dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, intermediate_size=128,
                  max_position_embeddings=64, qk_layernorm=True,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+MPT_ATTN = dict(clip_qkv=0.5, softmax_scale=0.3)  # softmax_scale != Dh^-1/2 = 0.25
 DBRX_ATTN = dict(kv_n_heads=2, clip_qkv=0.5)  # clip_qkv must be set: 5.24's clamp(min=None, max=None) raises
 # Phi-4-multimodal: tiny vision and audio towers (not run: no images, no audio), longrope over 0.75 of Dh,
 # original_max_position_embeddings below max_position_embeddings so the model's tables carry longrope's
@@ -281,12 +298,39 @@ FAMILIES += [
            "PersimmonAttention", "interleaved", H, rotary=True, qk_norm=True, impls=("eager", "sdpa"),
            tweak=_affine_qk_layernorms, attention_path="model.language_model.layers:self_attn", head_out="dense",
            quirks=("qk_norm",)),
+    Family("mpt", "MptForCausalLM", "MptConfig",
+           dict(d_model=D, n_heads=H, n_layers=2, max_seq_len=64, expansion_ratio=2, attn_config=MPT_ATTN, **COMMON),
+           "MptAttention", "blocked", H, alibi=True, attention_path="transformer.blocks:attn", head_out="out_proj",
+           quirks=("clip_qkv", "softmax_scale", "position_bias", "bool_mask_masks")),
     Family("decision-transformer", "GPT2LMHeadModel", "DecisionTransformerConfig",
            dict(state_dim=3, act_dim=2, hidden_size=D, n_head=H, n_layer=2, n_positions=64, max_ep_len=64,
                 attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **COMMON),
            "DecisionTransformerGPT2Attention", "blocked", H, impls=_decision_transformer_impls(), build=_decision_transformer_lm,
            attention_path="transformer.h:attn", head_out="c_proj"),
+    Family("imagegpt", "ImageGPTForCausalImageModeling", "ImageGPTConfig",
+           dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                **{**COMMON, "vocab_size": VOCAB + 1}),  # its LM head leaves out the last (start-of-image) token
+           "ImageGPTAttention", "blocked", H, attention_path="transformer.h:attn", head_out="c_proj",
+           quirks=("causal_and_mask",)),
+    Family("neox-japanese", "GPTNeoXJapaneseForCausalLM", "GPTNeoXJapaneseConfig",
+           dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, intermediate_multiple_size=2,
+                max_position_embeddings=64, rope_parameters=_neox_japanese_rope(), **COMMON),
+           "GPTNeoXJapaneseAttention", "interleaved", H, rotary=True, attention_path="gpt_neox_japanese.layers:attention",
+           head_out="dense", quirks=("dense_bias",)),
+    Family("openai-gpt", "OpenAIGPTLMHeadModel", "OpenAIGPTConfig",
+           dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                **COMMON),
+           "Attention", "blocked", H, attention_path="transformer.h:attn", head_out="c_proj",
+           quirks=("causal_and_mask",), no_cache="GPT-1's Attention takes no KV cache (generate recomputes)"),
 ]
+
+
+def _mpt_attention_config(attn_pdrop):
+    """MPT's attention config with a dropout rate: MptAttentionConfig declares attn_pdrop an int on some
+    transformers versions (5.24: a float is refused by its validator), so the rate is set past it."""
+    config = transformers.models.mpt.configuration_mpt.MptAttentionConfig(**MPT_ATTN)
+    object.__setattr__(config, "attn_pdrop", attn_pdrop)
+    return config
 
 
 DROPOUT = {  # every dropout the family's attention (and the rest of the model) has, switched on
@@ -306,7 +350,11 @@ DROPOUT = {  # every dropout the family's attention (and the rest of the model) 
     "phi4-multimodal": dict(attention_dropout=0.2, resid_pdrop=0.1, embd_pdrop=0.1),
     "dbrx-clip": dict(attn_config={**DBRX_ATTN, "attn_pdrop": 0.2}, resid_pdrop=0.1, emb_pdrop=0.1),
     "persimmon": dict(attention_dropout=0.2, hidden_dropout=0.1),
+    "mpt": dict(attn_config=_mpt_attention_config(attn_pdrop=0.2), resid_pdrop=0.1, emb_pdrop=0.1),
     "decision-transformer": dict(attn_pdrop=0.2, resid_pdrop=0.1, embd_pdrop=0.1),
+    "imagegpt": dict(attn_pdrop=0.2, resid_pdrop=0.1, embd_pdrop=0.1),
+    "neox-japanese": dict(attention_dropout=0.2, hidden_dropout=0.1),
+    "openai-gpt": dict(attn_pdrop=0.2, resid_pdrop=0.1, embd_pdrop=0.1),
 }
 FAMILIES = [replace(f, dropout=DROPOUT.get(f.id, {})) for f in FAMILIES]
 IDS = [f.id for f in FAMILIES]
@@ -391,6 +439,8 @@ def test_patterns_equal_hf_output_attentions(device, fam):
 
 @pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
 def test_cached_greedy_generation_identical(device, fam):
+    """Greedy generate, token for token; cached, except where the family's module takes no cache (GPT-1:
+    generate then recomputes the whole prefix every step, on both sides)."""
     model = fam.make(device)
     ids, am = left_padded(device)
     kw = dict(attention_mask=am, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -476,6 +526,8 @@ def test_hooks_by_filter_on_every_layer(device, fam):
 def test_continue_from_cache_filled_by_hf_and_back(device, fam):
     """A DynamicCache prefilled by the original modules is continued by the Bridges; after detach, HF's own
     modules continue the cache the Bridges filled."""
+    if fam.no_cache:
+        pytest.skip(fam.no_cache)
     model = fam.make(device)
     ids, _ = left_padded(device, pads=(0, 0, 0))
     nxt = torch.full((3, 1), 7, device=device)
@@ -623,8 +675,36 @@ def _break_qk_norm(h, model):
         b.q_norm, b.k_norm = torch.nn.Identity(), torch.nn.Identity()
 
 
+def _break_spec(**changes):
+    """The attached modules read their family's LayerSpec with these fields changed."""
+    def breaker(h, model):
+        for m in model.modules():
+            if isinstance(m, pyqkv.hf.HFAttention):
+                object.__setattr__(m, "_spec", replace(m._spec, **changes))
+    return breaker
+
+
+def _break_position_bias(h, model):
+    """MPT's position_bias ignored: no ALiBi."""
+    for m in model.modules():
+        if isinstance(m, pyqkv.hf.HFAttention):
+            object.__setattr__(m, "_position_bias", lambda bias, K, hidden: hidden.new_zeros(1, 1, K))
+
+
+def _break_dense_bias(h, model):
+    """GPT-NeoX-Japanese's third return value dropped: the block adds no output bias."""
+    for m in model.modules():
+        if isinstance(m, pyqkv.hf.HFAttention):
+            m.dense_bias = None
+
+
 QUIRK_BREAKERS = {
     "clip_qkv": _break("clip_qkv", None),
+    "softmax_scale": _break("scale", lambda cfg: cfg.d_head ** -0.5),
+    "position_bias": _break_position_bias,
+    "bool_mask_masks": _break_spec(bool_mask_masks=False),  # MPT's True = masked read as True = attend
+    "causal_and_mask": _break_spec(mask_rule="model"),      # the model's 4-D mask taken as authoritative
+    "dense_bias": _break_dense_bias,
     "softcap": _break("softcap", None),
     "rotary_interleaved": _break("rotary_interleaved", lambda cfg: not cfg.rotary_interleaved),
     "qk_norm": _break_qk_norm,
@@ -660,6 +740,116 @@ def test_unsupported_module_names_the_supported_ones():
         class MyAttention(torch.nn.Module):
             pass
         pyqkv.hf.attach(torch.nn.Sequential(MyAttention()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The remaining fused families: what the per-row checks above do not reach.
+
+BY_ID = {f.id: f for f in FAMILIES}
+
+
+def _module_inputs(fam, model, x):
+    """What the family's model passes its attention modules besides the hidden states and the mask."""
+    S = x.shape[1]
+    if fam.id == "mpt":
+        return dict(position_bias=model.transformer.build_mpt_alibi_tensor(H, model.config.max_seq_len, device=x.device))
+    positions = torch.arange(S, device=x.device)[None]
+    return dict(position_ids=positions, position_embeddings=model.gpt_neox_japanese.rotary_emb(x, position_ids=positions))
+
+
+@pytest.mark.parametrize("fam_id", ["mpt", "neox-japanese"])
+def test_module_whose_causality_is_its_mask_attends_everywhere_without_one(device, fam_id):
+    """MPT and GPT-NeoX-Japanese take causality from the model's mask alone: called without a mask, HF's
+    module attends to every key (future included), and so does the attached one; with the model's 4-D
+    causal mask both are causal."""
+    fam = BY_ID[fam_id]
+    model = fam.make(device)
+    x = torch.randn(2, 6, D, device=device)
+    extra = _module_inputs(fam, model, x)
+    causal = torch.ones(6, 6, dtype=torch.bool, device=device).tril()[None, None].expand(2, 1, 6, 6)
+    causal = ~causal if fam_id == "mpt" else torch.zeros(2, 1, 6, 6, device=device).masked_fill(~causal, -3e38)
+    with torch.no_grad():
+        ref_open = fam.attentions(model)[0](x, attention_mask=None, **extra)[0]
+        ref_causal = fam.attentions(model)[0](x, attention_mask=causal, **extra)[0]
+        pyqkv.hf.attach(model)
+        attn = fam.attentions(model)[0]
+        assert isinstance(attn, pyqkv.hf.HFAttention)
+        out_open = attn(x, attention_mask=None, **extra)[0]
+        out_causal = attn(x, attention_mask=causal, **extra)[0]
+    assert_close(out_open, ref_open, f"{fam_id}: no mask", atol=1e-5, rtol=1e-5)
+    assert_close(out_causal, ref_causal, f"{fam_id}: the causal mask", atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out_open, out_causal, atol=1e-3)
+
+
+def test_mpt_and_neox_japanese_reject_masks_their_modules_cannot_read(device):
+    mpt = BY_ID["mpt"].make(device)
+    x = torch.randn(2, 5, D, device=device)
+    table = mpt.transformer.build_mpt_alibi_tensor(H, 64, device=device)  # [H, 1, 64]
+    pyqkv.hf.attach(mpt)
+    attn = BY_ID["mpt"].attentions(mpt)[0]
+    bool_mask = torch.zeros(2, 1, 5, 5, dtype=torch.bool, device=device)
+    with pytest.raises(TypeError, match=r"^attention_mask: MptAttention takes a 4-D bool mask \[B, 1, S, K\] whose "
+                                        r"True means masked .*got torch.float32 of shape \(2, 1, 5, 5\)"):
+        attn(x, position_bias=table, attention_mask=torch.zeros(2, 1, 5, 5, device=device))
+    with pytest.raises(ValueError, match=r"^position_bias: expected MPT's ALiBi table \[H, 1, L\] with H = 4, got "
+                                         r"shape \(4, 5, 64\)"):
+        attn(x, position_bias=table.expand(H, 5, 64), attention_mask=bool_mask)
+    with pytest.raises(ValueError, match=r"^position_bias: the ALiBi table covers L = 3 key positions .*K = 5"):
+        attn(x, position_bias=table[..., :3], attention_mask=bool_mask)
+    with pytest.raises(TypeError, match=r"^hidden_states: expected a Tensor \[B, S, D\], got list"):
+        attn([x], position_bias=table, attention_mask=bool_mask)
+    fam = BY_ID["neox-japanese"]
+    model = fam.make(device)
+    extra = _module_inputs(fam, model, x)
+    pyqkv.hf.attach(model)
+    with pytest.raises(ValueError, match=r"^attention_mask: GPTNeoXJapaneseAttention takes its causal mask from a "
+                                         r"4-D mask \[B, 1, S, K\] .*got shape \(2, 5\)"):
+        fam.attentions(model)[0](x, attention_mask=torch.ones(2, 5, device=device), **extra)
+
+
+def test_openai_gpt_minus_1e4_future_fill_equals_hiding_the_future(device):
+    """GPT-1's causal buffer replaces every future score with -1e4, not the dtype's minimum, so pyqkv's
+    mask rule would not count it as hidden; the Bridge hides the future outright instead. The two are equal
+    on every row that has a visible score above -1e4 + 104: exp(-1e4 - max) underflows to exactly 0 in
+    float32. Checked with scores far larger than any tiny config gives (c_attn x 8), where HF's future
+    weights are exactly 0. The one difference: a row with no visible key (a left-padded query) gets HF's
+    weight on the future keys, and zeros (no NaN) from pyqkv; such rows are padding."""
+    fam = BY_ID["openai-gpt"]
+    model = fam.make(device)
+    attn = fam.attentions(model)[0]
+    with torch.no_grad():
+        attn.c_attn.weight.mul_(8.0)
+    _, am = left_padded(device)
+    x = torch.randn(3, 10, D, device=device)
+    mask = (1.0 - am[:, None, None, :].float()) * torch.finfo(torch.float32).min  # as OpenAIGPTModel builds it
+    with torch.no_grad():
+        q, k, _ = attn.c_attn(x).split(D, dim=2)
+        scores = torch.einsum("bshd,bkhd->bhsk", q.view(3, 10, H, DH), k.view(3, 10, H, DH)) / DH**0.5
+        ref, ref_pattern = attn(x, attention_mask=mask, output_attentions=True)
+        pyqkv.hf.attach(model)
+        out, pattern = fam.attentions(model)[0](x, attention_mask=mask, output_attentions=True)
+    assert scores.abs().max() > 200, "the scores are not large: the check would be weak"
+    keep = am.bool()
+    future = torch.ones(10, 10, dtype=torch.bool, device=device).triu(1)
+    visible_row_future = keep[:, None, :, None] & future  # [B, 1, S, K]: future keys of non-padded queries
+    assert (ref_pattern[visible_row_future.expand_as(ref_pattern)] == 0).all(), "HF's -1e4 fill left weight on a future key"
+    assert_close(out[keep], ref[keep], "GPT-1 with large scores", atol=1e-4, rtol=1e-6)
+    assert_close(pattern.transpose(1, 2)[keep], ref_pattern.transpose(1, 2)[keep], "GPT-1 pattern", atol=1e-5, rtol=0)
+    # Row 0 of sequence 1 is padding: every key it may see is padded.
+    assert ref_pattern[1, :, 0, 3:].sum(-1).allclose(torch.ones(H, device=device))
+    assert (pattern[1, :, 0] == 0).all() and not torch.isnan(out).any()
+
+
+def test_gpt1_is_matched_by_its_qualified_name_not_any_attention_class():
+    """GPT-1's module class is called just `Attention`: a class of that name from anywhere else is not
+    taken for it (attach finds nothing to wrap, rather than failing to read a foreign module)."""
+    class Attention(torch.nn.Module):
+        pass
+
+    assert pyqkv.hf.family_of(Attention()) is None
+    assert "transformers.models.openai.modeling_openai.Attention" in pyqkv.hf.SUPPORTED
+    with pytest.raises(TypeError, match="no supported attention module.*found: Attention"):
+        pyqkv.hf.attach(torch.nn.Sequential(Attention()))
 
 
 def test_decision_transformer_model_attached_equals_hf(device):

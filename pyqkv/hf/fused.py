@@ -10,10 +10,18 @@ And the rest of the fused families, each quirk read from the module (by feature,
 - DBRX: blocked GQA, clip_qkv on the fused output (Q, K and V alike), full RoPE.
 - Persimmon (and Fuyu's language model): interleaved with bias, partial RoPE, an affine LayerNorm over
   Dh of every Q and K head before RoPE (qk_layernorm).
+- MPT: blocked, clip_qkv, softmax_scale, its own ALiBi as `position_bias`, a bool mask whose True means
+  masked, causality from the mask alone; eager only (it never calls HF's attention interface).
 - Decision Transformer: a GPT-2 copy under another class name.
+- ImageGPT: GPT-2's attributes, but its own causal `bias` buffer on top of the model's padding mask.
+- GPT-NeoX-Japanese: interleaved, partial RoPE, returns a third value (the last layer's `dense_bias`).
+- OpenAI GPT-1: GPT-2's Conv1D blocked layout, a causal `bias` buffer on top of the model's [B, 1, 1, K]
+  padding mask, no KV cache, returns a list.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from pyqkv.hf.spec import LayerSpec, UnsupportedModule, attr, dropout_p, rope_config, takes_argument
 
@@ -157,6 +165,61 @@ def _persimmon(m) -> LayerSpec:
     )
 
 
+def _mpt(m) -> LayerSpec:
+    clip = m.clip_qkv
+    if clip is not None and clip < 0:
+        raise UnsupportedModule(f"module: MptAttention.clip_qkv: expected None, 0 or a positive number, got {clip!r}")
+    return LayerSpec(
+        "MPT", m.Wqkv, m.out_proj, conv1d=False, layout="blocked",
+        bridge_kwargs=dict(
+            n_heads=m.n_heads, d_head=m.head_dim, scale=float(m.softmax_scale), alibi=True,
+            clip_qkv=float(clip) if clip else None,  # HF clamps only when clip_qkv is truthy
+            attn_dropout=dropout_p(m.attn_dropout_p),
+        ),
+        alibi_scale=1.0, alibi_from="position_bias", mask_rule="mask_only", bool_mask_masks=True,
+        weights_always=True,
+    )
+
+
+def _imagegpt(m) -> LayerSpec:
+    # GPT-2's attributes; the model's mask is a bidirectional padding mask unless config.is_decoder, and
+    # the module's `bias` buffer adds causality on top of it either way.
+    return replace(_gpt2(m, "ImageGPT"), mask_rule="and_causal")
+
+
+def _neox_japanese(m) -> LayerSpec:
+    # query_key_value's output is [B, S, H, 3 * Dh]: per head [Q_h, K_h, V_h]; scores / sqrt(Dh).
+    # The module keeps no config and cannot run without the model's (cos, sin) tables, which the Bridge
+    # then uses as given: the base is only the Bridge's own fallback.
+    config = getattr(m, "config", None)
+    base = rope_config(config, m.head_size)[1] if config is not None else 10000.0
+    return LayerSpec(
+        "GPT-NeoX-Japanese", m.query_key_value, m.dense, conv1d=False, layout="interleaved",
+        bridge_kwargs=dict(
+            n_heads=m.num_attention_heads, d_head=m.head_size, scale=1.0 / float(m.norm_factor),
+            rotary_dim=int(m.rotary_ndims), rotary_base=base, attn_dropout=dropout_p(m.attention_dropout),
+        ),
+        mask_rule="mask_only", returns="with_dense_bias",
+    )
+
+
+def _openai_gpt(m) -> LayerSpec:
+    H = m.n_head
+    D = m.split_size
+    # The module's causal buffer puts -1e4 (not the dtype's minimum) on future keys: it replaces the
+    # score, so a future key's weight is exp(-1e4 - max) = 0 in float32/16 whenever the row has a visible
+    # score above -1e4 + 104. pyqkv hides future keys outright: equal on every row with a visible key
+    # whose score is not itself near -1e4 (see tests/test_hf_families.py, the GPT-1 test).
+    return LayerSpec(
+        "OpenAI GPT", m.c_attn, m.c_proj, conv1d=True, layout="blocked",
+        bridge_kwargs=dict(
+            n_heads=H, d_head=D // H, scale=(D // H) ** -0.5 if m.scale else 1.0,
+            attn_dropout=dropout_p(m.attn_dropout), resid_dropout=dropout_p(m.resid_dropout),
+        ),
+        mask_rule="and_causal", returns="list",
+    )
+
+
 # Module class name -> reader.
 READERS = {
     "GPT2Attention": _gpt2,
@@ -169,5 +232,11 @@ READERS = {
     "Phi4MultimodalAttention": _phi4_multimodal,
     "DbrxAttention": _dbrx,
     "PersimmonAttention": _persimmon,
+    "MptAttention": _mpt,
     "DecisionTransformerGPT2Attention": lambda m: _gpt2(m, "Decision Transformer"),
+    "ImageGPTAttention": _imagegpt,
+    "GPTNeoXJapaneseAttention": _neox_japanese,
+    # OpenAI GPT-1's module is named just `Attention`, as are classes of many other libraries: it is
+    # registered under its qualified name, which pyqkv.hf.families also matches.
+    "transformers.models.openai.modeling_openai.Attention": _openai_gpt,
 }
