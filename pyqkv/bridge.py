@@ -478,6 +478,7 @@ class Bridge(nn.Module, HookedMixin):
         position_embeddings=None,
         alibi: Optional[torch.Tensor] = None,
         return_pattern: bool = False,
+        causal: Optional[bool] = None,
     ):
         """x [B, S, D] -> out [B, S, D], or (out, pattern [B, H, S, K]) with return_pattern.
 
@@ -492,6 +493,10 @@ class Bridge(nn.Module, HookedMixin):
         ALiBi layers (alibi set): alibi, the per-key bias [B, H, K] (Hugging Face's [B*H, 1, K] is accepted),
         is added to the scaled scores as given; otherwise it is made from Bloom's slopes and the key
         positions (counted over a 2-D padding mask when one is given).
+        causal: None (the rule above: causal unless a 4-D mask is given); True: the causal mask AND the
+        given mask, whatever its form (for a module that applies its own causal mask on top of a model
+        mask that need not be causal: ImageGPT's bidirectional padding mask); False: only the given mask,
+        no causal mask (for a module whose causality comes from its mask alone, called without one).
         return_pattern: also return the pattern this call used (after attention dropout and after any
         hook_pattern hook, in [B, H, S, K] whatever the hook format), for callers such as Hugging Face's
         output_attentions; it goes through no hook of its own.
@@ -502,10 +507,13 @@ class Bridge(nn.Module, HookedMixin):
         if kv_cache is not None and not isinstance(kv_cache, KVCache):
             raise TypeError(f"kv_cache: expected a pyqkv.KVCache or None, got {describe(kv_cache)}")
         checks.boolean("return_pattern", return_pattern)
+        if causal is not None:
+            checks.boolean("causal", causal)
         B, S, _ = x.shape
         past = 0 if kv_cache is None else kv_cache.length
         K = past + S
-        mask, causal = checks.attention_mask(attention_mask, B, S, K, H, x.device)
+        mask, default_causal = checks.attention_mask(attention_mask, B, S, K, H, x.device)
+        causal = default_causal if causal is None else causal
         rotary = positions.prepare_rotary(c, position_embeddings, position_ids, B, S, past, x)
         alibi = positions.prepare_alibi(c, alibi, attention_mask, B, K, x)
 

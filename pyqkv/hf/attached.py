@@ -19,6 +19,7 @@ from torch import nn
 from pyqkv import ops
 from pyqkv.bridge import Bridge, Projections
 from pyqkv.cache import KVCache
+from pyqkv.checks import describe
 from pyqkv.hf.families import SUPPORTED, LayerSpec, family_of, layer_spec
 from pyqkv.hf import placement
 from pyqkv.hf.hf_cache import CacheMirror
@@ -176,11 +177,14 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
 class HFAttention(nn.Module):
     """A Bridge behind a Hugging Face attention module's calling convention, in place of the module.
 
-    Called exactly as the original (its forward's signature binds the arguments): the hidden states; the
-    cache under `past_key_values`, `layer_past` or `cache` (a transformers Cache or a pyqkv.KVCache); HF's
-    mask (4-D additive or bool, or None); and, as the family passes them, `position_embeddings` (cos, sin),
-    `position_ids`, `alibi` and `residual`. Returns (attn_output, attn_weights) as HF expects; attn_weights
-    is the pattern when output_attentions is set.
+    Called exactly as the original (its forward's signature binds the arguments): the hidden states [B, S, D]
+    (whatever the module names its first argument); the cache under `past_key_values`, `layer_past` or
+    `cache` (a transformers Cache or a pyqkv.KVCache); HF's mask (4-D additive [B, 1, S or 1, K] or bool
+    [B, 1, S, K], 2-D padding [B, K], or None, read by the family's LayerSpec.mask_rule and
+    bool_mask_masks); and, as the family passes them, `position_embeddings` (cos, sin), `position_ids`,
+    `alibi`, `position_bias` (MPT) and `residual`. Returns what the module returns (LayerSpec.returns):
+    (attn_output [B, S, D], attn_weights) for most; attn_weights is the pattern [B, H, S, K] when
+    output_attentions is set (on every call for a module that always returns it), else None.
     """
 
     def __init__(self, bridge: Bridge, original: nn.Module, layer_idx: int, spec: LayerSpec):
@@ -192,16 +196,26 @@ class HFAttention(nn.Module):
         object.__setattr__(self, "_spec", spec)
         object.__setattr__(self, "_call", CallConvention(type(original)))
         object.__setattr__(self, "_mirror", CacheMirror(layer_idx))
+        if spec.returns == "with_dense_bias":
+            # GPT-NeoX-Japanese: the last layer's output bias, which the module returns for its block to add
+            # (before the block's dropout). The same Parameter, kept in the tree under its own name.
+            self.dense_bias = original.dense_bias
 
     def forward(self, *args, **kwargs):
         a = self._call.arguments(args, kwargs)
         hidden_states = a["hidden_states"]
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
+            raise TypeError(f"hidden_states: expected a Tensor [B, S, D], got {describe(hidden_states)}")
         if a.get("encoder_hidden_states") is not None:
             raise NotImplementedError("pyqkv Bridge: cross-attention is not supported")
         hf_cache = next((a.get(n) for n in ("past_key_values", "layer_past", "cache") if a.get(n) is not None), None)
         output_attentions = bool(a.get("output_attentions"))
-        call = dict(attention_mask=a.get("attention_mask"), position_embeddings=self._tables(a.get("position_embeddings")),
-                    position_ids=a.get("position_ids"), alibi=self._alibi(a.get("alibi"), output_attentions))
+        mask = self._mask(a.get("attention_mask"), hidden_states)
+        call = dict(attention_mask=mask, position_embeddings=self._tables(a.get("position_embeddings")),
+                    position_ids=a.get("position_ids"), alibi=self._alibi(a, hidden_states, hf_cache, output_attentions))
+        causal = self._causal(mask)
+        if causal is not None:
+            call["causal"] = causal
         if self.bridge.cfg.rotary_dim is None:
             call.pop("position_embeddings"), call.pop("position_ids")
         elif call["position_embeddings"] is not None:
@@ -209,7 +223,8 @@ class HFAttention(nn.Module):
         recorder = attention_recorder()  # model-level output_attentions (transformers >= 5)
         # The pattern HF returns comes from the Bridge's own return value, never through the public hook
         # points, so a user's hook or conversion rule cannot change what HF sees (beyond the edit it makes).
-        call["return_pattern"] = output_attentions or recorder is not None
+        weights_wanted = output_attentions or self._spec.weights_always
+        call["return_pattern"] = weights_wanted or recorder is not None
         if hf_cache is None or isinstance(hf_cache, KVCache):
             result = self.bridge(hidden_states, kv_cache=hf_cache, **call)
         else:
@@ -219,7 +234,12 @@ class HFAttention(nn.Module):
             out = out + a["residual"]
         if recorder is not None:
             recorder.append(pattern)
-        return out, pattern if output_attentions else None
+        weights = pattern if weights_wanted else None
+        if self._spec.returns == "with_dense_bias":
+            return out, weights, self.dense_bias
+        if self._spec.returns == "list":  # GPT-1: [a] or [a, attentions]
+            return [out, weights] if output_attentions else [out]
+        return out, weights
 
     def hand_back_caches(self, spec: LayerSpec) -> None:
         """Leave every live Hugging Face cache this layer mirrored in the form the original module expects."""
@@ -235,15 +255,81 @@ class HFAttention(nn.Module):
             return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
         return position_embeddings
 
-    def _alibi(self, alibi, output_attentions: bool):
-        """The model's alibi tensor as the Bridge adds it to the scaled scores, or None."""
+    def _mask(self, mask, hidden_states):
+        """HF's attention_mask in the Bridge's conventions (bool True = attend; 4-D masks [B, 1 or H, S, K])."""
+        if not isinstance(mask, torch.Tensor):
+            return mask  # None, or something the Bridge rejects by name
+        name = type(self._original).__name__
+        if self._spec.bool_mask_masks:  # MPT: masked_fill(mask, min), so True means masked
+            if mask.dtype != torch.bool or mask.dim() != 4:
+                raise TypeError(
+                    f"attention_mask: {name} takes a 4-D bool mask [B, 1, S, K] whose True means masked (as its "
+                    f"model builds it), got {mask.dtype} of shape {tuple(mask.shape)}"
+                )
+            mask = ~mask
+        if self._spec.mask_rule == "mask_only" and mask.dim() != 4:
+            raise ValueError(
+                f"attention_mask: {name} takes its causal mask from a 4-D mask [B, 1, S, K] (as its model builds "
+                f"it) or none, got shape {tuple(mask.shape)}"
+            )
+        S = hidden_states.shape[1]
+        if mask.dim() == 4 and mask.shape[2] == 1 and S > 1:
+            # A [B, 1, 1, K] key-padding mask (GPT-1's), which HF broadcasts over the query positions.
+            mask = mask.expand(mask.shape[0], mask.shape[1], S, mask.shape[3])
+        return mask
+
+    def _causal(self, mask) -> Optional[bool]:
+        """The Bridge's `causal` for this module: None keeps pyqkv's rule (LayerSpec.mask_rule)."""
+        rule = self._spec.mask_rule
+        if rule == "and_causal":
+            return True  # the module's own causal buffer, on top of whatever mask the model gave
+        if rule == "mask_only" and mask is None:
+            return False  # no mask, no causality: the module then attends to every key
+        return None
+
+    def _past_length(self, hf_cache) -> int:
+        """Positions already in the cache this call appends to (0 without one)."""
+        if hf_cache is None:
+            return 0
+        if isinstance(hf_cache, KVCache):
+            return hf_cache.length
+        cache = getattr(hf_cache, "self_attention_cache", hf_cache)
+        return int(cache.get_seq_length(self.layer_idx)) if hasattr(cache, "get_seq_length") else 0
+
+    def _alibi(self, a: dict, hidden_states, hf_cache, output_attentions: bool):
+        """The model's ALiBi (`alibi`, or MPT's `position_bias`) as the Bridge adds it to the scaled scores,
+        or None."""
         spec = self._spec
-        if spec.alibi_scale is None or alibi is None:
+        if spec.alibi_scale is None:
+            return None
+        if spec.alibi_from == "position_bias":
+            K = self._past_length(hf_cache) + hidden_states.shape[1]
+            return self._position_bias(a.get("position_bias"), K, hidden_states)
+        alibi = a.get("alibi")
+        if alibi is None:
             return None
         if spec.alibi_in_mask_with_sdpa and not output_attentions and _attn_implementation(self._original) == "sdpa":
             # The model folded alibi into the mask, and the module's SDPA path adds nothing more.
             return alibi.new_zeros(1, 1, alibi.shape[-1])
         return alibi if spec.alibi_scale == 1.0 else alibi * spec.alibi_scale
+
+    def _position_bias(self, bias, K: int, hidden_states):
+        """MPT's position_bias [H, 1, L] (arange(1 - L, 1) * slopes over max_seq_len = L positions) as the
+        per-key bias [1, H, K] of a call over K keys: HF adds its last K entries to the scaled scores (a
+        view, no copy). No position_bias: HF adds nothing."""
+        H = self.bridge.cfg.n_heads
+        if bias is None:
+            return hidden_states.new_zeros(1, 1, K)
+        if not isinstance(bias, torch.Tensor) or bias.dim() != 3 or bias.shape[0] not in (1, H) or bias.shape[1] != 1:
+            got = f"shape {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"position_bias: expected MPT's ALiBi table [H, 1, L] with H = {H}, got {got}")
+        L = bias.shape[2]
+        if L < K:
+            raise ValueError(
+                f"position_bias: the ALiBi table covers L = {L} key positions (config.max_seq_len), this call "
+                f"attends over K = {K}"
+            )
+        return bias[:, 0, L - K :].unsqueeze(0)
 
 class CallConvention:
     """A Hugging Face attention module's forward signature, read once: positional names in order, and
@@ -258,6 +344,9 @@ class CallConvention:
         self.keyword = {p.name for p in params if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)}
         self.var_keyword = any(p.kind == P.VAR_KEYWORD for p in params)
         self.defaults = {p.name: p.default for p in params if p.default is not P.empty}
+        # The hidden states are the first positional argument, whatever the module calls it (GPT-1: `x`).
+        names = [p.name for p in params]
+        self.hidden = "hidden_states" if "hidden_states" in names or not self.positional else self.positional[0]
 
     def arguments(self, args, kwargs) -> dict:
         if len(args) > len(self.positional):
@@ -273,8 +362,10 @@ class CallConvention:
             if name not in self.keyword and not self.var_keyword:
                 raise TypeError(f"{self.module_name} (attached to pyqkv): got an unexpected keyword argument {name!r}")
             a[name] = value
-        if "hidden_states" not in a:
-            raise TypeError(f"{self.module_name} (attached to pyqkv): missing the argument 'hidden_states'")
+        if self.hidden not in a:
+            raise TypeError(f"{self.module_name} (attached to pyqkv): missing the argument {self.hidden!r}")
+        if self.hidden != "hidden_states":
+            a["hidden_states"] = a.pop(self.hidden)
         return a
 
 
@@ -374,6 +465,8 @@ def detach(model: nn.Module) -> None:
             # the weights come back from the Bridge, and the rest of the original (outside the Module tree,
             # so left behind) follows them.
             _write_back(module.bridge, spec)
+            if spec.returns == "with_dense_bias" and original.dense_bias is not module.dense_bias:
+                original.dense_bias = module.dense_bias  # replaced while attached
             weight = module.bridge.qkv_weight
             if weight is not None:
                 original.to(device=weight.device, dtype=weight.dtype)

@@ -1,6 +1,7 @@
 """The registry of supported Hugging Face attention families: module class name -> reader (pyqkv.hf.fused
 for fused-QKV families, pyqkv.hf.separate for separate Q, K, V projections). Modules are matched by class
-name along the MRO, so transformers is never imported here.
+name along the MRO, so transformers is never imported here; a class whose bare name is too common to
+match on (GPT-1's `Attention`) is registered as `module.ClassName` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ def family_of(module) -> Optional[str]:
     for cls in type(module).__mro__:
         if cls.__name__ in FAMILIES:
             return cls.__name__
+        qualified = f"{cls.__module__}.{cls.__name__}"
+        if qualified in FAMILIES:
+            return qualified
     return None
 
 

@@ -39,6 +39,24 @@ class LayerSpec:
         (cos, sin) of [B, S, R] tables, as most families pass them), "sin_cos_half" ((sin, cos) at half
         width [B, S, R/2], each frequency once: GPT-J and CodeGen on newer transformers, rotate-every-two),
         or "ignore" (the model passes tables this layer does not use).
+    alibi_from: the argument the module's ALiBi arrives in: "alibi" (a per-key [B*H, 1, K] tensor: Bloom,
+        Falcon) or "position_bias" (MPT's [H, 1, L] table over its max_seq_len positions, of which the
+        module adds the last K to the scores of a call over K keys).
+    mask_rule: how the module combines HF's attention_mask with causality (the Bridge's `causal`):
+        "model": the model builds causality into the mask (a 4-D mask is authoritative; with none, or a
+        2-D padding mask, the Bridge is causal): pyqkv's own rule, and every interface-routed family's;
+        "and_causal": the module applies its own causal mask (a `bias` buffer) and then adds the model's
+        mask, which need not be causal (ImageGPT's bidirectional padding mask, GPT-1's [B, 1, 1, K]);
+        "mask_only": causality comes only from the model's mask, and with no mask the module attends to
+        every key (MPT, GPT-NeoX-Japanese).
+    bool_mask_masks: a bool attention_mask's True means masked (MPT's `masked_fill`), the opposite of
+        pyqkv's (and HF sdpa's) True = attend.
+    returns: what the module returns: "pair" (attn_output, attn_weights or None); "with_dense_bias"
+        (attn_output, attn_weights, the module's `dense_bias` Parameter or None, which the block adds:
+        GPT-NeoX-Japanese); "list" ([attn_output], plus attn_weights with output_attentions: GPT-1).
+    weights_always: the module returns its attention weights on every call, and its caller keeps them
+        without telling the module whether it wants them (MPT's block never passes output_attentions on),
+        so the Bridge returns its pattern on every call (as HF's eager-only module computes it anyway).
     """
 
     family: str
@@ -53,6 +71,11 @@ class LayerSpec:
     hf_cache_heads: Optional[int] = None
     position_embeddings: str = "cos_sin"
     bridge_modules: dict = field(default_factory=dict)  # nn.Modules the Bridge calls (q_norm, k_norm)
+    alibi_from: str = "alibi"
+    mask_rule: str = "model"
+    bool_mask_masks: bool = False
+    returns: str = "pair"
+    weights_always: bool = False
 
 
 def attr(module, *names):
