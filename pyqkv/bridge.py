@@ -516,6 +516,8 @@ class Bridge(nn.Module, HookedMixin):
         causal = default_causal if causal is None else causal
         rotary = positions.prepare_rotary(c, position_embeddings, position_ids, B, S, past, x)
         alibi = positions.prepare_alibi(c, alibi, attention_mask, B, K, x)
+        if kv_cache is not None:  # before any hook runs: a cache of another shape raises with nothing fired
+            kv_cache.check_appendable((B, S, Hkv, Dh), self._key_dtype(x), x.device)
 
         x = self._fire("hook_in", x)
         q, k, v = self._project_qkv(x)  # [B, S, H*Dh], [B, S, Hkv*Dh] x 2 (kernel layout)
@@ -548,6 +550,15 @@ class Bridge(nn.Module, HookedMixin):
         except BaseException:
             kv_cache.length = past  # a failure mid-way leaves the cache as it was
             raise
+
+    def _key_dtype(self, x) -> Optional[torch.dtype]:
+        """The dtype this call's keys will have: x's (the held weights' dtype, checked), autocast's inside
+        an autocast region, None (unknown until they exist) when the projection modules are called."""
+        if self.projections is not None:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
 
     def _call_projections(self, x):
         """Q, K, V in kernel layout [B, S, heads*Dh] from the projection modules: a fused module's output is

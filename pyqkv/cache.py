@@ -71,20 +71,25 @@ class KVCache:
     def check_compatible(self, k_new: torch.Tensor) -> None:
         """Raise ValueError if k_new [B, S, Hkv, Dh] cannot be appended to this cache."""
         _check_keys(k_new, "k_new")
+        self.check_appendable(tuple(k_new.shape), k_new.dtype, k_new.device)
+
+    def check_appendable(self, shape: tuple, dtype: Optional[torch.dtype], device: torch.device) -> None:
+        """Raise ValueError if keys of this shape [B, S, Hkv, Dh], dtype (None: not checked) and device
+        cannot be appended: the Bridge asks before it runs any hook, the append asks again."""
         if self.k_storage is None:
             return
         B, Hkv, _, Dh = self.k_storage.shape
         ok = (
-            k_new.dim() == 4
-            and (k_new.shape[0], k_new.shape[2], k_new.shape[3]) == (B, Hkv, Dh)
-            and k_new.dtype == self.k_storage.dtype
-            and k_new.device == self.k_storage.device
+            len(shape) == 4
+            and (shape[0], shape[2], shape[3]) == (B, Hkv, Dh)
+            and (dtype is None or dtype == self.k_storage.dtype)
+            and device == self.k_storage.device
         )
         if not ok:
             raise ValueError(
-                f"kv_cache: holds {self.signature()}; got new keys of shape {tuple(k_new.shape)} "
-                f"({k_new.dtype} on {k_new.device}). Use a fresh KVCache (or reset() it) for another batch "
-                f"or head shape."
+                f"kv_cache: holds {self.signature()}; got new keys of shape {tuple(shape)} "
+                f"({dtype if dtype is not None else 'dtype unknown'} on {device}). Use a fresh KVCache (or reset() "
+                f"it) for another batch or head shape."
             )
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor):

@@ -80,6 +80,9 @@ def prepare_rotary(cfg, position_embeddings, position_ids, B: int, S: int, past:
             if t.device != x.device:
                 raise ValueError(f"position_embeddings ({name}): expected device {x.device}, got {t.device}")
             tables.append(t)
+        if tables[1].shape != tables[0].shape:
+            raise ValueError(f"position_embeddings (sin): expected the shape of cos {list(tables[0].shape)}, "
+                             f"got {list(tables[1].shape)}")
         return tables[0], tables[1]
     if position_ids is None:
         positions = torch.arange(past, past + S, device=x.device).unsqueeze(0)

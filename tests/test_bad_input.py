@@ -6,12 +6,12 @@ argument (or hook point), what was expected and what was received; never a crash
 After every case the objects it touched are checked: each Bridge of the case gives bit for bit the output
 it gave before, holds no hook and no hook ctx, and its config is unchanged; the Bridge's KVCache and the
 standalone KVCache hold the same length and contents as before and still work (the next decode step equals
-the float64 reference); an op still gives the reference result on good input.
+the reference by the tolerance rule); an op still gives the reference result on good input. Each bad input
+is one row, here and nowhere else.
 
-CASES is the table: (id, entry point, call(env), exception, message fragments). The ops rows of
-tests/test_op_errors.py are part of it (imported, not copied); the rows here add to them. Fragments may
-name the case's devices as {device} and {other} (a second device: cuda <-> cpu, or meta on a machine
-without a GPU, which every device check sees as different).
+CASES is the table: (id, entry point, call(env), exception, message fragments). Fragments may name the
+case's devices as {device} and {other} (a second device: cuda <-> cpu, or meta on a machine without a GPU,
+which every device check sees as different).
 
 Empty tensors (B = 0, S = 0, K = 0) are not errors: EMPTY_CASES checks that each entry point returns the
 empty (or, for K = 0, the all-zeros) result the reference gives, with the right shapes.
@@ -29,8 +29,7 @@ from typing import Callable, NamedTuple
 import pytest
 import torch
 from conftest import skip_unless_available
-from test_op_errors import ERRORS as OP_ERRORS
-from test_op_errors import good_call
+from tolerance import Ref, assert_close, assert_close_by_rule
 
 import pyqkv
 from pyqkv import KVCache, ops
@@ -61,20 +60,28 @@ def make_bridge(w, **kw):
                         d_head=DH, **kw)
 
 
-def reference_layer(w, x):
-    """The layer on the whole sequence x [B, T, D] in float64 from pyqkv.reference (causal): [B, T, D]."""
-    W_Q, W_K, W_V, b_Q, b_K, b_V = ref.split_qkv(w["weight"].double(), w["bias"].double(), n_heads=H,
-                                                 n_kv_heads=HKV, d_head=DH, layout="blocked", conv1d=True)
-    xd = x.double()
+def reference_layer(w, x, dtype=torch.float64):
+    """The layer on the whole sequence x [B, T, D] from pyqkv.reference (causal), every step in `dtype`:
+    [B, T, D]."""
+    w = {name: p.to(dtype) for name, p in w.items()}
+    W_Q, W_K, W_V, b_Q, b_K, b_V = ref.split_qkv(w["weight"], w["bias"], n_heads=H, n_kv_heads=HKV, d_head=DH,
+                                                 layout="blocked", conv1d=True)
+    xd = x.to(dtype)
     q, k, v = (torch.einsum("btd,nde->btne", xd, W) + b for W, b in ((W_Q, b_Q), (W_K, b_K), (W_V, b_V)))
-    z, _, _ = ref.attention(q, k, v, scale=DH**-0.5, causal=True)
-    return z.flatten(2) @ w["out_weight"].double() + w["out_bias"].double()
+    z, _, _ = ref.attention(q, k, v, scale=DH**-0.5, causal=True, compute_dtype=dtype)
+    return z.flatten(2) @ w["out_weight"] + w["out_bias"]
+
+
+def reference_ref(w, x):
+    """reference_layer under the tolerance rule: (float64, x's dtype)."""
+    return Ref(reference_layer(w, x), reference_layer(w, x, x.dtype))
 
 
 class Env:
     """What a case may touch: `bridge` with a KVCache `cache` holding PAST positions of x, a standalone
     KVCache `kv`, and any further Bridge made with `bridge_with(**kwargs)`. check_unchanged() is the
-    after-error contract."""
+    after-error contract. `fired` lists the hook_in calls of these Bridges during the case (a permanent
+    hook that check_unchanged removes first): a bad forward argument fails before any hook fires."""
 
     def __init__(self, device):
         # The device as tensors report it ("cuda:0", not "cuda"): messages name a tensor's device.
@@ -84,7 +91,7 @@ class Env:
         g = torch.Generator().manual_seed(5)
         self.x = torch.randn(2, PAST + S_NEW, D, generator=g).to(device)
         self.x_new = self.x[:, PAST:]
-        self._bridges = []
+        self._bridges, self._watches, self.fired = [], [], []
         self.bridge = self.bridge_with()
         self.cache = KVCache(capacity=5)  # the failing calls would have to grow it
         with torch.no_grad():
@@ -92,14 +99,18 @@ class Env:
         self.kv = KVCache()
         self.kv.append(t(2, 3, 2, 4, device=device), t(2, 3, 2, 4, device=device))
         self._caches = [(c, c.length, c.keys.clone(), c.values.clone()) for c in (self.cache, self.kv)]
+        self.fired.clear()
 
     def bridge_with(self, **kwargs) -> pyqkv.Bridge:
         b = make_bridge(self.w, **kwargs)
         with torch.no_grad():
             self._bridges.append((b, b(self.x), dataclasses.asdict(b.cfg), b.training))
+        self._watches += b.add_hook("hook_in", lambda t, hook: self.fired.append(hook.name), is_permanent=True)
         return b
 
     def check_unchanged(self) -> None:
+        for handle in self._watches:
+            handle.remove()
         for b, before, cfg, training in self._bridges:
             leftover = {n: (len(p.fwd), len(p.bwd)) for n, p in b.hook_points().items() if p.fwd or p.bwd}
             assert not leftover, f"hooks left after the error: {leftover}"
@@ -112,7 +123,7 @@ class Env:
             assert torch.equal(cache.keys, keys) and torch.equal(cache.values, values), "KVCache contents changed"
         with torch.no_grad():
             out = self.bridge(self.x_new, kv_cache=self.cache)
-        torch.testing.assert_close(out.double(), reference_layer(self.w, self.x)[:, PAST:], atol=1e-5, rtol=1e-5)
+        assert_close(out, reference_ref(self.w, self.x)[:, PAST:], "the next decode step after the error")
         k_new, v_new = t(2, 2, 2, 4, device=self.device), t(2, 2, 2, 4, device=self.device)
         keys, values = self.kv.keys.clone(), self.kv.values.clone()
         self.kv.append(k_new, v_new)
@@ -137,18 +148,33 @@ VE, TE, RE = ValueError, TypeError, RuntimeError
 f64, i64 = torch.float64, torch.int64
 
 
-def attn(e, *, q=None, k=None, v=None, mask=None):
+# The ops on good input except for the arguments given. Good sizes: attention B=2, S=3, K=5, H=4, Hkv=2,
+# Dh=8 (alibi [2, 4, 5]); rotary x [2, 3, 4, 8], cos/sin [1, 3, 6]; per_head_proj B=2, S=3, n=4, D=8, E=5;
+# split/pack H=4, Hkv=2, Dh=2, D=8 (n_out = 16); kv_append B=2, Hkv=2, capacity=10, Dh=4, S=3.
+
+
+def attn(e, *, q=None, k=None, v=None, mask=None, alibi=None, softcap=None, window=None):
     d = e.device
     q = t(2, 3, 4, 8, device=d) if q is None else q
     k = t(2, 5, 2, 8, device=d) if k is None else k
     v = t(2, 5, 2, 8, device=d) if v is None else v
-    return ops.attention(q, k, v, scale=0.35, causal=True, mask=mask)
+    return ops.attention(q, k, v, scale=0.35, causal=True, mask=mask, alibi=alibi, softcap=softcap, window=window)
 
 
-def scores(e, *, q=None, k=None, mask=None):
+def scores(e, *, q=None, k=None, mask=None, alibi=None):
+    """ops.attn_scores, the split form."""
     q = t(2, 3, 4, 8, device=e.device) if q is None else q
     k = t(2, 5, 2, 8, device=e.device) if k is None else k
-    return ops.attn_scores(q, k, scale=0.35, causal=True, mask=mask)
+    return ops.attn_scores(q, k, scale=0.35, causal=True, mask=mask, alibi=alibi)
+
+
+def rope(e, *, x=None, cos=None, sin=None, raw=False):
+    """ops.rotary (or the raw op, which takes no 2-D tables)."""
+    d = e.device
+    x = t(2, 3, 4, 8, device=d) if x is None else x
+    cos = t(1, 3, 6, device=d) if cos is None else cos
+    sin = t(1, 3, 6, device=d) if sin is None else sin
+    return _ops.rotary(x, cos, sin, False) if raw else ops.rotary(x, cos, sin)
 
 
 def php(e, *, x=None, W=None, b=None):
@@ -157,16 +183,16 @@ def php(e, *, x=None, W=None, b=None):
     return ops.per_head_proj(x, W, b)
 
 
-def split(e, weight=None, *, H=4, Hkv=2, Dh=2, layout="blocked"):
+def split(e, weight=None, bias=None, *, H=4, Hkv=2, Dh=2, layout="blocked", conv1d=True):
     weight = t(8, 16, device=e.device) if weight is None else weight
-    return ops.split_qkv(weight, None, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout=layout, conv1d=True)
+    return ops.split_qkv(weight, bias, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout=layout, conv1d=conv1d)
 
 
-def pack(e, W_Q=None, W_K=None, W_V=None):
+def pack(e, W_Q=None, W_K=None, W_V=None, *biases, layout="blocked"):
     W_Q = t(4, 8, 2, device=e.device) if W_Q is None else W_Q
     W_K = t(2, 8, 2, device=e.device) if W_K is None else W_K
     W_V = t(2, 8, 2, device=e.device) if W_V is None else W_V
-    return ops.pack_qkv(W_Q, W_K, W_V)
+    return ops.pack_qkv(W_Q, W_K, W_V, *biases, layout=layout)
 
 
 def append(e, *, k_cache=None, v_cache=None, k_new=None, v_new=None, start=4):
@@ -183,8 +209,126 @@ def with_cache(buf_fn):
     return lambda e: buf_fn(e, t(2, 2, 10, 4, device=e.device))
 
 
-OP_CASES = [Case(r.id, f"ops.{r.op}", (lambda e, r=r: r.call(e.device)), r.exc, r.fragments, r.needs_cuda)
-            for r in OP_ERRORS]
+# fmt: off
+OP_CASES = [
+    # attention ----------------------------------------------------------------------------------
+    Case("attn-q-rank", "ops.attention", lambda e: attn(e, q=t(2, 3, 32, device=e.device)), VE, ("q: expected a 4-D tensor [B, S, H, Dh]", "got 3-D", "[2, 3, 32]")),
+    Case("attn-k-rank", "ops.attention", lambda e: attn(e, k=t(2, 5, 2, 8, 1, device=e.device)), VE, ("k: expected a 4-D tensor", "got 5-D", "[2, 5, 2, 8, 1]")),
+    Case("attn-v-rank", "ops.attention", lambda e: attn(e, v=t(2, 5, 16, device=e.device)), VE, ("v: expected a 4-D tensor", "[2, 5, 16]")),
+    Case("attn-k-head-dim", "ops.attention", lambda e: attn(e, k=t(2, 5, 2, 6, device=e.device)), VE, ("k: expected shape [2, K, Hkv, 8]", "[2, 5, 2, 6]")),
+    Case("attn-k-batch", "ops.attention", lambda e: attn(e, k=t(3, 5, 2, 8, device=e.device)), VE, ("k: expected shape [2, K, Hkv, 8]", "[3, 5, 2, 8]")),
+    Case("attn-v-not-k-shape", "ops.attention", lambda e: attn(e, v=t(2, 6, 2, 8, device=e.device)), VE, ("v: expected the shape of k [2, 5, 2, 8]", "[2, 6, 2, 8]")),
+    Case("attn-H-not-multiple-of-Hkv", "ops.attention", lambda e: attn(e, k=t(2, 5, 3, 8, device=e.device), v=t(2, 5, 3, 8, device=e.device)), VE, ("k: expected a KV head count that divides H=4", "Hkv=3", "[2, 5, 3, 8]")),
+    Case("attn-mask-2d-shape", "ops.attention", lambda e: attn(e, mask=torch.ones(2, 6, dtype=torch.bool, device=e.device)), VE, ("mask: expected a 2-D padding mask [B, K] = [2, 5]", "[2, 6]")),
+    Case("attn-mask-rank-3", "ops.attention", lambda e: attn(e, mask=t(2, 3, 5, device=e.device)), VE, ("mask:", "got 3-D", "[2, 3, 5]")),
+    Case("attn-mask-4d-S", "ops.attention", lambda e: attn(e, mask=t(2, 1, 4, 5, device=e.device)), VE, ("mask: expected a 4-D additive mask [B or 1, 1 or H, S, K] = [2, 1 or 4, 3, 5]", "[2, 1, 4, 5]")),
+    Case("attn-mask-4d-heads", "ops.attention", lambda e: attn(e, mask=t(2, 2, 3, 5, device=e.device)), VE, ("mask: expected a 4-D additive mask", "[2, 2, 3, 5]")),
+    Case("attn-mask-4d-bool-shape", "ops.attention", lambda e: attn(e, mask=torch.ones(2, 1, 3, 4, dtype=torch.bool, device=e.device)), VE, ("mask: expected a 4-D additive mask [B or 1, 1 or H, S, K] = [2, 1 or 4, 3, 5] (or a bool one", "got [2, 1, 3, 4]")),
+    Case("attn-mask-4d-int", "ops.attention", lambda e: attn(e, mask=torch.zeros(2, 1, 3, 5, dtype=i64, device=e.device)), TE, ("mask: expected a floating-point additive 4-D mask", "Long")),
+    Case("attn-mask-complex", "ops.attention", lambda e: attn(e, mask=torch.ones(2, 5, dtype=torch.complex64, device=e.device)), TE, ("mask: expected a bool, integer or float padding mask", "ComplexFloat")),
+    Case("attn-mixed-dtype-k", "ops.attention", lambda e: attn(e, k=t(2, 5, 2, 8, dtype=f64, device=e.device)), TE, ("k: expected dtype Float (the dtype of q)", "got Double")),
+    Case("attn-mixed-dtype-v", "ops.attention", lambda e: attn(e, v=t(2, 5, 2, 8, dtype=torch.float16, device=e.device)), TE, ("v: expected dtype Float (the dtype of q)", "got Half")),
+    Case("attn-integer-qkv", "ops.attention", lambda e: attn(e, q=torch.ones(2, 3, 4, 8, dtype=i64, device=e.device), k=torch.ones(2, 5, 2, 8, dtype=i64, device=e.device), v=torch.ones(2, 5, 2, 8, dtype=i64, device=e.device)), TE, ("q: expected a floating-point tensor", "got Long")),
+    Case("attn-k-other-device", "ops.attention", lambda e: attn(e, k=t(2, 5, 2, 8, device="cpu")), VE, ("k: expected device cuda", "got cpu"), needs_cuda=True),
+    # ALiBi: [B or 1, H or 1, K] ------------------------------------------------------------------
+    Case("attn-alibi-rank-2", "ops.attention", lambda e: attn(e, alibi=t(4, 5, device=e.device)), VE, ("alibi: expected a 3-D tensor [B or 1, H or 1, K]", "got 2-D", "[4, 5]")),
+    Case("attn-alibi-rank-4", "ops.attention", lambda e: attn(e, alibi=t(2, 4, 3, 5, device=e.device)), VE, ("alibi: expected a 3-D tensor [B or 1, H or 1, K]", "got 4-D", "[2, 4, 3, 5]")),
+    Case("attn-alibi-bloom-shape", "ops.attention", lambda e: attn(e, alibi=t(8, 1, 5, device=e.device)), VE, ("alibi: expected shape [B or 1, H or 1, K] = [2 or 1, 4 or 1, 5]", "got [8, 1, 5]")),
+    Case("attn-alibi-K", "ops.attention", lambda e: attn(e, alibi=t(2, 4, 6, device=e.device)), VE, ("alibi: expected shape [B or 1, H or 1, K] = [2 or 1, 4 or 1, 5]", "got [2, 4, 6]")),
+    Case("attn-alibi-kv-heads", "ops.attention", lambda e: attn(e, alibi=t(2, 2, 5, device=e.device)), VE, ("alibi: expected shape", "4 or 1", "got [2, 2, 5]")),
+    Case("attn-alibi-integer", "ops.attention", lambda e: attn(e, alibi=torch.zeros(2, 4, 5, dtype=i64, device=e.device)), TE, ("alibi: expected a floating-point tensor", "got Long")),
+    Case("attn-alibi-bool", "ops.attention", lambda e: attn(e, alibi=torch.zeros(1, 4, 5, dtype=torch.bool, device=e.device)), TE, ("alibi: expected a floating-point tensor", "got Bool")),
+    Case("attn-alibi-other-device", "ops.attention", lambda e: attn(e, alibi=t(2, 4, 5, device="cpu")), VE, ("alibi: expected device cuda", "(the device of q)", "got cpu"), needs_cuda=True),
+    Case("raw-attn-alibi-shape", "ops.attention", lambda e: _ops.attention(t(2, 3, 4, 8, device=e.device), t(2, 5, 2, 8, device=e.device), t(2, 5, 2, 8, device=e.device), None, 0.35, True, False, t(1, 1, 4, device=e.device)), VE, ("alibi: expected shape [B or 1, H or 1, K]", "got [1, 1, 4]")),
+    # the split form of attention (composites used for hook_attn_scores) --------------------------
+    Case("scores-H-not-multiple-of-Hkv", "ops.attention", lambda e: ops.attn_scores(t(2, 3, 4, 8, device=e.device), t(2, 5, 3, 8, device=e.device), scale=0.35, causal=True), VE, ("k: expected a KV head count that divides H=4", "Hkv=3")),
+    Case("scores-k-head-dim", "ops.attention", lambda e: ops.attn_scores(t(2, 3, 4, 8, device=e.device), t(2, 5, 2, 6, device=e.device), scale=0.35, causal=True), VE, ("k: expected shape [2, K, Hkv, 8]", "[2, 5, 2, 6]")),
+    Case("scores-mask-4d-int", "ops.attention", lambda e: ops.attn_scores(t(2, 3, 4, 8, device=e.device), t(2, 5, 2, 8, device=e.device), scale=0.35, causal=True, mask=torch.ones(2, 1, 3, 5, dtype=i64, device=e.device)), TE, ("mask: expected a floating-point additive 4-D mask", "or a bool one", "got Long")),
+    Case("scores-mask-2d-shape", "ops.attention", lambda e: ops.attn_scores(t(2, 3, 4, 8, device=e.device), t(2, 5, 2, 8, device=e.device), scale=0.35, causal=True, mask=torch.ones(2, 7, device=e.device)), VE, ("mask: expected a 2-D padding mask [B, K] = [2, 5]", "[2, 7]")),
+    Case("scores-alibi-rank", "ops.attention", lambda e: scores(e, alibi=t(8, 5, device=e.device)), VE, ("alibi: expected a 3-D tensor [B or 1, H or 1, K]", "[8, 5]")),
+    Case("scores-alibi-shape", "ops.attention", lambda e: scores(e, alibi=t(8, 1, 5, device=e.device)), VE, ("alibi: expected shape [B or 1, H or 1, K] = [2 or 1, 4 or 1, 5]", "got [8, 1, 5]")),
+    Case("scores-alibi-integer", "ops.attention", lambda e: scores(e, alibi=torch.zeros(2, 4, 5, dtype=i64, device=e.device)), TE, ("alibi: expected a floating-point tensor", "got Long")),
+    Case("scores-alibi-other-device", "ops.attention", lambda e: scores(e, alibi=t(2, 4, 5, device="cpu")), VE, ("alibi: expected device cuda", "got cpu"), needs_cuda=True),
+    Case("scores-q-integer", "ops.attention", lambda e: ops.attn_scores(torch.ones(2, 3, 4, 8, dtype=i64, device=e.device), t(2, 5, 2, 8, device=e.device), scale=0.35, causal=True), TE, ("q: expected a floating-point tensor", "got Long")),
+    Case("softmax-integer-scores", "ops.attention", lambda e: ops.attn_softmax(torch.ones(2, 4, 3, 5, dtype=i64, device=e.device)), TE, ("scores: expected a floating-point tensor", "got Long")),
+    Case("apply-v-keys", "ops.attention", lambda e: ops.attn_apply(t(2, 4, 3, 5, device=e.device), t(2, 6, 2, 8, device=e.device)), VE, ("v: expected shape [2, 5, Hkv, Dh]", "[2, 6, 2, 8]")),
+    Case("apply-pattern-rank", "ops.attention", lambda e: ops.attn_apply(t(2, 4, 3, device=e.device), t(2, 5, 2, 8, device=e.device)), VE, ("pattern: expected a 4-D tensor [B, H, S, K]", "[2, 4, 3]")),
+    # softcap (Gemma 2) and window (sliding window), the fused op and the split form --------------------
+    Case("attn-softcap-negative", "ops.attention", lambda e: attn(e, softcap=-1.0), VE, ("softcap: expected None, 0 (off) or a positive finite float", "got -1")),
+    Case("attn-softcap-nan", "ops.attention", lambda e: attn(e, softcap=float("nan")), VE, ("softcap: expected None, 0 (off) or a positive finite float", "got nan")),
+    Case("attn-softcap-inf", "ops.attention", lambda e: attn(e, softcap=float("inf")), VE, ("softcap: expected None, 0 (off) or a positive finite float", "got inf")),
+    Case("attn-softcap-str", "ops.attention", lambda e: attn(e, softcap="50"), TE, ("softcap: expected None or a float", "got str '50'")),
+    Case("attn-window-zero", "ops.attention", lambda e: attn(e, window=0), VE, ("window: expected None or W >= 1", "got 0")),
+    Case("attn-window-negative", "ops.attention", lambda e: attn(e, window=-3), VE, ("window: expected None or W >= 1", "got -3")),
+    Case("attn-window-not-causal", "ops.attention", lambda e: ops.attention(t(2, 3, 4, 8, device=e.device), t(2, 5, 2, 8, device=e.device), t(2, 5, 2, 8, device=e.device), scale=0.35, causal=False, window=4), VE, ("window: expected causal=True with a sliding window", "got window=4 with causal=False")),
+    Case("attn-window-float", "ops.attention", lambda e: attn(e, window=2.5), TE, ("window: expected None or an int", "got float 2.5")),
+    Case("raw-attn-window-not-causal", "ops.attention", lambda e: _ops.attention(t(2, 3, 4, 8, device=e.device), t(2, 5, 2, 8, device=e.device), t(2, 5, 2, 8, device=e.device), None, 0.35, False, False, None, None, 2), VE, ("window: expected causal=True", "got window=2 with causal=False")),
+    Case("raw-attn-softcap-negative", "ops.attention", lambda e: _ops.attention(t(2, 3, 4, 8, device=e.device), t(2, 5, 2, 8, device=e.device), t(2, 5, 2, 8, device=e.device), None, 0.35, True, True, None, -0.5), VE, ("softcap: expected None, 0 (off) or a positive finite float", "got -0.5")),
+    Case("scores-softcap-negative", "ops.attention", lambda e: ops.attn_scores(t(2, 3, 4, 8, device=e.device), t(2, 5, 2, 8, device=e.device), scale=0.35, causal=True, softcap=-2.0), VE, ("softcap: expected None, 0 (off) or a positive finite float", "got -2")),
+    Case("scores-window-not-causal", "ops.attention", lambda e: ops.attn_scores(t(2, 3, 4, 8, device=e.device), t(2, 5, 2, 8, device=e.device), scale=0.35, causal=False, window=3), VE, ("window: expected causal=True", "got window=3 with causal=False")),
+    Case("scores-window-zero", "ops.attention", lambda e: ops.attn_scores(t(2, 3, 4, 8, device=e.device), t(2, 5, 2, 8, device=e.device), scale=0.35, causal=True, window=0), VE, ("window: expected None or W >= 1", "got 0")),
+    # rotary ------------------------------------------------------------------------------------
+    Case("rope-x-rank", "ops.rotary", lambda e: rope(e, x=t(2, 3, 32, device=e.device)), VE, ("x: expected a 4-D tensor [B, S, n, Dh]", "got 3-D", "[2, 3, 32]")),
+    Case("rope-cos-rank-4", "ops.rotary", lambda e: rope(e, cos=t(1, 3, 1, 6, device=e.device)), VE, ("cos: expected a 3-D tensor [B or 1, S, R]", "got 4-D", "[1, 3, 1, 6]")),
+    Case("rope-cos-rank-1", "ops.rotary", lambda e: rope(e, cos=t(6, device=e.device)), VE, ("cos: expected a 3-D tensor [B or 1, S, R]", "got 1-D", "[6]")),
+    Case("rope-raw-cos-2d", "ops.rotary", lambda e: rope(e, cos=t(3, 6, device=e.device), sin=t(3, 6, device=e.device), raw=True), VE, ("cos: expected a 3-D tensor [B or 1, S, R]", "got 2-D", "[3, 6]")),
+    Case("rope-sin-rank", "ops.rotary", lambda e: rope(e, sin=t(2, 1, 3, 6, device=e.device)), VE, ("sin: expected a 3-D tensor [B or 1, S, R]", "got 4-D", "[2, 1, 3, 6]")),
+    Case("rope-cos-S", "ops.rotary", lambda e: rope(e, cos=t(1, 4, 6, device=e.device), sin=t(1, 4, 6, device=e.device)), VE, ("cos: expected shape [B or 1, S, R] = [2 or 1, 3, R]", "got [1, 4, 6]")),
+    Case("rope-cos-batch", "ops.rotary", lambda e: rope(e, cos=t(3, 3, 6, device=e.device), sin=t(3, 3, 6, device=e.device)), VE, ("cos: expected shape [B or 1, S, R] = [2 or 1, 3, R]", "got [3, 3, 6]")),
+    Case("rope-odd-R", "ops.rotary", lambda e: rope(e, cos=t(1, 3, 5, device=e.device), sin=t(1, 3, 5, device=e.device)), VE, ("cos: expected an even rotary width R with 0 < R <= Dh=8", "got R=5", "[1, 3, 5]")),
+    Case("rope-R-past-Dh", "ops.rotary", lambda e: rope(e, cos=t(1, 3, 10, device=e.device), sin=t(1, 3, 10, device=e.device)), VE, ("cos: expected an even rotary width R with 0 < R <= Dh=8", "got R=10")),
+    Case("rope-R-zero", "ops.rotary", lambda e: rope(e, cos=t(1, 3, 0, device=e.device), sin=t(1, 3, 0, device=e.device)), VE, ("cos: expected an even rotary width R with 0 < R <= Dh=8", "got R=0")),
+    Case("rope-sin-not-cos-shape", "ops.rotary", lambda e: rope(e, sin=t(1, 3, 4, device=e.device)), VE, ("sin: expected the shape of cos [1, 3, 6]", "got [1, 3, 4]")),
+    Case("rope-x-integer", "ops.rotary", lambda e: rope(e, x=torch.ones(2, 3, 4, 8, dtype=i64, device=e.device)), TE, ("x: expected a floating-point tensor", "got Long")),
+    Case("rope-cos-integer", "ops.rotary", lambda e: rope(e, cos=torch.ones(1, 3, 6, dtype=torch.int32, device=e.device)), TE, ("cos: expected a floating-point tensor", "got Int")),
+    Case("rope-sin-bool", "ops.rotary", lambda e: rope(e, sin=torch.ones(1, 3, 6, dtype=torch.bool, device=e.device)), TE, ("sin: expected a floating-point tensor", "got Bool")),
+    Case("rope-cos-other-device", "ops.rotary", lambda e: rope(e, cos=t(1, 3, 6, device="cpu")), VE, ("cos: expected device cuda", "(the device of x)", "got cpu"), needs_cuda=True),
+    Case("rope-sin-other-device", "ops.rotary", lambda e: rope(e, sin=t(1, 3, 6, device="cpu")), VE, ("sin: expected device cuda", "got cpu"), needs_cuda=True),
+    # per_head_proj ------------------------------------------------------------------------------
+    Case("proj-x-rank", "ops.per_head_proj", lambda e: php(e, x=t(2, 3, 8, device=e.device)), VE, ("x: expected a 4-D tensor [B, S, n, D]", "got 3-D", "[2, 3, 8]")),
+    Case("proj-W-rank", "ops.per_head_proj", lambda e: php(e, W=t(8, 5, device=e.device)), VE, ("W: expected a 3-D tensor [n, D, E]", "got 2-D", "[8, 5]")),
+    Case("proj-W-heads", "ops.per_head_proj", lambda e: php(e, W=t(3, 8, 5, device=e.device)), VE, ("W: expected size 4 at dim 0 (n, the head count of x)", "[3, 8, 5]")),
+    Case("proj-W-model-dim", "ops.per_head_proj", lambda e: php(e, W=t(4, 7, 5, device=e.device)), VE, ("W: expected size 8 at dim 1 (D, the last dim of x)", "[4, 7, 5]")),
+    Case("proj-b-size", "ops.per_head_proj", lambda e: php(e, b=t(4, 6, device=e.device)), VE, ("b: expected size 5 at dim 1 (E, the last dim of W)", "[4, 6]")),
+    Case("proj-b-heads", "ops.per_head_proj", lambda e: php(e, b=t(3, 5, device=e.device)), VE, ("b: expected size 4 at dim 0", "[3, 5]")),
+    Case("proj-b-rank", "ops.per_head_proj", lambda e: php(e, b=t(20, device=e.device)), VE, ("b: expected a 2-D tensor [n, E]", "got 1-D", "[20]")),
+    Case("proj-x-integer", "ops.per_head_proj", lambda e: php(e, x=torch.ones(2, 3, 4, 8, dtype=i64, device=e.device), W=torch.ones(4, 8, 5, dtype=i64, device=e.device)), TE, ("x: expected a floating-point tensor", "got Long")),
+    Case("proj-W-dtype", "ops.per_head_proj", lambda e: php(e, W=t(4, 8, 5, dtype=f64, device=e.device)), TE, ("W: expected dtype Float (the dtype of x)", "got Double")),
+    Case("proj-b-dtype", "ops.per_head_proj", lambda e: php(e, b=t(4, 5, dtype=torch.bfloat16, device=e.device)), TE, ("b: expected dtype Float (the dtype of x)", "got BFloat16")),
+    # split_qkv ----------------------------------------------------------------------------------
+    Case("split-unknown-layout", "ops.split_qkv", lambda e: split(e, layout="nope"), VE, ("layout: expected one of", "'blocked'", "got 'nope'")),
+    Case("split-unknown-layout-raw-op", "ops.split_qkv", lambda e: _ops.split_qkv(t(8, 16, device=e.device), 4, 2, 2, "nope", True), VE, ("layout: expected one of", "got 'nope'")),
+    Case("split-weight-size", "ops.split_qkv", lambda e: split(e, t(8, 18, device=e.device)), VE, ("weight: expected size 16 = (n_heads 4 + 2 * n_kv_heads 2) * d_head 2 at dim 1", "[8, 18]")),
+    Case("split-weight-orientation", "ops.split_qkv", lambda e: split(e, t(8, 16, device=e.device), conv1d=False), VE, ("weight: expected size 16", "at dim 0 (Linear stores [out, in])", "[8, 16]")),
+    Case("split-weight-rank", "ops.split_qkv", lambda e: split(e, t(8, 16, 1, device=e.device)), VE, ("weight: expected a 2-D tensor", "got 3-D", "[8, 16, 1]")),
+    Case("split-bias-size", "ops.split_qkv", lambda e: split(e, bias=t(15, device=e.device)), VE, ("bias: expected shape (16,)", "got (15,)")),
+    Case("split-bias-rank", "ops.split_qkv", lambda e: split(e, bias=t(1, 16, device=e.device)), VE, ("bias: expected shape (16,)", "got (1, 16)")),
+    Case("split-H-not-multiple-of-Hkv", "ops.split_qkv", lambda e: split(e, t(8, 20, device=e.device), H=4, Hkv=3), VE, ("n_kv_heads: expected a divisor of n_heads=4", "got 3")),
+    Case("split-interleaved-gqa", "ops.split_qkv", lambda e: split(e, layout="interleaved"), VE, ("layout: 'interleaved' needs n_kv_heads == n_heads (4)", "n_kv_heads=2")),
+    Case("split-codegen-heads", "ops.split_qkv", lambda e: split(e, t(8, 36, device=e.device), H=6, Hkv=6, layout="codegen"), VE, ("layout: 'codegen' needs", "divisible by 4", "n_heads=6")),
+    Case("split-d-head-zero", "ops.split_qkv", lambda e: split(e, Dh=0), VE, ("d_head: expected a positive head dim", "got 0")),
+    # pack_qkv -----------------------------------------------------------------------------------
+    Case("pack-W_Q-rank", "ops.pack_qkv", lambda e: pack(e, t(8, 8, device=e.device)), VE, ("W_Q: expected a 3-D tensor [H, D, Dh]", "got 2-D", "[8, 8]")),
+    Case("pack-W_K-model-dim", "ops.pack_qkv", lambda e: pack(e, None, t(2, 7, 2, device=e.device)), VE, ("W_K: expected shape [2, 8, 2]", "[2, 7, 2]")),
+    Case("pack-W_V-heads", "ops.pack_qkv", lambda e: pack(e, None, None, t(3, 8, 2, device=e.device)), VE, ("W_V: expected shape [2, 8, 2]", "[3, 8, 2]")),
+    Case("pack-W_V-dtype", "ops.pack_qkv", lambda e: pack(e, None, None, t(2, 8, 2, dtype=f64, device=e.device)), TE, ("W_V: expected dtype Float (the dtype of W_Q)", "got Double")),
+    Case("pack-H-not-multiple-of-Hkv", "ops.pack_qkv", lambda e: pack(e, None, t(3, 8, 2, device=e.device), t(3, 8, 2, device=e.device)), VE, ("n_kv_heads: expected a divisor of n_heads=4", "got 3")),
+    Case("pack-unknown-layout", "ops.pack_qkv", lambda e: pack(e, layout="fused"), VE, ("layout: expected one of", "got 'fused'")),
+    Case("pack-b_K-shape", "ops.pack_qkv", lambda e: pack(e, None, None, None, t(4, 2, device=e.device), t(2, 3, device=e.device), t(2, 2, device=e.device)), VE, ("b_K: expected shape (2, 2)", "got (2, 3)")),
+    Case("pack-b_V-missing", "ops.pack_qkv", lambda e: pack(e, None, None, None, t(4, 2, device=e.device), t(2, 2, device=e.device), None), VE, ("b_V: expected shape (2, 2)", "got NoneType")),
+    # kv_append ----------------------------------------------------------------------------------
+    Case("append-start-negative", "ops.kv_append", lambda e: append(e, start=-1), VE, ("start: expected 0 <= start and start + S <= capacity 10", "S = 3", "got start=-1")),
+    Case("append-start-past-capacity", "ops.kv_append", lambda e: append(e, start=8), VE, ("start: expected 0 <= start and start + S <= capacity 10", "got start=8")),
+    Case("append-k_new-heads", "ops.kv_append", lambda e: append(e, k_new=t(2, 3, 3, 4, device=e.device), v_new=t(2, 3, 3, 4, device=e.device)), VE, ("k_new: expected shape [2, S, 2, 4]", "[2, 3, 3, 4]")),
+    Case("append-k_new-batch", "ops.kv_append", lambda e: append(e, k_new=t(1, 3, 2, 4, device=e.device), v_new=t(1, 3, 2, 4, device=e.device)), VE, ("k_new: expected shape [2, S, 2, 4]", "[1, 3, 2, 4]")),
+    Case("append-v_new-shape", "ops.kv_append", lambda e: append(e, v_new=t(2, 4, 2, 4, device=e.device)), VE, ("v_new: expected the shape of k_new [2, 3, 2, 4]", "[2, 4, 2, 4]")),
+    Case("append-v_cache-shape", "ops.kv_append", lambda e: append(e, v_cache=t(2, 2, 12, 4, device=e.device)), VE, ("v_cache: expected the shape of k_cache [2, 2, 10, 4]", "[2, 2, 12, 4]")),
+    Case("append-k_cache-rank", "ops.kv_append", lambda e: append(e, k_cache=t(2, 10, 4, device=e.device), v_cache=t(2, 10, 4, device=e.device)), VE, ("k_cache: expected a 4-D tensor [B, Hkv, capacity, Dh]", "got 3-D", "[2, 10, 4]")),
+    Case("append-k_new-rank", "ops.kv_append", lambda e: append(e, k_new=t(2, 3, 8, device=e.device), v_new=t(2, 3, 8, device=e.device)), VE, ("k_new: expected a 4-D tensor [B, S, Hkv, Dh]", "[2, 3, 8]")),
+    Case("append-caches-alias", "ops.kv_append", lambda e: (lambda c: append(e, k_cache=c, v_cache=c))(t(2, 2, 10, 4, device=e.device)), VE, ("v_cache: expected a tensor that does not overlap k_cache",)),
+    Case("append-k_new-dtype", "ops.kv_append", lambda e: append(e, k_new=t(2, 3, 2, 4, dtype=f64, device=e.device), v_new=t(2, 3, 2, 4, dtype=f64, device=e.device)), TE, ("k_new: expected dtype Float (the dtype of k_cache)", "got Double")),
+]
+# fmt: on
 
 # fmt: off
 OP_CASES += [
@@ -274,7 +418,7 @@ CONSTRUCTION_CASES = [
     Case("ctor-weight-orientation", "Bridge()", lambda e: ctor(e, conv1d=False), VE, ("weight: expected size 64", "Linear stores [out, in]", "[32, 64]")),
     Case("ctor-bias-shape", "Bridge()", lambda e: ctor(e, bias=t(60, device=e.device)), VE, ("bias: expected shape (64,)", "got (60,)")),
     Case("ctor-bias-not-a-tensor", "Bridge()", lambda e: ctor(e, bias=[0.0] * N_OUT), VE, ("bias: expected shape (64,)", "got list")),
-    Case("ctor-out_weight-shape", "Bridge()", lambda e: ctor(e, out_weight=t(D, 30, device=e.device)), VE, ("out_weight: expected shape (32, 32)", "got (32, 30)")),
+    Case("ctor-out_weight-shape", "Bridge()", lambda e: ctor(e, out_weight=t(D, 30, device=e.device)), VE, ("out_weight: expected shape (32, 32) (conv1d [H*Dh, D])", "got (32, 30)")),
     Case("ctor-out_weight-None", "Bridge()", lambda e: ctor(e, out_weight=None), TE, ("out_weight: expected a floating-point Tensor", "got NoneType")),
     Case("ctor-out_bias-shape", "Bridge()", lambda e: ctor(e, out_bias=t(30, device=e.device)), VE, ("out_bias: expected shape (32,)", "(30,)")),
     Case("ctor-n_heads-zero", "Bridge()", lambda e: ctor(e, n_heads=0), VE, ("n_heads: expected a positive int", "got 0")),
@@ -329,7 +473,7 @@ FORWARD_CASES = [
     Case("fwd-x-rank-2", "Bridge.forward", lambda e: fwd(e, e.x_new[0]), VE, ("x: expected shape [B, S, D=32]", "got (3, 32)")),
     Case("fwd-x-rank-4", "Bridge.forward", lambda e: fwd(e, e.x_new[None]), VE, ("x: expected shape [B, S, D=32]", "got (1, 2, 3, 32)")),
     Case("fwd-x-model-dim", "Bridge.forward", lambda e: fwd(e, e.x_new[..., :16]), VE, ("x: expected shape [B, S, D=32]", "got (2, 3, 16)")),
-    Case("fwd-x-dtype", "Bridge.forward", lambda e: fwd(e, e.x_new.double()), TE, ("x: expected torch.float32 on {device}", "got torch.float64")),
+    Case("fwd-x-dtype", "Bridge.forward", lambda e: fwd(e, e.x_new.double()), TE, ("x: expected torch.float32 on {device} (the Bridge's weights)", "got torch.float64")),
     Case("fwd-x-integer", "Bridge.forward", lambda e: fwd(e, e.x_new.long()), TE, ("x: expected torch.float32", "got torch.int64")),
     Case("fwd-x-other-device", "Bridge.forward", lambda e: fwd(e, e.x_new.to(e.other)), TE, ("x: expected torch.float32 on {device}", "on {other}")),
     Case("fwd-mask-not-a-tensor", "Bridge.forward", lambda e: fwd(e, attention_mask=[[1] * 7] * 2), TE, ("attention_mask: expected a Tensor or None", "got list")),
@@ -344,7 +488,7 @@ FORWARD_CASES = [
     Case("fwd-mask-4d-heads", "Bridge.forward", lambda e: fwd(e, attention_mask=torch.zeros(2, 2, 3, 7, device=e.device)), VE, ("attention_mask: expected a 4-D mask", "got (2, 2, 3, 7)")),
     Case("fwd-mask-other-device", "Bridge.forward", lambda e: fwd(e, attention_mask=torch.ones(2, 7, device=e.other)), VE, ("attention_mask: expected device {device}", "got {other}")),
     # positions: RoPE tables or ids, and ALiBi biases
-    Case("fwd-position_ids-without-rotary", "Bridge.forward", lambda e: fwd(e, position_ids=torch.arange(3, device=e.device)[None]), VE, ("position_ids: this layer has no rotary embedding (rotary_dim is None)",)),
+    Case("fwd-position_ids-without-rotary", "Bridge.forward", lambda e: fwd(e, position_ids=torch.arange(3, device=e.device)[None]), VE, ("position_ids: this layer has no rotary embedding (rotary_dim is None)", "got Tensor")),
     Case("fwd-position_ids-float", "Bridge.forward", lambda e: rotary_fwd(e, position_ids=torch.zeros(2, 3, device=e.device)), TE, ("position_ids: expected an integer Tensor [B or 1, S]", "torch.float32")),
     Case("fwd-position_ids-shape", "Bridge.forward", lambda e: rotary_fwd(e, position_ids=torch.zeros(2, 4, dtype=i64, device=e.device)), VE, ("position_ids: expected shape [B or 1, S] = [2 or 1, 3]", "got (2, 4)")),
     Case("fwd-position_ids-other-device", "Bridge.forward", lambda e: rotary_fwd(e, position_ids=torch.zeros(2, 3, dtype=i64, device=e.other)), VE, ("position_ids: expected device {device}", "got {other}")),
@@ -353,12 +497,12 @@ FORWARD_CASES = [
     Case("fwd-position_embeddings-integer", "Bridge.forward", lambda e: rotary_fwd(e, position_embeddings=(torch.ones(2, 3, 4, dtype=i64, device=e.device), torch.ones(2, 3, 4, device=e.device))), TE, ("position_embeddings (cos): expected a floating-point Tensor", "torch.int64")),
     Case("fwd-position_embeddings-cos-sin-shapes", "Bridge.forward", lambda e: rotary_fwd(e, position_embeddings=(torch.ones(2, 3, 4, device=e.device), torch.ones(1, 3, 4, device=e.device))), VE, ("sin: expected the shape of cos [2, 3, 4]", "got [1, 3, 4]")),
     Case("fwd-alibi-without-alibi", "Bridge.forward", lambda e: fwd(e, alibi=torch.zeros(2, H, 7, device=e.device)), VE, ("alibi: this layer has no ALiBi (alibi=False)",)),
-    Case("fwd-alibi-keys", "Bridge.forward", lambda e: alibi_fwd(e, alibi=torch.zeros(2, H, 5, device=e.device)), VE, ("alibi: expected a per-key bias [B or 1, H or 1, K] = [2, 4, 3]", "got (2, 4, 5)")),
+    Case("fwd-alibi-keys", "Bridge.forward", lambda e: alibi_fwd(e, alibi=torch.zeros(2, H, 5, device=e.device)), VE, ("alibi: expected a per-key bias [B or 1, H or 1, K] = [2, 4, 3] (or [B*H, 1, K])", "got (2, 4, 5)")),
     Case("fwd-alibi-integer", "Bridge.forward", lambda e: alibi_fwd(e, alibi=torch.zeros(2, H, 3, dtype=i64, device=e.device)), TE, ("alibi: expected a floating-point Tensor [B, H, K]", "torch.int64")),
     Case("fwd-alibi-other-device", "Bridge.forward", lambda e: alibi_fwd(e, alibi=torch.zeros(2, H, 3, device=e.other)), VE, ("alibi: expected device {device}", "got {other}")),
     Case("fwd-kv_cache-not-a-KVCache", "Bridge.forward", lambda e: e.bridge(e.x_new, kv_cache=(e.cache.keys, e.cache.values)), TE, ("kv_cache: expected a pyqkv.KVCache or None", "got tuple")),
     Case("fwd-kv_cache-other-batch", "Bridge.forward", lambda e: fwd(e, torch.cat([e.x_new, e.x_new[:1]])), VE, ("kv_cache: holds batch 2, 2 KV heads of dim 8, torch.float32", "got new keys of shape (3, 3, 2, 8)")),
-    Case("fwd-kv_cache-other-kv-heads", "Bridge.forward", lambda e: e.bridge(e.x_new, kv_cache=other_bridge_cache(e, H=4, Hkv=4)), VE, ("kv_cache: holds batch 2, 4 KV heads of dim 8", "got new keys of shape (2, 3, 2, 8)")),
+    Case("fwd-kv_cache-other-kv-heads", "Bridge.forward", lambda e: e.bridge(e.x_new, kv_cache=other_bridge_cache(e, H=4, Hkv=4)), VE, ("kv_cache: holds batch 2, 4 KV heads of dim 8", "got new keys of shape (2, 3, 2, 8)", "fresh KVCache")),
     Case("fwd-kv_cache-other-head-dim", "Bridge.forward", lambda e: e.bridge(e.x_new, kv_cache=other_bridge_cache(e, H=2, Hkv=2, Dh=16)), VE, ("kv_cache: holds batch 2, 2 KV heads of dim 16", "got new keys of shape (2, 3, 2, 8)")),
     Case("fwd-kv_cache-other-dtype", "Bridge.forward", lambda e: e.bridge(e.x_new, kv_cache=other_bridge_cache(e, dtype=f64)), VE, ("kv_cache: holds batch 2, 2 KV heads of dim 8, torch.float64", "got new keys of shape (2, 3, 2, 8) (torch.float32")),
     Case("fwd-kv_cache-mask-for-K-without-cache", "Bridge.forward", lambda e: fwd(e, attention_mask=torch.zeros(2, 1, 3, 3, device=e.device)), VE, ("attention_mask: expected a 4-D mask [B or 1, 1 or H, S, K] = [2, 1 or 4, 3, 7]", "got (2, 1, 3, 3)")),
@@ -438,6 +582,15 @@ HOOK_CASES = [
     Case("hook-name-gated", "hooks", lambda e: e.bridge.add_hook("hook_result", _noop), VE, ("hook_result: this hook point does not fire", "set use_attn_result first")),
     Case("hook-name-gated-split-input", "hooks", lambda e: e.bridge.add_hook("hook_q_input", _noop), VE, ("hook_q_input", "set use_split_qkv_input first")),
     Case("hook-name-rotary", "hooks", lambda e: e.bridge.add_hook("hook_rot_k", _noop), VE, ("hook_rot_k: this hook point does not fire", "rotary")),
+    Case("hook-name-rotary-q", "hooks", lambda e: e.bridge.add_hook("hook_rot_q", _noop), VE, ("hook_rot_q: this hook point does not fire: this layer has no rotary",)),
+    Case("hook-name-gated-k-input", "hooks", lambda e: e.bridge.add_hook("hook_k_input", _noop), VE, ("hook_k_input: this hook point does not fire", "set use_split_qkv_input first")),
+    Case("hook-name-gated-attn-in", "hooks", lambda e: e.bridge.add_hook("hook_attn_in", _noop), VE, ("hook_attn_in: this hook point does not fire", "set use_attn_in first")),
+    # replacements of another shape than the point's (x_new [2, 3, 32] after 4 cached positions: K = 7)
+    Case("hook-hook_q-returns-fewer-features", "hooks", lambda e: hooked(e, "hook_q", lambda t, hook: t[:, :, :2]), VE, ("hook_q: hook", "returned shape (2, 3, 2, 8)", "expected (2, 3, 4, 8)")),
+    Case("hook-hook_z-returns-flattened", "hooks", lambda e: hooked(e, "hook_z", lambda t, hook: t.flatten(2)), VE, ("hook_z: hook", "returned shape (2, 3, 32)", "expected (2, 3, 4, 8)")),
+    Case("hook-hook_pattern-returns-fewer-keys", "hooks", lambda e: hooked(e, "hook_pattern", lambda t, hook: t[..., :-1]), VE, ("hook_pattern: hook", "returned shape (2, 4, 3, 6)", "expected (2, 4, 3, 7)")),
+    Case("hook-hook_out-returns-no-batch", "hooks", lambda e: hooked(e, "hook_out", lambda t, hook: t[0]), VE, ("hook_out: hook", "returned shape (3, 32)", "expected (2, 3, 32)")),
+    Case("hook-hook_k-returns-query-heads", "hooks", lambda e: hooked(e, "hook_k", lambda t, hook: t.repeat_interleave(2, dim=2)), VE, ("hook_k: hook", "returned shape (2, 3, 4, 8)", "expected (2, 3, 2, 8)")),
     Case("hook-name-not-a-string", "hooks", lambda e: e.bridge.add_hook(3, _noop), TE, ("names_filter: expected a hook name, a glob, a list of names or a predicate", "got int")),
     Case("hook-names-with-a-non-string", "hooks", lambda e: e.bridge.add_hook(["hook_z", 3], _noop), TE, ("names_filter: expected hook names (str)", "got int")),
     Case("hook-names-second-unknown", "hooks", lambda e: e.bridge.add_hook(["hook_z", "hook_nope"], _noop), KeyError, ("unknown hook point 'hook_nope'",)),
@@ -587,6 +740,10 @@ ARGUMENT_CASES = [
     Case("ctor-attn_dropout-above-1", "Bridge()", lambda e: ctor(e, attn_dropout=1.5), VE, ("attn_dropout: expected a probability in [0, 1]", "got 1.5")),
     Case("ctor-resid_dropout-negative", "Bridge()", lambda e: ctor(e, resid_dropout=-0.1), VE, ("resid_dropout: expected a probability in [0, 1]", "got -0.1")),
     Case("ctor-resid_dropout-not-a-number", "Bridge()", lambda e: ctor(e, resid_dropout="a"), TE, ("resid_dropout: expected a number", "got str 'a'")),
+    # Bridge.cfg: the flags are checked when set, as when the Bridge is built
+    Case("cfg-flags-exclusive", "Bridge.cfg", lambda e: setattr(e.bridge_with(use_split_qkv_input=True).cfg, "use_attn_in", True), VE, ("use_attn_in: cannot be set while use_split_qkv_input is set", "mutually exclusive")),
+    Case("cfg-flags-exclusive-other-order", "Bridge.cfg", lambda e: setattr(e.bridge_with(use_attn_in=True).cfg, "use_split_qkv_input", True), VE, ("use_split_qkv_input: cannot be set while use_attn_in is set", "mutually exclusive")),
+    Case("cfg-flag-not-bool", "Bridge.cfg", lambda e: setattr(e.bridge.cfg, "use_attn_result", 1), TE, ("use_attn_result: expected a bool", "got int")),
     Case("ctor-conversion-alias-and-canonical", "Bridge()", lambda e: ctor(e, hook_conversions={"hook_z": "b s (h d) -> b s h d", "o.hook_in": "b s (h d) -> b h s d"}), VE, ("hook_conversions: 'hook_z' and 'o.hook_in' name the same hook point",)),
 ]
 # fmt: on
@@ -605,6 +762,44 @@ def test_table_is_complete():
     assert want <= entries, f"entry points without cases: {want - entries}"
 
 
+def good_call(op: str, device) -> None:
+    """The op on good input, against the reference (by the tolerance rule; data movement exactly): it still
+    works after the error."""
+    if op == "attention":
+        q, k, v = t(2, 3, 4, 8, device=device), t(2, 5, 2, 8, device=device), t(2, 5, 2, 8, device=device)
+        for alibi in (None, t(2, 4, 5, device=device)):
+            z, lse, _ = ops.attention(q, k, v, scale=0.35, causal=True, alibi=alibi)
+            (z_hi, lse_hi, _), (z_lo, lse_lo, _) = (
+                ref.attention(q, k, v, scale=0.35, causal=True, alibi=alibi, compute_dtype=dt) for dt in (f64, q.dtype))
+            assert_close_by_rule(z, z_hi, z_lo, what=f"z (alibi={alibi is not None})")
+            assert_close_by_rule(lse, lse_hi, lse_lo, what=f"lse (alibi={alibi is not None})")
+    elif op == "rotary":
+        x, cos, sin = t(2, 3, 4, 8, device=device), t(1, 3, 6, device=device), t(1, 3, 6, device=device)
+        hi, lo = ref.rotary(x, cos, sin), ref.rotary(x, cos, sin, compute_dtype=x.dtype)
+        assert_close_by_rule(ops.rotary(x, cos, sin), hi, lo, what="rotary")
+    elif op == "per_head_proj":
+        x, W, b = t(2, 3, 4, 8, device=device), t(4, 8, 5, device=device), t(4, 5, device=device)
+        hi, lo = ref.per_head_proj(x.double(), W.double(), b.double()), ref.per_head_proj(x, W, b)
+        assert_close_by_rule(ops.per_head_proj(x, W, b), hi, lo, what="per_head_proj")
+    elif op in ("split_qkv", "pack_qkv"):
+        w, bias = t(8, 16, device=device), t(16, device=device)
+        kw = dict(n_heads=4, n_kv_heads=2, d_head=2, layout="grouped", conv1d=True)
+        parts = ops.split_qkv(w, bias, **kw)
+        for got, want in zip(parts, ref.split_qkv(w, bias, **kw)):
+            assert torch.equal(got, want)
+        w2, b2 = ops.pack_qkv(*parts, layout="grouped")
+        assert torch.equal(w2, w) and torch.equal(b2, bias)
+    elif op == "kv_append":
+        k_cache, v_cache = t(2, 2, 10, 4, device=device), t(2, 2, 10, 4, device=device)
+        k_new, v_new = t(2, 3, 2, 4, device=device), t(2, 3, 2, 4, device=device)
+        k_want, v_want = k_cache.clone(), v_cache.clone()
+        ops.kv_append(k_cache, v_cache, k_new, v_new, 7)
+        ref.kv_append(k_want, v_want, k_new, v_new, 7)
+        assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+    else:
+        raise AssertionError(op)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_raises_and_changes_nothing(case, device):
     if case.needs_cuda:
@@ -618,6 +813,9 @@ def test_bad_input_raises_and_changes_nothing(case, device):
     fragments = [f.format(device=env.device, other=env.other) for f in case.fragments]
     missing = [f for f in fragments if f not in message]
     assert not missing, f"{case.id}: message lacks {missing}:\n{message}"
+    assert len(message) < 600, f"{case.id}: a message of {len(message)} characters:\n{message}"
+    if case.entry == "Bridge.forward":
+        assert env.fired == [], f"{case.id}: hooks fired before the error: {env.fired}"
     env.check_unchanged()
     if case.entry.startswith("ops."):
         good_call(case.entry[len("ops."):], env.device)
@@ -630,11 +828,9 @@ def test_bad_input_raises_and_changes_nothing(case, device):
 
 
 def _same(got, want, what):
+    """Empty tensors, or the exact values of rows with nothing to sum (zeros, -inf, a bias): equal."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    if want.is_floating_point() and not torch.isfinite(want).all():
-        assert torch.equal(got.double(), want.double()), f"{what}: got {got}, expected {want}"
-    else:
-        torch.testing.assert_close(got.double(), want.double(), msg=what)
+    assert torch.equal(got.double(), want.double()), f"{what}: got {got}, expected {want}"
 
 
 def empty_attention(e, B, S, K):
@@ -707,7 +903,7 @@ def empty_bridge(e, B, S, with_cache):
             out = b(x, kv_cache=e.cache)  # S = 0: attends to nothing new, appends nothing
         else:
             out = b(x, kv_cache=KVCache() if with_cache else None)
-        _same(out, reference_layer(e.w, x).to(out.dtype), f"Bridge output (B={B}, S={S})")
+        _same(out, reference_layer(e.w, x, out.dtype), f"Bridge output (B={B}, S={S})")
         out2, acts = b.run_with_cache(x)
     _same(out2, out, "run_with_cache output")
     K = S
@@ -743,6 +939,17 @@ def test_empty_tensors_work(case_id, device):
 
 # --------------------------------------------------------------------------------------------------
 # Not errors: what the checks must still let through.
+
+
+def test_failed_kv_append_writes_nothing(device):
+    """The checks run before any write: a rejected append leaves both caches as they were."""
+    k_cache, v_cache = t(2, 2, 10, 4, device=device), t(2, 2, 10, 4, device=device)
+    before = k_cache.clone(), v_cache.clone()
+    with pytest.raises(ValueError, match=r"^v_new: expected the shape of k_new"):
+        ops.kv_append(k_cache, v_cache, t(2, 3, 2, 4, device=device), t(2, 4, 2, 4, device=device), 2)
+    with pytest.raises(ValueError, match=r"^start: expected 0 <= start and start \+ S <= capacity 10"):
+        ops.kv_append(k_cache, v_cache, t(2, 3, 2, 4, device=device), t(2, 3, 2, 4, device=device), 9)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
 
 
 def test_kv_append_accepts_separate_windows_of_one_buffer(device):

@@ -16,11 +16,11 @@ from test_bridge_oracle import (
     DH,
     Oracle,
     apply_pattern,
-    assert_close,
     causal_additive_mask,
     gpt2_attention,
     no_hooks_left,
 )
+from tolerance import assert_close, by_hand, differs, hf_reference
 
 D, H = 64, 4
 
@@ -49,6 +49,18 @@ def plain_bridge(device, *, H=4, Hkv=2, Dh=16, D=64, layout="blocked", conv1d=Fa
 def randx(device, B=2, S=7, D=64, dtype=torch.float32, seed=5):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, S, D, generator=g).to(device=device, dtype=dtype)
+
+
+def oracle_grad(oracle, x, loss, dtype=None):
+    """dL/dx under the rule: L = loss(oracle's hook_out) through the oracle in float64 and in the Bridge's
+    dtype (a Ref of gradients)."""
+
+    def grad(dt):
+        xr = x.detach().to(dt).requires_grad_(True)
+        loss(oracle.run_in(dt, xr)["hook_out"]).backward()
+        return xr.grad
+
+    return by_hand(grad, oracle.dtype if dtype is None else dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,11 +123,14 @@ def test_bridge_from_module_equals_hf_module(device, impl, options, layer_idx):
     assert b.cfg.scale == pytest.approx(expected_scale, rel=1e-12)
     assert b.cfg.reorder_and_upcast_attn == options.get("reorder_and_upcast_attn", False)
     x = randx(device, S=9)
+    # HF's reorder_and_upcast_attn computes the scores in float32 in any dtype: its mask stays float32.
+    mask_dtype = (lambda dt: torch.float32) if options.get("reorder_and_upcast_attn") else (lambda dt: dt)
     with torch.no_grad():
-        ref = m(x, attention_mask=causal_additive_mask(9, device=device))[0]
+        expected = hf_reference(m, lambda m, dt: m(x.to(dt), attention_mask=causal_additive_mask(
+            9, dtype=mask_dtype(dt), device=device))[0])
         out = b(x)
-    assert_close(out, ref, "Bridge vs HF GPT2Attention", atol=1e-5, rtol=1e-5)
-    assert_close(out, Oracle.from_gpt2(m)(x), "Bridge vs float64 oracle")
+    assert_close(out, expected, "Bridge vs HF GPT2Attention")
+    assert_close(out, Oracle.from_gpt2(m)(x), "Bridge vs the oracle")
 
 
 def test_bridge_from_module_scale_attn_weights_false_is_not_scaled(device):
@@ -124,27 +139,21 @@ def test_bridge_from_module_scale_attn_weights_false_is_not_scaled(device):
     b = pyqkv.hf.bridge_from_module(m)
     x = randx(device, S=5)
     _, cache = b.run_with_cache(x, names_filter=["hook_q", "hook_k", "hook_attn_scores"])
-    raw = torch.einsum("bshd,bkhd->bhsk", cache["hook_q"], cache["hook_k"])
+    q, k = cache["hook_q"], cache["hook_k"]
+    raw = by_hand(lambda dt: torch.einsum("bshd,bkhd->bhsk", q.to(dt), k.to(dt)), q.dtype)
     tri = torch.ones(5, 5, dtype=torch.bool, device=device).tril()
     assert_close(cache["hook_attn_scores"][..., tri], raw[..., tri], "unscaled scores")
 
 
 def test_bridge_from_module_flags_and_cfg(device):
+    """The fork flags given to bridge_from_module land in cfg and can be switched there (the refused
+    combinations and values are rows of tests/test_bad_input.py)."""
     m = gpt2_attention(device)
     b = pyqkv.hf.bridge_from_module(m, use_split_qkv_input=True, use_attn_result=True)
     assert b.cfg.use_split_qkv_input and b.cfg.use_attn_result and not b.cfg.use_attn_in
-    with pytest.raises(ValueError, match="mutually exclusive"):
-        b.cfg.use_attn_in = True
-    assert not b.cfg.use_attn_in
     b.cfg.use_split_qkv_input = False
     b.cfg.use_attn_in = True
-    assert b.cfg.use_attn_in
-    with pytest.raises(ValueError):
-        b.cfg.use_split_qkv_input = True
-    with pytest.raises(ValueError):
-        pyqkv.hf.bridge_from_module(m, use_split_qkv_input=True, use_attn_in=True)
-    with pytest.raises(TypeError):
-        b.cfg.use_attn_result = 1
+    assert b.cfg.use_attn_in and not b.cfg.use_split_qkv_input
 
 
 LAYOUT_CASES = [
@@ -184,16 +193,6 @@ def test_plain_tensors_without_biases(device):
     assert_close(b(x), oracle(x))
 
 
-def test_bad_construction_arguments(device):
-    w = torch.randn(64, 192, device=device)
-    with pytest.raises(ValueError):
-        pyqkv.Bridge(w, None, torch.randn(64, 64, device=device), None, n_heads=4, n_kv_heads=3, d_head=16)
-    with pytest.raises(ValueError, match=r"^out_weight: expected shape \(64, 64\) \(conv1d \[H\*Dh, D\]\), got \(32, 64\)"):
-        pyqkv.Bridge(w, None, torch.randn(32, 64, device=device), None, n_heads=4, d_head=16)
-    with pytest.raises(ValueError):
-        pyqkv.Bridge(w, None, torch.randn(64, 64, device=device), None, n_heads=4, d_head=16, layout="zigzag")
-
-
 def test_bridge_shares_weights_but_holds_no_reference_to_module(device):
     """bridge_from_module keeps no second copy: the Bridge's parameters are the module's own (an edit of
     either is an edit of the layer), and it keeps no reference to the module itself."""
@@ -204,7 +203,7 @@ def test_bridge_shares_weights_but_holds_no_reference_to_module(device):
     before = b(x).detach()
     with torch.no_grad():
         m.c_attn.weight[:, :16].mul_(2.0)
-    assert not torch.allclose(b(x).detach(), before), "editing the HF module did not change the Bridge"
+    assert not torch.equal(b(x).detach(), before), "editing the HF module did not change the Bridge"
     ref = weakref.ref(m)
     del m
     gc.collect()
@@ -232,7 +231,7 @@ def test_state_dict_round_trip(device):
     src, oracle, _ = plain_bridge(device, seed=3)
     fresh, _, _ = plain_bridge(device, seed=4)
     x = randx(device)
-    assert not torch.allclose(fresh(x), src(x))
+    assert not torch.equal(fresh(x), src(x))
     sd = src.state_dict()
     assert set(sd) == {"qkv_weight", "qkv_bias", "out_weight", "out_bias"}
     fresh.load_state_dict(sd)
@@ -289,7 +288,7 @@ def test_padding_mask_2d(device, mask_dtype, side):
         for bi, n_pad in ((1, 3), (2, 7)):
             assert torch.count_nonzero(cache["hook_pattern"][bi, :, :n_pad]) == 0
             assert torch.count_nonzero(cache["hook_z"][bi, :n_pad]) == 0
-            assert torch.allclose(out[bi, :n_pad], split["b_O"].expand(n_pad, -1))
+            assert torch.equal(out[bi, :n_pad], split["b_O"].expand(n_pad, -1))
     exp = oracle.run(x, mask=pad)
     assert_close(cache["hook_pattern"], exp["hook_pattern"], "pattern")
 
@@ -316,7 +315,7 @@ def test_fully_padded_sequence_gives_no_nan(device):
         else:
             out = b(x, attention_mask=pad)
         assert torch.isfinite(out).all()
-        assert torch.allclose(out[0], split["b_O"].expand(5, -1))
+        assert torch.equal(out[0], split["b_O"].expand(5, -1))
 
 
 @pytest.mark.parametrize("batch_dim", [1, 2])
@@ -327,7 +326,7 @@ def test_4d_all_zero_additive_mask_is_not_causal(device, batch_dim):
     mask = torch.zeros(batch_dim, 1, 7, 7, device=device)
     out = b(x, attention_mask=mask)
     assert_close(out, oracle(x, causal=False), "non-causal via 4-D zeros")
-    assert not torch.allclose(out, oracle(x).float(), atol=1e-3), "the result is still causal"
+    assert differs(out, oracle(x)), "the result is still causal"
     # hooked (split) path agrees
     out2, cache = b.run_with_cache(x, attention_mask=mask, names_filter="hook_attn_scores")
     assert_close(out2, oracle(x, causal=False), "non-causal via 4-D zeros, scores hooked")
@@ -367,23 +366,6 @@ def test_4d_bool_mask(device):
     assert torch.count_nonzero(cache["hook_z"][:, 0]) == 0
 
 
-def test_bad_masks_raise(device):
-    b, _, _ = plain_bridge(device)
-    x = randx(device, S=5)
-    with pytest.raises(ValueError, match=r"^attention_mask: expected a padding mask \[B, K\] = \[2, 5\] .*got \(2, 4\)"):
-        b(x, attention_mask=torch.ones(2, 4, device=device))
-    with pytest.raises(ValueError, match=r"^attention_mask: expected None, a padding mask .*got 3-D \(2, 5, 5\)"):
-        b(x, attention_mask=torch.ones(2, 5, 5, device=device))
-    with pytest.raises(ValueError, match=r"^attention_mask: expected a 4-D mask .* = \[2, 1 or 4, 5, 5\], got \(2, 1, 5, 4\)"):
-        b(x, attention_mask=torch.zeros(2, 1, 5, 4, device=device))
-    with pytest.raises(TypeError, match=r"^attention_mask: expected a float additive or bool 4-D mask, got torch.int64"):
-        b(x, attention_mask=torch.zeros(2, 1, 5, 5, dtype=torch.int64, device=device))
-    with pytest.raises(TypeError, match=r"^x: expected torch.float32 on .* \(the Bridge's weights\), got torch.float64"):
-        b(x.double())
-    with pytest.raises(ValueError, match=r"^x: expected shape \[B, S, D=64\], got \(2, 5, 32\)"):
-        b(x[..., :32])
-
-
 def test_non_contiguous_input(device):
     b, oracle, _ = plain_bridge(device)
     x = randx(device, S=8).transpose(0, 1).contiguous().transpose(0, 1)
@@ -396,7 +378,7 @@ def test_bfloat16_forward(device):
     x = randx(device, dtype=torch.bfloat16)
     out = b(x)
     assert out.dtype == torch.bfloat16
-    assert_close(out, oracle(x), "bfloat16 forward", atol=3e-2, rtol=2e-2)
+    assert_close(out, oracle(x), "bfloat16 forward")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -427,7 +409,7 @@ def test_kv_cache_incremental_equals_full(device, kind, padded):
             assert cache.length == pos
     inc = torch.cat(outs, 1)
     assert_close(inc, full_exp["hook_out"], "incremental vs oracle")
-    assert_close(inc, full, "incremental vs full-sequence Bridge", atol=1e-5, rtol=1e-5)
+    assert_close(full, full_exp["hook_out"], "full-sequence Bridge vs oracle")
     assert_close(cache.keys, full_exp["hook_k"], "cached keys")
     assert_close(cache.values, full_exp["hook_v"], "cached values")
     assert cache.keys.shape == (2, 12, oracle.Hkv, 16)
@@ -445,9 +427,7 @@ def test_kv_cache_with_grad_enabled(device):
     assert_close(torch.cat([o1, o2], 1), oracle(x), "cached with grad")
     o2.sum().backward()
     assert x2.grad is not None and torch.isfinite(x2.grad).all()
-    xr = x.double().clone().requires_grad_(True)
-    oracle(xr)[:, 4:].sum().backward()
-    assert_close(x2.grad, xr.grad[:, 4:], "dL/dx of the new positions")
+    assert_close(x2.grad, oracle_grad(oracle, x, lambda out: out[:, 4:].sum())[:, 4:], "dL/dx of the new positions")
 
 
 def test_kv_cache_grows_by_doubling_in_place(device, monkeypatch):
@@ -536,53 +516,6 @@ def test_pattern_edit_under_inference_mode(device):
     assert_close(out, exp, "in-place pattern edit under inference_mode")
 
 
-def test_kv_cache_reuse_with_other_shapes_raises(device):
-    b, _, _ = plain_bridge(device)  # Hkv = 2, Dh = 16
-    cache = pyqkv.KVCache()
-    with torch.no_grad():
-        b(randx(device, B=2, S=4), kv_cache=cache)
-        with pytest.raises(ValueError, match=r"^kv_cache: holds batch 2, .*got new keys of shape \(3, 1, 2, 16\)"):
-            b(randx(device, B=3, S=1), kv_cache=cache)
-        assert cache.length == 4
-        other, _, _ = plain_bridge(device, H=4, Hkv=4)
-        with pytest.raises(ValueError, match=r"^kv_cache: holds batch 2, 2 KV heads of dim 16.*\(2, 1, 4, 16\).*fresh KVCache"):
-            other(randx(device, B=2, S=1), kv_cache=cache)
-        other_dh, _, _ = plain_bridge(device, H=2, Hkv=2, Dh=32)
-        with pytest.raises(ValueError, match=r"^kv_cache: holds batch 2, 2 KV heads of dim 16.*\(2, 1, 2, 32\)"):
-            other_dh(randx(device, B=2, S=1), kv_cache=cache)
-        assert cache.length == 4
-        with pytest.raises(TypeError, match=r"^kv_cache: expected a pyqkv.KVCache or None, got tuple"):
-            b(randx(device, S=1), kv_cache=(cache.keys, cache.values))
-
-
-def _raise(*_, **__):
-    raise RuntimeError("boom")
-
-
-@pytest.mark.parametrize("failure", ["hook_in", "hook_k", "hook_pattern", "hook_z", "hook_out", "bad_shape", "bad_mask"])
-def test_kv_cache_unchanged_after_failure(device, failure):
-    b, oracle, _ = plain_bridge(device)
-    x = randx(device, S=8)
-    cache = pyqkv.KVCache(capacity=5)  # the failing call also has to grow the storage
-    with torch.no_grad():
-        o1 = b(x[:, :4], kv_cache=cache)
-        snapshot = cache.keys.clone(), cache.values.clone()
-        if failure == "bad_mask":
-            with pytest.raises(ValueError):
-                b(x[:, 4:], attention_mask=torch.ones(2, 4, device=device), kv_cache=cache)  # K is 8, not 4
-        elif failure == "bad_shape":
-            with pytest.raises(ValueError):
-                b.run_with_hooks(x[:, 4:], fwd_hooks=[("hook_z", lambda t, hook: t[:, :1])], kv_cache=cache)
-        else:
-            with pytest.raises(RuntimeError, match="boom"):
-                b.run_with_hooks(x[:, 4:], fwd_hooks=[(failure, _raise)], kv_cache=cache)
-        assert cache.length == 4, f"cache length changed by a failing call ({failure})"
-        assert torch.equal(cache.keys, snapshot[0]) and torch.equal(cache.values, snapshot[1])
-        assert no_hooks_left(b)
-        o2 = b(x[:, 4:], kv_cache=cache)
-    assert_close(torch.cat([o1, o2], 1), oracle(x), "after a failed call")
-
-
 def test_kv_cache_reset_and_load(device):
     b, oracle, _ = plain_bridge(device)
     x = randx(device, S=6)
@@ -617,19 +550,19 @@ def test_train_mode_dropout(device):
     torch.manual_seed(123)
     o2 = b(x)
     assert torch.equal(o1, o2), "train mode not reproducible with a fixed seed"
-    assert not torch.allclose(o1, exp["hook_out"].float(), atol=1e-3), "train output equals eval output"
+    assert differs(o1, exp["hook_out"]), "train output equals eval output"
     # Structure: dropout on the pattern (before hook_pattern) and on the projected output.
     torch.manual_seed(7)
     out, cache = b.run_with_cache(x, names_filter=["hook_pattern", "hook_z", "hook_v"])
-    pat, ref_pat = cache["hook_pattern"].double(), exp["hook_pattern"]
+    pat, z, v = cache["hook_pattern"], cache["hook_z"], cache["hook_v"]
     kept = pat != 0
-    assert 0 < kept.sum() < (ref_pat != 0).sum(), "hook_pattern did not see a dropped-out pattern"
-    assert_close(pat[kept], (ref_pat / (1 - 0.3))[kept], "kept pattern entries scaled by 1/(1-p)")
-    assert_close(cache["hook_z"], apply_pattern(pat, cache["hook_v"].double()), "z from the dropped pattern")
-    y = torch.einsum("bshe,hed->bsd", cache["hook_z"].double(), oracle.W_O) + oracle.b_O
+    assert 0 < kept.sum() < (exp["hook_pattern"].hi != 0).sum(), "hook_pattern did not see a dropped-out pattern"
+    assert_close(pat[kept], exp["hook_pattern"].map(lambda p: p / (1 - 0.3))[kept], "kept pattern entries scaled by 1/(1-p)")
+    assert_close(z, by_hand(lambda dt: apply_pattern(pat.to(dt), v.to(dt)), z.dtype), "z from the dropped pattern")
+    y = by_hand(lambda dt: torch.einsum("bshe,hed->bsd", z.to(dt), oracle.W_O.to(dt)) + oracle.b_O.to(dt), z.dtype)
     dropped = out == 0
     assert dropped.any() and not dropped.all(), "no output dropout"
-    assert_close(out[~dropped], (y / (1 - 0.2))[~dropped], "output dropout after the projection")
+    assert_close(out[~dropped], y.map(lambda t: t / (1 - 0.2))[~dropped], "output dropout after the projection")
 
 
 def test_train_mode_matches_hf_with_same_seed(device):
@@ -638,11 +571,15 @@ def test_train_mode_matches_hf_with_same_seed(device):
     b = pyqkv.hf.bridge_from_module(m).train()
     m.train()
     x = randx(device, S=8)
-    torch.manual_seed(11)
-    ref = m(x, attention_mask=causal_additive_mask(8, device=device))[0]
+
+    def hf_train(m, dt):
+        torch.manual_seed(11)
+        return m(x.to(dt), attention_mask=causal_additive_mask(8, dtype=dt, device=device))[0]
+
+    expected = hf_reference(m, hf_train)  # the same dropout masks in float32 and float64 (same draws)
     torch.manual_seed(11)
     out = b(x)
-    assert_close(out, ref, "train mode vs HF, same seed", atol=1e-5, rtol=1e-5)
+    assert_close(out, expected, "train mode vs HF, same seed")
 
 
 def test_train_mode_p0_equals_eval(device):
@@ -706,9 +643,7 @@ def test_gradients_match_oracle(device):
     x = randx(device, S=6).requires_grad_(True)
     w = torch.randn(2, 6, 64, device=device)
     (b(x) * w).sum().backward()
-    xr = x.detach().double().requires_grad_(True)
-    (oracle(xr) * w.double()).sum().backward()
-    assert_close(x.grad, xr.grad, "dL/dx")
+    assert_close(x.grad, oracle_grad(oracle, x, lambda out: (out * w.to(out.dtype)).sum()), "dL/dx")
     assert b.qkv_weight.grad is not None and b.out_weight.grad is not None
 
 

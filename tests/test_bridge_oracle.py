@@ -1,14 +1,17 @@
 """Shared helpers for the Bridge / hooks / Hugging Face tests (no tests here).
 
-The oracle is a hand-written attention layer in float64, built from the ORIGINAL fused weights with
+The oracle is a hand-written attention layer built from the ORIGINAL fused weights with
 pyqkv.reference.split_qkv and pyqkv.reference.attention / attn_scores. It never looks at a Bridge, so a
-Bridge compared with it cannot agree with itself by construction. Every intermediate is returned in hook
-format under its hook name, and `edits` lets a test change one of them the way a hook would.
+Bridge compared with it cannot agree with itself by construction. It runs twice, in float64 and in the
+Bridge's dtype, so that every comparison uses the one tolerance rule of tests/tolerance.py (ref_hi, ref_lo).
+Every intermediate is returned in hook format under its hook name, and `edits` lets a test change one of
+them the way a hook would.
 """
 
 from __future__ import annotations
 
 import torch
+from tolerance import Ref
 
 from pyqkv import reference
 
@@ -61,10 +64,17 @@ def padding_to_additive(pad, S, *, causal=True, dtype=torch.float32):
 
 
 class Oracle:
-    """Attention from the original fused weights, in float64, with every intermediate in hook format."""
+    """Attention from the original fused weights, with every intermediate in hook format, in float64 and
+    in the dtype under test (`dtype`: the Bridge's, by default the dtype of the weights given).
+
+    run(x, ...) returns {hook name: tolerance.Ref}: hi computed in float64, lo the same computation in
+    `dtype` (the float64 weights cast), so that tolerance.assert_close(actual, oracle.run(x)[name], what)
+    applies the one rule of tests/tolerance.py to a Bridge as to a kernel. oracle(x, ...) is the Ref of
+    hook_out. run_in(dtype, x, ...) is one computation's plain tensors (differentiable, for gradients)."""
 
     def __init__(self, weight, bias, out_weight, out_bias, *, n_heads, n_kv_heads=None, d_head, layout="blocked",
-                 conv1d=True, scale=None):
+                 conv1d=True, scale=None, dtype=None):
+        self.dtype = weight.dtype if dtype is None else dtype
         self.H = n_heads
         self.Hkv = n_heads if n_kv_heads is None else n_kv_heads
         self.Dh = d_head
@@ -95,21 +105,35 @@ class Oracle:
         return cls(module.c_attn.weight, module.c_attn.bias, module.c_proj.weight, module.c_proj.bias,
                    n_heads=module.num_heads, d_head=Dh, layout="blocked", conv1d=True, scale=scale)
 
-    def run(self, x, *, mask=None, causal=True, past=None, edits=None, requires_grad_on=None, rotary=None,
-            alibi=None):
-        """Returns {hook name: float64 tensor in hook format}. past: (k, v) [B, P, Hkv, Dh] of earlier calls.
-        mask: as the Bridge takes it (4-D bool masks are turned into additive ones here).
-        edits: {hook name: fn(tensor) -> tensor} applied where the Bridge's hook would fire.
-        rotary: (cos, sin, interleaved), cos/sin [B or 1, S, R]: RoPE on Q and K after their hooks.
-        alibi: a per-key bias [B or 1, H, K] added to the scaled scores."""
+    def run(self, x, **kw) -> dict[str, Ref]:
+        """{hook name: Ref(float64, self.dtype)}; the arguments are those of run_in. A Ref among them (e.g.
+        past=(exp["hook_k"], exp["hook_v"]) from an earlier run) gives each computation its own side."""
+        hi = self.run_in(torch.float64, x, **{k: _side(v, "hi") for k, v in kw.items()})
+        lo = self.run_in(self.dtype, x, **{k: _side(v, "lo") for k, v in kw.items()})
+        return {name: Ref(hi[name], lo[name]) for name in hi}
+
+    def __call__(self, x, **kw) -> Ref:
+        return self.run(x, **kw)["hook_out"]
+
+    def run_in(self, dtype, x, *, mask=None, causal=True, past=None, edits=None, rotary=None, alibi=None):
+        """Returns {hook name: tensor in hook format}, every step computed in `dtype` (the weights, x, past,
+        rotary tables and biases cast to it; the mask's visibility is read from the mask as given).
+        past: (k, v) [B, P, Hkv, Dh] of earlier calls. mask: as the Bridge takes it (4-D bool masks are
+        turned into additive ones here). edits: {hook name: fn(tensor) -> tensor} applied where the Bridge's
+        hook would fire (fn gets this computation's dtype). rotary: (cos, sin, interleaved), cos/sin
+        [B or 1, S, R]: RoPE on Q and K after their hooks. alibi: a per-key bias [B or 1, H, K] added to the
+        scaled scores."""
         edits = edits or {}
         ed = lambda name, t: edits[name](t) if name in edits else t  # noqa: E731
+        cast = lambda t: t.to(dtype)  # noqa: E731
+        W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O = map(cast, (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K,
+                                                            self.b_V, self.W_O, self.b_O))
         acts = {}
-        x = ed("hook_in", x.double())
+        x = ed("hook_in", cast(x))
         acts["hook_in"] = x
-        q = ed("hook_q", torch.einsum("bsd,hde->bshe", x, self.W_Q) + self.b_Q)
-        k = ed("hook_k", torch.einsum("bsd,hde->bshe", x, self.W_K) + self.b_K)
-        v = ed("hook_v", torch.einsum("bsd,hde->bshe", x, self.W_V) + self.b_V)
+        q = ed("hook_q", torch.einsum("bsd,hde->bshe", x, W_Q) + b_Q)
+        k = ed("hook_k", torch.einsum("bsd,hde->bshe", x, W_K) + b_K)
+        v = ed("hook_v", torch.einsum("bsd,hde->bshe", x, W_V) + b_V)
         acts.update(hook_q=q, hook_k=k, hook_v=v)
         if rotary is not None:
             cos, sin, interleaved = rotary
@@ -118,46 +142,51 @@ class Oracle:
             acts.update(hook_rot_q=q, hook_rot_k=k)
         if alibi is not None:
             B, S, K = x.shape[0], x.shape[1], (0 if past is None else past[0].shape[1]) + x.shape[1]
-            bias = alibi.double()[:, :, None, :].expand(B, self.H, S, K)
+            bias = cast(alibi)[:, :, None, :].expand(B, self.H, S, K)
             vis = reference.visible_keys(B, self.H, S, K, causal=causal, mask=mask, device=x.device)
-            if mask is not None and mask.dim() == 4:
-                bias = bias + mask.double()
-            mask, causal = bias.masked_fill(~vis, torch.finfo(torch.float64).min), False
+            if mask is not None and mask.dim() == 4 and mask.is_floating_point():
+                bias = bias + cast(mask)
+            mask, causal = bias.masked_fill(~vis, torch.finfo(dtype).min), False
         if past is not None:
-            k_all, v_all = torch.cat([past[0].double(), k], 1), torch.cat([past[1].double(), v], 1)
+            k_all, v_all = torch.cat([cast(past[0]), k], 1), torch.cat([cast(past[1]), v], 1)
         else:
             k_all, v_all = k, v
         acts["k_all"], acts["v_all"] = k_all, v_all
         if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
                 ~mask, torch.finfo(torch.float32).min)
-        scores = reference.attn_scores(q, k_all, scale=self.scale, causal=causal, mask=mask)
+        scores = reference.attn_scores(q, k_all, scale=self.scale, causal=causal, mask=mask, compute_dtype=dtype)
         acts["hook_attn_scores"] = scores
         if "hook_attn_scores" in edits:
             scores = edits["hook_attn_scores"](scores)
             pattern = softmax_zero_rows(scores)
         else:
             _, _, pattern = reference.attention(q, k_all, v_all, scale=self.scale, causal=causal, mask=mask,
-                                                return_pattern=True)
+                                                return_pattern=True, compute_dtype=dtype)
         pattern = ed("hook_pattern", pattern)
         acts["hook_pattern"] = pattern
         z = ed("hook_z", apply_pattern(pattern, v_all))
         acts["hook_z"] = z
-        result = ed("hook_result", torch.einsum("bshe,hed->bshd", z, self.W_O))
+        result = ed("hook_result", torch.einsum("bshe,hed->bshd", z, W_O))
         acts["hook_result"] = result
-        acts["hook_out"] = ed("hook_out", result.sum(2) + self.b_O)
+        acts["hook_out"] = ed("hook_out", result.sum(2) + b_O)
         return acts
 
-    def __call__(self, x, **kw):
-        return self.run(x, **kw)["hook_out"]
+
+def _side(value, which):
+    """value with every Ref in it (also inside a tuple) replaced by its hi or lo tensor."""
+    if isinstance(value, Ref):
+        return getattr(value, which)
+    if isinstance(value, tuple):
+        return tuple(_side(v, which) for v in value)
+    return value
 
 
 def rope(x, cos, sin, interleaved):
-    """RoPE on the first R = cos.shape[-1] features of x [B, S, n, Dh], written out (float64):
+    """RoPE on the first R = cos.shape[-1] features of x [B, S, n, Dh], written out (in x's dtype):
     rotate-half pairs feature i with i + R/2; interleaved pairs 2i with 2i + 1."""
-    x = x.double()
     R = cos.shape[-1]
-    c, s = cos.double()[:, :, None, :], sin.double()[:, :, None, :]
+    c, s = cos.to(x.dtype)[:, :, None, :], sin.to(x.dtype)[:, :, None, :]
     xr = x[..., :R]
     if interleaved:
         partner = torch.stack((-xr[..., 1::2], xr[..., 0::2]), dim=-1).flatten(-2)
@@ -183,7 +212,10 @@ def apply_pattern(pattern, v):
 
 
 def assert_close(actual, expected, what="output", *, atol=2e-5, rtol=2e-5):
-    """max |actual - expected| <= atol + rtol * max |expected| (float32 vs a float64 oracle); no NaN."""
+    """Deprecated: the Bridge and Hugging Face tests compare by the one rule, tolerance.assert_close with an
+    Oracle result or tolerance.hf_reference. Kept until tests/test_hf.py, test_hf_families.py,
+    test_placement.py and test_tensor_parallel.py are migrated: max |actual - expected| <= atol + rtol *
+    max |expected|, no NaN."""
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
     assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"

@@ -6,14 +6,16 @@ copying the rows so far), while every step appends one row in place. Batch row 1
 so every step also passes a 2-D padding mask over all K = cached + 1 positions. At each checkpoint the
 step's output must equal (a) the matching row of one Bridge forward over the whole sequence without a cache
 and (b) the float64 reference (pyqkv.reference: split weights, projections, attention with causal and
-padding), and the cache's keys and values must equal the reference projections. Small D and H keep the
-whole test at a few seconds.
+padding), and the cache's keys and values must equal the reference projections, each by the tolerance
+rule (the reference run in float64 and in float32). Small D and H keep the whole test at a few seconds.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from tolerance import Ref, assert_close
 
 import pyqkv
 from pyqkv import reference as ref
@@ -37,20 +39,21 @@ def layer(seed=0):
     return bridge, w
 
 
-def reference_rows(w, x, pad, rows):
-    """The layer in float64 from pyqkv.reference at query positions `rows` of the whole sequence x
-    [B, T, D] (causal, padding mask pad [B, T]); also the keys and values [B, T, Hkv, Dh]."""
-    W_Q, W_K, W_V, b_Q, b_K, b_V = ref.split_qkv(w["weight"].double(), w["bias"].double(), n_heads=H,
-                                                 n_kv_heads=HKV, d_head=DH, layout="blocked", conv1d=True)
-    xd = x.double()
+def reference_rows(w, x, pad, rows, dtype):
+    """The layer from pyqkv.reference, every step in `dtype`, at query positions `rows` of the whole
+    sequence x [B, T, D] (causal, padding mask pad [B, T]); also the keys and values [B, T, Hkv, Dh]."""
+    w = {name: t.to(dtype) for name, t in w.items()}
+    W_Q, W_K, W_V, b_Q, b_K, b_V = ref.split_qkv(w["weight"], w["bias"], n_heads=H, n_kv_heads=HKV, d_head=DH,
+                                                 layout="blocked", conv1d=True)
+    xd = x.to(dtype)
     proj = lambda W, b: torch.einsum("btd,nde->btne", xd, W) + b  # noqa: E731
     k, v = proj(W_K, b_K), proj(W_V, b_V)
     q = proj(W_Q, b_Q)[:, rows]
     out = []
     for i, t in enumerate(rows):  # query position t sees keys 0 .. t (bottom-right causal over K = t + 1)
         z, _, _ = ref.attention(q[:, i : i + 1], k[:, : t + 1], v[:, : t + 1], scale=DH**-0.5, causal=True,
-                                mask=pad[:, : t + 1])
-        out.append(z.flatten(2) @ w["out_weight"].double() + w["out_bias"].double())
+                                mask=pad[:, : t + 1], compute_dtype=dtype)
+        out.append(z.flatten(2) @ w["out_weight"] + w["out_bias"])
     return torch.cat(out, 1), k, v
 
 
@@ -90,12 +93,10 @@ def test_thousands_of_decode_steps_equal_recomputation(one_thread):
     assert capacities == [16, 32, 64, 128, 256, 512, 1024, 2048, 4096], f"growth steps: {capacities}"
 
     rows = [t - 1 for t in CHECKPOINTS]
-    want, k_ref, v_ref = reference_rows(w, x, pad, rows)
+    (want_hi, k_hi, v_hi), (want_lo, k_lo, v_lo) = (reference_rows(w, x, pad, rows, dt) for dt in (torch.float64, x.dtype))
+    want = Ref(want_hi, want_lo)
     for i, t in enumerate(CHECKPOINTS):
-        got = outs[t]
-        torch.testing.assert_close(got, full[:, t - 1], atol=2e-5, rtol=2e-5,
-                                   msg=lambda m: f"step {t}: cached decode vs whole-sequence forward: {m}")
-        torch.testing.assert_close(got.double(), want[:, i], atol=2e-5, rtol=2e-5,
-                                   msg=lambda m: f"step {t}: cached decode vs float64 reference: {m}")
-    torch.testing.assert_close(cache.keys.double(), k_ref, atol=1e-5, rtol=1e-5, msg="cached keys")
-    torch.testing.assert_close(cache.values.double(), v_ref, atol=1e-5, rtol=1e-5, msg="cached values")
+        assert_close(outs[t], want[:, i], f"step {t}: cached decode vs the reference")
+        assert_close(full[:, t - 1], want[:, i], f"position {t - 1}: whole-sequence forward vs the reference")
+    assert_close(cache.keys, Ref(k_hi, k_lo), "cached keys")
+    assert_close(cache.values, Ref(v_hi, v_lo), "cached values")

@@ -16,11 +16,11 @@ from test_bridge import plain_bridge, randx
 from test_bridge_oracle import (
     Oracle,
     apply_pattern,
-    assert_close,
     gpt2_attention,
     no_hooks_left,
     softmax_zero_rows,
 )
+from tolerance import Ref, assert_close, by_hand, differs
 
 B, S, D, H, HKV, DH = 2, 6, 64, 4, 2, 16
 
@@ -111,7 +111,7 @@ def test_cached_activations_equal_oracle(device, flags):
     if flags.get("use_attn_result"):
         assert_close(cache["hook_result"], exp["hook_result"], "hook_result")
     scores, ref_scores = cache["hook_attn_scores"], exp["hook_attn_scores"]
-    hidden = ref_scores <= torch.finfo(torch.float64).min / 2
+    hidden = ref_scores.hi <= torch.finfo(torch.float64).min / 2
     assert torch.all(scores[hidden] == torch.finfo(scores.dtype).min), "masked scores must hold the dtype's min"
     assert_close(scores[~hidden], ref_scores[~hidden], "visible scores")
     for name in ("hook_attn_in", "hook_q_input"):
@@ -186,42 +186,7 @@ def test_in_place_edits_are_honoured(device, point):
     exp = oracle(x, edits={point: lambda t: edit(t.clone())})
     out = b.run_with_hooks(x.clone(), fwd_hooks=[(point, lambda t, hook: (edit(t), None)[1])])
     assert_close(out, exp, f"in-place edit at {point}")
-    assert not torch.allclose(out, oracle(x).float(), atol=1e-4), "the edit had no effect"
-
-
-@pytest.mark.parametrize("point,bad", [
-    ("hook_q", lambda t: t[:, :, :2]),
-    ("hook_z", lambda t: t.flatten(2)),
-    ("hook_pattern", lambda t: t[..., :-1]),
-    ("hook_out", lambda t: t[0]),
-    ("hook_k", lambda t: t.repeat_interleave(2, dim=2)),
-])
-def test_wrong_shape_raises_value_error(device, point, bad):
-    b, _, _ = plain_bridge(device)
-    x = randx(device)
-    with pytest.raises(ValueError) as info:
-        b.run_with_hooks(x, fwd_hooks=[(point, lambda t, hook: bad(t))])
-    msg = str(info.value)
-    got_shape = None
-
-    def grab(t, hook):
-        nonlocal got_shape
-        got_shape = (tuple(t.shape), tuple(bad(t).shape))
-
-    b.run_with_hooks(x, fwd_hooks=[(point, grab)])
-    assert point in msg, msg
-    assert str(got_shape[0]) in msg and str(got_shape[1]) in msg, msg
-    assert no_hooks_left(b)
-
-
-def test_wrong_dtype_or_type_raises_type_error(device):
-    b, _, _ = plain_bridge(device)
-    x = randx(device)
-    with pytest.raises(TypeError, match=r"^hook_z: hook .* returned torch.float64 on \S+; expected torch.float32"):
-        b.run_with_hooks(x, fwd_hooks=[("hook_z", lambda t, hook: t.double())])
-    with pytest.raises(TypeError, match=r"^hook_q: hook .* returned list; expected None or a Tensor"):
-        b.run_with_hooks(x, fwd_hooks=[("hook_q", lambda t, hook: t.tolist())])
-    assert no_hooks_left(b)
+    assert differs(out, oracle(x)), "the edit had no effect"
 
 
 @pytest.mark.parametrize("point", ["hook_in", "hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z", "hook_out"])
@@ -254,17 +219,18 @@ def test_zeroing_head_at_hook_z_by_hand(device, head):
     b = pyqkv.hf.bridge_from_module(m)
     x = randx(device)
     _, cache = b.run_with_cache(x, names_filter="hook_z")
-    z = cache["hook_z"].double().clone()
+    z = cache["hook_z"].clone()
     z[:, :, head] = 0
-    by_hand = z.flatten(2) @ m.c_proj.weight.double() + m.c_proj.bias.double()
+    W_O, b_O = m.c_proj.weight.detach(), m.c_proj.bias.detach()
+    ablated = by_hand(lambda dt: z.to(dt).flatten(2) @ W_O.to(dt) + b_O.to(dt), z.dtype)
 
     def ablate(t, hook):
         t[:, :, head] = 0
 
     out = b.run_with_hooks(x, fwd_hooks=[("hook_z", ablate)])
-    assert_close(out, by_hand, "ablated output", atol=1e-6)
+    assert_close(out, ablated, "ablated output")
     out2 = b.run_with_hooks(x, fwd_hooks=[("o.hook_in", lambda t, hook: t.index_fill(2, torch.tensor([head], device=t.device), 0))])
-    assert_close(out2, by_hand, "ablated output (returned, alias)", atol=1e-6)
+    assert_close(out2, ablated, "ablated output (returned, alias)")
 
 
 @pytest.mark.parametrize("how", ["returned", "in_place"])
@@ -287,9 +253,9 @@ def test_pattern_edit_changes_z(device, how, Hkv):
     out, cache = None, None
     with b.hooks(fwd_hooks=[("hook_pattern", hook)]):
         out, cache = b.run_with_cache(x, names_filter=["hook_v", "hook_z"])
-    z_expected = apply_pattern(captured["p"].double(), cache["hook_v"].double())
-    assert_close(cache["hook_z"], z_expected, "z from the edited pattern")
-    assert_close(out, oracle(x, edits={"hook_pattern": lambda p: captured["p"].double()}), "output")
+    p, v = captured["p"], cache["hook_v"]
+    assert_close(cache["hook_z"], by_hand(lambda dt: apply_pattern(p.to(dt), v.to(dt)), p.dtype), "z from the edited pattern")
+    assert_close(out, oracle(x, edits={"hook_pattern": lambda t: p.to(t.dtype)}), "output")
 
 
 def test_scores_edit_changes_pattern(device):
@@ -303,13 +269,15 @@ def test_scores_edit_changes_pattern(device):
 
     with b.hooks(fwd_hooks=[("hook_attn_scores", lambda t, hook: edit(t))]):
         out, cache = b.run_with_cache(x, names_filter=["hook_attn_scores", "hook_pattern"])
-    assert_close(cache["hook_pattern"], softmax_zero_rows(cache["hook_attn_scores"].double()), "softmax of edited scores")
+    scores = cache["hook_attn_scores"]
+    assert_close(cache["hook_pattern"], by_hand(lambda dt: softmax_zero_rows(scores.to(dt)), scores.dtype),
+                 "softmax of edited scores")
     exp = oracle.run(x, edits={"hook_attn_scores": edit})
     assert_close(cache["hook_pattern"], exp["hook_pattern"], "pattern")
     assert_close(out, exp["hook_out"], "output")
     unedited = oracle.run(x)["hook_pattern"]
-    gain = cache["hook_pattern"][:, 1, :, 0].double() - unedited[:, 1, :, 0]
-    assert (gain > -1e-6).all() and gain.sum() > 0.1, "head 1 should attend more to key 0"
+    gain = exp["hook_pattern"].hi[:, 1, :, 0] - unedited.hi[:, 1, :, 0]
+    assert (gain >= 0).all() and gain.sum() > 0.1, "head 1 should attend more to key 0"
 
 
 @pytest.mark.parametrize("flags,fork_hooks", [
@@ -381,7 +349,7 @@ def test_zeroing_one_split_input_leaves_the_others_bit_identical(device, zeroed,
         assert torch.equal(hooked[name], base[name]), f"{name} changed when {zeroed} was zeroed"
     target = {"hook_q_input": "hook_q", "hook_k_input": "hook_k", "hook_v_input": "hook_v"}[zeroed]
     bias = {"hook_q": split["b_Q"], "hook_k": split["b_K"], "hook_v": split["b_V"]}[target]
-    assert_close(hooked[target], bias.expand_as(hooked[target]), f"{target} of a zero input is its bias")
+    assert torch.equal(hooked[target], bias.expand_as(hooked[target])), f"{target} of a zero input is its bias"
 
 
 def test_split_input_per_head_edit(device):
@@ -394,10 +362,15 @@ def test_split_input_per_head_edit(device):
 
     with b.hooks(fwd_hooks=[("hook_k_input", edit)]):
         out, cache = b.run_with_cache(x, names_filter=["hook_k"])
-    exp_k = oracle.run(x)["hook_k"].clone()
-    exp_k[:, :, 1] = split["b_K"][1].double()
-    assert_close(cache["hook_k"], exp_k, "per-head K input")
-    assert_close(out, oracle(x, edits={"hook_k": lambda k: exp_k}), "output")
+
+    def kv_head1_is_its_bias(k):
+        k = k.clone()
+        k[:, :, 1] = split["b_K"][1].to(k.dtype)
+        return k
+
+    exp = oracle.run(x, edits={"hook_k": kv_head1_is_its_bias})
+    assert_close(cache["hook_k"], exp["hook_k"], "per-head K input")
+    assert_close(out, exp["hook_out"], "output")
 
 
 def test_attn_in_sees_per_head_copies_and_kv_use_first_heads(device):
@@ -412,16 +385,17 @@ def test_attn_in_sees_per_head_copies_and_kv_use_first_heads(device):
 
         with b.hooks(fwd_hooks=[("hook_attn_in", zero)]):
             _, c = b.run_with_cache(x, names_filter=["hook_q", "hook_k", "hook_v"])
-        assert_close(c["hook_q"][:, :, head], split["b_Q"][head].expand(2, 7, 16), "zeroed q head")
+        # A zero input projects to the bias; the other heads' projections are the same computation on the
+        # same inputs as without the edit: bit for bit.
+        assert torch.equal(c["hook_q"][:, :, head], split["b_Q"][head].expand(2, 7, 16)), "zeroed q head"
         others = [h for h in range(4) if h != head]
-        assert_close(c["hook_q"][:, :, others], base["hook_q"][:, :, others], "other q heads")
+        assert torch.equal(c["hook_q"][:, :, others], base["hook_q"][:, :, others]), "other q heads"
         if k_changes:
-            assert_close(c["hook_k"][:, :, 0], split["b_K"][0].expand(2, 7, 16), "K reads attn_in head slot 0")
-            assert_close(c["hook_v"][:, :, 0], split["b_V"][0].expand(2, 7, 16), "V reads attn_in head slot 0")
-            assert_close(c["hook_k"][:, :, 1], base["hook_k"][:, :, 1], "kv head 1 unchanged")
+            assert torch.equal(c["hook_k"][:, :, 0], split["b_K"][0].expand(2, 7, 16)), "K reads attn_in head slot 0"
+            assert torch.equal(c["hook_v"][:, :, 0], split["b_V"][0].expand(2, 7, 16)), "V reads attn_in head slot 0"
+            assert torch.equal(c["hook_k"][:, :, 1], base["hook_k"][:, :, 1]), "kv head 1 unchanged"
         else:
-            assert torch.equal(c["hook_k"], base["hook_k"]) or torch.allclose(c["hook_k"], base["hook_k"], atol=1e-6)
-            assert torch.allclose(c["hook_v"], base["hook_v"], atol=1e-6)
+            assert torch.equal(c["hook_k"], base["hook_k"]) and torch.equal(c["hook_v"], base["hook_v"])
 
 
 def test_attn_result(device):
@@ -433,45 +407,36 @@ def test_attn_result(device):
     exp = oracle.run(x)
     assert cache["hook_result"].shape == (2, 7, 4, 64)
     assert_close(cache["hook_result"], exp["hook_result"], "per-head result")
-    assert_close(cache["hook_result"].double().sum(2) + m.c_proj.bias.double(), out, "sum over heads + b_O")
+    result, b_O = cache["hook_result"], m.c_proj.bias.detach()
+    assert_close(out, by_hand(lambda dt: result.to(dt).sum(2) + b_O.to(dt), out.dtype), "sum over heads + b_O")
     assert_close(out, exp["hook_out"])
-    abl_result = b.run_with_hooks(x, fwd_hooks=[("hook_result", lambda t, hook: t.index_fill(2, torch.tensor([1], device=t.device), 0))])
-    abl_z = b.run_with_hooks(x, fwd_hooks=[("hook_z", lambda t, hook: t.index_fill(2, torch.tensor([1], device=t.device), 0))])
-    assert_close(abl_result, abl_z.double(), "ablating a head's result == ablating its z", atol=1e-6)
+    head1 = lambda t, hook=None: t.index_fill(2, torch.tensor([1], device=t.device), 0)  # noqa: E731
+    abl_result = b.run_with_hooks(x, fwd_hooks=[("hook_result", head1)])
+    abl_z = b.run_with_hooks(x, fwd_hooks=[("hook_z", head1)])
+    ablated = oracle(x, edits={"hook_z": head1})  # head 1's z zeroed: its result is zero too
+    assert_close(abl_result, ablated, "a head's result ablated")
+    assert_close(abl_z, ablated, "a head's z ablated")
 
 
 @pytest.mark.parametrize("flags", FLAG_SETS[1:], ids=flag_id)
 def test_flags_do_not_change_output(device, flags):
     b_default, _, _ = plain_bridge(device)
-    b, _, _ = plain_bridge(device, **flags)
+    b, oracle, _ = plain_bridge(device, **flags)
     x = randx(device)
     default = b_default(x)
     assert torch.equal(b(x), default), "no hook: the same computation"
-    assert_close(b.run_with_cache(x)[0], default.double(), "identity hooks on every point", atol=1e-6)
+    assert_close(b.run_with_cache(x)[0], oracle(x), "identity hooks on every point")
 
 
 # ----------------------------------------------------------------------------------------------------
 # API
 
 
-def test_add_hook_unknown_and_gated_names(device):
+def test_filter_sweeps_skip_gated_points(device):
+    """A predicate that selects every name hooks only the points that fire (the gated ones are skipped; naming
+    one is a row of tests/test_bad_input.py), and a gated point takes hooks once its flag is set."""
     b, _, _ = plain_bridge(device)
-    with pytest.raises(KeyError) as info:
-        b.add_hook("hook_patern", _noop)
-    assert "hook_pattern" in str(info.value) and "q.hook_out" in str(info.value)
-    with pytest.raises(KeyError):
-        b.run_with_cache(randx(device), names_filter=["nope"])
-    for name, flag in (("hook_result", "use_attn_result"), ("hook_q_input", "use_split_qkv_input"),
-                       ("hook_k_input", "use_split_qkv_input"), ("hook_attn_in", "use_attn_in")):
-        with pytest.raises(ValueError, match=f"^{name}: this hook point does not fire: set {flag} first"):
-            b.add_hook(name, _noop)
-    for name in ("hook_rot_q", "hook_rot_k"):
-        with pytest.raises(ValueError):
-            b.add_hook(name, _noop)
-    with pytest.raises(ValueError):
-        b.add_hook("hook_q", _noop, dir="sideways")
-    assert no_hooks_left(b)
-    handles = b.add_hook(lambda name: True, _noop)  # a filter sweep skips gated points
+    handles = b.add_hook(lambda name: True, _noop)
     assert sorted(h.point.name for h in handles) == sorted(expected_order({}))
     assert not b.hook_points()["hook_result"].fwd and not b.hook_points()["hook_rot_q"].fwd
     b.reset_hooks()
@@ -543,8 +508,6 @@ def test_remove_hooks_by_direction(device):
     assert not b.hook_points()["hook_q"].fwd and len(b.hook_points()["hook_q"].bwd) == 1
     b.remove_hooks("bwd")
     assert no_hooks_left(b)
-    with pytest.raises(ValueError):
-        b.remove_hooks("up")
 
 
 def test_hook_points_are_not_modules(device):
@@ -634,24 +597,29 @@ def test_no_per_call_state_left(device):
 # Backward hooks
 
 
-def _oracle_grads(oracle, x, w, *, grad_edits=None, capture=None):
-    """dL/dx of L = sum(out * w) with grad hooks on the oracle's intermediates."""
+def _oracle_grads(oracle, x, w, *, grad_edits=None):
+    """dL/dx of L = sum(out * w) with grad hooks on the oracle's intermediates, through the oracle in float64
+    and in the Bridge's dtype: (Ref of dL/dx, {point: Ref of dL/d(point)})."""
     grad_edits = grad_edits or {}
-    capture = {} if capture is None else capture
-    xr = x.detach().double().requires_grad_(True)
+    runs = []
+    for dt in (torch.float64, oracle.dtype):
+        capture = {}
+        xr = x.detach().to(dt).requires_grad_(True)
 
-    def mk(name):
-        def f(t):
-            def on_grad(g):
-                capture[name] = g
-                return grad_edits[name](g) if name in grad_edits else g
-            t.register_hook(on_grad)
-            return t
-        return f
+        def mk(name, capture=capture):
+            def f(t):
+                def on_grad(g):
+                    capture[name] = g
+                    return grad_edits[name](g) if name in grad_edits else g
+                t.register_hook(on_grad)
+                return t
+            return f
 
-    edits = {n: mk(n) for n in ("hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z", "hook_out")}
-    (oracle(xr, edits=edits) * w.double()).sum().backward()
-    return xr.grad, capture
+        edits = {n: mk(n) for n in ("hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z", "hook_out")}
+        (oracle.run_in(dt, xr, edits=edits)["hook_out"] * w.to(dt)).sum().backward()
+        runs.append((xr.grad, capture))
+    (gx_hi, cap_hi), (gx_lo, cap_lo) = runs
+    return Ref(gx_hi, gx_lo), {name: Ref(cap_hi[name], cap_lo[name]) for name in cap_hi}
 
 
 @pytest.mark.parametrize("point", ["hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z", "hook_out"])
@@ -675,7 +643,7 @@ def test_backward_hook_sees_and_replaces_gradient(device, point):
     assert_close(seen["g"], cap[point], f"dL/d{point}")
     assert_close(x.grad, gx_exp, f"dL/dx with dL/d{point} doubled")
     gx_plain, _ = _oracle_grads(oracle, x, w)
-    assert not torch.allclose(gx_plain, gx_exp), "the scaled gradient should change dL/dx"
+    assert not torch.equal(gx_plain.hi, gx_exp.hi), "the scaled gradient should change dL/dx"
 
 
 def test_backward_hook_on_scores_and_in(device):
@@ -700,15 +668,6 @@ def test_run_with_hooks_bwd_hooks_fire_after_return(device):
     assert no_hooks_left(b)
     out.sum().backward()
     assert calls == [torch.Size([2, 7, 4, 16])]
-
-
-def test_backward_hook_wrong_shape_raises(device):
-    b, _, _ = plain_bridge(device)
-    x = randx(device).requires_grad_(True)
-    with b.hooks(bwd_hooks=[("hook_z", lambda g, hook: g[:, :1])]):
-        out = b(x)
-        with pytest.raises(ValueError, match=r"^hook_z: hook .* returned shape \(2, 1, 4, 16\); expected \(2, \d+, 4, 16\)"):
-            out.sum().backward()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -746,37 +705,18 @@ def test_custom_conversion_rule(device, rule):
     assert cache["hook_z"].shape == (2, 4, 7, 16)
 
 
-def test_bad_conversion_rules(device):
-    w, ow = torch.randn(64, 192, device=device), torch.randn(64, 64, device=device)
-    with pytest.raises(KeyError):
-        pyqkv.Bridge(w, None, ow, None, n_heads=4, d_head=16, hook_conversions={"hook_nope": "a -> a"})
-    with pytest.raises(TypeError):
-        pyqkv.Bridge(w, None, ow, None, n_heads=4, d_head=16, hook_conversions={"hook_z": 42})
-
-    class Flat:
-        def convert(self, t):
-            return t.flatten()
-
-        def revert(self, t):
-            return t
-
-    b = pyqkv.Bridge(w, None, ow, None, n_heads=4, d_head=16, hook_conversions={"hook_z": Flat()})
-    with pytest.raises(ValueError, match=r"^hook_z: conversion rule .* reverted the hook's tensor to shape \(\d+,\); expected the kernel layout"):
-        b.run_with_hooks(randx(device), fwd_hooks=[("hook_z", _noop)])
-    assert no_hooks_left(b)
-
-
-def test_all_flag_combinations_exclusive(device):
+def test_all_flag_combinations_but_one_are_allowed(device):
+    """use_split_qkv_input and use_attn_in exclude each other (that row is in tests/test_bad_input.py); every
+    other combination of the two can be set, in either order."""
     b, _, _ = plain_bridge(device)
     for a, c in itertools.product([False, True], repeat=2):
-        b.cfg.use_split_qkv_input = False
-        b.cfg.use_attn_in = False
-        b.cfg.use_split_qkv_input = a
         if a and c:
-            with pytest.raises(ValueError):
-                b.cfg.use_attn_in = c
-        else:
-            b.cfg.use_attn_in = c
+            continue
+        for first, second in (("use_split_qkv_input", "use_attn_in"), ("use_attn_in", "use_split_qkv_input")):
+            b.cfg.use_split_qkv_input = b.cfg.use_attn_in = False
+            setattr(b.cfg, first, a if first == "use_split_qkv_input" else c)
+            setattr(b.cfg, second, a if second == "use_split_qkv_input" else c)
+            assert (b.cfg.use_split_qkv_input, b.cfg.use_attn_in) == (a, c)
 
 
 def test_hooks_are_called_as_transformer_lens_calls_them(device):
@@ -795,14 +735,6 @@ def test_hooks_are_called_as_transformer_lens_calls_them(device):
     with pytest.raises(ValueError, match=r"^hook_z: not a point inside a model's blocks"):
         b.hook_points()["hook_z"].layer()
     assert no_hooks_left(b)
-
-
-def test_unknown_name_message_is_short_and_suggests(device):
-    b, _, _ = plain_bridge(device)
-    with pytest.raises(KeyError) as info:
-        b.add_hook("hook_patern", _noop)
-    message = str(info.value)
-    assert "did you mean 'hook_pattern'?" in message and len(message) < 600
 
 
 def test_filter_that_selects_nothing_warns(device):

@@ -7,8 +7,9 @@ Notation: B batch, S positions, n heads, Dh head dim, R rotated features (even, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
+import op_cases
 import pytest
 import torch
 from conftest import DTYPES
@@ -60,73 +61,38 @@ def tables(kind, B, S, R, *, dtype, device):
     raise AssertionError(kind)
 
 
-def rotary_refs(x, cos, sin, interleaved):
-    """(reference in float64, reference in x's own dtype) for the tolerance rule."""
-    hi = ref.rotary(x, cos, sin, interleaved=interleaved)
-    lo = ref.rotary(x, cos, sin, interleaved=interleaved, compute_dtype=x.dtype)
-    return hi, lo
+def run_rotary(x, cos, sin, interleaved):
+    """The op through its Python wrapper, called as op_cases calls a runner."""
+    return ops.rotary(x, cos, sin, interleaved=interleaved)
 
 
-def check_rotary(x, cos, sin, *, interleaved):
-    """ops.rotary against the reference by the tolerance rule; the output is a new contiguous tensor in
-    x's dtype, features past R are x's exactly, and x is left untouched."""
-    before = x.clone()
-    out = ops.rotary(x, cos, sin, interleaved=interleaved)
-    R = cos.shape[-1]
-    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device and out.is_contiguous()
-    assert torch.equal(x, before), "rotary must not modify x"
-    assert torch.equal(out[..., R:], x[..., R:]), "features past R must pass through unchanged"
-    assert_close_by_rule(out, *rotary_refs(x, cos, sin, interleaved), what="rotary")
-    return out
+ROTARY_CASES = op_cases.rotary_cases()
+ROTARY_PARAMS = [pytest.param(c, d, id=f"{c.name}-{str(d)[6:]}") for c in ROTARY_CASES for d in c.dtypes]
 
 
-@dataclass(frozen=True)
-class RotShape:
-    B: int
-    S: int
-    n: int
-    Dh: int
-    table: str  # a kind of tables()
-
-    def __str__(self):
-        return f"B{self.B}-S{self.S}-n{self.n}-Dh{self.Dh}-{self.table}"
+def test_rotary_case_table_holds_each_case_once():
+    names = [c.name for c in ROTARY_CASES]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    keys = [dataclasses.replace(c, name="") for c in ROTARY_CASES]
+    assert len(keys) == len(set(keys)), "two rows of the rotary table are the same case"
 
 
-# Every Dh in {32, 64, 80}, S in {1, 17, 89}, n in {1, 4, 12}, and every table kind: a curated list.
-ROT_SHAPES = [
-    RotShape(2, 1, 1, 32, "b1"),
-    RotShape(2, 17, 4, 64, "fp32"),
-    RotShape(1, 89, 12, 80, "per_batch"),
-    RotShape(3, 89, 1, 64, "2d"),
-    RotShape(2, 17, 12, 32, "strided"),
-    RotShape(2, 1, 4, 80, "fp32"),
-    RotShape(2, 89, 4, 80, "b1"),
-]
-R_KINDS = {"full": lambda Dh: Dh, "partial": lambda Dh: Dh // 2, "two": lambda Dh: 2}
-STYLES = {"rotate_half": False, "every_two": True}
+@pytest.mark.parametrize("case,dtype", ROTARY_PARAMS)
+def test_rotary_matches_reference(case, dtype, device):
+    """The one case table (tests/op_cases.py), which the GPU smoke test runs too: the rotated features by
+    the tolerance rule, the rest exactly x's; a new contiguous tensor; x untouched."""
+    ok, msg = op_cases.check_rotary_case(case, dtype, device, run_rotary)
+    assert ok, msg
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("style", list(STYLES))
-@pytest.mark.parametrize("r_kind", list(R_KINDS))
-@pytest.mark.parametrize("shape", ROT_SHAPES, ids=str)
-def test_rotary_matches_reference(shape, r_kind, style, dtype, device):
-    c = shape
-    R = R_KINDS[r_kind](c.Dh)
-    q, k = head_views(c.B, c.S, c.n, c.Dh, dtype=dtype, device=device)
-    cos, sin = tables(c.table, c.B, c.S, R, dtype=dtype, device=device)
-    for x in (q, k):
-        check_rotary(x, cos, sin, interleaved=STYLES[style])
-
-
-def test_rotary_reads_any_strides(device):
-    """Non-unit feature stride in x (every other feature of a wider tensor) and permuted storage."""
-    B, S, n, Dh, R = 2, 9, 3, 16, 10
-    x = rand(n, S, B, 2 * Dh, device=device).permute(2, 1, 0, 3)[..., ::2]
-    assert x.stride(3) == 2
-    cos, sin = tables("strided", B, S, R, dtype=torch.float32, device=device)
+def test_rotary_takes_2d_tables_as_1_S_R(device):
+    """The wrapper's [S, R] tables (the raw op takes 3-D ones) are [1, S, R]: the same result, bit for bit."""
+    B, S, n, Dh, R = 3, 89, 1, 64, 32
+    x, _ = head_views(B, S, n, Dh, dtype=torch.float32, device=device)
+    cos, sin = tables("2d", B, S, R, dtype=torch.float32, device=device)
     for interleaved in (False, True):
-        check_rotary(x, cos, sin, interleaved=interleaved)
+        assert torch.equal(ops.rotary(x, cos, sin, interleaved=interleaved),
+                           ops.rotary(x, cos[None], sin[None], interleaved=interleaved))
 
 
 def test_rotary_empty(device):
@@ -142,11 +108,15 @@ def test_rotary_is_a_rotation(device):
     is the identity."""
     B, S, n, Dh = 2, 17, 4, 64
     x, _ = head_views(B, S, n, Dh, dtype=f64, device=device)
-    cos, sin = hf_tables(torch.arange(S).expand(B, S), Dh, interleaved=False, dtype=f64, device=device)
+    # float64 angles (hf_tables computes them in float32, where cos^2 + sin^2 = 1 only to float32 rounding)
+    angle = torch.arange(S, dtype=f64)[:, None] * 10000.0 ** (-torch.arange(0, Dh, 2, dtype=f64) / Dh)
+    angle = torch.cat((angle, angle), -1).expand(B, S, Dh).to(device)
+    cos, sin = angle.cos(), angle.sin()
     out = ops.rotary(x, cos, sin)
     h = Dh // 2
-    torch.testing.assert_close(out[..., :h] ** 2 + out[..., h:] ** 2, x[..., :h] ** 2 + x[..., h:] ** 2)
-    torch.testing.assert_close(out[:, 0], x[:, 0])
+    norms = x[..., :h] ** 2 + x[..., h:] ** 2  # float64: the rule's ref_lo is ref_hi, its bound the atol
+    assert_close_by_rule(out[..., :h] ** 2 + out[..., h:] ** 2, norms, norms, what="rotated pairs' norms")
+    assert torch.equal(out[:, 0], x[:, 0]), "position 0 (cos 1, sin 0) must be the identity"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,7 +148,7 @@ def test_rotary_equals_gpt_neox_apply_rotary_pos_emb(r_kind, dtype, device):
     """GPT-NeoX / Pythia (partial rotary: rotary_pct), Llama, Phi-3, Falcon: rotate-half."""
     modeling = pytest.importorskip("transformers.models.gpt_neox.modeling_gpt_neox")
     B, S, n, Dh = 2, 17, 4, 64
-    R = R_KINDS[r_kind](Dh)
+    R = op_cases.ROTARY_WIDTHS[r_kind](Dh)
     q, k = head_views(B, S, n, Dh, dtype=dtype, device=device)
     position_ids = torch.arange(S).view(1, S) + torch.tensor([[0], [5]])  # a second row that starts later
     cos, sin = hf_tables(position_ids, R, interleaved=False, dtype=dtype, device=device)
@@ -196,7 +166,7 @@ def test_rotary_equals_codegen_apply_rotary_pos_emb(r_kind, dtype, device):
     and repeat_interleaves them itself, the op takes them full width."""
     modeling = pytest.importorskip("transformers.models.codegen.modeling_codegen")
     B, S, n, Dh = 2, 17, 4, 64
-    R = R_KINDS[r_kind](Dh)
+    R = op_cases.ROTARY_WIDTHS[r_kind](Dh)
     q, _ = head_views(B, S, n, Dh, dtype=dtype, device=device)
     position_ids = torch.arange(S).view(1, S) + torch.tensor([[0], [3]])
     cos_full, sin_full = hf_tables(position_ids, R, interleaved=True, dtype=dtype, device=device)
@@ -209,6 +179,9 @@ def test_rotary_equals_codegen_apply_rotary_pos_emb(r_kind, dtype, device):
 
 # --------------------------------------------------------------------------------------------------
 # opcheck, gradcheck, torch.compile
+
+
+STYLES = {"rotate_half": False, "every_two": True}
 
 
 def _req(t):
@@ -258,7 +231,8 @@ def test_rotary_gradcheck_2d_tables(device):
 
 
 def test_rotary_gradient_matches_reference(device):
-    """bfloat16 x with float32 tables: the op's gradients equal autograd through the reference."""
+    """bfloat16 x with float32 tables: the op's gradients equal autograd through the reference by the rule
+    (ref_hi: through the reference in float64; ref_lo: through the reference computing in bfloat16)."""
     B, S, n, Dh, R = 2, 17, 4, 64, 32
     x = rand(B, S, n, Dh, dtype=torch.bfloat16, device=device)
     cos, sin = rand(1, S, R, device=device), rand(1, S, R, device=device)
@@ -267,11 +241,12 @@ def test_rotary_gradient_matches_reference(device):
         ins = [_req(t) for t in (x, cos, sin)]
         got = torch.autograd.grad(ops.rotary(*ins, interleaved=interleaved), ins, g)
         ins64 = [_req(t.double()) for t in (x, cos, sin)]
-        want = torch.autograd.grad(ref.rotary(*ins64, interleaved=interleaved), ins64, g.double())
-        for name, a, b in zip(("x", "cos", "sin"), got, want):
-            assert a.dtype == {"x": torch.bfloat16}.get(name, torch.float32) and a.shape == b.shape
-            atol = 2e-2 if name == "x" else 1e-4
-            torch.testing.assert_close(a.double(), b, atol=atol, rtol=1e-2, msg=lambda m: f"d{name}: {m}")
+        hi = torch.autograd.grad(ref.rotary(*ins64, interleaved=interleaved), ins64, g.double())
+        ins_lo = [_req(t) for t in (x, cos, sin)]
+        lo = torch.autograd.grad(ref.rotary(*ins_lo, interleaved=interleaved, compute_dtype=torch.bfloat16), ins_lo, g)
+        for name, a, h, lw in zip(("x", "cos", "sin"), got, hi, lo):
+            assert a.dtype == {"x": torch.bfloat16}.get(name, torch.float32) and a.shape == h.shape
+            assert_close_by_rule(a, h, lw, what=f"d{name} (interleaved={interleaved})")
 
 
 def test_rotary_torch_compile_fullgraph_matches_eager(device):
@@ -294,8 +269,8 @@ def test_rotary_torch_compile_fullgraph_matches_eager(device):
     compiled = torch.compile(rope, backend=recording_backend, fullgraph=True)
     got, want = compiled(fused, cos, sin), rope(fused, cos, sin)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert torch.equal(a, b), "aot_eager runs the same kernel: bit for bit"
     assert any("pyqkv.rotary" in t for t in graph_ops), f"pyqkv.rotary is not in the traced graph: {graph_ops}"
     (g_c,) = torch.autograd.grad(sum(t.square().sum() for t in got), fused)
     (g_e,) = torch.autograd.grad(sum(t.square().sum() for t in want), fused)
-    torch.testing.assert_close(g_c, g_e)
+    assert torch.equal(g_c, g_e), "compiled and eager backward differ"

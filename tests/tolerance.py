@@ -1,20 +1,35 @@
-"""The one tolerance rule every numerical comparison with the reference uses (DESIGN.md, Testing).
+"""The one tolerance rule every numerical comparison with a reference uses (DESIGN.md, Testing).
 
 FlashAttention's rule: a kernel may be at most twice as wrong as plain PyTorch in the same dtype,
 
-    max |kernel - ref_hi|  <=  2 * max |ref_lo - ref_hi|  +  atol(dtype)
+    max |actual - ref_hi|  <=  2 * max |ref_lo - ref_hi|  +  atol(dtype)
 
-where ref_hi is pyqkv.reference run in float64 (the truth for these inputs) and ref_lo is the same
-reference run in the inputs' own dtype (`compute_dtype=dtype`). It is applied in max-norm over the whole
-tensor (not element by element): per element, ref_lo can be right by luck where a correct kernel rounds
-the other way, while over a tensor the worst errors of two correct computations are of the same size.
-So half precision needs no hand-tuned constants, and float32/float64 get a bound near their own rounding.
+where ref_hi is the reference run in float64 (the truth for these inputs) and ref_lo is the same
+reference run in the dtype under test (`compute_dtype=dtype` for pyqkv.reference; the Oracle of
+tests/test_bridge_oracle.py for a whole Bridge; the Hugging Face model itself for a model). It is applied
+in max-norm over the whole tensor (not element by element): per element, ref_lo can be right by luck where
+a correct kernel rounds the other way, while over a tensor the worst errors of two correct computations
+are of the same size. So half precision needs no hand-tuned constants, and float32/float64 get a bound
+near their own rounding.
 
-atol only keeps the bound off zero when ref_lo happens to be exact: it is far below one unit in the last
-place of a value near 1 in every dtype, so it cannot hide a real error.
+atol only keeps the bound off zero when ref_lo happens to be exact (e.g. a tensor that is a copy of an
+input): in float32 it is about 80 units in the last place of a value near 1, in the half types about a
+hundredth of one. In float64 ref_lo is ref_hi, so atol is the whole bound there.
+
+Three ways in, one rule:
+    rule_check(actual, hi, lo, what)         -> (worst error, bound, failure message or None); for scripts
+                                                that report every case instead of stopping at the first
+    assert_close_by_rule(actual, hi, lo, what)  the same as an assertion
+    assert_close(actual, Ref(hi, lo), what)     the same with the pair held in one value: an Oracle run, a
+                                                Hugging Face run (hf_reference), or any hand-written
+                                                formula run in both dtypes (by_hand(fn, dtype))
 """
 
 from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -26,38 +41,103 @@ ATOL = {
 }
 
 
-def assert_close_by_rule(actual, ref_hi, ref_lo, *, what: str = "output", atol: float | None = None) -> None:
-    """Assert `actual` satisfies the rule above against (ref_hi, ref_lo); report the worst element.
-
-    Non-finite entries of ref_hi (e.g. lse = -inf on a row with no visible key) must be matched exactly;
-    a NaN in `actual` always fails.
-    """
-    assert actual.shape == ref_hi.shape == ref_lo.shape, (
-        f"{what}: shapes differ: actual {tuple(actual.shape)}, reference {tuple(ref_hi.shape)}, "
-        f"low-precision reference {tuple(ref_lo.shape)}"
-    )
-    if atol is None:
-        atol = ATOL.get(actual.dtype, 1e-4)
+def rule_check(actual, ref_hi, ref_lo, *, what: str = "output") -> tuple[float, float, str | None]:
+    """(max |actual - ref_hi|, the rule's bound, None if the rule holds else a message naming the worst
+    element). Non-finite entries of ref_hi (e.g. lse = -inf on a row with no visible key) must be matched
+    exactly; a NaN in `actual` always fails; an empty tensor passes."""
+    if not (actual.shape == ref_hi.shape == ref_lo.shape):
+        return float("nan"), float("nan"), (
+            f"{what}: shapes differ: actual {tuple(actual.shape)}, reference {tuple(ref_hi.shape)}, "
+            f"low-precision reference {tuple(ref_lo.shape)}")
+    atol = ATOL.get(actual.dtype, 1e-4)
     a, hi, lo = (t.detach().double().cpu() for t in (actual, ref_hi, ref_lo))
-    assert not torch.isnan(a).any(), f"{what}: {int(torch.isnan(a).sum())} NaN entries"
+    if torch.isnan(a).any():
+        return float("nan"), float("nan"), f"{what}: {int(torch.isnan(a).sum())} NaN entries"
     finite = torch.isfinite(hi)
     if not finite.all():
         bad = (a != hi) & ~finite
-        assert not bad.any(), (
-            f"{what}: {int(bad.sum())} entries where the reference is ±inf differ, first at "
-            f"{tuple(bad.nonzero()[0].tolist())}: got {a[bad][0].item()}, expected {hi[bad][0].item()}"
-        )
+        if bad.any():
+            return float("inf"), float("nan"), (
+                f"{what}: {int(bad.sum())} entries where the reference is ±inf differ, first at "
+                f"{tuple(bad.nonzero()[0].tolist())}: got {a[bad][0].item()}, expected {hi[bad][0].item()}")
         a, hi, lo = a[finite], hi[finite], lo[finite]
-        if a.numel() == 0:
-            return
+    if a.numel() == 0:
+        return 0.0, atol, None
     err = (a - hi).abs()
     # ref_lo may overflow where ref_hi does not (e.g. a float32 mask value in bfloat16): such entries do
     # not set the bound.
     lo_err = (lo - hi).abs().nan_to_num(0.0, posinf=0.0)
     bound = 2 * lo_err.max().item() + atol
     worst = int(err.argmax())
-    assert err.max().item() <= bound, (
+    if err.max().item() <= bound:
+        return err.max().item(), bound, None
+    return err.max().item(), bound, (
         f"{what}: max |actual - ref_fp64| = {err.max().item():.3e} > bound {bound:.3e} "
         f"(2 * max |ref_in_dtype - ref_fp64| = {2 * lo_err.max().item():.3e} + atol {atol:.0e}); "
-        f"worst flat index {worst}: got {a.flatten()[worst].item()}, expected {hi.flatten()[worst].item()}"
-    )
+        f"worst flat index {worst}: got {a.flatten()[worst].item()}, expected {hi.flatten()[worst].item()}")
+
+
+def assert_close_by_rule(actual, ref_hi, ref_lo, *, what: str = "output") -> None:
+    """Assert `actual` satisfies the rule against (ref_hi, ref_lo); the message names the worst element."""
+    _, _, failure = rule_check(actual, ref_hi, ref_lo, what=what)
+    assert failure is None, failure
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference value for the rule: hi, the computation in float64; lo, the same computation in the
+    dtype under test. Indexing indexes both (`ref[:, 4:]`, `ref[keep]`); map(fn) applies fn to both."""
+
+    hi: torch.Tensor
+    lo: torch.Tensor
+
+    def __getitem__(self, index) -> Ref:
+        return Ref(self.hi[index], self.lo[index])
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Ref:
+        return Ref(fn(self.hi), fn(self.lo))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.hi.shape
+
+
+def assert_close(actual, expected: Ref, what: str = "output") -> None:
+    """The rule for `actual` against a Ref (an Oracle result, hf_reference, by_hand(fn, dtype))."""
+    assert isinstance(expected, Ref), f"{what}: expected a tolerance.Ref (hi, lo), got {type(expected).__name__}"
+    assert_close_by_rule(actual, expected.hi, expected.lo, what=what)
+
+
+def by_hand(fn: Callable[[torch.dtype], torch.Tensor], dtype: torch.dtype) -> Ref:
+    """A hand-written expectation under the rule: fn(compute_dtype) run in float64 and in `dtype`.
+
+        expected = by_hand(lambda dt: z.to(dt).flatten(2) @ W_O.to(dt) + b_O.to(dt), out.dtype)
+    """
+    return Ref(fn(torch.float64), fn(dtype))
+
+
+def differs(actual, expected: Ref) -> bool:
+    """True when `actual` fails the rule against `expected`: for "this edit had an effect" checks."""
+    return rule_check(actual, expected.hi, expected.lo)[2] is not None
+
+
+def dtype_of(module: torch.nn.Module) -> torch.dtype:
+    """The floating-point dtype of a module's parameters."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
+def hf_reference(model: torch.nn.Module, fn: Callable[[torch.nn.Module, torch.dtype], torch.Tensor]) -> Ref:
+    """A Hugging Face model (or module) as the reference under the rule: lo = fn(model, its dtype), the
+    model as it is (float32); hi = fn(copy, torch.float64) on a float64 deep copy. fn casts its float
+    inputs to the dtype it is given (token ids need nothing):
+
+        expected = hf_reference(model, lambda m, dt: m(ids, attention_mask=am).logits)
+        expected = hf_reference(attn, lambda m, dt: m(x.to(dt), attention_mask=mask(dt))[0])
+
+    Call it before pyqkv.hf.attach (a deep copy of an attached model would copy the Bridges). Under
+    torch.no_grad when the test does not need gradients; the copy is dropped afterwards.
+    """
+    lo = fn(model, dtype_of(model))
+    twin = copy.deepcopy(model).to(torch.float64)
+    hi = fn(twin, torch.float64)
+    return Ref(hi, lo)

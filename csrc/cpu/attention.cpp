@@ -227,7 +227,10 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   at::parallel_for(0, B * Hkv * n_qblocks, 1, [&](int64_t begin, int64_t end) {
     const int64_t max_rows = G * q_block;
     std::vector<acc_t> qf(max_rows * Dh), acc(max_rows * Dh), sc(max_rows * key_block);
-    std::vector<acc_t> kbuf(k_direct ? 0 : key_block * Dh), vbuf(v_direct ? 0 : key_block * Dh);
+    // V is copied when it cannot be read in place, and for blocks holding padded keys (2-D mask false):
+    // their rows are zeroed there, so whatever a padded slot holds (NaN included) never reaches z through
+    // its weight 0 (the CUDA kernels zero padded V rows the same way).
+    std::vector<acc_t> kbuf(k_direct ? 0 : key_block * Dh), vbuf(v_direct && !padp ? 0 : key_block * Dh);
     std::vector<acc_t> mx(max_rows), sum(max_rows);
     // With a pattern request the raw scores of the block's rows over all K keys are kept and
     // normalized once each row's log-sum-exp is known: one pass over keys, exact in every dtype. For
@@ -271,13 +274,24 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const scalar_t* kblk = kp + b * ks.b + j0 * ks.s + hk * ks.h;
         const scalar_t* vblk = vp + b * vs.b + j0 * vs.s + hk * vs.h;
         // A [nk, Dh] block of K or V as a matrix: read in place when the GEMM can, else converted.
-        auto block = [&](const scalar_t* src, const Strides4& st, bool direct, std::vector<acc_t>& buf) {
-          if (direct) return matrix(reinterpret_cast<const acc_t*>(src), nk, Dh, st.s, acc_dtype);
-          for (int64_t c = 0; c < nk; ++c)
-            for (int64_t d = 0; d < Dh; ++d) buf[c * Dh + d] = static_cast<acc_t>(src[c * st.s + d * st.d]);
+        const bool* prow_blk = padp ? padp + b * K + j0 : nullptr;  // this block's padding flags
+        const bool has_padded = prow_blk && std::find(prow_blk, prow_blk + nk, false) != prow_blk + nk;
+        auto block = [&](const scalar_t* src, const Strides4& st, bool direct, std::vector<acc_t>& buf,
+                         bool zero_padded) {
+          if (direct && !zero_padded) return matrix(reinterpret_cast<const acc_t*>(src), nk, Dh, st.s, acc_dtype);
+          for (int64_t c = 0; c < nk; ++c) {
+            acc_t* dst = buf.data() + c * Dh;
+            if (zero_padded && !prow_blk[c]) {
+              std::fill(dst, dst + Dh, acc_t(0));
+              continue;
+            }
+            for (int64_t d = 0; d < Dh; ++d) dst[d] = static_cast<acc_t>(src[c * st.s + d * st.d]);
+          }
           return matrix(buf.data(), nk, Dh, Dh, acc_dtype);
         };
-        const at::Tensor Kb = block(kblk, ks, k_direct, kbuf), Vb = block(vblk, vs, v_direct, vbuf);
+        // K needs no zeroing: a padded key's score is replaced by -inf below, whatever it was.
+        const at::Tensor Kb = block(kblk, ks, k_direct, kbuf, false);
+        const at::Tensor Vb = block(vblk, vs, v_direct, vbuf, has_padded);
         at::Tensor Sb = matrix(sc.data(), rows, nk, key_block, acc_dtype);
         at::mm_out(Sb, Q, Kb.t());  // scores [rows, nk], scale already in Q
 
@@ -304,10 +318,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
             const int64_t first_hidden = std::max<int64_t>(0, causal_offset + i + 1 - j0);
             for (int64_t c = first_hidden; c < nk; ++c) srow[c] = neg_inf;
           }
-          if (padp) {
-            const bool* prow = padp + b * K + j0;
+          if (has_padded) {
             for (int64_t c = 0; c < nk; ++c)
-              if (!prow[c]) srow[c] = neg_inf;
+              if (!prow_blk[c]) srow[c] = neg_inf;
           }
           if (vis4p) {
             const bool* vrow = vis4p + b * mb_s + h * mh_s + i * ms_s + j0 * mk_s;
