@@ -2,7 +2,7 @@
 
 Run by pytest on every device (tests/test_ops.py, tests/test_rotary.py: CPU, and CUDA where present), by
 the GPU smoke test (scripts/cuda_smoke.py) and through the CPU emulator of the CUDA kernels
-(scripts/cuda_emulate.py, via cuda_smoke). A runner passes `run`, the op under test; the checks compare
+(tools/cuda_emulate/run.py, via cuda_smoke). A runner passes `run`, the op under test; the checks compare
 it with pyqkv/reference.py by the one tolerance rule (tests/tolerance.py), ref_hi in float64 and ref_lo
 in the kernel's dtype, and check what must hold exactly (hidden keys get weight 0, a row that sees no key
 gives z = 0 and lse = -inf, features past R pass through, the input is not modified).
@@ -83,9 +83,6 @@ class AttnCase:
     softcap: float | None = None  # Gemma 2's logit softcapping (with q_gain > 1 the cap bites)
     window: int | None = None  # a sliding window of W keys (causal only)
     dtypes: tuple = ALL_DTYPES
-    # Why the CPU op does not give the reference's result on this case (pytest expects it to fail there, so
-    # a fix shows as a failure that asks to drop the note); None: every device passes.
-    known_cpu_gap: str | None = None
 
 
 def _softcap_window_cases(c):
@@ -106,9 +103,6 @@ def _softcap_window_cases(c):
         for sc, w in settings
     ]
 
-
-CPU_PADDED_NAN = ("the CPU op multiplies a padded key's V row by its weight 0, so NaN there reaches z (the CUDA "
-                  "kernels zero padded V rows)")
 
 # Every mask kind, causal and not, at one shape with K > S (the masks' own rows of test cases).
 MASK_KINDS = {
@@ -168,7 +162,7 @@ def attention_cases() -> list[AttnCase]:
         c("pad2d bool left-padding +pattern", 2, 24, 24, 4, 2, 64, mask="pad", pattern=True),
         c("pad2d int64", 2, 24, 24, 4, 2, 64, mask="pad_int"),
         c("pad2d batch fully padded", 2, 12, 12, 2, 1, 32, mask="pad_all", pattern=True),
-        c("pad2d NaN in padded K/V", 2, 40, 40, 4, 2, 64, mask="pad_nan", known_cpu_gap=CPU_PADDED_NAN),
+        c("pad2d NaN in padded K/V", 2, 40, 40, 4, 2, 64, mask="pad_nan"),
         c("left padding S=K=17: rows that see nothing", 2, 17, 17, 4, 2, 32, mask="pad", pattern=True),
         c("hf4d: causal and padding folded into an additive mask", 2, 17, 17, 4, 2, 32, causal=False, mask="add",
           mask_dtype="q", mask_causal=True, pattern=True),
@@ -194,7 +188,7 @@ def attention_cases() -> list[AttnCase]:
         c("decode S=1 K=5000 split", 2, 1, 5000, 32, 8, 128),
         c("decode S=1 K=5000 +pattern", 1, 1, 5000, 8, 2, 64, pattern=True),
         c("decode S=4 MQA", 1, 4, 300, 16, 1, 64),
-        c("decode MHA S=1 pad2d NaN slots", 2, 1, 700, 4, 4, 64, mask="pad_nan", known_cpu_gap=CPU_PADDED_NAN),
+        c("decode MHA S=1 pad2d NaN slots", 2, 1, 700, 4, 4, 64, mask="pad_nan"),
         c("decode S=2 K=1: an empty causal row", 1, 2, 1, 4, 2, 32),
         c("decode Dh80 R=3 (idle lanes, idle rows)", 1, 1, 333, 6, 2, 80),
         c("decode GQA R=8 K=2000 split", 2, 1, 2000, 16, 2, 128),

@@ -332,9 +332,6 @@ def test_attention_matches_reference(case, dtype, device):
     """z, lse (and the pattern) by the tolerance rule; hidden keys weight 0, rows that see no key z = 0 and
     lse = -inf, exactly; without the pattern and, for the cases marked so, with it."""
     ok, msg = op_cases.check_attention_case(case, dtype, device, run_attention)
-    if case.known_cpu_gap and device.type == "cpu":
-        assert not ok, f"the CPU op now passes: drop known_cpu_gap from this case in tests/op_cases.py ({msg})"
-        pytest.xfail(case.known_cpu_gap)
     assert ok, msg
 
 
