@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyqkv import checks, ops, positions
+from pyqkv.attend import attend
 from pyqkv.cache import KVCache
 from pyqkv.checks import describe
 from pyqkv.conversions import make_rule
@@ -628,7 +629,6 @@ class Bridge(nn.Module, HookedMixin):
         c = self.cfg
         B, S, H, Dh = q4.shape
         dropout_p = c.attn_dropout if self.training else 0.0
-        pattern_point = self._points["hook_pattern"]
         # Soft-capping and a sliding window, only when the layer has them (a 4-D mask already holds the
         # window: it is authoritative, and causal is then False).
         extra = {}
@@ -636,36 +636,11 @@ class Bridge(nn.Module, HookedMixin):
             extra["softcap"] = c.softcap
         if c.window is not None and causal:
             extra["window"] = c.window
-        if self._hooked("hook_attn_scores"):
-            score_dtype = torch.float32 if c.reorder_and_upcast_attn else q4.dtype
-            scores = ops.attn_scores(q4, k_all, scale=c.scale, causal=causal, mask=mask, dtype=score_dtype, alibi=alibi,
-                                     **extra)
-            scores = self._fire("hook_attn_scores", scores)
-            pattern = ops.attn_softmax(scores, dtype=v_all.dtype)
-            if dropout_p:
-                pattern = F.dropout(pattern, dropout_p, training=True)
-            pattern = self._fire("hook_pattern", pattern)
-            z = ops.attn_apply(pattern, v_all)
-        elif pattern_point.fwd or pattern_point.bwd or dropout_p or return_pattern:
-            # Under inference_mode the pattern is made as a normal tensor: inference tensors have no
-            # version counter, and the counter is how an in-place edit by a hook is noticed.
-            with torch.inference_mode(False):
-                z, _, pattern = ops.attention(
-                    q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask, return_pattern=True, alibi=alibi, **extra
-                )
-            if dropout_p:
-                pattern = F.dropout(pattern, dropout_p, training=True)
-            version = pattern._version
-            hooked = self._fire("hook_pattern", pattern)
-            edited = not _same_view(hooked, pattern) or pattern._version != version
-            if edited or dropout_p or pattern_point.bwd:
-                # The pattern changed (or its gradient is watched): z must come from it.
-                z = ops.attn_apply(hooked, v_all)
-            pattern = hooked
-        else:
-            z, _, _ = ops.attention(q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask, alibi=alibi, **extra)
-            pattern = None
-
+        z, pattern = attend(
+            q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask, alibi=alibi, extra=extra, dropout_p=dropout_p,
+            want_pattern=return_pattern, points=self._points, fire=self._fire,
+            score_dtype=torch.float32 if c.reorder_and_upcast_attn else None,
+        )
         z = self._fire("hook_z", z.reshape(B, S, H * Dh))
         if c.use_attn_result and self._hooked("hook_result"):
             result = ops.per_head_proj(z.view(B, S, H, Dh), self.W_O)  # [B, S, H, D] before b_O
@@ -711,10 +686,6 @@ def _positive_or_none(name: str, value) -> Optional[float]:
     if not (value > 0 and value != float("inf")):
         raise ValueError(f"{name}: expected None or a positive finite number, got {value!r}")
     return float(value)
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _alias_value(conversions: dict, canonical: str):

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyqkv import ops
+from pyqkv.attend import attend
 from pyqkv.hooks import HookedMixin, HookPoint, attach_bwd_hooks, run_fwd_hooks
 
 IMPLEMENTATION = "pyqkv"
@@ -203,59 +204,23 @@ def _attend(module, layer, query, key, value, mask, *, dropout, scaling, is_caus
     q4 = query.transpose(1, 2)  # [B, S, H, Dh], a view: the op reads any strides
     k4, v4 = key.transpose(1, 2), value.transpose(1, 2)  # [B, K, Hkv, Dh]
     extra = {} if softcap is None else {"softcap": float(softcap)}
-    if layer is None:
-        z, pattern = _attention(q4, k4, v4, scale, causal, mask, p, want_pattern, extra)
-        return z.contiguous(), pattern
-
-    q4 = layer.fire("hook_rot_q", q4)
-    # K and V here are the cache's own storage (DynamicCache returns it, a StaticCache buffer is written in
-    # place later): a hook gets a copy, so its edits stay in this call and the cached activation stays fixed.
-    k4 = layer.fire("hook_rot_k", k4, copy=True)
-    v4 = layer.fire("hook_v", v4, copy=True)
-    scores_point, pattern_point = layer.points["hook_attn_scores"], layer.points["hook_pattern"]
-    if _hooked(scores_point):
-        scores = ops.attn_scores(q4, k4, scale=scale, causal=causal, mask=mask, **extra)
-        scores = layer.fire("hook_attn_scores", scores)
-        pattern = ops.attn_softmax(scores, dtype=v4.dtype)
-        if p:
-            pattern = F.dropout(pattern, p, training=True)
-        pattern = layer.fire("hook_pattern", pattern)
-        z = ops.attn_apply(pattern, v4)
-    elif _hooked(pattern_point):
-        # Under inference_mode the pattern is made as a normal tensor: inference tensors have no version
-        # counter, and the counter is how an in-place edit by a hook is noticed.
-        with torch.inference_mode(False):
-            z, _, pattern = _fused(q4, k4, v4, scale, causal, mask, True, extra)
-        if p:
-            pattern = F.dropout(pattern, p, training=True)
-        version = pattern._version
-        hooked = layer.fire("hook_pattern", pattern)
-        edited = not _same_view(hooked, pattern) or pattern._version != version
-        if edited or p or pattern_point.bwd:
-            z = ops.attn_apply(hooked, v4)  # the pattern changed (or its gradient is watched): z from it
-        pattern = hooked
-    else:
-        z, pattern = _attention(q4, k4, v4, scale, causal, mask, p, want_pattern, extra)
-    z = layer.fire("hook_z", z)
+    if layer is not None:
+        q4 = layer.fire("hook_rot_q", q4)
+        # K and V here are the cache's own storage (DynamicCache returns it, a StaticCache buffer is written in
+        # place later): a hook gets a copy, so its edits stay in this call and the cached activation stays fixed.
+        k4 = layer.fire("hook_rot_k", k4, copy=True)
+        v4 = layer.fire("hook_v", v4, copy=True)
+    z, pattern = attend(q4, k4, v4, scale=scale, causal=causal, mask=mask, extra=extra, dropout_p=p,
+                        want_pattern=want_pattern, points=None if layer is None else layer.points,
+                        fire=None if layer is None else layer.fire, fused=_fused)
+    if layer is not None:
+        z = layer.fire("hook_z", z)
     # Modules reshape the output with .view(B, S, H * Dh) (sdpa returns it contiguous): a hook's replacement
     # may not be.
     return z.contiguous(), (pattern if want_pattern else None)
 
 
-def _attention(q4, k4, v4, scale, causal, mask, p, want_pattern, extra):
-    """z [B, S, H, Dh] and (when asked, or for dropout) the pattern [B, H, S, K], with no hook involved."""
-    if not (p or want_pattern):
-        z, _, _ = _fused(q4, k4, v4, scale, causal, mask, False, extra)
-        return z, None
-    z, _, pattern = _fused(q4, k4, v4, scale, causal, mask, True, extra)
-    if p:
-        # eager's order: softmax -> dropout -> pattern @ V, so one seed draws eager's dropout mask
-        pattern = F.dropout(pattern, p, training=True)
-        z = ops.attn_apply(pattern, v4)
-    return z, pattern
-
-
-def _fused(q4, k4, v4, scale, causal, mask, return_pattern, extra):
+def _fused(q4, k4, v4, *, scale, causal, mask, return_pattern=False, alibi=None, **extra):
     """ops.attention, also for a value head dim Dv other than Q/K's Dqk (multi-head latent attention:
     DeepSeek V2/V3, Kimi...). The op wants one head dim: zero features appended to V (or to Q and K) leave
     P·V (and Q·K) unchanged, and z is cut back to [B, S, H, Dv]. This costs one padded copy."""
@@ -265,7 +230,7 @@ def _fused(q4, k4, v4, scale, causal, mask, return_pattern, extra):
     elif Dv > Dqk:
         q4, k4 = F.pad(q4, (0, Dv - Dqk)), F.pad(k4, (0, Dv - Dqk))
     z, lse, pattern = ops.attention(q4, k4, v4, scale=scale, causal=causal, mask=mask, return_pattern=return_pattern,
-                                    **extra)
+                                    alibi=alibi, **extra)
     return (z[..., :Dv] if Dv != z.shape[-1] else z), lse, pattern
 
 
@@ -309,14 +274,6 @@ def _recording_attentions() -> bool:
     collector = getattr(capturing, "_active_collector", None)
     collected = collector.get() if collector is not None else None
     return isinstance(collected, dict) and "attentions" in collected
-
-
-def _hooked(point: HookPoint) -> bool:
-    return bool(point.fwd or point.bwd)
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _describe(obj) -> str:
