@@ -126,7 +126,7 @@ def dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next(p.dtype for p in module.parameters() if p.is_floating_point())
 
 
-def hf_reference(model: torch.nn.Module, fn: Callable[[torch.nn.Module, torch.dtype], torch.Tensor]) -> Ref:
+def hf_reference(model: torch.nn.Module, fn: Callable[[torch.nn.Module, torch.dtype], object]):
     """A Hugging Face model (or module) as the reference under the rule: lo = fn(model, its dtype), the
     model as it is (float32); hi = fn(copy, torch.float64) on a float64 deep copy. fn casts its float
     inputs to the dtype it is given (token ids need nothing):
@@ -134,10 +134,29 @@ def hf_reference(model: torch.nn.Module, fn: Callable[[torch.nn.Module, torch.dt
         expected = hf_reference(model, lambda m, dt: m(ids, attention_mask=am).logits)
         expected = hf_reference(attn, lambda m, dt: m(x.to(dt), attention_mask=mask(dt))[0])
 
-    Call it before pyqkv.hf.attach (a deep copy of an attached model would copy the Bridges). Under
-    torch.no_grad when the test does not need gradients; the copy is dropped afterwards.
+    fn may return a tensor (-> a Ref) or a tuple, list or dict of them (-> the same structure of Refs), so
+    that one float64 run serves every comparison of a test:
+
+        logits, pattern = hf_reference(model, lambda m, dt: (m(ids).logits, m(ids, output_attentions=True).attentions[0]))
+
+    Call it before pyqkv.hf.attach (a deep copy of an attached model would copy the Bridges), or after
+    pyqkv.hf.detach; hooks registered on the model (a forward pre-hook zeroing a head) are copied with it, so
+    they must work in any dtype. Under torch.no_grad when the test does not need gradients; the copy is
+    dropped afterwards.
     """
     lo = fn(model, dtype_of(model))
     twin = copy.deepcopy(model).to(torch.float64)
     hi = fn(twin, torch.float64)
-    return Ref(hi, lo)
+    return _refs(hi, lo)
+
+
+def _refs(hi, lo):
+    """hi and lo, two results of the same structure (tensors in tuples, lists, dicts), as one of Refs."""
+    if isinstance(hi, torch.Tensor):
+        return Ref(hi, lo)
+    if isinstance(hi, dict):
+        return {k: _refs(hi[k], lo[k]) for k in hi}
+    if isinstance(hi, (tuple, list)):
+        assert len(hi) == len(lo), f"the float64 run returned {len(hi)} values, the other {len(lo)}"
+        return type(hi)(_refs(h, l) for h, l in zip(hi, lo))
+    raise TypeError(f"hf_reference: fn returned {type(hi).__name__}, expected tensors (in tuples, lists or dicts)")
