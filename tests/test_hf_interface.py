@@ -827,12 +827,15 @@ def test_position_bias_is_folded_into_the_mask_as_sdpa_does():
     causal = torch.ones(Sq, K, dtype=torch.bool).tril()
     pad = torch.ones(2, 1, Sq, K, dtype=torch.bool)
     pad[1, :, :, 0] = False
-    for mask, visible in ((None, causal), (pad & causal, pad & causal)):
-        z, _ = hf_interface.attention_forward(module, q, k, v, mask, scaling=0.3, position_bias=bias)
 
-        def formula(dt):
+    def formula(visible):
+        def run(dt):
             s = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * 0.3 + bias.to(dt)
             p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)  # empty row -> 0
             return (p @ v.to(dt)).transpose(1, 2)
+        return run
 
-        assert_close(z, by_hand(formula, q.dtype), f"z with position_bias ({'bool mask' if mask is not None else 'mask None'}) vs the formula")
+    for mask, visible in ((None, causal), (pad & causal, pad & causal)):
+        z, _ = hf_interface.attention_forward(module, q, k, v, mask, scaling=0.3, position_bias=bias)
+        assert_close(z, by_hand(formula(visible), q.dtype),
+                     f"z with position_bias ({'mask None' if mask is None else 'a bool mask'}) vs the formula")
