@@ -268,11 +268,13 @@ def test_family_equals_eager(built, model_type):
     ids, am = left_padded()
     keep = am.bool()
     with torch.no_grad():
-        ref = hf_reference(eager, lambda m, dt: _run(m, ids, am))
+        _run(eager, ids, am)  # skips a family whose eager model needs more than input_ids
         try:
             out = _run(ours, ids, am)
         except NotImplementedError as e:  # softcap, sinks...: named, never silently wrong
             pytest.skip(f"rejected by pyqkv (pending in the op): {e}")
+        # after both skips: a family that pyqkv rejects need not run in float64 (Inkling 2 routes in float32 only)
+        ref = hf_reference(eager, lambda m, dt: _run(m, ids, am))
     assert not torch.isnan(out[keep]).any()
     assert_close(out[keep], ref[keep], f"{model_type}: logits vs eager at non-padded positions")
 
