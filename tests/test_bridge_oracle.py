@@ -211,22 +211,6 @@ def apply_pattern(pattern, v):
     return torch.einsum("bhsk,bkhd->bshd", pattern, ve)
 
 
-def assert_close(actual, expected, what="output", *, atol=2e-5, rtol=2e-5):
-    """Deprecated: the Bridge and Hugging Face tests compare by the one rule, tolerance.assert_close with an
-    Oracle result or tolerance.hf_reference. Kept until tests/test_hf.py, test_hf_families.py,
-    test_placement.py and test_tensor_parallel.py are migrated: max |actual - expected| <= atol + rtol *
-    max |expected|, no NaN."""
-    a = actual.detach().double().cpu()
-    e = expected.detach().double().cpu()
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
-    assert not torch.isnan(a).any(), f"{what}: NaN in the result"
-    if a.numel() == 0:
-        return
-    err = (a - e).abs().max().item()
-    bound = atol + rtol * e.abs().max().item()
-    assert err <= bound, f"{what}: max abs error {err:.3e} > {bound:.3e}"
-
-
 def no_hooks_left(model) -> bool:
     return all(not p.fwd and not p.bwd for p in model.hook_points().values())
 

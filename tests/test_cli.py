@@ -5,6 +5,7 @@ import json
 
 from pyqkv import bench
 from pyqkv.__main__ import demo, main
+from tolerance import assert_close
 
 
 def test_demo_checks_pass(capsys):
@@ -34,15 +35,18 @@ def test_bench_result_has_every_row(tmp_path):
 
 
 def test_bench_baselines_compute_the_same_layer():
-    """The rows time the same function: every baseline's output equals the Bridge's."""
+    """The rows time the same function: every row's output, the Bridge's and the baselines', meets the
+    tolerance rule against the materialized layer run in float64 and in float32 (the same random weights)."""
     import torch
+    from tolerance import by_hand
 
-    w = bench.LayerWeights.random(d_model=64, n_heads=4, d_head=16)
     x = torch.randn(2, 9, 64)
-    rows = bench.prefill_rows(w)
-    want = rows["pyqkv fast path"](x)
+    materialized = {dt: bench.MaterializedLayer(bench.LayerWeights.random(d_model=64, n_heads=4, d_head=16, dtype=dt))
+                    for dt in (torch.float32, torch.float64)}
+    want = by_hand(lambda dt: materialized[dt](x.to(dt)), x.dtype)
+    rows = bench.prefill_rows(bench.LayerWeights.random(d_model=64, n_heads=4, d_head=16))
     for name, fn in rows.items():
-        torch.testing.assert_close(fn(x), want, rtol=1e-4, atol=1e-5, msg=name)
+        assert_close(fn(x), want, f"bench row {name!r} vs the materialized layer")
 
 
 def test_peak_memory_probe_sees_the_pattern():

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import pyqkv
+from tolerance import assert_close, hf_reference
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
@@ -47,6 +48,7 @@ def ids():
 
 
 def hf_with_head_zeroed(model, family, layer, head):
+    """HF's logits with the head's slice of the output projection's input zeroed (a pre-hook, removed after)."""
     _, blocks, attn, out = CONFIGS[family]
     proj = getattr(getattr(model.get_submodule(blocks)[layer], attn), out)
 
@@ -57,8 +59,7 @@ def hf_with_head_zeroed(model, family, layer, head):
 
     handle = proj.register_forward_pre_hook(pre)
     try:
-        with torch.no_grad():
-            return model(ids()).logits
+        return model(ids()).logits
     finally:
         handle.remove()
 
@@ -78,9 +79,8 @@ def offload(kind):
 def test_offloaded_model(family, kind, tmp_path):
     ref_model = build(family)
     with torch.no_grad():
-        ref = ref_model(ids()).logits
+        ref, ref_ablated = hf_reference(ref_model, lambda m, dt: (m(ids()).logits, hf_with_head_zeroed(m, family, 1, 2)))
         ref_tokens = ref_model.generate(ids(), max_new_tokens=4, do_sample=False, pad_token_id=0)
-    ref_ablated = hf_with_head_zeroed(ref_model, family, 1, 2)
     model = offload(kind)(build(family), tmp_path)
     h = pyqkv.hf.attach(model)
     assert all(b.projections and "offloaded" in b.projections for b in h.bridges)
@@ -91,8 +91,8 @@ def test_offloaded_model(family, kind, tmp_path):
         _, cache = h.run_with_cache(ids(), names_filter=["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_z"])
         ablated = h.run_with_hooks(ids(), fwd_hooks=[("blocks.1.attn.hook_z", pyqkv.zero_heads([2]))]).logits
         tokens = model.generate(ids(), max_new_tokens=4, do_sample=False, pad_token_id=0)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ablated, ref_ablated, atol=1e-5, rtol=0)
+    assert_close(out, ref, f"{family} offloaded to {kind}: logits vs HF")
+    assert_close(ablated, ref_ablated, f"{family} offloaded to {kind}: head 2 zeroed by zero_heads vs HF with it zeroed")
     assert cache["blocks.1.attn.hook_pattern"].shape == (2, 4, 9, 9)
     assert tokens.tolist() == ref_tokens.tolist()
     with pytest.raises(RuntimeError, match=r"^W_Q: this Bridge calls its projection modules \(weights offloaded"):
@@ -101,7 +101,7 @@ def test_offloaded_model(family, kind, tmp_path):
         h.add_hook("blocks.0.attn.hook_result", lambda t, hook: None)
     pyqkv.hf.detach(model)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids()).logits, ref, atol=1e-5, rtol=0)
+        assert_close(model(ids()).logits, ref, f"{family} offloaded to {kind}: logits after detach vs HF")
 
 
 def test_block_device_map_shares_weights(tmp_path):
@@ -109,14 +109,14 @@ def test_block_device_map_shares_weights(tmp_path):
     multi-device map) keeps the share path: the Bridges hold the modules' own Parameters."""
     model = build("llama")
     with torch.no_grad():
-        ref = model(ids()).logits
+        ref = hf_reference(model, lambda m, dt: m(ids()).logits)
     blocks = {f"model.layers.{i}": "cpu" for i in range(3)}
     device_map = {"model.embed_tokens": "cpu", **blocks, "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     accelerate.dispatch_model(model, device_map=device_map, force_hooks=True)
     h = pyqkv.hf.attach(model)
     assert all(b.projections is None for b in h.bridges)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids()).logits, ref, atol=1e-5, rtol=0)
+        assert_close(model(ids()).logits, ref, "logits under a block device map vs HF")
     assert h.bridges[0].W_Q.shape == (4, 64, 16)
 
 
@@ -141,11 +141,11 @@ def test_wrapped_projection_is_called():
         layer.self_attn.v_proj = LoraLinear(layer.self_attn.v_proj)
     adapter = model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
-        ref = model(ids()).logits
+        ref = hf_reference(model, lambda m, dt: m(ids()).logits)
     h = pyqkv.hf.attach(model)
     assert all("LoraLinear projection" in b.projections for b in h.bridges)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids()).logits, ref, atol=1e-5, rtol=0)
+        assert_close(model(ids()).logits, ref, "logits with LoRA-wrapped q/v projections vs HF")
     out = model(ids()).logits
     out.square().mean().backward()  # gradients reach the adapter through the Bridge
     assert adapter.lora_A.weight.grad is not None and adapter.lora_A.weight.grad.abs().sum() > 0
@@ -185,7 +185,7 @@ def test_linear_subclass_is_held_only_when_its_weight_is_a_plain_parameter(cls, 
                 new.load_state_dict(old.state_dict())
             setattr(layer.self_attn, name, new)
     with torch.no_grad():
-        ref = model(ids()).logits
+        ref = hf_reference(model, lambda m, dt: m(ids()).logits)
     h = pyqkv.hf.attach(model)
     b = h.bridges[0]
     if held:
@@ -196,7 +196,7 @@ def test_linear_subclass_is_held_only_when_its_weight_is_a_plain_parameter(cls, 
         with pytest.raises(RuntimeError, match=r"^W_Q: this Bridge calls its projection modules"):
             b.W_Q
     with torch.no_grad():
-        torch.testing.assert_close(model(ids()).logits, ref, atol=1e-5, rtol=0)
+        assert_close(model(ids()).logits, ref, f"logits with {cls.__name__} projections vs HF")
     pyqkv.hf.detach(model)
 
 
@@ -226,7 +226,7 @@ def test_device_map_split_between_cuda_and_cpu():
         pytest.skip("CUDA is not available on this machine (torch.cuda.is_available() is False)")
     ref_model = build("llama")
     with torch.no_grad():
-        ref = ref_model(ids()).logits
+        ref = hf_reference(ref_model, lambda m, dt: m(ids()).logits)  # on the CPU
         ref_tokens = ref_model.generate(ids(), max_new_tokens=4, do_sample=False, pad_token_id=0)
     model = build("llama")
     device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": "cpu",
@@ -237,7 +237,7 @@ def test_device_map_split_between_cuda_and_cpu():
     with torch.no_grad():
         out, cache = h.run_with_cache(ids().cuda(), names_filter=lambda n: n.endswith("hook_pattern"))
         tokens = model.generate(ids().cuda(), max_new_tokens=4, do_sample=False, pad_token_id=0)
-    torch.testing.assert_close(out.logits.cpu(), ref, atol=1e-4, rtol=0)
+    assert_close(out.logits.cpu(), ref, "logits split between CUDA and the CPU vs HF on the CPU")
     assert cache["blocks.0.attn.hook_pattern"].device.type == "cuda"
     assert cache["blocks.2.attn.hook_pattern"].device.type == "cpu"
     assert tokens.cpu().tolist() == ref_tokens.tolist()

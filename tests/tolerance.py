@@ -27,11 +27,13 @@ Three ways in, one rule:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 ATOL = {
     torch.float64: 1e-10,
@@ -126,7 +128,7 @@ def dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next(p.dtype for p in module.parameters() if p.is_floating_point())
 
 
-def hf_reference(model: torch.nn.Module, fn: Callable[[torch.nn.Module, torch.dtype], torch.Tensor]) -> Ref:
+def hf_reference(model: torch.nn.Module, fn: Callable[[torch.nn.Module, torch.dtype], object]):
     """A Hugging Face model (or module) as the reference under the rule: lo = fn(model, its dtype), the
     model as it is (float32); hi = fn(copy, torch.float64) on a float64 deep copy. fn casts its float
     inputs to the dtype it is given (token ids need nothing):
@@ -134,10 +136,76 @@ def hf_reference(model: torch.nn.Module, fn: Callable[[torch.nn.Module, torch.dt
         expected = hf_reference(model, lambda m, dt: m(ids, attention_mask=am).logits)
         expected = hf_reference(attn, lambda m, dt: m(x.to(dt), attention_mask=mask(dt))[0])
 
-    Call it before pyqkv.hf.attach (a deep copy of an attached model would copy the Bridges). Under
-    torch.no_grad when the test does not need gradients; the copy is dropped afterwards.
+    fn may return a tensor (-> a Ref) or a tuple, list or dict of them (-> the same structure of Refs), so
+    that one float64 run serves every comparison of a test:
+
+        logits, pattern = hf_reference(model, lambda m, dt: (m(ids).logits, m(ids, output_attentions=True).attentions[0]))
+
+    Call it before pyqkv.hf.attach (a deep copy of an attached model would copy the Bridges), or after
+    pyqkv.hf.detach; hooks registered on the model (a forward pre-hook zeroing a head) are copied with it, so
+    they must work in any dtype. Under torch.no_grad when the test does not need gradients; the copy is
+    dropped afterwards.
     """
     lo = fn(model, dtype_of(model))
     twin = copy.deepcopy(model).to(torch.float64)
-    hi = fn(twin, torch.float64)
-    return Ref(hi, lo)
+    if getattr(getattr(twin, "config", None), "_experts_implementation", None) not in (None, "eager"):
+        # torch's grouped_mm (HF's default MoE experts) has no float64 kernel; "eager" loops over the
+        # experts with plain matmuls: the same math
+        twin.set_experts_implementation("eager")
+    with float64_softmax():
+        hi = fn(twin, torch.float64)
+    return _refs(hi, lo)
+
+
+@contextlib.contextmanager
+def float64_softmax():
+    """Inside (hf_reference's float64 run): a softmax asked for float32 of a float64 tensor is taken in
+    float64, and a row with no finite score (every key -inf) gets equal weights instead of NaN.
+
+    Hugging Face's eager attention takes softmax(scores, dtype=torch.float32), or softmax(scores.float())
+    (MPT), an upcast for the half types but a downcast in the float64 twin: its finfo(float64).min mask
+    entries become -inf there, a fully masked row (a left-padded query) NaN, and the next layer spreads that
+    NaN to every row through the padded keys' values (weight 0 * NaN). In the model's own dtype such a row
+    holds finfo.min everywhere and gets about equal weights: so does the twin's (it is a padded position,
+    which no test compares). The float32 request is dropped so that the twin's pattern is float64-accurate;
+    where HF casts to float32 by itself (.float(), the RMSNorm variance, the RoPE tables) the twin stays
+    float32 there, so ref_hi is exact only up to float32 rounding at those steps, and the rule's bound stays
+    float32's size."""
+    originals = F.softmax, torch.softmax, torch.Tensor.softmax
+
+    def keep(t, dtype):
+        return None if dtype == torch.float32 and t.dtype == torch.float64 else dtype
+
+    def patched(original, dtype_at):
+        def softmax(input, *args, **kwargs):
+            if "dtype" in kwargs:
+                kwargs["dtype"] = keep(input, kwargs["dtype"])
+            elif len(args) > dtype_at:
+                args = (*args[:dtype_at], keep(input, args[dtype_at]), *args[dtype_at + 1:])
+            dim = kwargs.get("dim", args[0] if args else None)
+            if input.is_floating_point() and isinstance(dim, int):
+                dead = torch.isneginf(input).all(dim, keepdim=True)
+                if dead.any():
+                    input = input.masked_fill(dead, 0.0)
+            return original(input, *args, **kwargs)
+        return softmax
+
+    # dtype's position after the input: F.softmax(input, dim, _stacklevel, dtype), torch.softmax(input, dim, dtype)
+    F.softmax, torch.softmax, torch.Tensor.softmax = (patched(originals[0], 2), patched(originals[1], 1),
+                                                      patched(originals[2], 1))
+    try:
+        yield
+    finally:
+        F.softmax, torch.softmax, torch.Tensor.softmax = originals
+
+
+def _refs(hi, lo):
+    """hi and lo, two results of the same structure (tensors in tuples, lists, dicts), as one of Refs."""
+    if isinstance(hi, torch.Tensor):
+        return Ref(hi, lo)
+    if isinstance(hi, dict):
+        return {k: _refs(hi[k], lo[k]) for k in hi}
+    if isinstance(hi, (tuple, list)):
+        assert len(hi) == len(lo), f"the float64 run returned {len(hi)} values, the other {len(lo)}"
+        return type(hi)(_refs(h, l) for h, l in zip(hi, lo))
+    raise TypeError(f"hf_reference: fn returned {type(hi).__name__}, expected tensors (in tuples, lists or dicts)")
