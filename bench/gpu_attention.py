@@ -102,7 +102,8 @@ def sdpa_best(q, k, v, causal, attn_mask=None):
     best = None
     for qq, kk, vv in (views, conts):
         fn = lambda: F.scaled_dot_product_attention(  # noqa: E731
-            qq, kk, vv, attn_mask=attn_mask, is_causal=causal and attn_mask is None, enable_gqa=gqa)
+            qq, kk, vv, attn_mask=attn_mask, is_causal=causal and attn_mask is None, enable_gqa=gqa
+        )
         ms = timed(fn)
         if best is None or ms < best[0]:
             best = (ms, fn().transpose(1, 2))
@@ -124,8 +125,13 @@ def left_padding(B, S, device="cuda"):
 
 def prefill_rows(quick: bool) -> list:
     rows = []
-    shapes = [(B, S, Hkv, pad, DT) for S in ((1024, 4096) if quick else (1024, 4096, 8192)) for B in (1, 4)
-              for Hkv in (32, 8) for pad in (False, True)]
+    shapes = [
+        (B, S, Hkv, pad, DT)
+        for S in ((1024, 4096) if quick else (1024, 4096, 8192))
+        for B in (1, 4)
+        for Hkv in (32, 8)
+        for pad in (False, True)
+    ]
     shapes += [(1, 1024, 32, False, torch.float32), (1, 1024, 8, False, torch.float32)]
     for B, S, Hkv, pad, dt in shapes:
         q = torch.randn(B, S, H, DH, device="cuda", dtype=dt)
@@ -139,11 +145,22 @@ def prefill_rows(quick: bool) -> list:
         z = pyqkv_attn(q, k, v, True, mask=mask)[0]
         ms_ref, z_ref = sdpa_best(q, k, v, True, attn_mask=sdpa_mask)
         ok = rows_ok.unsqueeze(-1).expand_as(z)
-        rows.append({
-            "B": B, "S": S, "Hkv": Hkv, "padded": pad, "dtype": str(dt)[6:], "pyqkv_ms": ms, "sdpa_ms": ms_ref,
-            "pyqkv_TFLOPs": flops / ms / 1e9, "sdpa_TFLOPs": flops / ms_ref / 1e9,
-            "time_vs_sdpa": ms / ms_ref, "rel_err": rel_err(z[ok], z_ref[ok]), "backend": plan_name(q, k, v, mask),
-        })
+        rows.append(
+            {
+                "B": B,
+                "S": S,
+                "Hkv": Hkv,
+                "padded": pad,
+                "dtype": str(dt)[6:],
+                "pyqkv_ms": ms,
+                "sdpa_ms": ms_ref,
+                "pyqkv_TFLOPs": flops / ms / 1e9,
+                "sdpa_TFLOPs": flops / ms_ref / 1e9,
+                "time_vs_sdpa": ms / ms_ref,
+                "rel_err": rel_err(z[ok], z_ref[ok]),
+                "backend": plan_name(q, k, v, mask),
+            }
+        )
         del q, k, v, z, z_ref
         torch.cuda.empty_cache()
     return rows
@@ -158,7 +175,7 @@ def decode_rows(quick: bool, copy_gbs: float) -> list:
     preallocated buffer, as pyqkv.KVCache hands them over)."""
     rows = []
     steps = 16 if quick else 32
-    for ctx in ((8192, 32768) if quick else (2048, 8192, 16384, 32768)):
+    for ctx in (8192, 32768) if quick else (2048, 8192, 16384, 32768):
         for Hkv in (32, 8):
             for B in (1, 16):
                 if B * ctx * Hkv * DH * 2 * 2 > 24 << 30:
@@ -187,11 +204,20 @@ def decode_rows(quick: bool, copy_gbs: float) -> list:
                 z_ref = F.scaled_dot_product_attention(qt, *kvt[-1], enable_gqa=Hkv != H).transpose(1, 2)
                 kv_bytes = 2 * B * (ctx + steps / 2) * Hkv * DH * kbuf.element_size()
                 gbs = kv_bytes / (ms * 1e-3) / 1e9
-                rows.append({
-                    "B": B, "context": ctx, "Hkv": Hkv, "pyqkv_us": ms * 1e3, "sdpa_us": ms_ref * 1e3,
-                    "pyqkv_GBps": gbs, "fraction_of_copy": gbs / copy_gbs, "time_vs_sdpa": ms / ms_ref,
-                    "rel_err": rel_err(z, z_ref), "backend": plan_name(q, k, v),
-                })
+                rows.append(
+                    {
+                        "B": B,
+                        "context": ctx,
+                        "Hkv": Hkv,
+                        "pyqkv_us": ms * 1e3,
+                        "sdpa_us": ms_ref * 1e3,
+                        "pyqkv_GBps": gbs,
+                        "fraction_of_copy": gbs / copy_gbs,
+                        "time_vs_sdpa": ms / ms_ref,
+                        "rel_err": rel_err(z, z_ref),
+                        "backend": plan_name(q, k, v),
+                    }
+                )
                 del kbuf, vbuf, kvs, kvt, q, z, z_ref
                 torch.cuda.empty_cache()
     return rows
@@ -216,12 +242,19 @@ def pattern_rows(quick: bool) -> list:
         ms_ref = timed(lambda: materialized(q, k, v, scale, cm))
         z, _, p = pyqkv_attn(q, k, v, True, pattern=True)
         z_ref, p_ref = materialized(q, k, v, scale, cm)
-        rows.append({
-            "B": B, "S": S, "pyqkv_ms": ms, "materialized_ms": ms_ref, "speedup": ms_ref / ms,
-            "pattern_GBps": B * H * S * S * 2 / (ms * 1e-3) / 1e9,
-            "rel_err_z": rel_err(z, z_ref), "rel_err_pattern": rel_err(p, p_ref),
-            "backend": plan_name(q, k, v, pattern=True),
-        })
+        rows.append(
+            {
+                "B": B,
+                "S": S,
+                "pyqkv_ms": ms,
+                "materialized_ms": ms_ref,
+                "speedup": ms_ref / ms,
+                "pattern_GBps": B * H * S * S * 2 / (ms * 1e-3) / 1e9,
+                "rel_err_z": rel_err(z, z_ref),
+                "rel_err_pattern": rel_err(p, p_ref),
+                "backend": plan_name(q, k, v, pattern=True),
+            }
+        )
         del q, k, v, z, p, z_ref, p_ref
         torch.cuda.empty_cache()
     return rows
@@ -239,13 +272,29 @@ def backend_rows(quick: bool) -> list:
             with pyqkv.ops.attention_backend(name):
                 p = pyqkv.ops.attention_plan(q, k, v, scale=DH**-0.5, causal=True)
                 if p.backend is None:
-                    rows.append({"shape": kind, "backend": name, "ms": None, "time_vs_sdpa": None,
-                                 "rel_err": None, "refused": "; ".join(p.refusals.get(name, []))[:200]})
+                    rows.append(
+                        {
+                            "shape": kind,
+                            "backend": name,
+                            "ms": None,
+                            "time_vs_sdpa": None,
+                            "rel_err": None,
+                            "refused": "; ".join(p.refusals.get(name, []))[:200],
+                        }
+                    )
                     continue
                 ms = timed(lambda: pyqkv_attn(q, k, v, True))
                 z = pyqkv_attn(q, k, v, True)[0]
-            rows.append({"shape": kind, "backend": name, "ms": ms, "time_vs_sdpa": ms / ms_ref,
-                         "rel_err": rel_err(z, z_ref), "refused": ""})
+            rows.append(
+                {
+                    "shape": kind,
+                    "backend": name,
+                    "ms": ms,
+                    "time_vs_sdpa": ms / ms_ref,
+                    "rel_err": rel_err(z, z_ref),
+                    "refused": "",
+                }
+            )
         del q, k, v, z_ref
         torch.cuda.empty_cache()
     return rows
@@ -287,22 +336,71 @@ def main(argv=None) -> int:
         print("no GPU: skipped")
         return 0
     torch.manual_seed(0)
-    result = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__}
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
     result["ceilings"] = ceilings()
-    print(f"{result['device']}, torch {result['torch']}: copy {result['ceilings']['copy_GBps']:.0f} GB/s, "
-          f"bf16 GEMM {result['ceilings']['gemm_bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
+    print(
+        f"{result['device']}, torch {result['torch']}: copy {result['ceilings']['copy_GBps']:.0f} GB/s, "
+        f"bf16 GEMM {result['ceilings']['gemm_bf16_TFLOPs']:.0f} TFLOP/s",
+        flush=True,
+    )
     sections = [
-        ("prefill", lambda: prefill_rows(args.quick),
-         ["B", "S", "Hkv", "padded", "dtype", "pyqkv_ms", "sdpa_ms", "pyqkv_TFLOPs", "time_vs_sdpa", "rel_err",
-          "backend"]),
-        ("decode", lambda: decode_rows(args.quick, result["ceilings"]["copy_GBps"]),
-         ["B", "context", "Hkv", "pyqkv_us", "sdpa_us", "pyqkv_GBps", "fraction_of_copy", "time_vs_sdpa", "rel_err",
-          "backend"]),
-        ("pattern", lambda: pattern_rows(args.quick),
-         ["B", "S", "pyqkv_ms", "materialized_ms", "speedup", "pattern_GBps", "rel_err_z", "rel_err_pattern",
-          "backend"]),
-        ("backends", lambda: backend_rows(args.quick), ["shape", "backend", "ms", "time_vs_sdpa", "rel_err", "refused"]),
+        (
+            "prefill",
+            lambda: prefill_rows(args.quick),
+            [
+                "B",
+                "S",
+                "Hkv",
+                "padded",
+                "dtype",
+                "pyqkv_ms",
+                "sdpa_ms",
+                "pyqkv_TFLOPs",
+                "time_vs_sdpa",
+                "rel_err",
+                "backend",
+            ],
+        ),
+        (
+            "decode",
+            lambda: decode_rows(args.quick, result["ceilings"]["copy_GBps"]),
+            [
+                "B",
+                "context",
+                "Hkv",
+                "pyqkv_us",
+                "sdpa_us",
+                "pyqkv_GBps",
+                "fraction_of_copy",
+                "time_vs_sdpa",
+                "rel_err",
+                "backend",
+            ],
+        ),
+        (
+            "pattern",
+            lambda: pattern_rows(args.quick),
+            [
+                "B",
+                "S",
+                "pyqkv_ms",
+                "materialized_ms",
+                "speedup",
+                "pattern_GBps",
+                "rel_err_z",
+                "rel_err_pattern",
+                "backend",
+            ],
+        ),
+        (
+            "backends",
+            lambda: backend_rows(args.quick),
+            ["shape", "backend", "ms", "time_vs_sdpa", "rel_err", "refused"],
+        ),
     ]
     for name, fn, cols in sections:
         try:

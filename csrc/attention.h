@@ -44,18 +44,17 @@ inline AttnDims check_attention_args(const at::Tensor& q, const at::Tensor& k, c
   TORCH_CHECK_VALUE(k.size(0) == d.B && k.size(3) == d.Dh, "k: expected shape [", d.B, ", K, Hkv, ", d.Dh,
                     "] (B and Dh of q ", shape_str(q), "), got ", shape_str(k));
   if (v != nullptr)
-    TORCH_CHECK_VALUE(v->sizes() == k.sizes(), "v: expected the shape of k ", shape_str(k), ", got ",
-                      shape_str(*v));
-  TORCH_CHECK_VALUE(d.Hkv > 0 && d.H % d.Hkv == 0, "k: expected a KV head count that divides H=", d.H,
-                    " (q ", shape_str(q), "), got Hkv=", d.Hkv, " (k ", shape_str(k), ")");
+    TORCH_CHECK_VALUE(v->sizes() == k.sizes(), "v: expected the shape of k ", shape_str(k), ", got ", shape_str(*v));
+  TORCH_CHECK_VALUE(d.Hkv > 0 && d.H % d.Hkv == 0, "k: expected a KV head count that divides H=", d.H, " (q ",
+                    shape_str(q), "), got Hkv=", d.Hkv, " (k ", shape_str(k), ")");
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
     PYQKV_CHECK_SAME_DEVICE(m, "mask", q, "q");
     if (m.dim() == 2) {
-      TORCH_CHECK_VALUE(m.size(0) == d.B && m.size(1) == d.K, "mask: expected a 2-D padding mask [B, K] = [",
-                        d.B, ", ", d.K, "], got ", shape_str(m));
-      TORCH_CHECK_TYPE(!at::isComplexType(m.scalar_type()), "mask: expected a bool, integer or float padding mask, got ",
-                       m.scalar_type());
+      TORCH_CHECK_VALUE(m.size(0) == d.B && m.size(1) == d.K, "mask: expected a 2-D padding mask [B, K] = [", d.B, ", ",
+                        d.K, "], got ", shape_str(m));
+      TORCH_CHECK_TYPE(!at::isComplexType(m.scalar_type()),
+                       "mask: expected a bool, integer or float padding mask, got ", m.scalar_type());
       d.mask = MaskKind::kPadding;
     } else if (m.dim() == 4) {
       TORCH_CHECK_TYPE(at::isFloatingType(m.scalar_type()) || m.scalar_type() == at::kBool,
@@ -64,11 +63,12 @@ inline AttnDims check_attention_args(const at::Tensor& q, const at::Tensor& k, c
                        m.scalar_type());
       TORCH_CHECK_VALUE((m.size(0) == d.B || m.size(0) == 1) && (m.size(1) == 1 || m.size(1) == d.H) &&
                             m.size(2) == d.S && m.size(3) == d.K,
-                        "mask: expected a 4-D additive mask [B or 1, 1 or H, S, K] = [", d.B, ", 1 or ", d.H, ", ",
-                        d.S, ", ", d.K, "] (or a bool one of that shape), got ", shape_str(m));
+                        "mask: expected a 4-D additive mask [B or 1, 1 or H, S, K] = [", d.B, ", 1 or ", d.H, ", ", d.S,
+                        ", ", d.K, "] (or a bool one of that shape), got ", shape_str(m));
       d.mask = m.scalar_type() == at::kBool ? MaskKind::kBool4d : MaskKind::kAdditive4d;
     } else {
-      TORCH_CHECK_VALUE(false, "mask: expected a 2-D padding mask [B, K] or a 4-D additive mask [B, 1 or H, S, K] (or a bool "
+      TORCH_CHECK_VALUE(false,
+                        "mask: expected a 2-D padding mask [B, K] or a 4-D additive mask [B, 1 or H, S, K] (or a bool "
                         "one), got ",
                         m.dim(), "-D with shape ", shape_str(m));
     }
@@ -91,8 +91,10 @@ inline AttnDims check_attention_args(const at::Tensor& q, const at::Tensor& k, c
   if (window.has_value()) {
     TORCH_CHECK_VALUE(*window >= 1, "window: expected None or W >= 1 (the keys a query sees, its own included), got ",
                       *window);
-    TORCH_CHECK_VALUE(causal, "window: expected causal=True with a sliding window (query i sees the W keys up to its "
-                      "own position K - S + i), got window=", *window, " with causal=False");
+    TORCH_CHECK_VALUE(causal,
+                      "window: expected causal=True with a sliding window (query i sees the W keys up to its "
+                      "own position K - S + i), got window=",
+                      *window, " with causal=False");
     d.window = *window;
   }
   return d;
@@ -160,10 +162,14 @@ inline at::Tensor alibi_in(const c10::optional<at::Tensor>& alibi, at::ScalarTyp
 // torch.finfo(dtype).min of a floating dtype: what hidden entries of the split form's scores hold.
 inline double finfo_min(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kHalf: return -65504.0;
-    case at::kBFloat16: return -3.3895313892515355e38;
-    case at::kFloat: return std::numeric_limits<float>::lowest();
-    default: return std::numeric_limits<double>::lowest();
+    case at::kHalf:
+      return -65504.0;
+    case at::kBFloat16:
+      return -3.3895313892515355e38;
+    case at::kFloat:
+      return std::numeric_limits<float>::lowest();
+    default:
+      return std::numeric_limits<double>::lowest();
   }
 }
 

@@ -2,13 +2,12 @@
 // and the op pyqkv::attention_plan (what pyqkv.ops.attention_plan returns).
 #include "attention_plan.h"
 
+#include <torch/headeronly/version.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <mutex>
 #include <sstream>
-
-#include <torch/headeronly/version.h>
 
 namespace pyqkv {
 namespace plan {
@@ -37,8 +36,10 @@ void refuse_flash(const Query& q, Refusals& why) {
   if (sm(q.device) < 80 || sm(q.device) > 121)
     why.add([&] { return "needs sm_80 .. sm_121, the device is " + sm_str(q.device); });
   if (!half_type(q.dtype)) why.add([&] { return "takes float16 / bfloat16, got " + dtype_name(q.dtype); });
-  if (d.Dh % 8 != 0 || d.Dh > 256) why.add([&] { return "needs Dh a multiple of 8 and at most 256, got " + std::to_string(d.Dh); });
-  if (!q.qkv_unit_last) why.add([] { return str("needs q, k, v with unit stride over Dh"); });
+  if (d.Dh % 8 != 0 || d.Dh > 256)
+    why.add([&] { return "needs Dh a multiple of 8 and at most 256, got " + std::to_string(d.Dh); });
+  if (!q.qkv_unit_last)
+    why.add([] { return str("needs q, k, v with unit stride over Dh"); });
   else if (!q.qkv_16b)
     why.add([] { return str("needs 16-byte aligned q, k, v data and strides (its 16-byte loads are not checked)"); });
   if (q.alibi) why.add([] { return str("ALiBi is compiled out of PyTorch's FlashAttention-2"); });
@@ -56,11 +57,15 @@ void refuse_mem_efficient(const Query& q, Refusals& why) {
   const AttnDims& d = q.d;
   why.add([] { return str("not wired into pyqkv::attention yet (issue 12)"); });
   if (!q.torch.mem_efficient)
-    why.add([] { return str("not in this torch build, or switched off (torch.backends.cuda.enable_mem_efficient_sdp)"); });
+    why.add(
+        [] { return str("not in this torch build, or switched off (torch.backends.cuda.enable_mem_efficient_sdp)"); });
   if (!(half_type(q.dtype) || (q.dtype == at::kFloat && sm(q.device) >= 80)))
-    why.add([&] { return "takes float16 / bfloat16, or float32 on sm_80+, got " + dtype_name(q.dtype) + " on " + sm_str(q.device); });
+    why.add([&] {
+      return "takes float16 / bfloat16, or float32 on sm_80+, got " + dtype_name(q.dtype) + " on " + sm_str(q.device);
+    });
   const int64_t align = q.dtype == at::kFloat ? 4 : 8;
-  if (d.Dh % align != 0) why.add([&] { return "needs Dh a multiple of " + std::to_string(align) + ", got " + std::to_string(d.Dh); });
+  if (d.Dh % align != 0)
+    why.add([&] { return "needs Dh a multiple of " + std::to_string(align) + ", got " + std::to_string(d.Dh); });
   if (!q.qkv_16b) why.add([] { return str("needs 16-byte aligned q, k, v data and strides"); });
   if (d.H != d.Hkv && !q.torch.at_least(2, 14))
     why.add([&] {
@@ -77,14 +82,20 @@ void refuse_cudnn(const Query& q, Refusals& why) {
   why.add([] { return str("not wired into pyqkv::attention yet (issue 12)"); });
   if (!q.torch.cudnn_opt_in)
     why.add([] { return str("opt-in only (PYQKV_CUDNN=1): top-left causal, a graph build per new shape"); });
-  if (!q.torch.cudnn) why.add([] { return str("not in this torch build, or switched off (torch.backends.cuda.enable_cudnn_sdp)"); });
+  if (!q.torch.cudnn)
+    why.add([] { return str("not in this torch build, or switched off (torch.backends.cuda.enable_cudnn_sdp)"); });
   if (sm(q.device) < 80) why.add([&] { return "needs sm_80+, the device is " + sm_str(q.device); });
   if (!half_type(q.dtype)) why.add([&] { return "takes float16 / bfloat16, got " + dtype_name(q.dtype); });
   const int64_t max_dh = sm(q.device) == 90 ? 256 : 128;
   if (d.Dh % 8 != 0 || d.Dh > max_dh)
-    why.add([&] { return "needs Dh a multiple of 8 and at most " + std::to_string(max_dh) + ", got " + std::to_string(d.Dh); });
+    why.add([&] {
+      return "needs Dh a multiple of 8 and at most " + std::to_string(max_dh) + ", got " + std::to_string(d.Dh);
+    });
   if (q.causal && d.S != d.K)
-    why.add([&] { return "its causal mask is top-left aligned: S == K only, got S=" + std::to_string(d.S) + ", K=" + std::to_string(d.K); });
+    why.add([&] {
+      return "its causal mask is top-left aligned: S == K only, got S=" + std::to_string(d.S) +
+             ", K=" + std::to_string(d.K);
+    });
   if (d.K == 1) why.add([] { return str("cuDNN does not support K = 1"); });
   if (d.mask == MaskKind::kAdditive4d && !q.mask_in_q_dtype && !q.torch.at_least(2, 14))
     why.add([] { return str("an additive mask must have q's dtype on torch <= 2.13 (another is misread)"); });
@@ -98,9 +109,15 @@ void refuse_cudnn(const Query& q, Refusals& why) {
 
 void refusals(Backend b, const Query& q, Refusals& why) {
   switch (b) {
-    case Backend::kFlash: refuse_flash(q, why); return;
-    case Backend::kMemEfficient: refuse_mem_efficient(q, why); return;
-    case Backend::kCudnn: refuse_cudnn(q, why); return;
+    case Backend::kFlash:
+      refuse_flash(q, why);
+      return;
+    case Backend::kMemEfficient:
+      refuse_mem_efficient(q, why);
+      return;
+    case Backend::kCudnn:
+      refuse_cudnn(q, why);
+      return;
     case Backend::kOwnDecode:
       if (on_cuda(q, why)) attn::plan_decode(q.own, why);
       return;
@@ -215,17 +232,18 @@ namespace {
 // pyqkv.ops.attention_plan: the backend pyqkv::attention would run ("" when none accepts) and every
 // refusing backend's reasons, as "name\treason" lines.
 std::tuple<std::string, std::vector<std::string>> attention_plan_op(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
-    double scale, bool causal, bool return_pattern, const c10::optional<at::Tensor>& alibi,
-    c10::optional<double> softcap, c10::optional<int64_t> window, at::OptionalIntArrayRef device_capability,
-    at::OptionalIntArrayRef torch_version, c10::optional<bool> flash_available) {
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask, double scale,
+    bool causal, bool return_pattern, const c10::optional<at::Tensor>& alibi, c10::optional<double> softcap,
+    c10::optional<int64_t> window, at::OptionalIntArrayRef device_capability, at::OptionalIntArrayRef torch_version,
+    c10::optional<bool> flash_available) {
   (void)scale;
   const AttnDims d = check_attention(q, k, v, mask, alibi, causal, softcap, window);
   DeviceInfo device;
   if (device_capability.has_value()) {
     TORCH_CHECK_VALUE(device_capability->size() == 2, "device_capability: expected (major, minor), got ",
                       device_capability->size(), " numbers");
-    device = device_for_capability(static_cast<int>((*device_capability)[0]), static_cast<int>((*device_capability)[1]));
+    device =
+        device_for_capability(static_cast<int>((*device_capability)[0]), static_cast<int>((*device_capability)[1]));
   } else if (q.is_cuda()) {
     device = cuda_device_info(q.device().index());
   } else {
@@ -233,8 +251,8 @@ std::tuple<std::string, std::vector<std::string>> attention_plan_op(
   }
   TorchBuild torch = this_torch_build();
   if (torch_version.has_value()) {
-    TORCH_CHECK_VALUE(torch_version->size() == 2, "torch_version: expected (major, minor), got ",
-                      torch_version->size(), " numbers");
+    TORCH_CHECK_VALUE(torch_version->size() == 2, "torch_version: expected (major, minor), got ", torch_version->size(),
+                      " numbers");
     torch.major = static_cast<int>((*torch_version)[0]);
     torch.minor = static_cast<int>((*torch_version)[1]);
   }

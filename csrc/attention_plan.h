@@ -25,30 +25,37 @@ namespace plan {
 constexpr bool kFlashWired = true;  // dense FA2 (csrc/cuda/attention.cu)
 
 enum class Backend { kFlash, kMemEfficient, kCudnn, kOwnDecode, kOwnTc, kOwnSimt, kCpu };
-constexpr std::array<Backend, 7> kPriority = {Backend::kFlash,  Backend::kMemEfficient, Backend::kCudnn,
-                                              Backend::kOwnDecode, Backend::kOwnTc,    Backend::kOwnSimt,
+constexpr std::array<Backend, 7> kPriority = {Backend::kFlash,     Backend::kMemEfficient, Backend::kCudnn,
+                                              Backend::kOwnDecode, Backend::kOwnTc,        Backend::kOwnSimt,
                                               Backend::kCpu};
 
 inline const char* backend_name(Backend b) {
   switch (b) {
-    case Backend::kFlash: return "flash";
-    case Backend::kMemEfficient: return "mem_efficient";
-    case Backend::kCudnn: return "cudnn";
-    case Backend::kOwnDecode: return "own_decode";
-    case Backend::kOwnTc: return "own_tc";
-    case Backend::kOwnSimt: return "own_simt";
-    case Backend::kCpu: return "cpu";
+    case Backend::kFlash:
+      return "flash";
+    case Backend::kMemEfficient:
+      return "mem_efficient";
+    case Backend::kCudnn:
+      return "cudnn";
+    case Backend::kOwnDecode:
+      return "own_decode";
+    case Backend::kOwnTc:
+      return "own_tc";
+    case Backend::kOwnSimt:
+      return "own_simt";
+    case Backend::kCpu:
+      return "cpu";
   }
   return "?";
 }
 
 // What the torch build offers (and the user's switches), an input of the plan like the shapes.
 struct TorchBuild {
-  int major = 2, minor = 0;  // the torch the extension runs with (or plans for)
-  bool flash = true;         // FA2 compiled in and not switched off (torch.backends.cuda.enable_flash_sdp)
-  bool mem_efficient = true; // likewise (enable_mem_efficient_sdp)
-  bool cudnn = true;         // likewise (enable_cudnn_sdp)
-  bool cudnn_opt_in = false; // PYQKV_CUDNN=1, or cudnn forced: never chosen otherwise
+  int major = 2, minor = 0;   // the torch the extension runs with (or plans for)
+  bool flash = true;          // FA2 compiled in and not switched off (torch.backends.cuda.enable_flash_sdp)
+  bool mem_efficient = true;  // likewise (enable_mem_efficient_sdp)
+  bool cudnn = true;          // likewise (enable_cudnn_sdp)
+  bool cudnn_opt_in = false;  // PYQKV_CUDNN=1, or cudnn forced: never chosen otherwise
   bool at_least(int ma, int mi) const { return major > ma || (major == ma && minor >= mi); }
 };
 
@@ -93,15 +100,15 @@ struct Query {
   bool qkv_unit_last = false;  // q, k, v all have stride 1 over Dh
   bool qkv_16b = false;        // ... and 16-byte aligned data pointers and non-last strides
   bool mask_in_q_dtype = false;
-  attn::PlanInputs own{};      // the own kernels' view of the same input
+  attn::PlanInputs own{};  // the own kernels' view of the same input
 };
 
 // 16-byte aligned data (a meta tensor: its storage offset, as every allocator aligns a base pointer to
 // at least 16 bytes) and every non-last stride a multiple of 16 bytes.
 inline bool data_16b_aligned(const at::Tensor& t) {
   const int64_t es = t.element_size();
-  const uintptr_t addr = t.is_meta() ? static_cast<uintptr_t>(t.storage_offset() * es)
-                                     : reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t addr =
+      t.is_meta() ? static_cast<uintptr_t>(t.storage_offset() * es) : reinterpret_cast<uintptr_t>(t.data_ptr());
   if (addr % 16 != 0) return false;
   for (int64_t i = 0; i + 1 < t.dim(); ++i)
     if (t.size(i) > 1 && (t.stride(i) * es) % 16 != 0) return false;

@@ -24,17 +24,22 @@ at::Tensor attn_scores(const at::Tensor& q, const at::Tensor& k, const c10::opti
   const at::Tensor qg = q.to(dt).reshape({B, S, Hkv, G, Dh}).permute({0, 2, 3, 1, 4}).reshape({B, Hkv, G * S, Dh});
   at::Tensor scores = at::matmul(qg, k.to(dt).permute({0, 2, 3, 1})).reshape({B, H, S, K}) * scale;
   scores = softcapped(scores, d.softcap);
-  if (alibi.has_value()) scores = scores + alibi->to(dt).unsqueeze(2);  // the same bias at every query
+  if (alibi.has_value()) scores = scores + alibi->to(dt).unsqueeze(2);     // the same bias at every query
   at::Tensor vis = position_visible(S, K, causal, d.window, q.options());  // [S, K] or undefined
   auto hide_unless = [&vis](const at::Tensor& visible) { vis = vis.defined() ? vis & visible : visible; };
   switch (d.mask) {
-    case MaskKind::kPadding: hide_unless((*mask != 0).view({B, 1, 1, K})); break;
-    case MaskKind::kBool4d: hide_unless(*mask); break;
+    case MaskKind::kPadding:
+      hide_unless((*mask != 0).view({B, 1, 1, K}));
+      break;
+    case MaskKind::kBool4d:
+      hide_unless(*mask);
+      break;
     case MaskKind::kAdditive4d:
       scores = scores + mask->to(dt);
       hide_unless(additive_visible(*mask));  // NaN, -inf and finfo.min entries hide
       break;
-    case MaskKind::kNone: break;
+    case MaskKind::kNone:
+      break;
   }
   return vis.defined() ? scores.masked_fill(vis.logical_not(), finfo_min(dt)) : scores;
 }

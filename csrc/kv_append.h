@@ -37,8 +37,8 @@ inline bool share_an_element(const at::Tensor& a, const at::Tensor& b) {
 
 // The same elements in the same order: writing one into the other is a no-op, not a corruption.
 inline bool same_view(const at::Tensor& a, const at::Tensor& b) {
-  return a.storage().is_alias_of(b.storage()) && a.storage_offset() == b.storage_offset() &&
-         a.sizes() == b.sizes() && a.strides() == b.strides();
+  return a.storage().is_alias_of(b.storage()) && a.storage_offset() == b.storage_offset() && a.sizes() == b.sizes() &&
+         a.strides() == b.strides();
 }
 
 inline void check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
@@ -47,18 +47,18 @@ inline void check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache
   PYQKV_CHECK_DEFINED(v_cache, "v_cache", "[B, Hkv, capacity, Dh]");
   PYQKV_CHECK_RANK(k_new, "k_new", 4, "[B, S, Hkv, Dh]");
   PYQKV_CHECK_DEFINED(v_new, "v_new", "[B, S, Hkv, Dh]");
-  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache: expected the shape of k_cache ",
-                    shape_str(k_cache), ", got ", shape_str(v_cache));
-  TORCH_CHECK_VALUE(v_new.sizes() == k_new.sizes(), "v_new: expected the shape of k_new ",
-                    shape_str(k_new), ", got ", shape_str(v_new));
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache: expected the shape of k_cache ", shape_str(k_cache),
+                    ", got ", shape_str(v_cache));
+  TORCH_CHECK_VALUE(v_new.sizes() == k_new.sizes(), "v_new: expected the shape of k_new ", shape_str(k_new), ", got ",
+                    shape_str(v_new));
   const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), cap = k_cache.size(2), Dh = k_cache.size(3);
-  TORCH_CHECK_VALUE(k_new.size(0) == B && k_new.size(2) == Hkv && k_new.size(3) == Dh,
-                    "k_new: expected shape [", B, ", S, ", Hkv, ", ", Dh,
-                    "] (B, Hkv, Dh of the cache [B, Hkv, capacity, Dh]), got ", shape_str(k_new));
+  TORCH_CHECK_VALUE(k_new.size(0) == B && k_new.size(2) == Hkv && k_new.size(3) == Dh, "k_new: expected shape [", B,
+                    ", S, ", Hkv, ", ", Dh, "] (B, Hkv, Dh of the cache [B, Hkv, capacity, Dh]), got ",
+                    shape_str(k_new));
   const int64_t S = k_new.size(1);
   // Written as start <= cap - S: start + S could wrap around for a start near INT64_MAX.
-  TORCH_CHECK_VALUE(start >= 0 && S <= cap && start <= cap - S,
-                    "start: expected 0 <= start and start + S <= capacity ", cap, " (S = ", S, "), got start=", start);
+  TORCH_CHECK_VALUE(start >= 0 && S <= cap && start <= cap - S, "start: expected 0 <= start and start + S <= capacity ",
+                    cap, " (S = ", S, "), got start=", start);
   for (auto* p : {&k_cache, &v_cache, &k_new, &v_new}) {
     const char* name = p == &k_cache ? "k_cache" : p == &v_cache ? "v_cache" : p == &k_new ? "k_new" : "v_new";
     PYQKV_CHECK_SAME_DTYPE(*p, name, k_cache, "k_cache");
@@ -75,13 +75,17 @@ inline void check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache
                     "v_cache: expected a tensor that does not overlap k_cache, got one that shares its memory");
   // A source that overlaps a row being written would be read after it is overwritten (all but the
   // no-op of writing a view onto itself).
-  const at::Tensor k_rows = k_cache.narrow(2, start, S).transpose(1, 2), v_rows = v_cache.narrow(2, start, S).transpose(1, 2);
+  const at::Tensor k_rows = k_cache.narrow(2, start, S).transpose(1, 2),
+                   v_rows = v_cache.narrow(2, start, S).transpose(1, 2);
   TORCH_CHECK_VALUE(same_view(k_rows, k_new) || !share_an_element(k_rows, k_new),
-                    "k_new: expected a tensor that does not overlap the k_cache rows it is written to, got one that shares their memory");
+                    "k_new: expected a tensor that does not overlap the k_cache rows it is written to, got one that "
+                    "shares their memory");
   TORCH_CHECK_VALUE(same_view(v_rows, v_new) || !share_an_element(v_rows, v_new),
-                    "v_new: expected a tensor that does not overlap the v_cache rows it is written to, got one that shares their memory");
+                    "v_new: expected a tensor that does not overlap the v_cache rows it is written to, got one that "
+                    "shares their memory");
   TORCH_CHECK_VALUE(!share_an_element(k_rows, v_new),
-                    "v_new: expected a tensor that does not overlap the k_cache rows written before it is read, got one that shares their memory");
+                    "v_new: expected a tensor that does not overlap the k_cache rows written before it is read, got "
+                    "one that shares their memory");
 }
 
 // kv_append for every backend: the cache is [B, Hkv, capacity, Dh], so the new rows are a strided window

@@ -48,8 +48,7 @@ inline void check_real(const at::Tensor& t, const char* name) {
                    ": expected a real tensor (floating point, integer or bool), got ", t.scalar_type());
 }
 
-inline std::vector<HeadSegment> head_segments(const std::string& layout, int64_t H, int64_t Hkv,
-                                              int64_t Dh) {
+inline std::vector<HeadSegment> head_segments(const std::string& layout, int64_t H, int64_t Hkv, int64_t Dh) {
   check_head_counts(H, Hkv, Dh);
   std::vector<HeadSegment> segs;
   segs.reserve(H + 2 * Hkv);
@@ -58,8 +57,8 @@ inline std::vector<HeadSegment> head_segments(const std::string& layout, int64_t
     for (int64_t g = 0; g < Hkv; ++g) segs.push_back({1, g, (H + g) * Dh});
     for (int64_t g = 0; g < Hkv; ++g) segs.push_back({2, g, (H + Hkv + g) * Dh});
   } else if (layout == "interleaved") {  // per head h: [Q_h, K_h, V_h]
-    TORCH_CHECK_VALUE(H == Hkv, "layout: 'interleaved' needs n_kv_heads == n_heads (", H,
-                      "), got n_kv_heads=", Hkv, "; use 'grouped' for GQA");
+    TORCH_CHECK_VALUE(H == Hkv, "layout: 'interleaved' needs n_kv_heads == n_heads (", H, "), got n_kv_heads=", Hkv,
+                      "; use 'grouped' for GQA");
     for (int64_t h = 0; h < H; ++h)
       for (int w = 0; w < 3; ++w) segs.push_back({w, h, (3 * h + w) * Dh});
   } else if (layout == "grouped") {  // per KV group g: [Q of its G heads, K_g, V_g]
@@ -71,8 +70,8 @@ inline std::vector<HeadSegment> head_segments(const std::string& layout, int64_t
     }
   } else if (layout == "codegen") {  // mp_num blocks, each [Q part | V part | K part]
     TORCH_CHECK_VALUE(H == Hkv && H % kCodegenMpNum == 0,
-                      "layout: 'codegen' needs n_kv_heads == n_heads and n_heads divisible by ",
-                      kCodegenMpNum, ", got n_heads=", H, ", n_kv_heads=", Hkv);
+                      "layout: 'codegen' needs n_kv_heads == n_heads and n_heads divisible by ", kCodegenMpNum,
+                      ", got n_heads=", H, ", n_kv_heads=", Hkv);
     const int64_t per = H / kCodegenMpNum;
     for (int64_t h = 0; h < H; ++h) {
       const int64_t base = (h / per) * 3 * per, j = h % per;
@@ -81,30 +80,27 @@ inline std::vector<HeadSegment> head_segments(const std::string& layout, int64_t
       segs.push_back({1, h, (base + 2 * per + j) * Dh});
     }
   } else {
-    TORCH_CHECK_VALUE(false,
-                      "layout: expected one of 'blocked', 'interleaved', 'grouped', 'codegen', got '",
-                      layout, "'");
+    TORCH_CHECK_VALUE(false, "layout: expected one of 'blocked', 'interleaved', 'grouped', 'codegen', got '", layout,
+                      "'");
   }
   return segs;
 }
 
 // Validates a fused weight against the head counts; returns D (the model dim).
-inline int64_t check_fused_weight(const at::Tensor& weight, int64_t H, int64_t Hkv, int64_t Dh,
-                                  bool conv1d) {
+inline int64_t check_fused_weight(const at::Tensor& weight, int64_t H, int64_t Hkv, int64_t Dh, bool conv1d) {
   PYQKV_CHECK_RANK(weight, "weight", 2, conv1d ? "[D, (H + 2 Hkv) Dh] (conv1d)" : "[(H + 2 Hkv) Dh, D] (Linear)");
   check_real(weight, "weight");
   const int64_t n_out = fused_width(H, Hkv, Dh);
   const int out_dim = conv1d ? 1 : 0;
-  TORCH_CHECK_VALUE(weight.size(out_dim) == n_out, "weight: expected size ", n_out, " = (n_heads ",
-                    H, " + 2 * n_kv_heads ", Hkv, ") * d_head ", Dh, " at dim ", out_dim,
-                    conv1d ? " (conv1d stores [in, out])" : " (Linear stores [out, in])",
-                    ", got shape ", shape_str(weight));
+  TORCH_CHECK_VALUE(weight.size(out_dim) == n_out, "weight: expected size ", n_out, " = (n_heads ", H,
+                    " + 2 * n_kv_heads ", Hkv, ") * d_head ", Dh, " at dim ", out_dim,
+                    conv1d ? " (conv1d stores [in, out])" : " (Linear stores [out, in])", ", got shape ",
+                    shape_str(weight));
   return weight.size(1 - out_dim);
 }
 
 // Validates split weights W_Q [H,D,Dh], W_K/W_V [Hkv,D,Dh]; returns {H, Hkv, D, Dh}.
-inline std::array<int64_t, 4> check_split_weights(const at::Tensor& W_Q, const at::Tensor& W_K,
-                                                  const at::Tensor& W_V) {
+inline std::array<int64_t, 4> check_split_weights(const at::Tensor& W_Q, const at::Tensor& W_K, const at::Tensor& W_V) {
   PYQKV_CHECK_RANK(W_Q, "W_Q", 3, "[H, D, Dh]");
   PYQKV_CHECK_RANK(W_K, "W_K", 3, "[Hkv, D, Dh]");
   PYQKV_CHECK_RANK(W_V, "W_V", 3, "[Hkv, D, Dh]");
@@ -112,9 +108,8 @@ inline std::array<int64_t, 4> check_split_weights(const at::Tensor& W_Q, const a
   const int64_t H = W_Q.size(0), D = W_Q.size(1), Dh = W_Q.size(2), Hkv = W_K.size(0);
   for (auto* p : {&W_K, &W_V}) {
     const char* name = p == &W_K ? "W_K" : "W_V";
-    TORCH_CHECK_VALUE(p->size(0) == Hkv && p->size(1) == D && p->size(2) == Dh, name,
-                      ": expected shape [", Hkv, ", ", D, ", ", Dh,
-                      "] (Hkv of W_K; D, Dh of W_Q), got ", shape_str(*p));
+    TORCH_CHECK_VALUE(p->size(0) == Hkv && p->size(1) == D && p->size(2) == Dh, name, ": expected shape [", Hkv, ", ",
+                      D, ", ", Dh, "] (Hkv of W_K; D, Dh of W_Q), got ", shape_str(*p));
     PYQKV_CHECK_SAME_DTYPE(*p, name, W_Q, "W_Q");
     PYQKV_CHECK_SAME_DEVICE(*p, name, W_Q, "W_Q");
   }

@@ -8,8 +8,9 @@ TORCH_LIBRARY(pyqkv, m) {
   // weight: [D, n_out] (conv1d) or [n_out, D] (Linear), n_out = (H + 2 Hkv) Dh.
   // Returns W_Q [H, D, Dh], W_K [Hkv, D, Dh], W_V [Hkv, D, Dh]. A bias is split as a [1, n_out]
   // conv1d weight, so one kernel serves both.
-  m.def("split_qkv(Tensor weight, int n_heads, int n_kv_heads, int d_head, str layout, bool conv1d)"
-        " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "split_qkv(Tensor weight, int n_heads, int n_kv_heads, int d_head, str layout, bool conv1d)"
+      " -> (Tensor, Tensor, Tensor)");
   // The inverse of split_qkv: per-head weights -> one fused weight in the given layout/orientation.
   m.def("pack_qkv(Tensor W_Q, Tensor W_K, Tensor W_V, str layout, bool conv1d) -> Tensor");
 
@@ -26,26 +27,29 @@ TORCH_LIBRARY(pyqkv, m) {
   // causal only: query i at position p = K - S + i sees keys p - W < j <= p.
   // Returns z [B,S,H,Dh], lse [B,H,S] (float32, -inf on fully masked rows) and pattern [B,H,S,K]
   // (an empty tensor unless return_pattern).
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
-        " bool return_pattern, Tensor? alibi=None, float? softcap=None, int? window=None)"
-        " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
+      " bool return_pattern, Tensor? alibi=None, float? softcap=None, int? window=None)"
+      " -> (Tensor, Tensor, Tensor)");
 
   // The split form of attention (csrc/attention_split.cpp), for hooks on the scores and the pattern:
   // the same arguments and rules as attention. attn_scores -> scores [B,H,S,K] in dtype (default q's),
   // hidden entries at finfo(dtype).min; attn_softmax -> pattern [B,H,S,K] in dtype (default the
   // scores'); attn_apply(pattern [B,H,S,K], v [B,K,Hkv,Dh]) -> z [B,S,H,Dh].
-  m.def("attn_scores(Tensor q, Tensor k, Tensor? mask, float scale, bool causal, Tensor? alibi=None,"
-        " float? softcap=None, int? window=None, ScalarType? dtype=None) -> Tensor");
+  m.def(
+      "attn_scores(Tensor q, Tensor k, Tensor? mask, float scale, bool causal, Tensor? alibi=None,"
+      " float? softcap=None, int? window=None, ScalarType? dtype=None) -> Tensor");
   m.def("attn_softmax(Tensor scores, ScalarType? dtype=None) -> Tensor");
   m.def("attn_apply(Tensor pattern, Tensor v) -> Tensor");
 
   // Which backend attention would run (csrc/attention_plan.h) and why the others refuse: the name
   // ("" when none accepts) and "backend<TAB>reason" lines. device_capability (major, minor) plans for a
   // CUDA device (required for meta tensors); torch_version and flash_available describe the torch build.
-  m.def("attention_plan(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
-        " bool return_pattern, Tensor? alibi=None, float? softcap=None, int? window=None,"
-        " int[]? device_capability=None, int[]? torch_version=None, bool? flash_available=None)"
-        " -> (str, str[])");
+  m.def(
+      "attention_plan(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
+      " bool return_pattern, Tensor? alibi=None, float? softcap=None, int? window=None,"
+      " int[]? device_capability=None, int[]? torch_version=None, bool? flash_available=None)"
+      " -> (str, str[])");
   // Forces one attention backend process-wide ("" clears); returns the previous one.
   m.def("_set_attention_backend(str name) -> str");
 

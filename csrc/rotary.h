@@ -22,10 +22,11 @@ inline RotaryDims check_rotary(const at::Tensor& x, const at::Tensor& cos, const
   PYQKV_CHECK_SAME_DEVICE(sin, "sin", x, "x");
   RotaryDims d{x.size(0), x.size(1), x.size(2), x.size(3), cos.size(2)};
   TORCH_CHECK_VALUE((cos.size(0) == d.B || cos.size(0) == 1) && cos.size(1) == d.S,
-                    "cos: expected shape [B or 1, S, R] = [", d.B, " or 1, ", d.S, ", R] (B and S of x ",
-                    shape_str(x), "), got ", shape_str(cos));
-  TORCH_CHECK_VALUE(d.R > 0 && d.R % 2 == 0 && d.R <= d.Dh, "cos: expected an even rotary width R with 0 < R <= Dh=",
-                    d.Dh, " (the head dim of x ", shape_str(x), "), got R=", d.R, " (cos ", shape_str(cos), ")");
+                    "cos: expected shape [B or 1, S, R] = [", d.B, " or 1, ", d.S, ", R] (B and S of x ", shape_str(x),
+                    "), got ", shape_str(cos));
+  TORCH_CHECK_VALUE(d.R > 0 && d.R % 2 == 0 && d.R <= d.Dh,
+                    "cos: expected an even rotary width R with 0 < R <= Dh=", d.Dh, " (the head dim of x ",
+                    shape_str(x), "), got R=", d.R, " (cos ", shape_str(cos), ")");
   TORCH_CHECK_VALUE(sin.sizes() == cos.sizes(), "sin: expected the shape of cos ", shape_str(cos), ", got ",
                     shape_str(sin));
   return d;

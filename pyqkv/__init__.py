@@ -1,9 +1,9 @@
 """pyqkv: fast hookable fused-QKV attention for interpretability research.
 
-    bridge = pyqkv.hf.bridge_from_module(gpt2_attention)   # or pyqkv.Bridge(weight, bias, ...)
-    out, cache = bridge.run_with_cache(x, names_filter=["hook_pattern"])
-    with bridge.hooks(fwd_hooks=[("hook_z", lambda z, hook: z.index_fill(2, head, 0))]):
-        ablated = bridge(x)
+bridge = pyqkv.hf.bridge_from_module(gpt2_attention)   # or pyqkv.Bridge(weight, bias, ...)
+out, cache = bridge.run_with_cache(x, names_filter=["hook_pattern"])
+with bridge.hooks(fwd_hooks=[("hook_z", lambda z, hook: z.index_fill(2, head, 0))]):
+    ablated = bridge(x)
 """
 
 try:

@@ -44,16 +44,20 @@ def demo(timing_seq=(128, 512), timing_batch=4, reps=7) -> int:
         head_share = cache["hook_z"][:, :, head] @ bridge.W_O[head]
     change = (out - ablated).abs().max().item()
     share_err = ((out - ablated) - head_share).abs().max().item()
-    print(f"2. ablating head {head} at hook_z moves the output by up to {change:.3f}; "
-          f"it equals z[:, :, {head}] @ W_O[{head}] within {share_err:.1e}")
+    print(
+        f"2. ablating head {head} at hook_z moves the output by up to {change:.3f}; "
+        f"it equals z[:, :, {head}] @ W_O[{head}] within {share_err:.1e}"
+    )
 
     # 3. The attention pattern from run_with_cache (the pattern is only built because it was asked for).
     with torch.no_grad():
         _, cache = bridge.run_with_cache(x, names_filter=["hook_pattern", "hook_attn_scores"])
     pattern = cache["hook_pattern"]
     rows = pattern.sum(-1)
-    print(f"3. hook_pattern {list(pattern.shape)}; rows sum to 1 within {(rows - 1).abs().max().item():.1e}; "
-          f"upper triangle (future keys) max = {pattern.triu(1).abs().max().item():.1f}")
+    print(
+        f"3. hook_pattern {list(pattern.shape)}; rows sum to 1 within {(rows - 1).abs().max().item():.1e}; "
+        f"upper triangle (future keys) max = {pattern.triu(1).abs().max().item():.1f}"
+    )
     print("   head 0, first 6 queries x 6 keys:")
     for i in range(6):
         print("   " + " ".join(f"{p:5.2f}" for p in pattern[0, 0, i, :6].tolist()))
@@ -61,10 +65,14 @@ def demo(timing_seq=(128, 512), timing_batch=4, reps=7) -> int:
     # 4. Decoding with a KVCache equals the full-sequence forward.
     with torch.no_grad():
         cache_kv = KVCache()
-        steps = [bridge(x[:, :48], kv_cache=cache_kv)] + [bridge(x[:, t : t + 1], kv_cache=cache_kv) for t in range(48, S)]
+        steps = [bridge(x[:, :48], kv_cache=cache_kv)] + [
+            bridge(x[:, t : t + 1], kv_cache=cache_kv) for t in range(48, S)
+        ]
     dec_err = (torch.cat(steps, dim=1) - out).abs().max().item()
-    print(f"4. prefill 48 + 16 single-token steps through a KVCache (capacity {cache_kv.capacity}) equals the "
-          f"full forward within {dec_err:.1e}")
+    print(
+        f"4. prefill 48 + 16 single-token steps through a KVCache (capacity {cache_kv.capacity}) equals the "
+        f"full forward within {dec_err:.1e}"
+    )
 
     # 5. The headline workflow on a whole Hugging Face model (a small random GPT-2: nothing is downloaded).
     hf_ok = hf_workflow()
@@ -76,7 +84,12 @@ def demo(timing_seq=(128, 512), timing_batch=4, reps=7) -> int:
     print("   layer as TransformerLens's bridge does (three GEMMs, materialized [B,H,S,K] scores and pattern);")
     print("   'torch fused' is PyTorch's best path (addmm + scaled_dot_product_attention + addmm).")
     rows_fns = bench.prefill_rows(w)
-    names = ["pyqkv fast path", "pyqkv + read-only hook_pattern", "reference (materialized)", "torch fused (addmm+SDPA)"]
+    names = [
+        "pyqkv fast path",
+        "pyqkv + read-only hook_pattern",
+        "reference (materialized)",
+        "torch fused (addmm+SDPA)",
+    ]
     table = []
     for s in timing_seq:
         xs = torch.randn(timing_batch, s, D)
@@ -84,9 +97,18 @@ def demo(timing_seq=(128, 512), timing_batch=4, reps=7) -> int:
         ref = spread["torch fused (addmm+SDPA)"].median
         for n in names:
             sp = spread[n]
-            table.append([f"S={s}", n, f"{sp.median * 1e3:.2f}", f"{sp.min * 1e3:.2f} - {sp.max * 1e3:.2f}",
-                          f"{sp.median / ref:.2f}x" + (" (noisy)" if sp.noisy else "")])
-    print(bench.format_table(["size", f"row (batch {timing_batch})", "median ms", "min - max", "vs torch fused"], table))
+            table.append(
+                [
+                    f"S={s}",
+                    n,
+                    f"{sp.median * 1e3:.2f}",
+                    f"{sp.min * 1e3:.2f} - {sp.max * 1e3:.2f}",
+                    f"{sp.median / ref:.2f}x" + (" (noisy)" if sp.noisy else ""),
+                ]
+            )
+    print(
+        bench.format_table(["size", f"row (batch {timing_batch})", "median ms", "min - max", "vs torch fused"], table)
+    )
 
     ok = err < 1e-4 and share_err < 1e-4 and dec_err < 1e-4 and hf_ok
     print("\ndemo", "OK" if ok else "FAILED: a check above did not hold")
@@ -104,8 +126,9 @@ def hf_workflow() -> bool:
     import pyqkv
 
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=128, n_head=4, n_layer=4, vocab_size=1000, n_positions=128, bos_token_id=0,
-                                  eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_embd=128, n_head=4, n_layer=4, vocab_size=1000, n_positions=128, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(cfg).eval()
     ids = torch.randint(0, 1000, (2, 16))
     layer, head, Dh = 2, 1, 128 // 4
@@ -114,7 +137,7 @@ def hf_workflow() -> bool:
 
         def zero_head_input(module, args):  # HF by hand: zero the head's slice of c_proj's input
             z = args[0].clone()
-            z[..., head * Dh:(head + 1) * Dh] = 0
+            z[..., head * Dh : (head + 1) * Dh] = 0
             return (z,)
 
         handle = model.transformer.h[layer].attn.c_proj.register_forward_pre_hook(zero_head_input)
@@ -133,8 +156,12 @@ def hf_workflow() -> bool:
     same = (attached - clean).abs().max().item()
     abl = (ablated - by_hand).abs().max().item()
     patterns = [cache[f"blocks.{i}.attn.hook_pattern"] for i in range(4)]
-    print(f"\n5. pyqkv.hf.attach on a random 4-layer GPT-2 (HF {transformers.__version__}): logits equal HF's within {same:.1e};")
-    print(f"   zeroing head {head} of layer {layer} at hook_z equals HF with that head zeroed by hand within {abl:.1e};")
+    print(
+        f"\n5. pyqkv.hf.attach on a random 4-layer GPT-2 (HF {transformers.__version__}): logits equal HF's within {same:.1e};"
+    )
+    print(
+        f"   zeroing head {head} of layer {layer} at hook_z equals HF with that head zeroed by hand within {abl:.1e};"
+    )
     print(f"   run_with_cache gave {len(patterns)} patterns of shape {list(patterns[0].shape)} ([B, H, S, K])")
     return same < 1e-4 and abl < 1e-4 and all(p.shape == (2, 4, 16, 16) for p in patterns)
 

@@ -21,9 +21,23 @@ from pyqkv import ops
 from pyqkv.hooks import HookPoint
 
 
-def attend(q, k, v, *, scale: float, causal: bool, mask=None, alibi=None, extra: Optional[dict] = None,
-           dropout_p: float = 0.0, want_pattern: bool = False, points: Optional[Mapping[str, HookPoint]] = None,
-           fire: Optional[Callable] = None, score_dtype: Optional[torch.dtype] = None, fused: Optional[Callable] = None):
+def attend(
+    q,
+    k,
+    v,
+    *,
+    scale: float,
+    causal: bool,
+    mask=None,
+    alibi=None,
+    extra: Optional[dict] = None,
+    dropout_p: float = 0.0,
+    want_pattern: bool = False,
+    points: Optional[Mapping[str, HookPoint]] = None,
+    fire: Optional[Callable] = None,
+    score_dtype: Optional[torch.dtype] = None,
+    fused: Optional[Callable] = None,
+):
     """(z, pattern or None). points: the layer's hook points by name (None: nothing hooked); fire(name,
     tensor) runs a point's hooks and returns the tensor to continue with. extra: softcap / window for the
     ops. fused: a wrapper with ops.attention's signature (None: ops.attention, looked up per call). The pattern is returned whenever one was
@@ -51,8 +65,7 @@ def attend(q, k, v, *, scale: float, causal: bool, mask=None, alibi=None, extra:
     # Under inference_mode the pattern is made as a normal tensor: inference tensors have no version
     # counter, and the counter is how an in-place edit by a hook is noticed.
     with torch.inference_mode(False):
-        z, _, pattern = fused(q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True, alibi=alibi,
-                              **extra)
+        z, _, pattern = fused(q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True, alibi=alibi, **extra)
     if dropout_p:
         # eager's order: softmax, dropout, pattern · V (one seed draws the same dropout mask as HF eager)
         pattern = F.dropout(pattern, dropout_p, training=True)

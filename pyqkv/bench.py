@@ -54,8 +54,17 @@ class LayerWeights:
         return cls(rnd(D, n), rnd(n), rnd(n_heads * d_head, D), rnd(D), n_heads, d_head)
 
     def bridge(self, **flags) -> Bridge:
-        return Bridge(self.W_qkv, self.b_qkv, self.W_out, self.b_out, n_heads=self.n_heads, d_head=self.d_head,
-                      layout="blocked", conv1d=True, **flags).eval()
+        return Bridge(
+            self.W_qkv,
+            self.b_qkv,
+            self.W_out,
+            self.b_out,
+            n_heads=self.n_heads,
+            d_head=self.d_head,
+            layout="blocked",
+            conv1d=True,
+            **flags,
+        ).eval()
 
 
 class MaterializedLayer:
@@ -223,19 +232,34 @@ def format_table(header, rows) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def run(seq_lens=(128, 512, 1024), contexts=(512, 2000), batch=4, reps=7, steps=64, memory=True,
-        with_compile=False, quiet=False) -> dict:
+def run(
+    seq_lens=(128, 512, 1024),
+    contexts=(512, 2000),
+    batch=4,
+    reps=7,
+    steps=64,
+    memory=True,
+    with_compile=False,
+    quiet=False,
+) -> dict:
     torch.manual_seed(0)
     w = LayerWeights.random(**GPT2_SMALL)
     D, H, Dh = GPT2_SMALL["d_model"], GPT2_SMALL["n_heads"], GPT2_SMALL["d_head"]
     rows = prefill_rows(w, with_compile=with_compile)
-    result = {"config": dict(batch=batch, dtype="float32", threads=torch.get_num_threads(), torch=torch.__version__,
-                             **GPT2_SMALL), "prefill": {}, "decode": {}}
+    result = {
+        "config": dict(
+            batch=batch, dtype="float32", threads=torch.get_num_threads(), torch=torch.__version__, **GPT2_SMALL
+        ),
+        "prefill": {},
+        "decode": {},
+    }
     rate = gemm_rate()
     result["gemm_gflops"] = rate
     say = (lambda *a: None) if quiet else print
-    say(f"GPT-2-small attention layer, float32, batch {batch}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}; machine GEMM rate {rate:.1f} GFLOP/s")
+    say(
+        f"GPT-2-small attention layer, float32, batch {batch}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}; machine GEMM rate {rate:.1f} GFLOP/s"
+    )
     baseline = "torch fused (addmm+SDPA)"
     for S in seq_lens:
         x = torch.randn(batch, S, D)
@@ -246,16 +270,32 @@ def run(seq_lens=(128, 512, 1024), contexts=(512, 2000), batch=4, reps=7, steps=
         entry = {}
         for name, t in med.items():
             sp = spread[name]
-            entry[name] = {"median_ms": t * 1e3, "min_ms": sp.min * 1e3, "max_ms": sp.max * 1e3, "noisy": sp.noisy,
-                           "vs_torch_fused": t / med[baseline], "vs_fast_path": t / med["pyqkv fast path"],
-                           "peak_mb": mem.get(name)}
+            entry[name] = {
+                "median_ms": t * 1e3,
+                "min_ms": sp.min * 1e3,
+                "max_ms": sp.max * 1e3,
+                "noisy": sp.noisy,
+                "vs_torch_fused": t / med[baseline],
+                "vs_fast_path": t / med["pyqkv fast path"],
+                "peak_mb": mem.get(name),
+            }
         entry["pyqkv fast path"]["gflops"] = flops / med["pyqkv fast path"] / 1e9
         result["prefill"][S] = entry
-        table = [[name, f"{e['median_ms']:.2f}", f"{e['min_ms']:.2f} - {e['max_ms']:.2f}" + (" noisy" if e["noisy"] else ""),
-                  f"{e['vs_torch_fused']:.2f}x", f"{e['vs_fast_path']:.2f}x",
-                  "-" if e["peak_mb"] is None else f"{e['peak_mb']:.0f}"] for name, e in entry.items()]
-        say(f"\nprefill S={S} (fast path {entry['pyqkv fast path']['gflops']:.1f} GFLOP/s = "
-            f"{entry['pyqkv fast path']['gflops'] / rate:.0%} of GEMM rate)")
+        table = [
+            [
+                name,
+                f"{e['median_ms']:.2f}",
+                f"{e['min_ms']:.2f} - {e['max_ms']:.2f}" + (" noisy" if e["noisy"] else ""),
+                f"{e['vs_torch_fused']:.2f}x",
+                f"{e['vs_fast_path']:.2f}x",
+                "-" if e["peak_mb"] is None else f"{e['peak_mb']:.0f}",
+            ]
+            for name, e in entry.items()
+        ]
+        say(
+            f"\nprefill S={S} (fast path {entry['pyqkv fast path']['gflops']:.1f} GFLOP/s = "
+            f"{entry['pyqkv fast path']['gflops'] / rate:.0%} of GEMM rate)"
+        )
         say(format_table(["row", "median ms", "min - max", "vs torch fused", "vs fast path", "peak MB"], table))
     for ctx in contexts:
         per_step = decode_step_times(w, batch, ctx, steps)
@@ -263,14 +303,27 @@ def run(seq_lens=(128, 512, 1024), contexts=(512, 2000), batch=4, reps=7, steps=
         for name, ts in per_step.items():
             half = max(1, len(ts) // 2)
             sp = Spread.of(ts)
-            entry[name] = {"median_ms": sp.median * 1e3, "min_ms": sp.min * 1e3, "max_ms": sp.max * 1e3,
-                           "first_half_ms": statistics.median(ts[:half]) * 1e3,
-                           "second_half_ms": statistics.median(ts[half:] or ts) * 1e3}
+            entry[name] = {
+                "median_ms": sp.median * 1e3,
+                "min_ms": sp.min * 1e3,
+                "max_ms": sp.max * 1e3,
+                "first_half_ms": statistics.median(ts[:half]) * 1e3,
+                "second_half_ms": statistics.median(ts[half:] or ts) * 1e3,
+            }
         ratio = entry["pyqkv + KVCache"]["median_ms"] / entry["reference + torch.cat"]["median_ms"]
         entry["ratio"] = ratio
         result["decode"][ctx] = entry
-        table = [[name, f"{e['median_ms']:.3f}", f"{e['min_ms']:.3f} - {e['max_ms']:.3f}", f"{e['first_half_ms']:.3f}",
-                  f"{e['second_half_ms']:.3f}"] for name, e in entry.items() if name != "ratio"]
+        table = [
+            [
+                name,
+                f"{e['median_ms']:.3f}",
+                f"{e['min_ms']:.3f} - {e['max_ms']:.3f}",
+                f"{e['first_half_ms']:.3f}",
+                f"{e['second_half_ms']:.3f}",
+            ]
+            for name, e in entry.items()
+            if name != "ratio"
+        ]
         say(f"\ndecode after a {ctx}-token prefill, {steps} steps (pyqkv / reference = {ratio:.2f}x)")
         say(format_table(["row", "median ms/step", "min - max", "first half", "second half"], table))
     return result
@@ -327,8 +380,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the per-row peak-memory subprocesses")
     p.add_argument("--compile", action="store_true", help="add a torch.compile(bridge) row")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    p.add_argument("--plot", metavar="FILE", help="write a PNG of prefill and decode times (needs matplotlib: "
-                   "pip install 'pyqkv[bench]')")
+    p.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="write a PNG of prefill and decode times (needs matplotlib: pip install 'pyqkv[bench]')",
+    )
     a = p.parse_args(argv)
     if a.plot:  # before measuring: minutes of timing must not end in an ImportError
         try:

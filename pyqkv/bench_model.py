@@ -38,13 +38,31 @@ from pyqkv.bench import format_table, time_interleaved
 
 VOCAB = 50257
 SHAPES = {  # name: (transformers config class, its arguments); vocabulary 50257 throughout
-    "gpt2-small": ("GPT2Config", dict(n_layer=12, n_head=12, n_embd=768, n_positions=4096, attn_pdrop=0.0,
-                                      resid_pdrop=0.0, embd_pdrop=0.0)),
-    "pythia-1.4b": ("GPTNeoXConfig", dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=16,
-                                          intermediate_size=8192, max_position_embeddings=4096)),
-    "llama-gqa-1b": ("LlamaConfig", dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32,
-                                         num_key_value_heads=8, intermediate_size=8192,
-                                         max_position_embeddings=4096)),
+    "gpt2-small": (
+        "GPT2Config",
+        dict(n_layer=12, n_head=12, n_embd=768, n_positions=4096, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
+    ),
+    "pythia-1.4b": (
+        "GPTNeoXConfig",
+        dict(
+            num_hidden_layers=24,
+            hidden_size=2048,
+            num_attention_heads=16,
+            intermediate_size=8192,
+            max_position_embeddings=4096,
+        ),
+    ),
+    "llama-gqa-1b": (
+        "LlamaConfig",
+        dict(
+            num_hidden_layers=16,
+            hidden_size=2048,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=8192,
+            max_position_embeddings=4096,
+        ),
+    ),
 }
 
 
@@ -68,8 +86,9 @@ def _tiny_tokenizer(directory: str, vocab: int):
 
     tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", pad_token="t0", bos_token="t0",
-                                                eos_token="t0")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="t0", pad_token="t0", bos_token="t0", eos_token="t0"
+    )
     fast.save_pretrained(directory)
     return transformers.AutoTokenizer.from_pretrained(directory)
 
@@ -82,8 +101,9 @@ def have_transformer_lens() -> bool:
     return True
 
 
-def rows(layers=None, seed: int = 0, shape: str = "gpt2-small", device="cpu", dtype=torch.float32,
-         generate: int = 0) -> dict:
+def rows(
+    layers=None, seed: int = 0, shape: str = "gpt2-small", device="cpu", dtype=torch.float32, generate: int = 0
+) -> dict:
     """Row name -> callable(ids). Each row has its own copy of one random model."""
     import transformers
 
@@ -120,9 +140,9 @@ def rows(layers=None, seed: int = 0, shape: str = "gpt2-small", device="cpu", dt
         tok = _tiny_tokenizer(directory, base.config.vocab_size)
         base.config.save_pretrained(directory)
         tl = TransformerBridge.boot_transformers(directory, hf_model=copy.deepcopy(base), tokenizer=tok)
-        out["TransformerLens bridge run_with_cache"] = (
-            lambda ids: tl.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))[1]
-        )
+        out["TransformerLens bridge run_with_cache"] = lambda ids: tl.run_with_cache(
+            ids, names_filter=lambda n: n.endswith("hook_pattern")
+        )[1]
     return out
 
 
@@ -178,8 +198,20 @@ def cuda_peak_mb(fn, args) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def run(batch=2, seq=512, reps=5, layers=None, memory=True, quiet=False, shape="gpt2-small", device="cpu",
-        dtype=torch.float32, generate=0, generate_batches=(1, 16), prompt=32) -> dict:
+def run(
+    batch=2,
+    seq=512,
+    reps=5,
+    layers=None,
+    memory=True,
+    quiet=False,
+    shape="gpt2-small",
+    device="cpu",
+    dtype=torch.float32,
+    generate=0,
+    generate_batches=(1, 16),
+    prompt=32,
+) -> dict:
     say = (lambda *a: None) if quiet else print
     fns = rows(layers, shape=shape, device=device, dtype=dtype, generate=generate)
     g = torch.Generator().manual_seed(1)
@@ -196,8 +228,14 @@ def run(batch=2, seq=512, reps=5, layers=None, memory=True, quiet=False, shape="
     entry = {}
     for name, sp in spread.items():
         base = spread["HF sdpa"] if name in ("HF sdpa", "pyqkv attached") else spread["HF eager + output_attentions"]
-        entry[name] = {"median_ms": sp.median * 1e3, "min_ms": sp.min * 1e3, "max_ms": sp.max * 1e3, "noisy": sp.noisy,
-                       "vs_baseline": sp.median / base.median, "peak_mb": mem.get(name)}
+        entry[name] = {
+            "median_ms": sp.median * 1e3,
+            "min_ms": sp.min * 1e3,
+            "max_ms": sp.max * 1e3,
+            "noisy": sp.noisy,
+            "vs_baseline": sp.median / base.median,
+            "peak_mb": mem.get(name),
+        }
     summary = {
         "unhooked_vs_hf_sdpa": spread["pyqkv attached"].median / spread["HF sdpa"].median,
         "run_with_cache_patterns_vs_hf_eager": spread["HF eager + output_attentions"].median
@@ -205,7 +243,9 @@ def run(batch=2, seq=512, reps=5, layers=None, memory=True, quiet=False, shape="
     }
     tl = "TransformerLens bridge run_with_cache"
     if tl in spread:
-        summary["run_with_cache_patterns_vs_transformer_lens"] = spread[tl].median / spread["pyqkv run_with_cache"].median
+        summary["run_with_cache_patterns_vs_transformer_lens"] = (
+            spread[tl].median / spread["pyqkv run_with_cache"].median
+        )
     if memory and mem["HF eager + output_attentions"] > 0:  # (tiny sizes can stay below the page granularity)
         summary["peak_memory_patterns_vs_hf_eager"] = mem["pyqkv run_with_cache"] / mem["HF eager + output_attentions"]
     generation = {}
@@ -217,31 +257,61 @@ def run(batch=2, seq=512, reps=5, layers=None, memory=True, quiet=False, shape="
             generation[B] = {n: {"tokens_per_s": B * generate / x.median, "median_s": x.median} for n, x in sp.items()}
         base = "generate: HF sdpa"
         summary["generate_tokens_per_s_vs_hf_sdpa"] = min(
-            r["generate: pyqkv"]["tokens_per_s"] / r[base]["tokens_per_s"] for r in generation.values())
+            r["generate: pyqkv"]["tokens_per_s"] / r[base]["tokens_per_s"] for r in generation.values()
+        )
         summary["generate_hooked_vs_hf_sdpa"] = min(
-            r["generate: pyqkv + hook_z ablation"]["tokens_per_s"] / r[base]["tokens_per_s"] for r in generation.values())
+            r["generate: pyqkv + hook_z ablation"]["tokens_per_s"] / r[base]["tokens_per_s"]
+            for r in generation.values()
+        )
     n_layers = _config(shape, layers).num_hidden_layers
-    say(f"{shape}-shaped model ({n_layers} layers), random weights, {str(dtype)[6:]} on {device}, batch {batch}, S={seq}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}; rows agree within {agree:.1e}")
-    table = [[name, f"{e['median_ms']:.0f}", f"{e['min_ms']:.0f} - {e['max_ms']:.0f}" + (" noisy" if e["noisy"] else ""),
-              f"{e['vs_baseline']:.2f}x", "-" if e["peak_mb"] is None else f"{e['peak_mb']:.0f}"]
-             for name, e in entry.items()]
+    say(
+        f"{shape}-shaped model ({n_layers} layers), random weights, {str(dtype)[6:]} on {device}, batch {batch}, S={seq}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; rows agree within {agree:.1e}"
+    )
+    table = [
+        [
+            name,
+            f"{e['median_ms']:.0f}",
+            f"{e['min_ms']:.0f} - {e['max_ms']:.0f}" + (" noisy" if e["noisy"] else ""),
+            f"{e['vs_baseline']:.2f}x",
+            "-" if e["peak_mb"] is None else f"{e['peak_mb']:.0f}",
+        ]
+        for name, e in entry.items()
+    ]
     say(format_table(["row", "median ms", "min - max", "vs HF (sdpa / eager)", "peak MB"], table))
     for B, r in generation.items():
-        say(f"generate {generate} tokens after a {prompt}-token prompt, batch {B}: "
-            + ", ".join(f"{n[10:]} {x['tokens_per_s']:.0f} tok/s" for n, x in r.items()))
+        say(
+            f"generate {generate} tokens after a {prompt}-token prompt, batch {B}: "
+            + ", ".join(f"{n[10:]} {x['tokens_per_s']:.0f} tok/s" for n, x in r.items())
+        )
     say("summary: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
     if tl not in spread:
         say("(no TransformerLens row: transformer_lens is not importable; `make bench-model` provides it)")
-    return {"config": dict(shape=shape, batch=batch, seq=seq, layers=n_layers, dtype=str(dtype)[6:], device=str(device),
-                           threads=torch.get_num_threads(), torch=torch.__version__,
-                           gpu=torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None),
-            "rows": entry, "generate": generation, "summary": summary, "rows_agree": agree}
+    return {
+        "config": dict(
+            shape=shape,
+            batch=batch,
+            seq=seq,
+            layers=n_layers,
+            dtype=str(dtype)[6:],
+            device=str(device),
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            gpu=torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None,
+        ),
+        "rows": entry,
+        "generate": generation,
+        "summary": summary,
+        "rows_agree": agree,
+    }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="pyqkv bench-model", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="pyqkv bench-model",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=["gpt2-small"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -256,8 +326,18 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     results = {}
     for shape in a.shape:
-        results[shape] = run(a.batch, a.seq, a.reps, a.layers, memory=not a.no_memory, shape=shape, device=a.device,
-                             dtype=getattr(torch, a.dtype), generate=a.generate, generate_batches=a.generate_batch)
+        results[shape] = run(
+            a.batch,
+            a.seq,
+            a.reps,
+            a.layers,
+            memory=not a.no_memory,
+            shape=shape,
+            device=a.device,
+            dtype=getattr(torch, a.dtype),
+            generate=a.generate,
+            generate_batches=a.generate_batch,
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results if len(results) > 1 else next(iter(results.values())), f, indent=2)

@@ -28,6 +28,7 @@ from pyqkv.conversions import make_rule
 from pyqkv.hooks import HookedMixin, HookPoint, attach_bwd_hooks, run_fwd_hooks
 from pyqkv.points import BY_NAME, FEATURE_WORDS, HOOK_ALIASES, HOOK_NAMES
 
+
 @dataclass
 class BridgeConfig:
     """Shapes and flags of one Bridge. The three use_* flags may be changed at any time."""
@@ -162,7 +163,10 @@ class Bridge(nn.Module, HookedMixin):
         if not isinstance(n_kv_heads, int) or n_kv_heads < 1 or n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads: expected a positive divisor of n_heads={n_heads}, got {n_kv_heads!r}")
         if rotary_dim is not None and (
-            not isinstance(rotary_dim, int) or isinstance(rotary_dim, bool) or rotary_dim < 2 or rotary_dim % 2
+            not isinstance(rotary_dim, int)
+            or isinstance(rotary_dim, bool)
+            or rotary_dim < 2
+            or rotary_dim % 2
             or rotary_dim > d_head
         ):
             raise ValueError(f"rotary_dim: expected None or an even int in [2, d_head={d_head}], got {rotary_dim!r}")
@@ -173,13 +177,19 @@ class Bridge(nn.Module, HookedMixin):
         if projections is not None:
             for name, t in (("weight", weight), ("bias", bias), ("out_weight", out_weight), ("out_bias", out_bias)):
                 if t is not None:
-                    raise ValueError(f"{name}: expected None with projections (the Bridge calls the modules), got {describe(t)}")
+                    raise ValueError(
+                        f"{name}: expected None with projections (the Bridge calls the modules), got {describe(t)}"
+                    )
             checks.positive_int("d_model", d_model)
-            for name, value in (("use_split_qkv_input", use_split_qkv_input), ("use_attn_in", use_attn_in),
-                                ("use_attn_result", use_attn_result)):
+            for name, value in (
+                ("use_split_qkv_input", use_split_qkv_input),
+                ("use_attn_in", use_attn_in),
+                ("use_attn_result", use_attn_result),
+            ):
                 if value:
-                    raise ValueError(f"{name}: needs the projection weights, which this Bridge does not hold "
-                                     f"({projections.reason})")
+                    raise ValueError(
+                        f"{name}: needs the projection weights, which this Bridge does not hold ({projections.reason})"
+                    )
         for name, t in (("weight", weight), ("out_weight", out_weight), ("bias", bias), ("out_bias", out_bias)):
             if projections is not None:
                 break
@@ -195,8 +205,11 @@ class Bridge(nn.Module, HookedMixin):
                 ops._check_like(name, t, "weight", weight)
         attn_dropout = checks.probability("attn_dropout", attn_dropout)
         resid_dropout = checks.probability("resid_dropout", resid_dropout)
-        if scale_attn_by_inverse_layer_idx and scale is None and layer_idx is not None and (
-            not isinstance(layer_idx, int) or isinstance(layer_idx, bool) or layer_idx < 0
+        if (
+            scale_attn_by_inverse_layer_idx
+            and scale is None
+            and layer_idx is not None
+            and (not isinstance(layer_idx, int) or isinstance(layer_idx, bool) or layer_idx < 0)
         ):
             raise ValueError(f"layer_idx: expected an int >= 0, got {layer_idx!r}")
         if scale is None:
@@ -218,7 +231,9 @@ class Bridge(nn.Module, HookedMixin):
             raise ValueError(f"q_norm, k_norm: expected both or neither, got {describe(q_norm)} and {describe(k_norm)}")
         for name, m in (("q_norm", q_norm), ("k_norm", k_norm)):
             if m is not None and not isinstance(m, nn.Module):
-                raise TypeError(f"{name}: expected an nn.Module (called on [B, S, heads, Dh] or [B, S, heads*Dh]), got {describe(m)}")
+                raise TypeError(
+                    f"{name}: expected an nn.Module (called on [B, S, heads, Dh] or [B, S, heads*Dh]), got {describe(m)}"
+                )
         share_qkv = share_weights and layout == "blocked"
         if projections is not None:
             D = d_model
@@ -232,7 +247,9 @@ class Bridge(nn.Module, HookedMixin):
                     f"(n_heads + 2 * n_kv_heads) * d_head, got {describe(weight)}"
                 )
             if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,)):
-                raise ValueError(f"bias: expected shape ({n_out},) = (n_heads + 2 * n_kv_heads) * d_head, got {describe(bias)}")
+                raise ValueError(
+                    f"bias: expected shape ({n_out},) = (n_heads + 2 * n_kv_heads) * d_head, got {describe(bias)}"
+                )
             fused_w, fused_b = weight, bias
             D = weight.shape[0] if conv1d else weight.shape[1]
         else:
@@ -307,7 +324,9 @@ class Bridge(nn.Module, HookedMixin):
             by_point.setdefault(HOOK_ALIASES.get(n, n), []).append(n)
         clash = next((sorted(names) for names in by_point.values() if len(names) > 1), None)
         if clash:
-            raise ValueError(f"hook_conversions: {' and '.join(map(repr, clash))} name the same hook point; give one rule")
+            raise ValueError(
+                f"hook_conversions: {' and '.join(map(repr, clash))} name the same hook point; give one rule"
+            )
         unknown = [n for n in conversions if HOOK_ALIASES.get(n, n) not in self._points]
         if unknown:
             raise KeyError(f"hook_conversions: unknown hook points {unknown}; valid: {', '.join(HOOK_NAMES)}")
@@ -574,8 +593,9 @@ class Bridge(nn.Module, HookedMixin):
             if c.layout == "blocked":
                 q, k, v = qkv[..., : H * Dh], qkv[..., H * Dh : (H + Hkv) * Dh], qkv[..., (H + Hkv) * Dh :]
             else:  # an activation is a one-input-row "weight": the same split op as the weights'
-                parts = ops.split_qkv(qkv.reshape(B * S, -1), None, n_heads=H, n_kv_heads=Hkv, d_head=Dh,
-                                      layout=c.layout, conv1d=True)[:3]
+                parts = ops.split_qkv(
+                    qkv.reshape(B * S, -1), None, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout=c.layout, conv1d=True
+                )[:3]
                 q, k, v = (t.transpose(0, 1).reshape(B, S, -1) for t in parts)  # [heads, B*S, Dh] -> [B, S, heads*Dh]
         if c.clip_qkv is not None:
             q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
@@ -637,8 +657,18 @@ class Bridge(nn.Module, HookedMixin):
         if c.window is not None and causal:
             extra["window"] = c.window
         z, pattern = attend(
-            q4, k_all, v_all, scale=c.scale, causal=causal, mask=mask, alibi=alibi, extra=extra, dropout_p=dropout_p,
-            want_pattern=return_pattern, points=self._points, fire=self._fire,
+            q4,
+            k_all,
+            v_all,
+            scale=c.scale,
+            causal=causal,
+            mask=mask,
+            alibi=alibi,
+            extra=extra,
+            dropout_p=dropout_p,
+            want_pattern=return_pattern,
+            points=self._points,
+            fire=self._fire,
             score_dtype=torch.float32 if c.reorder_and_upcast_attn else None,
         )
         z = self._fire("hook_z", z.reshape(B, S, H * Dh))

@@ -29,7 +29,9 @@ class KVCache:
         if capacity is not None:
             # Any integer type (numpy's too), not a float; a bool is a flag, not a size.
             if isinstance(capacity, bool) or not hasattr(type(capacity), "__index__"):
-                raise TypeError(f"capacity: expected a positive int or None, got {type(capacity).__name__} {capacity!r}")
+                raise TypeError(
+                    f"capacity: expected a positive int or None, got {type(capacity).__name__} {capacity!r}"
+                )
             capacity = operator.index(capacity)
             if capacity < 1:
                 raise ValueError(f"capacity: expected a positive int or None, got {capacity}")
@@ -158,6 +160,4 @@ def _check_pair(k: torch.Tensor, v: torch.Tensor, k_name: str, v_name: str) -> N
     if v.shape != k.shape:
         raise ValueError(f"{v_name}: expected the shape of {k_name} {tuple(k.shape)}, got {tuple(v.shape)}")
     if v.dtype != k.dtype or v.device != k.device:
-        raise TypeError(
-            f"{v_name}: expected {k.dtype} on {k.device} (like {k_name}), got {v.dtype} on {v.device}"
-        )
+        raise TypeError(f"{v_name}: expected {k.dtype} on {k.device} (like {k_name}), got {v.dtype} on {v.device}")

@@ -47,7 +47,9 @@ def input_like_weights(x, d_model: int, weight) -> None:
     if x.dim() != 3 or x.shape[-1] != d_model:
         raise ValueError(f"x: expected shape [B, S, D={d_model}], got {tuple(x.shape)}")
     if weight is not None and (x.dtype != weight.dtype or x.device != weight.device):
-        raise TypeError(f"x: expected {weight.dtype} on {weight.device} (the Bridge's weights), got {x.dtype} on {x.device}")
+        raise TypeError(
+            f"x: expected {weight.dtype} on {weight.device} (the Bridge's weights), got {x.dtype} on {x.device}"
+        )
 
 
 def attention_mask(mask, B: int, S: int, K: int, H: int, device):

@@ -109,8 +109,10 @@ def gather_heads(point: HookPoint, tensor: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"{point.name}: gather=True needs torch.distributed initialized (this rank holds heads "
-                           f"{point.heads.start}..{point.heads.stop - 1} of {point.n_heads_total})")
+        raise RuntimeError(
+            f"{point.name}: gather=True needs torch.distributed initialized (this rank holds heads "
+            f"{point.heads.start}..{point.heads.stop - 1} of {point.n_heads_total})"
+        )
     starts = [None] * dist.get_world_size()
     dist.all_gather_object(starts, (point.heads.start, len(point.heads)))
     widest = max(n for _, n in starts)
@@ -186,7 +188,11 @@ def _hook_pairs(arg_name: str, pairs) -> list:
     checked = []
     for i, pair in enumerate(pairs):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            got = f"{type(pair).__name__} of length {len(pair)}" if isinstance(pair, (tuple, list)) else type(pair).__name__
+            got = (
+                f"{type(pair).__name__} of length {len(pair)}"
+                if isinstance(pair, (tuple, list))
+                else type(pair).__name__
+            )
             raise TypeError(f"{arg_name}[{i}]: expected a (name, fn) pair, got {got}")
         checked.append(tuple(pair))
     return checked
@@ -211,7 +217,7 @@ def summarize_names(names) -> str:
         if not all(p.startswith(shared) for p in points):
             shared = ""
         span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
-        points = [p[len(shared):] for p in points]
+        points = [p[len(shared) :] for p in points]
         return f"blocks.{{{span}}}.{shared}<point> with <point> one of {', '.join(points)}"
     return ", ".join(names)
 
@@ -296,8 +302,9 @@ class HookedMixin:
         return list(dict.fromkeys(chosen))
 
     # --- registration -----------------------------------------------------------------------------
-    def add_hook(self, name_or_filter, fn: HookFn, dir: str = "fwd", prepend: bool = False,
-                 is_permanent: bool = False) -> list:
+    def add_hook(
+        self, name_or_filter, fn: HookFn, dir: str = "fwd", prepend: bool = False, is_permanent: bool = False
+    ) -> list:
         """Add `fn` at one point (a name or alias) or at every point a filter selects.
 
         Returns the handles. A gated point named explicitly raises ValueError (e.g. "set

@@ -193,8 +193,19 @@ torch.library.register_autograd("pyqkv::per_head_proj", _per_head_proj_backward,
 # attention
 
 
-def attention(q, k, v, *, scale: float, causal: bool, mask=None, return_pattern: bool = False, alibi=None,
-              softcap: Optional[float] = None, window: Optional[int] = None):
+def attention(
+    q,
+    k,
+    v,
+    *,
+    scale: float,
+    causal: bool,
+    mask=None,
+    return_pattern: bool = False,
+    alibi=None,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
+):
     """Scaled, masked attention with GQA by index. Returns (z, lse, pattern).
 
     q: [B, S, H, Dh]; k, v: [B, K, Hkv, Dh], any strides (views into one fused projection are read in
@@ -228,8 +239,18 @@ def attention(q, k, v, *, scale: float, causal: bool, mask=None, return_pattern:
     row with no visible key) and pattern [B, H, S, K] (None unless return_pattern). A row with no
     visible key gives zeros in z and pattern, never NaN. Half types accumulate in float32.
     """
-    z, lse, pattern = _ops.attention(q, k, v, mask, _check_scale(scale), bool(causal), bool(return_pattern), alibi,
-                                     _check_softcap(softcap), _check_window(window))
+    z, lse, pattern = _ops.attention(
+        q,
+        k,
+        v,
+        mask,
+        _check_scale(scale),
+        bool(causal),
+        bool(return_pattern),
+        alibi,
+        _check_softcap(softcap),
+        _check_window(window),
+    )
     return z, lse, (pattern if return_pattern else None)
 
 
@@ -238,7 +259,9 @@ def _attention_fake(q, k, v, mask, scale, causal, return_pattern, alibi=None, so
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q, k: expected 4-D [B, S, H, Dh] / [B, K, Hkv, Dh]")
     B, S, H, Dh = q.shape
     K = k.shape[1]
-    torch._check(k.shape[0] == B and k.shape[3] == Dh, lambda: f"k: expected [B={B}, K, Hkv, Dh={Dh}], got {list(k.shape)}")
+    torch._check(
+        k.shape[0] == B and k.shape[3] == Dh, lambda: f"k: expected [B={B}, K, Hkv, Dh={Dh}], got {list(k.shape)}"
+    )
     torch._check(v.shape == k.shape, lambda: f"v: expected the shape of k {list(k.shape)}, got {list(v.shape)}")
     torch._check(H % k.shape[2] == 0, lambda: f"k: expected a KV head count that divides H={H}, got {k.shape[2]}")
     torch._check(q.dtype == k.dtype == v.dtype, lambda: f"k, v: expected q's dtype {q.dtype}, got {k.dtype}, {v.dtype}")
@@ -322,8 +345,10 @@ torch.library.register_autograd("pyqkv::attention", _attention_backward, setup_c
 
 
 def _check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor)) or (
-        isinstance(scale, torch.Tensor) and scale.numel() != 1
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (numbers.Real, torch.Tensor))
+        or (isinstance(scale, torch.Tensor) and scale.numel() != 1)
     ):
         raise TypeError(f"scale: expected a float, got {type(scale).__name__} {scale!r}")
     scale = float(scale)
@@ -366,8 +391,18 @@ def _check_dtype(dtype) -> None:
 # torch.compile and every device for free), with the fused op's argument checks and mask rules.
 
 
-def attn_scores(q, k, *, scale: float, causal: bool, mask=None, dtype: Optional[torch.dtype] = None, alibi=None,
-                softcap: Optional[float] = None, window: Optional[int] = None):
+def attn_scores(
+    q,
+    k,
+    *,
+    scale: float,
+    causal: bool,
+    mask=None,
+    dtype: Optional[torch.dtype] = None,
+    alibi=None,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
+):
     """Scaled, softcapped, masked scores [B, H, S, K] (what hook_attn_scores sees), in `dtype` (default q's).
 
     softcap(scale * q·k) + alibi[b, h, j] + the additive mask, with q [B, S, H, Dh], k [B, K, Hkv, Dh] and
@@ -380,8 +415,9 @@ def attn_scores(q, k, *, scale: float, causal: bool, mask=None, dtype: Optional[
     _check_optional_tensor("mask", mask, "[B, K] or [B or 1, 1 or H, S, K]")
     _check_optional_tensor("alibi", alibi, "[B or 1, H or 1, K]")
     _check_dtype(dtype)
-    return _ops.attn_scores(q, k, mask, _check_scale(scale), bool(causal), alibi, _check_softcap(softcap),
-                            _check_window(window), dtype)
+    return _ops.attn_scores(
+        q, k, mask, _check_scale(scale), bool(causal), alibi, _check_softcap(softcap), _check_window(window), dtype
+    )
 
 
 def attn_softmax(scores, *, dtype: Optional[torch.dtype] = None):
@@ -424,9 +460,22 @@ class AttentionPlan:
         return "\n".join(lines)
 
 
-def attention_plan(q, k, v, *, scale: float, causal: bool, mask=None, return_pattern: bool = False, alibi=None,
-                   softcap: Optional[float] = None, window: Optional[int] = None, device_capability=None,
-                   torch_version=None, flash_available: Optional[bool] = None) -> AttentionPlan:
+def attention_plan(
+    q,
+    k,
+    v,
+    *,
+    scale: float,
+    causal: bool,
+    mask=None,
+    return_pattern: bool = False,
+    alibi=None,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
+    device_capability=None,
+    torch_version=None,
+    flash_available: Optional[bool] = None,
+) -> AttentionPlan:
     """The backend pyqkv.ops.attention would run for these arguments, and why the others would not.
 
     Takes ops.attention's arguments; the tensors may be meta tensors (nothing is computed, only shapes,
@@ -440,9 +489,21 @@ def attention_plan(q, k, v, *, scale: float, causal: bool, mask=None, return_pat
         _check_tensor(name, t, layout)
     caps = None if device_capability is None else [operator.index(c) for c in device_capability]
     version = None if torch_version is None else [operator.index(c) for c in torch_version]
-    backend, lines = _ops.attention_plan(q, k, v, mask, _check_scale(scale), bool(causal), bool(return_pattern), alibi,
-                                         _check_softcap(softcap), _check_window(window), caps, version,
-                                         flash_available)
+    backend, lines = _ops.attention_plan(
+        q,
+        k,
+        v,
+        mask,
+        _check_scale(scale),
+        bool(causal),
+        bool(return_pattern),
+        alibi,
+        _check_softcap(softcap),
+        _check_window(window),
+        caps,
+        version,
+        flash_available,
+    )
     refusals: dict = {}
     for line in lines:
         name, reason = line.split("\t", 1)
@@ -500,7 +561,9 @@ def _rotary_fake(x, cos, sin, interleaved):
     )
     B, S, n, Dh = x.shape
     R = cos.shape[2]
-    torch._check(cos.shape[0] in (1, B) and cos.shape[1] == S, lambda: f"cos: expected [{B} or 1, {S}, R], got {list(cos.shape)}")
+    torch._check(
+        cos.shape[0] in (1, B) and cos.shape[1] == S, lambda: f"cos: expected [{B} or 1, {S}, R], got {list(cos.shape)}"
+    )
     torch._check(R % 2 == 0 and 0 < R <= Dh, lambda: f"cos: expected an even R with 0 < R <= Dh={Dh}, got R={R}")
     return x.new_empty(B, S, n, Dh)
 

@@ -14,12 +14,13 @@ import torch
 from pyqkv.checks import describe
 
 
-def rotary_tables(positions, rotary_dim: int, base: float = 10000.0, *, interleaved: bool = False,
-                  dtype=torch.float32):
+def rotary_tables(positions, rotary_dim: int, base: float = 10000.0, *, interleaved: bool = False, dtype=torch.float32):
     """RoPE's (cos, sin) [B or 1, S, rotary_dim] for integer positions [B or 1, S]: angle = position * base^(-2i/R)
     for pair i, laid out for the rotation style (halves: [f0..f(R/2-1), f0..f(R/2-1)]; interleaved: f0 f0 f1 f1 ..).
     The frequencies are computed as GPT-NeoX and CodeGen compute theirs (float32 powers of the base)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=positions.device).float() / rotary_dim))
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=positions.device).float() / rotary_dim)
+    )
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [B or 1, S, R/2]
     angles = angles.repeat_interleave(2, dim=-1) if interleaved else torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -57,7 +58,9 @@ def prepare_rotary(cfg, position_embeddings, position_ids, B: int, S: int, past:
     if cfg.rotary_dim is None:
         for name, value in (("position_embeddings", position_embeddings), ("position_ids", position_ids)):
             if value is not None:
-                raise ValueError(f"{name}: this layer has no rotary embedding (rotary_dim is None), got {describe(value)}")
+                raise ValueError(
+                    f"{name}: this layer has no rotary embedding (rotary_dim is None), got {describe(value)}"
+                )
         return None
     R = cfg.rotary_dim
     if position_embeddings is not None:
@@ -81,22 +84,35 @@ def prepare_rotary(cfg, position_embeddings, position_ids, B: int, S: int, past:
                 raise ValueError(f"position_embeddings ({name}): expected device {x.device}, got {t.device}")
             tables.append(t)
         if tables[1].shape != tables[0].shape:
-            raise ValueError(f"position_embeddings (sin): expected the shape of cos {list(tables[0].shape)}, "
-                             f"got {list(tables[1].shape)}")
+            raise ValueError(
+                f"position_embeddings (sin): expected the shape of cos {list(tables[0].shape)}, "
+                f"got {list(tables[1].shape)}"
+            )
         return tables[0], tables[1]
     if position_ids is None:
         positions = torch.arange(past, past + S, device=x.device).unsqueeze(0)
     else:
-        if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or position_ids.is_complex() \
-                or position_ids.dtype == torch.bool:
+        if (
+            not isinstance(position_ids, torch.Tensor)
+            or position_ids.is_floating_point()
+            or position_ids.is_complex()
+            or position_ids.dtype == torch.bool
+        ):
             raise TypeError(f"position_ids: expected an integer Tensor [B or 1, S], got {describe(position_ids)}")
         positions = position_ids.unsqueeze(0) if position_ids.dim() == 1 else position_ids
         if positions.dim() != 2 or positions.shape[0] not in (1, B) or positions.shape[1] != S:
-            raise ValueError(f"position_ids: expected shape [B or 1, S] = [{B} or 1, {S}], got {tuple(position_ids.shape)}")
+            raise ValueError(
+                f"position_ids: expected shape [B or 1, S] = [{B} or 1, {S}], got {tuple(position_ids.shape)}"
+            )
         if positions.device != x.device:
             raise ValueError(f"position_ids: expected device {x.device}, got {positions.device}")
-    return rotary_tables(positions, R, cfg.rotary_base, interleaved=cfg.rotary_interleaved,
-                         dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return rotary_tables(
+        positions,
+        R,
+        cfg.rotary_base,
+        interleaved=cfg.rotary_interleaved,
+        dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+    )
 
 
 def prepare_alibi(cfg, alibi, attention_mask, B: int, K: int, x: torch.Tensor):

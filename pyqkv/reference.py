@@ -138,8 +138,20 @@ def _softcapped(scores, softcap):
     return softcap * torch.tanh(scores / softcap) if softcap else scores
 
 
-def attention(q, k, v, *, scale, causal, mask=None, return_pattern=False, alibi=None, softcap=None, window=None,
-              compute_dtype=torch.float64):
+def attention(
+    q,
+    k,
+    v,
+    *,
+    scale,
+    causal,
+    mask=None,
+    return_pattern=False,
+    alibi=None,
+    softcap=None,
+    window=None,
+    compute_dtype=torch.float64,
+):
     """q [B,S,H,Dh], k/v [B,K,Hkv,Dh] -> (z [B,S,H,Dh], lse [B,H,S], pattern [B,H,S,K] or None).
 
     Computed in float64 (float32 accumulation would do; float64 makes the oracle exact enough to judge

@@ -56,8 +56,9 @@ def check_split_pack(device):
                 got = torch.ops.pyqkv.split_qkv(w, H, Hkv, Dh, layout, conv1d)
                 want = ref.split_qkv(w, None, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout=layout, conv1d=conv1d)[:3]
                 ok = all(torch.equal(a, b) for a, b in zip(got, want))
-                packed = torch.ops.pyqkv.pack_qkv(*[t.transpose(1, 2).contiguous().transpose(1, 2) for t in got],
-                                                  layout, conv1d)
+                packed = torch.ops.pyqkv.pack_qkv(
+                    *[t.transpose(1, 2).contiguous().transpose(1, 2) for t in got], layout, conv1d
+                )
                 ok = ok and torch.equal(packed, w) and packed.shape == w.shape
                 results.append((f"split/pack {layout} conv1d={conv1d} {dtype}", ok, "exact" if ok else "MISMATCH"))
     return results
@@ -71,8 +72,10 @@ def check_per_head_proj(device):
         W = torch.randn(n, D, E, generator=g).to(device, dtype)
         b = torch.randn(n, E, generator=g).to(device, dtype)
         resid = torch.randn(B, S, D, generator=g).to(device, dtype)
-        for kind, x in (("general", torch.randn(B, S, n, D, generator=g).to(device, dtype)),
-                        ("broadcast", resid[:, :, None].expand(B, S, n, D))):
+        for kind, x in (
+            ("general", torch.randn(B, S, n, D, generator=g).to(device, dtype)),
+            ("broadcast", resid[:, :, None].expand(B, S, n, D)),
+        ):
             for bias in (None, b):
                 got = torch.ops.pyqkv.per_head_proj(x, W, bias)
                 hi = ref.per_head_proj(x.double(), W.double(), None if bias is None else bias.double())
@@ -107,8 +110,11 @@ def check_kv_append(device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-k", default="", help="only cases whose name contains this")
-    parser.add_argument("--backend", default=None,
-                        help="force this attention backend (pyqkv.ops.BACKENDS); cases it refuses are skipped")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="force this attention backend (pyqkv.ops.BACKENDS); cases it refuses are skipped",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no GPU: skipped")
@@ -129,8 +135,9 @@ def main(argv=None):
     t0 = time.time()
 
     def attention_op(q, k, v, mask, scale, causal, return_pattern, alibi, softcap, window):
-        z, lse, pattern = torch.ops.pyqkv.attention(q, k, v, mask, scale, causal, return_pattern, alibi, softcap,
-                                                    window)
+        z, lse, pattern = torch.ops.pyqkv.attention(
+            q, k, v, mask, scale, causal, return_pattern, alibi, softcap, window
+        )
         return z, lse, pattern
 
     for case in attention_cases():
@@ -140,9 +147,18 @@ def main(argv=None):
             backend = "?"
             try:
                 q, k, v, mask, scale, alibi, _, _ = build_attention_inputs(case, dtype, device)
-                backend = pyqkv.ops.attention_plan(q, k, v, scale=scale, causal=case.causal, mask=mask,
-                                                   return_pattern=case.pattern, alibi=alibi, softcap=case.softcap,
-                                                   window=case.window).backend
+                backend = pyqkv.ops.attention_plan(
+                    q,
+                    k,
+                    v,
+                    scale=scale,
+                    causal=case.causal,
+                    mask=mask,
+                    return_pattern=case.pattern,
+                    alibi=alibi,
+                    softcap=case.softcap,
+                    window=case.window,
+                ).backend
                 if backend is None:  # only with --backend: the forced backend refuses this case
                     print(f"skip attention {case.name} [{str(dtype)[6:]}]: {args.backend} refuses it", flush=True)
                     continue

@@ -97,8 +97,22 @@ def _softcap_window_cases(c):
     ]
     settings = [(5.0, None), (None, 1), (None, 16), (2.0, 33), (0.0, 300)]
     return [
-        c(f"softcap={sc} window={w} B{B}-S{S}-K{K}-H{H}-Hkv{Hkv}-Dh{Dh}-{m.get('mask', 'nomask')}", B, S, K, H, Hkv,
-          Dh, q_gain=4.0, softcap=sc, window=w, alibi="b1" if sc else None, alibi_dtype="q", pattern=True, **m)
+        c(
+            f"softcap={sc} window={w} B{B}-S{S}-K{K}-H{H}-Hkv{Hkv}-Dh{Dh}-{m.get('mask', 'nomask')}",
+            B,
+            S,
+            K,
+            H,
+            Hkv,
+            Dh,
+            q_gain=4.0,
+            softcap=sc,
+            window=w,
+            alibi="b1" if sc else None,
+            alibi_dtype="q",
+            pattern=True,
+            **m,
+        )
         for B, S, K, H, Hkv, Dh, m in shapes
         for sc, w in settings
     ]
@@ -145,41 +159,159 @@ def attention_cases() -> list[AttnCase]:
         c("decode S=1 K=24 sees the whole cache", 2, 1, 24, 12, 12, 32, pattern=True),
         c("decode S=1 K=1 MQA non-causal", 2, 1, 1, 12, 1, 64, causal=False, pattern=True),
         c("S=17 Dh64 pad", 2, 17, 17, 12, 4, 64, mask="pad", pattern=True),
-        c("K>S Dh80 MQA add q-dtype non-causal", 2, 17, 40, 12, 1, 80, causal=False, mask="add", mask_dtype="q", pattern=True),
+        c(
+            "K>S Dh80 MQA add q-dtype non-causal",
+            2,
+            17,
+            40,
+            12,
+            1,
+            80,
+            causal=False,
+            mask="add",
+            mask_dtype="q",
+            pattern=True,
+        ),
         c("K>S Dh32 MHA pad_int", 2, 17, 40, 12, 12, 32, mask="pad_int", pattern=True),
-        c("S=89 K=112 add [B,H,S,K] q-dtype", 1, 89, 112, 12, 4, 32, mask="add", mask_shape="BH", mask_dtype="q", pattern=True),
+        c(
+            "S=89 K=112 add [B,H,S,K] q-dtype",
+            1,
+            89,
+            112,
+            12,
+            4,
+            32,
+            mask="add",
+            mask_shape="BH",
+            mask_dtype="q",
+            pattern=True,
+        ),
         c("S=89 Dh80 MHA non-causal", 1, 89, 89, 12, 12, 80, causal=False, pattern=True),
         c("S=89 MQA add [B,H,S,K]", 1, 89, 89, 12, 1, 64, mask="add", mask_shape="BH", mask_dtype="q", pattern=True),
         c("several query and key blocks pad", 1, 130, 300, 12, 4, 64, mask="pad", pattern=True),
-        c("several blocks Dh80 finite bias non-causal", 1, 130, 300, 4, 2, 80, causal=False, mask="bias",
-          mask_shape="BH", mask_dtype="q", pattern=True),
+        c(
+            "several blocks Dh80 finite bias non-causal",
+            1,
+            130,
+            300,
+            4,
+            2,
+            80,
+            causal=False,
+            mask="bias",
+            mask_shape="BH",
+            mask_dtype="q",
+            pattern=True,
+        ),
         c("causal K<S: first S-K rows see nothing", 1, 150, 20, 4, 2, 32, pattern=True),
         c("S=6 K=37 cache pad non-causal", 2, 6, 37, 12, 4, 64, causal=False, mask="pad", pattern=True),
         c("S=1 K=37 cache pad", 2, 1, 37, 12, 4, 64, mask="pad", pattern=True),
         c("any strides causal", 2, 9, 13, 4, 2, 16, layout="any_strides", pattern=True),
-        c("any strides non-causal scale 0.37", 2, 9, 13, 4, 2, 16, causal=False, scale=0.37, layout="any_strides", pattern=True),
+        c(
+            "any strides non-causal scale 0.37",
+            2,
+            9,
+            13,
+            4,
+            2,
+            16,
+            causal=False,
+            scale=0.37,
+            layout="any_strides",
+            pattern=True,
+        ),
         # masks ---------------------------------------------------------------------------------------------
         c("pad2d bool left-padding +pattern", 2, 24, 24, 4, 2, 64, mask="pad", pattern=True),
         c("pad2d int64", 2, 24, 24, 4, 2, 64, mask="pad_int"),
         c("pad2d batch fully padded", 2, 12, 12, 2, 1, 32, mask="pad_all", pattern=True),
         c("pad2d NaN in padded K/V", 2, 40, 40, 4, 2, 64, mask="pad_nan"),
         c("left padding S=K=17: rows that see nothing", 2, 17, 17, 4, 2, 32, mask="pad", pattern=True),
-        c("hf4d: causal and padding folded into an additive mask", 2, 17, 17, 4, 2, 32, causal=False, mask="add",
-          mask_dtype="q", mask_causal=True, pattern=True),
+        c(
+            "hf4d: causal and padding folded into an additive mask",
+            2,
+            17,
+            17,
+            4,
+            2,
+            32,
+            causal=False,
+            mask="add",
+            mask_dtype="q",
+            mask_causal=True,
+            pattern=True,
+        ),
         c("add4d [B,1,S,K] +pattern", 2, 30, 30, 4, 4, 64, causal=False, mask="add", mask_causal=True, pattern=True),
-        c("add4d expanded [1,1,S,K]", 2, 30, 30, 4, 4, 64, causal=False, mask="add", mask_shape="11x",
-          mask_causal=True),
-        c("add4d per-head [B,H,S,K]", 2, 30, 30, 4, 2, 64, causal=False, mask="add", mask_shape="BH",
-          mask_causal=True, pattern=True),
+        c(
+            "add4d expanded [1,1,S,K]",
+            2,
+            30,
+            30,
+            4,
+            4,
+            64,
+            causal=False,
+            mask="add",
+            mask_shape="11x",
+            mask_causal=True,
+        ),
+        c(
+            "add4d per-head [B,H,S,K]",
+            2,
+            30,
+            30,
+            4,
+            2,
+            64,
+            causal=False,
+            mask="add",
+            mask_shape="BH",
+            mask_causal=True,
+            pattern=True,
+        ),
         c("add4d float16 mask", 2, 30, 30, 4, 4, 64, causal=False, mask="add", mask_dtype="f16", mask_causal=True),
-        c("add4d NaN entries hide +pattern", 2, 30, 30, 4, 2, 64, causal=False, mask="add_nan", mask_causal=True,
-          pattern=True),
-        c("bool4d [B,1,S,K] +pattern", 2, 30, 30, 4, 2, 64, causal=False, mask="bool4d", mask_causal=True,
-          pattern=True),
+        c(
+            "add4d NaN entries hide +pattern",
+            2,
+            30,
+            30,
+            4,
+            2,
+            64,
+            causal=False,
+            mask="add_nan",
+            mask_causal=True,
+            pattern=True,
+        ),
+        c(
+            "bool4d [B,1,S,K] +pattern",
+            2,
+            30,
+            30,
+            4,
+            2,
+            64,
+            causal=False,
+            mask="bool4d",
+            mask_causal=True,
+            pattern=True,
+        ),
         c("bool4d expanded causal", 2, 89, 89, 12, 4, 64, mask="bool4d", mask_shape="11x"),
-        *[c(f"mask {kind} {'causal' if causal else 'non-causal'} K>S", 2, 17, 40, 12, 4, 32, causal=causal, pattern=True,
-            **kw)
-          for kind, kw in MASK_KINDS.items() for causal in (True, False)],
+        *[
+            c(
+                f"mask {kind} {'causal' if causal else 'non-causal'} K>S",
+                2,
+                17,
+                40,
+                12,
+                4,
+                32,
+                causal=causal,
+                pattern=True,
+                **kw,
+            )
+            for kind, kw in MASK_KINDS.items()
+            for causal in (True, False)
+        ],
         # decode: the decode kernel (attention_decode.cuh, at most 8 query rows per KV head, no pattern),
         # Flash-Decoding splits ----------------------------------------------------------------------------
         c("decode bool4d S=1", 2, 1, 700, 8, 2, 64, causal=False, mask="bool4d", mask_causal=True),
@@ -194,8 +326,20 @@ def attention_cases() -> list[AttnCase]:
         c("decode GQA R=8 K=2000 split", 2, 1, 2000, 16, 2, 128),
         c("decode fully padded batch", 2, 1, 50, 4, 2, 64, mask="pad_all"),
         c("decode Dh256 split", 1, 1, 900, 4, 1, 256),
-        c("decode S=1 add4d bcast + alibi", 2, 1, 400, 8, 4, 64, causal=False, mask="add", mask_shape="11x",
-          mask_causal=True, alibi="b1"),
+        c(
+            "decode S=1 add4d bcast + alibi",
+            2,
+            1,
+            400,
+            8,
+            4,
+            64,
+            causal=False,
+            mask="add",
+            mask_shape="11x",
+            mask_causal=True,
+            alibi="b1",
+        ),
         c("decode S=3 pad2d", 2, 3, 700, 8, 2, 64, mask="pad"),
         c("decode S=2 add4d split", 2, 2, 600, 8, 2, 64, causal=False, mask="add", mask_causal=True),
         # numerics and odd sizes ------------------------------------------------------------------------------
@@ -210,36 +354,124 @@ def attention_cases() -> list[AttnCase]:
         # ALiBi: a per-key bias [B or 1, H or 1, K] ---------------------------------------------------------
         c("alibi prefill gqa causal +pattern", 2, 89, 89, 12, 4, 64, pattern=True, alibi="per_batch"),
         c("alibi cache K>S Dh80 pad2d +pattern", 2, 17, 40, 4, 4, 80, mask="pad", pattern=True, alibi="b1"),
-        c("alibi add4d per-head non-causal +pattern", 2, 30, 30, 4, 2, 64, causal=False, mask="add", mask_shape="BH",
-          mask_causal=True, pattern=True, alibi="heads1", alibi_dtype="f16"),
+        c(
+            "alibi add4d per-head non-causal +pattern",
+            2,
+            30,
+            30,
+            4,
+            2,
+            64,
+            causal=False,
+            mask="add",
+            mask_shape="BH",
+            mask_causal=True,
+            pattern=True,
+            alibi="heads1",
+            alibi_dtype="f16",
+        ),
         c("alibi causal K<S strided bias +pattern", 1, 40, 20, 2, 1, 64, pattern=True, alibi="strided"),
         c("alibi decode S=1 K=1500 split", 2, 1, 1500, 8, 2, 64, alibi="per_batch"),
         c("alibi decode S=2 pad2d +pattern", 2, 2, 300, 8, 2, 64, mask="pad", pattern=True, alibi="b1"),
-        *[c(f"alibi {a} ({adt}) {kw.get('mask', 'nomask')} {'causal' if causal else 'non-causal'} K>S", 2, 17, 40,
-            12, 4, 32, causal=causal, alibi=a, alibi_dtype=adt, pattern=True, **kw)
-          for a, adt, kw in ALIBI_MASKS for causal in (True, False)],
+        *[
+            c(
+                f"alibi {a} ({adt}) {kw.get('mask', 'nomask')} {'causal' if causal else 'non-causal'} K>S",
+                2,
+                17,
+                40,
+                12,
+                4,
+                32,
+                causal=causal,
+                alibi=a,
+                alibi_dtype=adt,
+                pattern=True,
+                **kw,
+            )
+            for a, adt, kw in ALIBI_MASKS
+            for causal in (True, False)
+        ],
         c("alibi decode S=1 K=24 MHA", 2, 1, 24, 12, 12, 32, alibi="per_batch", alibi_dtype="q", pattern=True),
         c("alibi S=89 K=112 pad", 1, 89, 112, 12, 4, 32, mask="pad", alibi="per_batch", alibi_dtype="q", pattern=True),
-        c("alibi several blocks MQA non-causal", 1, 130, 300, 12, 1, 64, causal=False, alibi="per_batch",
-          alibi_dtype="q", pattern=True),
+        c(
+            "alibi several blocks MQA non-causal",
+            1,
+            130,
+            300,
+            12,
+            1,
+            64,
+            causal=False,
+            alibi="per_batch",
+            alibi_dtype="q",
+            pattern=True,
+        ),
         c("alibi causal K<S", 1, 150, 20, 4, 2, 32, alibi="per_batch", alibi_dtype="q", pattern=True),
-        c("alibi Dh80 add [1,1,S,K] expanded", 2, 17, 17, 12, 12, 80, mask="add", mask_shape="11x", mask_dtype="q",
-          alibi="per_batch", alibi_dtype="q", pattern=True),
-        c("alibi left padding S=K=17: rows that see nothing", 2, 17, 17, 4, 2, 32, mask="pad", alibi="per_batch",
-          alibi_dtype="q", pattern=True),
+        c(
+            "alibi Dh80 add [1,1,S,K] expanded",
+            2,
+            17,
+            17,
+            12,
+            12,
+            80,
+            mask="add",
+            mask_shape="11x",
+            mask_dtype="q",
+            alibi="per_batch",
+            alibi_dtype="q",
+            pattern=True,
+        ),
+        c(
+            "alibi left padding S=K=17: rows that see nothing",
+            2,
+            17,
+            17,
+            4,
+            2,
+            32,
+            mask="pad",
+            alibi="per_batch",
+            alibi_dtype="q",
+            pattern=True,
+        ),
         c("alibi cache S=6 K=37 pad strided", 2, 6, 37, 12, 4, 64, mask="pad", alibi="strided", pattern=True),
         # softcap (Gemma 2) and sliding windows -----------------------------------------------------------
         c("softcap prefill gqa +pattern", 2, 89, 89, 12, 4, 64, pattern=True, softcap=5.0, q_gain=3.0),
         c("softcap decode split + alibi", 2, 1, 1500, 8, 2, 64, softcap=2.0, q_gain=3.0, alibi="b1"),
-        c("softcap add4d non-causal", 2, 30, 30, 4, 2, 64, causal=False, mask="add", mask_causal=True, softcap=1.0,
-          q_gain=3.0),
+        c(
+            "softcap add4d non-causal",
+            2,
+            30,
+            30,
+            4,
+            2,
+            64,
+            causal=False,
+            mask="add",
+            mask_causal=True,
+            softcap=1.0,
+            q_gain=3.0,
+        ),
         c("window prefill K>S +pattern", 2, 89, 120, 12, 4, 64, pattern=True, window=33),
         c("window tensor-core tiles skipped", 1, 200, 200, 4, 2, 64, window=17),
         c("window decode S=1 split", 2, 1, 3000, 8, 2, 128, window=700),
         c("window decode S=3 pad2d +pattern", 2, 3, 400, 8, 2, 64, mask="pad", pattern=True, window=5),
         c("window W=1 sees itself only", 1, 20, 20, 2, 1, 32, pattern=True, window=1),
-        c("window + softcap + bool4d", 2, 40, 40, 4, 2, 64, mask="bool4d", mask_causal=True, window=9, softcap=3.0,
-          q_gain=3.0),
+        c(
+            "window + softcap + bool4d",
+            2,
+            40,
+            40,
+            4,
+            2,
+            64,
+            mask="bool4d",
+            mask_causal=True,
+            window=9,
+            softcap=3.0,
+            q_gain=3.0,
+        ),
         *_softcap_window_cases(c),
     ]
 
@@ -382,8 +614,9 @@ def check_attention_case(case: AttnCase, dtype, device, run):
     kw = dict(scale=scale, causal=case.causal, mask=mask, alibi=alibi, softcap=case.softcap, window=case.window)
     (z_hi, lse_hi, p_hi), (z_lo, lse_lo, p_lo) = attention_refs(q, k_ref, v_ref, **kw)
     B, S, K, H = case.B, case.S, case.K, case.H
-    vis = ref.visible_keys(B, H, S, K, causal=case.causal, mask=mask, window=case.window,
-                           device=q.device).expand(B, H, S, K)
+    vis = ref.visible_keys(B, H, S, K, causal=case.causal, mask=mask, window=case.window, device=q.device).expand(
+        B, H, S, K
+    )
     empty = ~vis.any(-1)  # [B, H, S]: rows that see no key
     acc = f64 if dtype == f64 else f32
     q_before = q.clone()
@@ -392,11 +625,14 @@ def check_attention_case(case: AttnCase, dtype, device, run):
         z, lse, pattern = run(q, k, v, mask, scale, case.causal, rp, alibi, case.softcap, case.window)
         tag = " (+pattern)" if rp else ""
         if z.shape != z_hi.shape or z.dtype != dtype or not z.is_contiguous() or z.device != q.device:
-            problems.append(f"z{tag}: shape/dtype/layout {tuple(z.shape)} {z.dtype} {z.device} "
-                            f"contiguous={z.is_contiguous()}")
+            problems.append(
+                f"z{tag}: shape/dtype/layout {tuple(z.shape)} {z.dtype} {z.device} contiguous={z.is_contiguous()}"
+            )
             continue
         if lse.shape != lse_hi.shape or lse.dtype != acc:
-            problems.append(f"lse{tag}: shape/dtype {tuple(lse.shape)} {lse.dtype}, expected {tuple(lse_hi.shape)} {acc}")
+            problems.append(
+                f"lse{tag}: shape/dtype {tuple(lse.shape)} {lse.dtype}, expected {tuple(lse_hi.shape)} {acc}"
+            )
             continue
         _rule(problems, summary, "z" + tag, z, z_hi, z_lo)
         _rule(problems, summary, "lse" + tag, lse, lse_hi, lse_lo)  # -inf exactly where the reference has it
@@ -466,9 +702,21 @@ def rotary_cases() -> list[RotaryCase]:
         c("long sequence many heads", 2, 300, 32, 128, 64, dtypes=(bf16, f32)),
         c("rotate-half any strides", 2, 9, 3, 16, 10, layout="any_strides", table="strided"),
         c("every-two any strides", 2, 9, 3, 16, 10, interleaved=True, layout="any_strides", table="strided"),
-        *[c(f"B{B}-S{S}-n{n}-Dh{Dh}-{table} R={width} {'every-two' if il else 'rotate-half'}", B, S, n, Dh,
-            ROTARY_WIDTHS[width](Dh), interleaved=il, table=table)
-          for B, S, n, Dh, table in ROTARY_SHAPES for width in ROTARY_WIDTHS for il in (False, True)],
+        *[
+            c(
+                f"B{B}-S{S}-n{n}-Dh{Dh}-{table} R={width} {'every-two' if il else 'rotate-half'}",
+                B,
+                S,
+                n,
+                Dh,
+                ROTARY_WIDTHS[width](Dh),
+                interleaved=il,
+                table=table,
+            )
+            for B, S, n, Dh, table in ROTARY_SHAPES
+            for width in ROTARY_WIDTHS
+            for il in (False, True)
+        ],
     ]
 
 
@@ -515,7 +763,9 @@ def check_rotary_case(case: RotaryCase, dtype, device, run):
         before = x.clone()
         out = run(x, cos, sin, case.interleaved)
         if out.shape != x.shape or out.dtype != dtype or not out.is_contiguous() or out.device != x.device:
-            problems.append(f"{what}: shape/dtype/layout {tuple(out.shape)} {out.dtype} contiguous={out.is_contiguous()}")
+            problems.append(
+                f"{what}: shape/dtype/layout {tuple(out.shape)} {out.dtype} contiguous={out.is_contiguous()}"
+            )
             continue
         if not torch.equal(x, before):
             problems.append(f"{what}: x was modified")

@@ -60,40 +60,87 @@ TABLE = [
     ("prefill-non-causal-K>S", dict(S=17, K=40, causal=False), "flash", {"cudnn": "not wired"}),
     ("decode-bf16-S1-K4096", dict(S=1, K=4096), "flash", {}),
     ("decode-MQA-R8", dict(S=1, K=2048, H=8, Hkv=1, Dh=64), "flash", {}),
-    ("decode-GQA-R16-flash-off", dict(S=1, K=2048, H=16, Hkv=1, Dh=64, flash_available=False), "own_simt",
-     {"own_decode": "not a decode shape", "own_tc": "a decode shape"}),
+    (
+        "decode-GQA-R16-flash-off",
+        dict(S=1, K=2048, H=16, Hkv=1, Dh=64, flash_available=False),
+        "own_simt",
+        {"own_decode": "not a decode shape", "own_tc": "a decode shape"},
+    ),
     ("decode-MQA-R8-flash-off", dict(S=1, K=2048, H=8, Hkv=1, Dh=64, flash_available=False), "own_decode", {}),
-    ("decode-pattern", dict(S=1, K=4096, return_pattern=True), "own_simt",
-     {"own_decode": "the pattern is written by the CUDA-core kernel"}),
+    (
+        "decode-pattern",
+        dict(S=1, K=4096, return_pattern=True),
+        "own_simt",
+        {"own_decode": "the pattern is written by the CUDA-core kernel"},
+    ),
     ("window", dict(window=256), "flash", {"cudnn": "sliding window is not exposed"}),
     ("window-K>S", dict(window=7, S=17, K=40), "flash", {}),
-    ("softcap", dict(softcap=50.0), "own_tc",
-     {"flash": "softcap is compiled out", "mem_efficient": "has no softcap", "cudnn": "has no softcap"}),
-    ("alibi", dict(alibi=torch.empty(1, 32, 1024, device="meta")), "own_tc",
-     {"flash": "ALiBi is compiled out", "cudnn": "ALiBi is not exposed"}),
-    ("pad2d", dict(mask=torch.empty(1, 1024, dtype=torch.bool, device="meta")), "own_tc",
-     {"flash": "a 2-D padding mask needs the varlen path"}),
-    ("bool4d", dict(mask=torch.empty(1, 1, 1024, 1024, dtype=torch.bool, device="meta"), causal=False), "own_tc",
-     {"flash": "takes no 4-D mask"}),
+    (
+        "softcap",
+        dict(softcap=50.0),
+        "own_tc",
+        {"flash": "softcap is compiled out", "mem_efficient": "has no softcap", "cudnn": "has no softcap"},
+    ),
+    (
+        "alibi",
+        dict(alibi=torch.empty(1, 32, 1024, device="meta")),
+        "own_tc",
+        {"flash": "ALiBi is compiled out", "cudnn": "ALiBi is not exposed"},
+    ),
+    (
+        "pad2d",
+        dict(mask=torch.empty(1, 1024, dtype=torch.bool, device="meta")),
+        "own_tc",
+        {"flash": "a 2-D padding mask needs the varlen path"},
+    ),
+    (
+        "bool4d",
+        dict(mask=torch.empty(1, 1, 1024, 1024, dtype=torch.bool, device="meta"), causal=False),
+        "own_tc",
+        {"flash": "takes no 4-D mask"},
+    ),
     ("pattern", dict(return_pattern=True), "own_tc", {"flash": "the pattern from its lse is not wired"}),
-    ("float32-prefill", dict(dtype=f32), "own_simt",
-     {"flash": "takes float16 / bfloat16, got Float", "own_tc": "takes float16 / bfloat16 only",
-      "own_decode": "not a decode shape"}),
+    (
+        "float32-prefill",
+        dict(dtype=f32),
+        "own_simt",
+        {
+            "flash": "takes float16 / bfloat16, got Float",
+            "own_tc": "takes float16 / bfloat16 only",
+            "own_decode": "not a decode shape",
+        },
+    ),
     ("float32-decode", dict(dtype=f32, S=1, K=4096), "own_decode", {}),
-    ("float64", dict(dtype=f64, S=17, K=40, H=4, Hkv=2, Dh=64), "own_simt",
-     {"own_decode": "float64", "mem_efficient": "got Double"}),
-    ("Dh-odd-33", dict(Dh=33, S=89, H=4, Hkv=4), "own_tc", {"flash": "Dh a multiple of 8", "mem_efficient": "multiple of 8"}),
+    (
+        "float64",
+        dict(dtype=f64, S=17, K=40, H=4, Hkv=2, Dh=64),
+        "own_simt",
+        {"own_decode": "float64", "mem_efficient": "got Double"},
+    ),
+    (
+        "Dh-odd-33",
+        dict(Dh=33, S=89, H=4, Hkv=4),
+        "own_tc",
+        {"flash": "Dh a multiple of 8", "mem_efficient": "multiple of 8"},
+    ),
     ("Dh-512", dict(Dh=512, S=89, H=4, Hkv=4), "own_simt", {"flash": "at most 256", "own_tc": "Dh=512 > 256"}),
     ("sm75", dict(cap=(7, 5)), "own_simt", {"flash": "sm_80", "own_tc": "needs sm_80+"}),
     ("sm75-decode", dict(cap=(7, 5), S=1, K=4096), "own_decode", {}),
     ("sm120-flash-range", dict(cap=(13, 0)), "own_tc", {"flash": "sm_80 .. sm_121, the device is sm_130"}),
     ("flash-switched-off", dict(flash_available=False), "own_tc", {"flash": "switched off"}),
     ("cudnn-causal-S!=K", dict(S=17, K=40), "flash", {"cudnn": "top-left aligned: S == K only"}),
-    ("mem-eff-gqa-torch-2.13", dict(torch_version=(2, 13), flash_available=False), "own_tc",
-     {"mem_efficient": "GQA (H=32, Hkv=8) needs torch 2.14+"}),
-    ("cudnn-fp32-mask-torch-2.13", dict(torch_version=(2, 13), causal=False,
-                                        mask=torch.empty(1, 1, 1024, 1024, device="meta")), "own_tc",
-     {"cudnn": "an additive mask must have q's dtype on torch <= 2.13"}),
+    (
+        "mem-eff-gqa-torch-2.13",
+        dict(torch_version=(2, 13), flash_available=False),
+        "own_tc",
+        {"mem_efficient": "GQA (H=32, Hkv=8) needs torch 2.14+"},
+    ),
+    (
+        "cudnn-fp32-mask-torch-2.13",
+        dict(torch_version=(2, 13), causal=False, mask=torch.empty(1, 1, 1024, 1024, device="meta")),
+        "own_tc",
+        {"cudnn": "an additive mask must have q's dtype on torch <= 2.13"},
+    ),
 ]
 
 
@@ -192,7 +239,11 @@ def test_forced_backend_that_refuses_raises_with_its_reasons():
         with pytest.raises(ValueError) as info:
             ops.attention(q, k, v, scale=0.3, causal=True)
     message = str(info.value)
-    for fragment in ("the forced backend 'flash'", "refuses q [B, S, H, Dh] = [2, 5, 4, 8] Float", "flash: runs on CUDA tensors"):
+    for fragment in (
+        "the forced backend 'flash'",
+        "refuses q [B, S, H, Dh] = [2, 5, 4, 8] Float",
+        "flash: runs on CUDA tensors",
+    ):
         assert fragment in message, message
     z, _, _ = ops.attention(q, k, v, scale=0.3, causal=True)  # restored: the CPU backend runs again
     with ops.attention_backend("cpu"):

@@ -56,16 +56,18 @@ def layer_weights(device):
 
 
 def make_bridge(w, **kw):
-    return pyqkv.Bridge(w["weight"], w["bias"], w["out_weight"], w["out_bias"], n_heads=H, n_kv_heads=HKV,
-                        d_head=DH, **kw)
+    return pyqkv.Bridge(
+        w["weight"], w["bias"], w["out_weight"], w["out_bias"], n_heads=H, n_kv_heads=HKV, d_head=DH, **kw
+    )
 
 
 def reference_layer(w, x, dtype=torch.float64):
     """The layer on the whole sequence x [B, T, D] from pyqkv.reference (causal), every step in `dtype`:
     [B, T, D]."""
     w = {name: p.to(dtype) for name, p in w.items()}
-    W_Q, W_K, W_V, b_Q, b_K, b_V = ref.split_qkv(w["weight"], w["bias"], n_heads=H, n_kv_heads=HKV, d_head=DH,
-                                                 layout="blocked", conv1d=True)
+    W_Q, W_K, W_V, b_Q, b_K, b_V = ref.split_qkv(
+        w["weight"], w["bias"], n_heads=H, n_kv_heads=HKV, d_head=DH, layout="blocked", conv1d=True
+    )
     xd = x.to(dtype)
     q, k, v = (torch.einsum("btd,nde->btne", xd, W) + b for W, b in ((W_Q, b_Q), (W_K, b_K), (W_V, b_V)))
     z, _, _ = ref.attention(q, k, v, scale=DH**-0.5, causal=True, compute_dtype=dtype)
@@ -748,8 +750,7 @@ ARGUMENT_CASES = [
 ]
 # fmt: on
 
-CASES = (OP_CASES + CONSTRUCTION_CASES + FORWARD_CASES + HOOK_CASES + CONVERSION_CASES + KVCACHE_CASES
-         + ARGUMENT_CASES)
+CASES = OP_CASES + CONSTRUCTION_CASES + FORWARD_CASES + HOOK_CASES + CONVERSION_CASES + KVCACHE_CASES + ARGUMENT_CASES
 
 
 def test_table_is_complete():
@@ -757,8 +758,18 @@ def test_table_is_complete():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)), "duplicate case ids"
     entries = {c.entry for c in CASES}
-    want = {"ops.attention", "ops.per_head_proj", "ops.split_qkv", "ops.pack_qkv", "ops.kv_append", "Bridge()",
-            "Bridge.forward", "KVCache", "hooks", "conversions"}
+    want = {
+        "ops.attention",
+        "ops.per_head_proj",
+        "ops.split_qkv",
+        "ops.pack_qkv",
+        "ops.kv_append",
+        "Bridge()",
+        "Bridge.forward",
+        "KVCache",
+        "hooks",
+        "conversions",
+    }
     assert want <= entries, f"entry points without cases: {want - entries}"
 
 
@@ -770,7 +781,8 @@ def good_call(op: str, device) -> None:
         for alibi in (None, t(2, 4, 5, device=device)):
             z, lse, _ = ops.attention(q, k, v, scale=0.35, causal=True, alibi=alibi)
             (z_hi, lse_hi, _), (z_lo, lse_lo, _) = (
-                ref.attention(q, k, v, scale=0.35, causal=True, alibi=alibi, compute_dtype=dt) for dt in (f64, q.dtype))
+                ref.attention(q, k, v, scale=0.35, causal=True, alibi=alibi, compute_dtype=dt) for dt in (f64, q.dtype)
+            )
             assert_close_by_rule(z, z_hi, z_lo, what=f"z (alibi={alibi is not None})")
             assert_close_by_rule(lse, lse_hi, lse_lo, what=f"lse (alibi={alibi is not None})")
     elif op == "rotary":
@@ -818,7 +830,7 @@ def test_bad_input_raises_and_changes_nothing(case, device):
         assert env.fired == [], f"{case.id}: hooks fired before the error: {env.fired}"
     env.check_unchanged()
     if case.entry.startswith("ops."):
-        good_call(case.entry[len("ops."):], env.device)
+        good_call(case.entry[len("ops.") :], env.device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -875,7 +887,9 @@ def empty_kv_append(e):
     for start in (0, 4, 10):  # S = 0 may start anywhere up to the capacity itself
         ops.kv_append(k_cache, v_cache, t(2, 0, 2, 4, device=d), t(2, 0, 2, 4, device=d), start)
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
-    ops.kv_append(t(0, 2, 10, 4, device=d), t(0, 2, 10, 4, device=d), t(0, 3, 2, 4, device=d), t(0, 3, 2, 4, device=d), 0)
+    ops.kv_append(
+        t(0, 2, 10, 4, device=d), t(0, 2, 10, 4, device=d), t(0, 3, 2, 4, device=d), t(0, 3, 2, 4, device=d), 0
+    )
 
 
 def empty_kv_cache(e):

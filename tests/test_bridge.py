@@ -9,9 +9,6 @@ import weakref
 
 import pytest
 import torch
-
-import pyqkv
-from pyqkv import reference
 from test_bridge_oracle import (
     DH,
     Oracle,
@@ -22,14 +19,30 @@ from test_bridge_oracle import (
 )
 from tolerance import assert_close, by_hand, differs, hf_reference
 
+import pyqkv
+from pyqkv import reference
+
 D, H = 64, 4
 
 
-def plain_bridge(device, *, H=4, Hkv=2, Dh=16, D=64, layout="blocked", conv1d=False, bias=True, out_bias=True,
-                 dtype=torch.float32, seed=3, **flags):
+def plain_bridge(
+    device,
+    *,
+    H=4,
+    Hkv=2,
+    Dh=16,
+    D=64,
+    layout="blocked",
+    conv1d=False,
+    bias=True,
+    out_bias=True,
+    dtype=torch.float32,
+    seed=3,
+    **flags,
+):
     """(bridge, oracle, split weights) from random split weights packed with the REFERENCE packer."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.3)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * 0.3  # noqa: E731
     W_Q, W_K, W_V = r(H, D, Dh), r(Hkv, D, Dh), r(Hkv, D, Dh)
     b_Q, b_K, b_V = r(H, Dh), r(Hkv, Dh), r(Hkv, Dh)
     weight = reference.pack_qkv(W_Q, W_K, W_V, layout=layout, conv1d=conv1d)
@@ -38,10 +51,29 @@ def plain_bridge(device, *, H=4, Hkv=2, Dh=16, D=64, layout="blocked", conv1d=Fa
     b_O = r(D) if out_bias else None
     out_weight = W_O if conv1d else W_O.t().contiguous()
     to = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    bridge = pyqkv.Bridge(to(weight), to(fused_bias), to(out_weight), to(b_O), n_heads=H, n_kv_heads=Hkv, d_head=Dh,
-                          layout=layout, conv1d=conv1d, **flags)
-    oracle = Oracle(to(weight), to(fused_bias), to(out_weight), to(b_O), n_heads=H, n_kv_heads=Hkv, d_head=Dh,
-                    layout=layout, conv1d=conv1d)
+    bridge = pyqkv.Bridge(
+        to(weight),
+        to(fused_bias),
+        to(out_weight),
+        to(b_O),
+        n_heads=H,
+        n_kv_heads=Hkv,
+        d_head=Dh,
+        layout=layout,
+        conv1d=conv1d,
+        **flags,
+    )
+    oracle = Oracle(
+        to(weight),
+        to(fused_bias),
+        to(out_weight),
+        to(b_O),
+        n_heads=H,
+        n_kv_heads=Hkv,
+        d_head=Dh,
+        layout=layout,
+        conv1d=conv1d,
+    )
     split = dict(W_Q=W_Q, W_K=W_K, W_V=W_V, b_Q=b_Q, b_K=b_K, b_V=b_V, W_O=W_O.view(H, Dh, D), b_O=b_O)
     return bridge, oracle, {k: to(v) for k, v in split.items()}
 
@@ -77,11 +109,11 @@ def test_split_weights_follow_gpt2_rule(device):
     for h in range(H):
         cols = slice(h * DH, (h + 1) * DH)
         assert torch.equal(b.W_Q[h], W[:, cols])
-        assert torch.equal(b.W_K[h], W[:, D + h * DH: D + (h + 1) * DH])
-        assert torch.equal(b.W_V[h], W[:, 2 * D + h * DH: 2 * D + (h + 1) * DH])
+        assert torch.equal(b.W_K[h], W[:, D + h * DH : D + (h + 1) * DH])
+        assert torch.equal(b.W_V[h], W[:, 2 * D + h * DH : 2 * D + (h + 1) * DH])
         assert torch.equal(b.b_Q[h], bias[cols])
-        assert torch.equal(b.b_K[h], bias[D + h * DH: D + (h + 1) * DH])
-        assert torch.equal(b.b_V[h], bias[2 * D + h * DH: 2 * D + (h + 1) * DH])
+        assert torch.equal(b.b_K[h], bias[D + h * DH : D + (h + 1) * DH])
+        assert torch.equal(b.b_V[h], bias[2 * D + h * DH : 2 * D + (h + 1) * DH])
         assert torch.equal(b.W_O[h], m.c_proj.weight[cols, :])
     assert torch.equal(b.b_O, m.c_proj.bias)
 
@@ -98,8 +130,17 @@ def test_split_weights_are_editable_views(device, name):
         # The oracle, rebuilt from the edited split weights with the reference packer.
         weight = reference.pack_qkv(split["W_Q"], split["W_K"], split["W_V"], layout="blocked", conv1d=True)
         bias = reference.pack_qkv_bias(split["b_Q"], split["b_K"], split["b_V"], layout="blocked")
-        oracle = Oracle(weight, bias, split["W_O"].reshape(-1, D), split["b_O"], n_heads=4, n_kv_heads=2,
-                        d_head=16, layout="blocked", conv1d=True)
+        oracle = Oracle(
+            weight,
+            bias,
+            split["W_O"].reshape(-1, D),
+            split["b_O"],
+            n_heads=4,
+            n_kv_heads=2,
+            d_head=16,
+            layout="blocked",
+            conv1d=True,
+        )
         assert_close(bridge(x), oracle(x), f"output after zeroing {name}[1]")
 
 
@@ -107,7 +148,9 @@ HF_OPTIONS = [
     pytest.param(dict(), 0, id="default"),
     pytest.param(dict(scale_attn_weights=False), 0, id="scale_attn_weights=False"),
     pytest.param(dict(scale_attn_by_inverse_layer_idx=True), 2, id="inverse_layer_idx"),
-    pytest.param(dict(scale_attn_by_inverse_layer_idx=True, scale_attn_weights=False), 3, id="inverse_layer_idx-unscaled"),
+    pytest.param(
+        dict(scale_attn_by_inverse_layer_idx=True, scale_attn_weights=False), 3, id="inverse_layer_idx-unscaled"
+    ),
     pytest.param(dict(reorder_and_upcast_attn=True), 1, id="reorder_and_upcast"),
 ]
 
@@ -117,7 +160,7 @@ HF_OPTIONS = [
 def test_bridge_from_module_equals_hf_module(device, impl, options, layer_idx):
     m = gpt2_attention(device, layer_idx=layer_idx, attn_implementation=impl, **options)
     b = pyqkv.hf.bridge_from_module(m)
-    expected_scale = (DH**-0.5 if options.get("scale_attn_weights", True) else 1.0)
+    expected_scale = DH**-0.5 if options.get("scale_attn_weights", True) else 1.0
     if options.get("scale_attn_by_inverse_layer_idx"):
         expected_scale /= layer_idx + 1
     assert b.cfg.scale == pytest.approx(expected_scale, rel=1e-12)
@@ -126,8 +169,9 @@ def test_bridge_from_module_equals_hf_module(device, impl, options, layer_idx):
     # HF's reorder_and_upcast_attn computes the scores in float32 in any dtype: its mask stays float32.
     mask_dtype = (lambda dt: torch.float32) if options.get("reorder_and_upcast_attn") else (lambda dt: dt)
     with torch.no_grad():
-        expected = hf_reference(m, lambda m, dt: m(x.to(dt), attention_mask=causal_additive_mask(
-            9, dtype=mask_dtype(dt), device=device))[0])
+        expected = hf_reference(
+            m, lambda m, dt: m(x.to(dt), attention_mask=causal_additive_mask(9, dtype=mask_dtype(dt), device=device))[0]
+        )
         out = b(x)
     assert_close(out, expected, "Bridge vs HF GPT2Attention")
     assert_close(out, Oracle.from_gpt2(m)(x), "Bridge vs the oracle")
@@ -404,7 +448,7 @@ def test_kv_cache_incremental_equals_full(device, kind, padded):
         outs, pos = [], 0
         for n in (5, 3, 1, 1, 1, 1):
             mask = pad[:, : pos + n] if padded else None
-            outs.append(b(x[:, pos: pos + n], attention_mask=mask, kv_cache=cache))
+            outs.append(b(x[:, pos : pos + n], attention_mask=mask, kv_cache=cache))
             pos += n
             assert cache.length == pos
     inc = torch.cat(outs, 1)
@@ -443,7 +487,7 @@ def test_kv_cache_grows_by_doubling_in_place(device, monkeypatch):
         for i in range(10):
             prefix = None if cache.length == 0 else cache.k_storage[:, :, : cache.length].clone()
             old_ptr = None if cache.k_storage is None else cache.k_storage.data_ptr()
-            outs.append(b(x[:, i: i + 1], kv_cache=cache))
+            outs.append(b(x[:, i : i + 1], kv_cache=cache))
             caps.append(cache.capacity)
             ptrs.append(cache.k_storage.data_ptr())
             if prefix is not None:
@@ -477,15 +521,17 @@ def test_kv_cache_ignores_garbage_beyond_length(device):
         cache = pyqkv.KVCache(capacity=32)
         with torch.no_grad():
             o1 = b(x[:, :5], kv_cache=cache)
-            cache.k_storage[:, :, cache.length:] = float("nan")
-            cache.v_storage[:, :, cache.length:] = float("nan")
+            cache.k_storage[:, :, cache.length :] = float("nan")
+            cache.v_storage[:, :, cache.length :] = float("nan")
             fwd = [] if hook is None else [(hook, lambda t, hook: None)]
             o2 = b.run_with_hooks(x[:, 5:], fwd_hooks=fwd, kv_cache=cache)
         assert_close(torch.cat([o1, o2], 1), exp["hook_out"], f"NaN beyond length, hook={hook}")
 
 
 @pytest.mark.parametrize("capacity", [4, 16], ids=["regrow", "in-place"])
-@pytest.mark.parametrize("first,second", [("inference", "no_grad"), ("no_grad", "inference"), ("inference", "inference")])
+@pytest.mark.parametrize(
+    "first,second", [("inference", "no_grad"), ("no_grad", "inference"), ("inference", "inference")]
+)
 def test_kv_cache_across_inference_mode(device, first, second, capacity):
     """A cache filled under torch.inference_mode keeps working outside it (and the other way round)."""
     b, oracle, _ = plain_bridge(device)
@@ -509,8 +555,14 @@ def test_pattern_edit_under_inference_mode(device):
     def uniform_head0(t, hook):
         t[:, 0] = torch.ones_like(t[:, 0]).tril() / torch.arange(1, 8, device=t.device).view(7, 1)
 
-    exp = oracle(x, edits={"hook_pattern": lambda p: torch.cat(
-        [(torch.ones_like(p[:, :1]).tril() / torch.arange(1, 8, device=p.device).view(7, 1)), p[:, 1:]], 1)})
+    exp = oracle(
+        x,
+        edits={
+            "hook_pattern": lambda p: torch.cat(
+                [(torch.ones_like(p[:, :1]).tril() / torch.arange(1, 8, device=p.device).view(7, 1)), p[:, 1:]], 1
+            )
+        },
+    )
     with torch.inference_mode():
         out = b.run_with_hooks(x, fwd_hooks=[("hook_pattern", uniform_head0)])
     assert_close(out, exp, "in-place pattern edit under inference_mode")
@@ -557,7 +609,9 @@ def test_train_mode_dropout(device):
     pat, z, v = cache["hook_pattern"], cache["hook_z"], cache["hook_v"]
     kept = pat != 0
     assert 0 < kept.sum() < (exp["hook_pattern"].hi != 0).sum(), "hook_pattern did not see a dropped-out pattern"
-    assert_close(pat[kept], exp["hook_pattern"].map(lambda p: p / (1 - 0.3))[kept], "kept pattern entries scaled by 1/(1-p)")
+    assert_close(
+        pat[kept], exp["hook_pattern"].map(lambda p: p / (1 - 0.3))[kept], "kept pattern entries scaled by 1/(1-p)"
+    )
     assert_close(z, by_hand(lambda dt: apply_pattern(pat.to(dt), v.to(dt)), z.dtype), "z from the dropped pattern")
     y = by_hand(lambda dt: torch.einsum("bshe,hed->bsd", z.to(dt), oracle.W_O.to(dt)) + oracle.b_O.to(dt), z.dtype)
     dropped = out == 0
@@ -603,7 +657,10 @@ def _tiny_bridge(device, **flags):
         torch.randn((Hq + 2 * Hkv) * Dh, dtype=torch.float64, device=device) * 0.5,
         torch.randn(Hq * Dh, Dm, dtype=torch.float64, device=device) * 0.5,
         torch.randn(Dm, dtype=torch.float64, device=device) * 0.5,
-        n_heads=Hq, n_kv_heads=Hkv, d_head=Dh, **flags,
+        n_heads=Hq,
+        n_kv_heads=Hkv,
+        d_head=Dh,
+        **flags,
     )
 
 

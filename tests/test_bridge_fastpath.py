@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_bridge import plain_bridge, randx
+from test_bridge_oracle import Oracle, apply_pattern, gpt2_attention, no_hooks_left
+from tolerance import assert_close, assert_close_by_rule
 from torch.profiler import ProfilerActivity, profile
 
 import pyqkv
 from pyqkv import reference
-from test_bridge import plain_bridge, randx
-from test_bridge_oracle import Oracle, apply_pattern, gpt2_attention, no_hooks_left
-from tolerance import assert_close, assert_close_by_rule
 
 SPIED = ("attention", "attn_scores", "attn_softmax", "attn_apply", "per_head_proj")
 
@@ -55,6 +55,7 @@ def test_hooks_elsewhere_keep_fast_path(device, spy):
     names = ["hook_in", "hook_q", "hook_k", "hook_v", "hook_z", "hook_out"]
     out = b.run_with_hooks(x, fwd_hooks=[(n, _noop) for n in names])
     assert spy == ["attention"]
+    assert_close(out, oracle(x))
     spy.clear()
     out2, cache = b.run_with_cache(x, names_filter=names)
     assert spy == ["attention"]
@@ -126,15 +127,18 @@ def test_backward_hook_on_pattern_puts_pattern_in_graph(device, spy):
     assert grads == [torch.Size([2, 4, 7, 7])]
 
 
-@pytest.mark.parametrize("flag,point,expected", [
-    ("use_split_qkv_input", None, []),
-    ("use_split_qkv_input", "hook_q_input", ["per_head_proj"]),
-    ("use_split_qkv_input", "hook_v_input", ["per_head_proj"]),
-    ("use_attn_in", None, []),
-    ("use_attn_in", "hook_attn_in", ["per_head_proj"] * 3),
-    ("use_attn_result", None, []),
-    ("use_attn_result", "hook_result", ["per_head_proj"]),
-])
+@pytest.mark.parametrize(
+    "flag,point,expected",
+    [
+        ("use_split_qkv_input", None, []),
+        ("use_split_qkv_input", "hook_q_input", ["per_head_proj"]),
+        ("use_split_qkv_input", "hook_v_input", ["per_head_proj"]),
+        ("use_attn_in", None, []),
+        ("use_attn_in", "hook_attn_in", ["per_head_proj"] * 3),
+        ("use_attn_result", None, []),
+        ("use_attn_result", "hook_result", ["per_head_proj"]),
+    ],
+)
 def test_fork_flags_copy_only_when_hooked(device, spy, flag, point, expected):
     b, oracle, _ = plain_bridge(device, **{flag: True})
     x = randx(device)
@@ -207,7 +211,11 @@ PATHS = [
     pytest.param({}, [("hook_pattern", lambda t, hook: t.mul_(1.0))], id="pattern-in-place-identity"),
     pytest.param({}, [("hook_attn_scores", _noop)], id="scores"),
     pytest.param({}, [("hook_attn_scores", _noop), ("hook_pattern", _noop)], id="scores+pattern"),
-    pytest.param(dict(use_split_qkv_input=True), [(n, _noop) for n in ("hook_q_input", "hook_k_input", "hook_v_input")], id="split-all"),
+    pytest.param(
+        dict(use_split_qkv_input=True),
+        [(n, _noop) for n in ("hook_q_input", "hook_k_input", "hook_v_input")],
+        id="split-all",
+    ),
     pytest.param(dict(use_split_qkv_input=True), [("hook_k_input", _noop)], id="split-k-only"),
     pytest.param(dict(use_attn_in=True), [("hook_attn_in", _noop)], id="attn-in"),
     pytest.param(dict(use_attn_result=True), [("hook_result", _noop)], id="attn-result"),

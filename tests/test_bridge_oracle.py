@@ -22,8 +22,17 @@ def gpt2_config(**overrides):
     from transformers import GPT2Config
 
     kw = dict(
-        n_embd=D, n_head=H, n_layer=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0,
-        pad_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+        n_embd=D,
+        n_head=H,
+        n_layer=2,
+        vocab_size=100,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
     )
     kw.update(overrides)
     return GPT2Config(**kw)
@@ -72,8 +81,21 @@ class Oracle:
     applies the one rule of tests/tolerance.py to a Bridge as to a kernel. oracle(x, ...) is the Ref of
     hook_out. run_in(dtype, x, ...) is one computation's plain tensors (differentiable, for gradients)."""
 
-    def __init__(self, weight, bias, out_weight, out_bias, *, n_heads, n_kv_heads=None, d_head, layout="blocked",
-                 conv1d=True, scale=None, dtype=None):
+    def __init__(
+        self,
+        weight,
+        bias,
+        out_weight,
+        out_bias,
+        *,
+        n_heads,
+        n_kv_heads=None,
+        d_head,
+        layout="blocked",
+        conv1d=True,
+        scale=None,
+        dtype=None,
+    ):
         self.dtype = weight.dtype if dtype is None else dtype
         self.H = n_heads
         self.Hkv = n_heads if n_kv_heads is None else n_kv_heads
@@ -93,7 +115,11 @@ class Oracle:
         ow = ow if conv1d else ow.t()  # [H*Dh, D]
         self.D = ow.shape[1]
         self.W_O = ow.reshape(n_heads, d_head, self.D)
-        self.b_O = torch.zeros(self.D, dtype=torch.float64, device=w.device) if out_bias is None else out_bias.detach().double()
+        self.b_O = (
+            torch.zeros(self.D, dtype=torch.float64, device=w.device)
+            if out_bias is None
+            else out_bias.detach().double()
+        )
 
     @classmethod
     def from_gpt2(cls, module):
@@ -102,8 +128,17 @@ class Oracle:
         scale = Dh**-0.5 if module.scale_attn_weights else 1.0
         if module.scale_attn_by_inverse_layer_idx:
             scale /= module.layer_idx + 1
-        return cls(module.c_attn.weight, module.c_attn.bias, module.c_proj.weight, module.c_proj.bias,
-                   n_heads=module.num_heads, d_head=Dh, layout="blocked", conv1d=True, scale=scale)
+        return cls(
+            module.c_attn.weight,
+            module.c_attn.bias,
+            module.c_proj.weight,
+            module.c_proj.bias,
+            n_heads=module.num_heads,
+            d_head=Dh,
+            layout="blocked",
+            conv1d=True,
+            scale=scale,
+        )
 
     def run(self, x, **kw) -> dict[str, Ref]:
         """{hook name: Ref(float64, self.dtype)}; the arguments are those of run_in. A Ref among them (e.g.
@@ -126,8 +161,9 @@ class Oracle:
         edits = edits or {}
         ed = lambda name, t: edits[name](t) if name in edits else t  # noqa: E731
         cast = lambda t: t.to(dtype)  # noqa: E731
-        W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O = map(cast, (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K,
-                                                            self.b_V, self.W_O, self.b_O))
+        W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O = map(
+            cast, (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V, self.W_O, self.b_O)
+        )
         acts = {}
         x = ed("hook_in", cast(x))
         acts["hook_in"] = x
@@ -154,15 +190,17 @@ class Oracle:
         acts["k_all"], acts["v_all"] = k_all, v_all
         if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
-                ~mask, torch.finfo(torch.float32).min)
+                ~mask, torch.finfo(torch.float32).min
+            )
         scores = reference.attn_scores(q, k_all, scale=self.scale, causal=causal, mask=mask, compute_dtype=dtype)
         acts["hook_attn_scores"] = scores
         if "hook_attn_scores" in edits:
             scores = edits["hook_attn_scores"](scores)
             pattern = softmax_zero_rows(scores)
         else:
-            _, _, pattern = reference.attention(q, k_all, v_all, scale=self.scale, causal=causal, mask=mask,
-                                                return_pattern=True, compute_dtype=dtype)
+            _, _, pattern = reference.attention(
+                q, k_all, v_all, scale=self.scale, causal=causal, mask=mask, return_pattern=True, compute_dtype=dtype
+            )
         pattern = ed("hook_pattern", pattern)
         acts["hook_pattern"] = pattern
         z = ed("hook_z", apply_pattern(pattern, v_all))
@@ -191,7 +229,7 @@ def rope(x, cos, sin, interleaved):
     if interleaved:
         partner = torch.stack((-xr[..., 1::2], xr[..., 0::2]), dim=-1).flatten(-2)
     else:
-        partner = torch.cat((-xr[..., R // 2:], xr[..., : R // 2]), dim=-1)
+        partner = torch.cat((-xr[..., R // 2 :], xr[..., : R // 2]), dim=-1)
     return torch.cat((xr * c + partner * s, x[..., R:]), dim=-1)
 
 
@@ -213,4 +251,3 @@ def apply_pattern(pattern, v):
 
 def no_hooks_left(model) -> bool:
     return all(not p.fwd and not p.bwd for p in model.hook_points().values())
-

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_bridge_oracle import Oracle, no_hooks_left
+from tolerance import assert_close, assert_close_by_rule
 
 import pyqkv
 from pyqkv.positions import alibi_bias, alibi_slopes, rotary_tables
-from test_bridge_oracle import Oracle, no_hooks_left
-from tolerance import assert_close, assert_close_by_rule
 
 D, H, DH = 64, 4, 16
 
@@ -76,14 +76,28 @@ def test_rotary_hook_points_fire_in_order_and_edits_count(device):
     with torch.no_grad():
         bridge(x)
     bridge.reset_hooks()
-    assert order == ["hook_in", "hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_attn_scores",
-                     "hook_pattern", "hook_z", "hook_out"]
+    assert order == [
+        "hook_in",
+        "hook_q",
+        "hook_k",
+        "hook_v",
+        "hook_rot_q",
+        "hook_rot_k",
+        "hook_attn_scores",
+        "hook_pattern",
+        "hook_z",
+        "hook_out",
+    ]
 
     def zero_head(t, hook):
         t[:, :, 1] = 0  # in place, after RoPE
 
     cos, sin = tables(torch.arange(6, device=device)[None], 8, False)
-    want = oracle(x, rotary=(cos, sin, False), edits={"hook_rot_k": lambda t: t.index_fill(2, torch.tensor([1], device=device), 0.0)})
+    want = oracle(
+        x,
+        rotary=(cos, sin, False),
+        edits={"hook_rot_k": lambda t: t.index_fill(2, torch.tensor([1], device=device), 0.0)},
+    )
     kv = pyqkv.KVCache()
     with torch.no_grad():
         got = bridge.run_with_hooks(x, kv_cache=kv, fwd_hooks=[("hook_rot_k", zero_head)])
@@ -100,7 +114,7 @@ def test_rotary_decode_with_cache_equals_full_forward(device, R, interleaved, Hk
     kv = pyqkv.KVCache(capacity=4)  # grows twice
     with torch.no_grad():
         full = bridge(x)
-        parts = [bridge(x[:, :7], kv_cache=kv)] + [bridge(x[:, t:t + 1], kv_cache=kv) for t in range(7, 12)]
+        parts = [bridge(x[:, :7], kv_cache=kv)] + [bridge(x[:, t : t + 1], kv_cache=kv) for t in range(7, 12)]
     assert kv.length == 12
     want = oracle(x, rotary=(*tables(torch.arange(12, device=device)[None], R, interleaved), interleaved))
     assert_close(full, want, "one call")
@@ -142,8 +156,11 @@ def test_rotary_tables_match_hugging_face():
     from transformers.models.codegen.modeling_codegen import create_sinusoidal_positions
     from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
 
-    cfg = tr.GPTNeoXConfig(hidden_size=64, num_attention_heads=4, rope_parameters={
-        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    cfg = tr.GPTNeoXConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    )
     pos = torch.tensor([[0, 1, 2, 7, 40], [5, 6, 7, 8, 9]])
     hf_cos, hf_sin = GPTNeoXRotaryEmbedding(cfg)(torch.zeros(1, dtype=torch.float32), position_ids=pos)
     cos, sin = rotary_tables(pos, 8, 10000.0)
@@ -204,8 +221,8 @@ def test_alibi_given_tensor_forms_and_padding(device):
     custom = torch.randn(2, H, 6, device=device)
     with torch.no_grad():
         a = bridge(x, alibi=custom)
-        b = bridge(x, alibi=custom.reshape(2 * H, 1, 6))   # Hugging Face's [B*H, 1, K]
-        c = bridge(x, alibi=custom[:, :, None, :])         # [B, H, 1, K]
+        b = bridge(x, alibi=custom.reshape(2 * H, 1, 6))  # Hugging Face's [B*H, 1, K]
+        c = bridge(x, alibi=custom[:, :, None, :])  # [B, H, 1, K]
     assert_close(a, oracle(x, alibi=custom), "given alibi")
     assert torch.equal(a, b) and torch.equal(a, c)
     # Positions counted over the padding mask: a left-padded row equals the unpadded one.
@@ -224,7 +241,7 @@ def test_alibi_decode_with_cache_equals_full_forward(device):
     kv = pyqkv.KVCache(capacity=3)
     with torch.no_grad():
         full = bridge(x)
-        parts = [bridge(x[:, :4], kv_cache=kv)] + [bridge(x[:, t:t + 1], kv_cache=kv) for t in range(4, 10)]
+        parts = [bridge(x[:, :4], kv_cache=kv)] + [bridge(x[:, t : t + 1], kv_cache=kv) for t in range(4, 10)]
     want = oracle(x, alibi=alibi_by_hand(10, device))
     assert_close(full, want, "one call")
     assert_close(torch.cat(parts, 1), want, "prefill + decode")
@@ -234,7 +251,9 @@ def test_alibi_and_rotary_under_torch_compile(device):
     """One graph (fullgraph) with both position schemes at once, equal to eager, with a cache."""
     bridge, oracle = make(device, alibi=True, rotary_dim=8)
     x = torch.randn(2, 7, D, device=device)
-    want = oracle(x, alibi=alibi_by_hand(7, device), rotary=(*tables(torch.arange(7, device=device)[None], 8, False), False))
+    want = oracle(
+        x, alibi=alibi_by_hand(7, device), rotary=(*tables(torch.arange(7, device=device)[None], 8, False), False)
+    )
     torch._dynamo.reset()  # Bridge.forward's compile cache is per code object: other tests' graphs must not count
     try:
         compiled = torch.compile(bridge, fullgraph=True)

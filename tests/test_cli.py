@@ -3,9 +3,10 @@ the benchmark's result has every row the README's table reports. Timings themsel
 
 import json
 
+from tolerance import assert_close
+
 from pyqkv import bench
 from pyqkv.__main__ import demo, main
-from tolerance import assert_close
 
 
 def test_demo_checks_pass(capsys):
@@ -22,12 +23,36 @@ def test_cli_help_and_unknown_command(capsys):
 
 def test_bench_result_has_every_row(tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--seq", "16", "--context", "16", "--batch", "1", "--reps", "1", "--steps", "2",
-                 "--no-memory", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--seq",
+                "16",
+                "--context",
+                "16",
+                "--batch",
+                "1",
+                "--reps",
+                "1",
+                "--steps",
+                "2",
+                "--no-memory",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     rows = result["prefill"]["16"]
-    assert set(rows) == {"pyqkv fast path", "pyqkv + read-only hook_pattern", "pyqkv use_split_qkv_input",
-                         "reference (materialized)", "torch fused (addmm+SDPA)"}
+    assert set(rows) == {
+        "pyqkv fast path",
+        "pyqkv + read-only hook_pattern",
+        "pyqkv use_split_qkv_input",
+        "reference (materialized)",
+        "torch fused (addmm+SDPA)",
+    }
     assert all(r["median_ms"] > 0 for r in rows.values()) and rows["pyqkv fast path"]["gflops"] > 0
     assert all(r["min_ms"] <= r["median_ms"] <= r["max_ms"] and isinstance(r["noisy"], bool) for r in rows.values())
     assert set(result["decode"]["16"]) == {"pyqkv + KVCache", "reference + torch.cat", "ratio"}
@@ -41,8 +66,10 @@ def test_bench_baselines_compute_the_same_layer():
     from tolerance import by_hand
 
     x = torch.randn(2, 9, 64)
-    materialized = {dt: bench.MaterializedLayer(bench.LayerWeights.random(d_model=64, n_heads=4, d_head=16, dtype=dt))
-                    for dt in (torch.float32, torch.float64)}
+    materialized = {
+        dt: bench.MaterializedLayer(bench.LayerWeights.random(d_model=64, n_heads=4, d_head=16, dtype=dt))
+        for dt in (torch.float32, torch.float64)
+    }
     want = by_hand(lambda dt: materialized[dt](x.to(dt)), x.dtype)
     rows = bench.prefill_rows(bench.LayerWeights.random(d_model=64, n_heads=4, d_head=16))
     for name, fn in rows.items():
@@ -84,8 +111,28 @@ def test_bench_plot_checks_matplotlib_before_measuring(monkeypatch, capsys):
 
 def test_bench_plot_is_a_png(tmp_path):
     png = tmp_path / "bench.png"
-    assert main(["bench", "--seq", "16", "32", "--context", "16", "--batch", "1", "--reps", "1", "--steps", "2",
-                 "--no-memory", "--plot", str(png)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--seq",
+                "16",
+                "32",
+                "--context",
+                "16",
+                "--batch",
+                "1",
+                "--reps",
+                "1",
+                "--steps",
+                "2",
+                "--no-memory",
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -102,9 +149,14 @@ def test_bench_model_rows_agree_and_summarize():
     and the GPU JSON report (at a tiny size; timings are not asserted)."""
     from pyqkv import bench_model
 
-    result = bench_model.run(batch=1, seq=16, reps=1, layers=1, memory=False, quiet=True, generate=2,
-                             generate_batches=(1,), prompt=4)
+    result = bench_model.run(
+        batch=1, seq=16, reps=1, layers=1, memory=False, quiet=True, generate=2, generate_batches=(1,), prompt=4
+    )
     assert result["rows_agree"] < 1e-4
-    assert {"unhooked_vs_hf_sdpa", "run_with_cache_patterns_vs_hf_eager", "generate_tokens_per_s_vs_hf_sdpa",
-            "generate_hooked_vs_hf_sdpa"} <= set(result["summary"])
+    assert {
+        "unhooked_vs_hf_sdpa",
+        "run_with_cache_patterns_vs_hf_eager",
+        "generate_tokens_per_s_vs_hf_sdpa",
+        "generate_hooked_vs_hf_sdpa",
+    } <= set(result["summary"])
     assert set(result["generate"][1]) == {"generate: HF sdpa", "generate: pyqkv", "generate: pyqkv + hook_z ablation"}

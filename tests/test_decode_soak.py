@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tolerance import Ref, assert_close
 
 import pyqkv
@@ -32,10 +31,23 @@ CHECKPOINTS = sorted({PROMPT, PROMPT + 1, 8, 9, 16, 17, 64, 65, 1024, 1025, 2048
 def layer(seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.4  # noqa: E731
-    w = {"weight": r(D, (H + 2 * HKV) * DH), "bias": r((H + 2 * HKV) * DH), "out_weight": r(H * DH, D),
-         "out_bias": r(D)}
-    bridge = pyqkv.Bridge(w["weight"], w["bias"], w["out_weight"], w["out_bias"], n_heads=H, n_kv_heads=HKV,
-                          d_head=DH, layout="blocked", conv1d=True)
+    w = {
+        "weight": r(D, (H + 2 * HKV) * DH),
+        "bias": r((H + 2 * HKV) * DH),
+        "out_weight": r(H * DH, D),
+        "out_bias": r(D),
+    }
+    bridge = pyqkv.Bridge(
+        w["weight"],
+        w["bias"],
+        w["out_weight"],
+        w["out_bias"],
+        n_heads=H,
+        n_kv_heads=HKV,
+        d_head=DH,
+        layout="blocked",
+        conv1d=True,
+    )
     return bridge, w
 
 
@@ -43,16 +55,24 @@ def reference_rows(w, x, pad, rows, dtype):
     """The layer from pyqkv.reference, every step in `dtype`, at query positions `rows` of the whole
     sequence x [B, T, D] (causal, padding mask pad [B, T]); also the keys and values [B, T, Hkv, Dh]."""
     w = {name: t.to(dtype) for name, t in w.items()}
-    W_Q, W_K, W_V, b_Q, b_K, b_V = ref.split_qkv(w["weight"], w["bias"], n_heads=H, n_kv_heads=HKV, d_head=DH,
-                                                 layout="blocked", conv1d=True)
+    W_Q, W_K, W_V, b_Q, b_K, b_V = ref.split_qkv(
+        w["weight"], w["bias"], n_heads=H, n_kv_heads=HKV, d_head=DH, layout="blocked", conv1d=True
+    )
     xd = x.to(dtype)
     proj = lambda W, b: torch.einsum("btd,nde->btne", xd, W) + b  # noqa: E731
     k, v = proj(W_K, b_K), proj(W_V, b_V)
     q = proj(W_Q, b_Q)[:, rows]
     out = []
     for i, t in enumerate(rows):  # query position t sees keys 0 .. t (bottom-right causal over K = t + 1)
-        z, _, _ = ref.attention(q[:, i : i + 1], k[:, : t + 1], v[:, : t + 1], scale=DH**-0.5, causal=True,
-                                mask=pad[:, : t + 1], compute_dtype=dtype)
+        z, _, _ = ref.attention(
+            q[:, i : i + 1],
+            k[:, : t + 1],
+            v[:, : t + 1],
+            scale=DH**-0.5,
+            causal=True,
+            mask=pad[:, : t + 1],
+            compute_dtype=dtype,
+        )
         out.append(z.flatten(2) @ w["out_weight"] + w["out_bias"])
     return torch.cat(out, 1), k, v
 
@@ -93,7 +113,9 @@ def test_thousands_of_decode_steps_equal_recomputation(one_thread):
     assert capacities == [16, 32, 64, 128, 256, 512, 1024, 2048, 4096], f"growth steps: {capacities}"
 
     rows = [t - 1 for t in CHECKPOINTS]
-    (want_hi, k_hi, v_hi), (want_lo, k_lo, v_lo) = (reference_rows(w, x, pad, rows, dt) for dt in (torch.float64, x.dtype))
+    (want_hi, k_hi, v_hi), (want_lo, k_lo, v_lo) = (
+        reference_rows(w, x, pad, rows, dt) for dt in (torch.float64, x.dtype)
+    )
     want = Ref(want_hi, want_lo)
     for i, t in enumerate(CHECKPOINTS):
         assert_close(outs[t], want[:, i], f"step {t}: cached decode vs the reference")

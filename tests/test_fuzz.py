@@ -94,8 +94,16 @@ def strided(g, shape, kind, dtype):
 
 
 @fuzz(ci=40, long=800)
-@given(layout_heads(), st.integers(1, 24), st.integers(1, 9), st.booleans(), st.booleans(),
-       st.sampled_from(["contiguous", "transposed", "sliced"]), dtypes, seeds)
+@given(
+    layout_heads(),
+    st.integers(1, 24),
+    st.integers(1, 9),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from(["contiguous", "transposed", "sliced"]),
+    dtypes,
+    seeds,
+)
 def test_split_and_pack_match_reference(lh, D, Dh, conv1d, with_bias, kind, dtype, seed):
     layout, H, Hkv = lh
     g = gen(seed)
@@ -125,9 +133,17 @@ def test_split_and_pack_match_reference(lh, D, Dh, conv1d, with_bias, kind, dtyp
 
 
 @fuzz(ci=40, long=800)
-@given(st.integers(1, 3), small_or_edge(9, [16, 33]), st.integers(1, 6), small_or_edge(20, [63, 64, 65]),
-       small_or_edge(9, [31, 32, 33]), st.sampled_from(["contiguous", "heads_major", "sliced", "broadcast"]),
-       st.booleans(), dtypes, seeds)
+@given(
+    st.integers(1, 3),
+    small_or_edge(9, [16, 33]),
+    st.integers(1, 6),
+    small_or_edge(20, [63, 64, 65]),
+    small_or_edge(9, [31, 32, 33]),
+    st.sampled_from(["contiguous", "heads_major", "sliced", "broadcast"]),
+    st.booleans(),
+    dtypes,
+    seeds,
+)
 def test_per_head_proj_matches_reference(B, S, n, D, E, x_kind, with_bias, dtype, seed):
     g = gen(seed)
     if x_kind == "contiguous":
@@ -232,8 +248,16 @@ def refs(q, k, v, *, scale, causal, mask):
 
 
 @fuzz(ci=60, long=2000)
-@given(attention_shapes(), st.sampled_from(["fused", "heads_major", "sliced", "contiguous"]), dtypes,
-       st.booleans(), st.booleans(), st.sampled_from([0.3, 1.0, 3.0]), seeds, st.data())
+@given(
+    attention_shapes(),
+    st.sampled_from(["fused", "heads_major", "sliced", "contiguous"]),
+    dtypes,
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([0.3, 1.0, 3.0]),
+    seeds,
+    st.data(),
+)
 def test_attention_matches_reference(shape, kind, dtype, causal, return_pattern, magnitude, seed, data):
     B, S, K, H, Hkv, Dh = shape
     g = gen(seed)
@@ -256,8 +280,15 @@ def test_attention_matches_reference(shape, kind, dtype, causal, return_pattern,
 
 
 @fuzz(ci=40, long=1000)
-@given(attention_shapes(), st.sampled_from(["fused", "heads_major", "sliced", "contiguous"]), dtypes,
-       st.booleans(), st.booleans(), seeds, st.data())
+@given(
+    attention_shapes(),
+    st.sampled_from(["fused", "heads_major", "sliced", "contiguous"]),
+    dtypes,
+    st.booleans(),
+    st.booleans(),
+    seeds,
+    st.data(),
+)
 def test_split_form_matches_reference(shape, kind, dtype, causal, upcast, seed, data):
     """attn_scores -> attn_softmax -> attn_apply, the path of a hook on hook_attn_scores (upcast: half-type
     scores and softmax in float32, as reorder_and_upcast_attn asks)."""
@@ -272,8 +303,9 @@ def test_split_form_matches_reference(shape, kind, dtype, causal, upcast, seed, 
     vis = ref.visible_keys(B, H, S, K, causal=causal, mask=mask).expand(B, H, S, K)
     assert (scores[~vis] == torch.finfo(score_dtype).min).all(), "hidden scores must hold the dtype's minimum"
     s_hi = ref.attn_scores(q, k, scale=scale, causal=causal, mask=mask)
-    s_lo = ref.attn_scores(q.to(score_dtype), k.to(score_dtype), scale=scale, causal=causal, mask=mask,
-                           compute_dtype=score_dtype)
+    s_lo = ref.attn_scores(
+        q.to(score_dtype), k.to(score_dtype), scale=scale, causal=causal, mask=mask, compute_dtype=score_dtype
+    )
     if vis.any():
         assert_close_by_rule(scores[vis], s_hi[vis], s_lo[vis], what="attn_scores")
     pattern = ops.attn_softmax(scores, dtype=dtype)
@@ -298,8 +330,13 @@ def append_case(draw):
 
 
 @fuzz(ci=40, long=800)
-@given(append_case(), st.sampled_from(["own", "window", "heads_outer"]),
-       st.sampled_from(["fused", "heads_major", "sliced", "contiguous"]), dtypes, seeds)
+@given(
+    append_case(),
+    st.sampled_from(["own", "window", "heads_outer"]),
+    st.sampled_from(["fused", "heads_major", "sliced", "contiguous"]),
+    dtypes,
+    seeds,
+)
 def test_kv_append_matches_reference(case, cache_kind, new_kind, dtype, seed):
     """In place, exactly the rows start .. start + S - 1, through any cache strides: the whole buffer
     around the cache (NaN outside the written rows) must equal the reference's."""
@@ -334,9 +371,19 @@ def test_kv_append_matches_reference(case, cache_kind, new_kind, dtype, seed):
 
 
 @fuzz(ci=30, long=600)
-@given(st.integers(1, 3), small_or_edge(12, [63, 64, 65]), st.integers(1, 6), st.integers(1, 40),
-       st.booleans(), st.sampled_from(["batched", "shared", "2d"]), st.sampled_from(["contiguous", "heads_major", "sliced", "fused"]),
-       dtypes, st.booleans(), seeds, st.data())
+@given(
+    st.integers(1, 3),
+    small_or_edge(12, [63, 64, 65]),
+    st.integers(1, 6),
+    st.integers(1, 40),
+    st.booleans(),
+    st.sampled_from(["batched", "shared", "2d"]),
+    st.sampled_from(["contiguous", "heads_major", "sliced", "fused"]),
+    dtypes,
+    st.booleans(),
+    seeds,
+    st.data(),
+)
 def test_rotary_matches_reference(B, S, n, half_dh, interleaved, tables, kind, dtype, tables_in_x_dtype, seed, data):
     """RoPE on the first R of Dh features (partial when R < Dh), both rotation styles, tables per batch row,
     shared ([1, S, R]) or 2-D ([S, R]), in float32 or x's dtype; x with any strides."""
@@ -370,8 +417,17 @@ def test_rotary_matches_reference(B, S, n, half_dh, interleaved, tables, kind, d
 
 
 @fuzz(ci=30, long=800)
-@given(attention_shapes(), st.sampled_from(["fused", "heads_major", "contiguous"]), dtypes, st.booleans(),
-       st.sampled_from(["B", 1]), st.sampled_from(["H", 1]), st.booleans(), seeds, st.data())
+@given(
+    attention_shapes(),
+    st.sampled_from(["fused", "heads_major", "contiguous"]),
+    dtypes,
+    st.booleans(),
+    st.sampled_from(["B", 1]),
+    st.sampled_from(["H", 1]),
+    st.booleans(),
+    seeds,
+    st.data(),
+)
 def test_attention_with_alibi_matches_reference(shape, kind, dtype, causal, b_dim, h_dim, alibi_f32, seed, data):
     B, S, K, H, Hkv, Dh = shape
     g = gen(seed)
@@ -401,9 +457,16 @@ def test_attention_with_alibi_matches_reference(shape, kind, dtype, causal, b_di
 
 
 @fuzz(ci=30, long=800)
-@given(attention_shapes(), st.sampled_from(["fused", "heads_major", "sliced"]), dtypes,
-       st.sampled_from([None, 0.0, 0.5, 5.0, 50.0]), st.one_of(st.none(), st.integers(1, 8), st.integers(9, 700)),
-       st.booleans(), seeds, st.data())
+@given(
+    attention_shapes(),
+    st.sampled_from(["fused", "heads_major", "sliced"]),
+    dtypes,
+    st.sampled_from([None, 0.0, 0.5, 5.0, 50.0]),
+    st.one_of(st.none(), st.integers(1, 8), st.integers(9, 700)),
+    st.booleans(),
+    seeds,
+    st.data(),
+)
 def test_softcap_and_window_match_reference(shape, kind, dtype, softcap, window, return_pattern, seed, data):
     """Any softcap and window (W = 1, W < K, W >= K) with any mask, causal (a window needs it): the fused
     op and the split form against the reference; hidden keys (outside the window) get weight exactly 0."""

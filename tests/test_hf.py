@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
-
-import pyqkv
 from test_bridge_oracle import causal_additive_mask, gpt2_config, no_hooks_left
 from tolerance import assert_close, differs, hf_reference
+
+import pyqkv
 
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, GPT2LMHeadModel, GPT2Model  # noqa: E402
@@ -47,11 +47,13 @@ def bridges_of(model):
 def ablate_head_pre_hook(head, Dh=16):
     """HF-side oracle for a hook_z head ablation: zero the head's slice of c_proj's input (in the input's
     dtype: the hook is copied with the model into hf_reference's float64 twin)."""
+
     def pre(module, args):
         (z,) = args
         z = z.clone()
-        z[..., head * Dh:(head + 1) * Dh] = 0
+        z[..., head * Dh : (head + 1) * Dh] = 0
         return (z,)
+
     return pre
 
 
@@ -176,8 +178,14 @@ def test_continue_from_cache_filled_by_hf(device):
 def test_generation_output_attentions(device):
     model = make_model(device)
     ids, am = inputs(device, left_pad=(0, 0))
-    kw = dict(attention_mask=am, max_new_tokens=3, do_sample=False, pad_token_id=0, output_attentions=True,
-              return_dict_in_generate=True)
+    kw = dict(
+        attention_mask=am,
+        max_new_tokens=3,
+        do_sample=False,
+        pad_token_id=0,
+        output_attentions=True,
+        return_dict_in_generate=True,
+    )
 
     def hf(m, dt):
         got = m.generate(ids, **kw)
@@ -194,8 +202,9 @@ def test_generation_output_attentions(device):
             assert_close(a, r, f"step {step} layer {layer} attentions vs HF's generate")
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True,
-                   reason="StaticCache is not supported by the glue: HF's mask spans the static length")
+@pytest.mark.xfail(
+    raises=ValueError, strict=True, reason="StaticCache is not supported by the glue: HF's mask spans the static length"
+)
 def test_static_cache_generation(device):
     model = make_model(device)
     ids, am = inputs(device, left_pad=(0, 0))
@@ -308,15 +317,21 @@ def test_model_level_run_with_cache(device):
     with torch.no_grad():
         ref_logits, ref_attentions = hf_reference(model, hf)
     h = pyqkv.hf.attach(model)
-    names = ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern", "blocks.1.attn.hook_k",
-             "blocks.0.attn.q.hook_out"]
+    names = [
+        "blocks.0.attn.hook_pattern",
+        "blocks.1.attn.hook_pattern",
+        "blocks.1.attn.hook_k",
+        "blocks.0.attn.q.hook_out",
+    ]
     out, cache = h.run_with_cache(ids, names_filter=names)
     assert set(cache) == set(names) | {"blocks.0.attn.hook_q"}
     assert cache["blocks.1.attn.hook_pattern"].shape == (2, 4, 9, 9)
     assert cache["blocks.1.attn.hook_k"].shape == (2, 9, 4, 16)
     assert cache["blocks.0.attn.q.hook_out"].shape == (2, 9, 4, 16)
     for i in (0, 1):
-        assert_close(cache[f"blocks.{i}.attn.hook_pattern"], ref_attentions[i], f"layer {i} hook_pattern vs HF's attentions")
+        assert_close(
+            cache[f"blocks.{i}.attn.hook_pattern"], ref_attentions[i], f"layer {i} hook_pattern vs HF's attentions"
+        )
     assert_close(out.logits, ref_logits, "logits of run_with_cache vs HF")
     assert no_hooks_left(h)
     _, cache = h.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_z"))
@@ -340,9 +355,14 @@ def test_model_level_add_hook_names_and_errors(device):
     assert seen == [("blocks.0.attn.hook_z", (2, 9, 4, 16)), ("blocks.1.attn.hook_pattern", (2, 4, 9, 9))]
     h.reset_hooks()
     assert no_hooks_left(h)
-    with pytest.raises(KeyError, match=r"unknown hook point 'blocks\.9\.attn\.hook_pattern'.*Valid names: blocks\.\{0-1\}\.attn\.<point> with <point> one of .*hook_pattern"):
+    with pytest.raises(
+        KeyError,
+        match=r"unknown hook point 'blocks\.9\.attn\.hook_pattern'.*Valid names: blocks\.\{0-1\}\.attn\.<point> with <point> one of .*hook_pattern",
+    ):
         h.add_hook("blocks.9.attn.hook_pattern", lambda t, hook: None)
-    with pytest.raises(ValueError, match=r"^blocks\.0\.attn\.hook_result: this hook point does not fire: set use_attn_result first"):
+    with pytest.raises(
+        ValueError, match=r"^blocks\.0\.attn\.hook_result: this hook point does not fire: set use_attn_result first"
+    ):
         h.add_hook("blocks.0.attn.hook_result", lambda t, hook: None)
     # a flag set later on one Bridge opens its gated point
     h.bridges[0].cfg.use_attn_result = True
@@ -355,8 +375,10 @@ def test_model_level_hooks_context_leaves_nothing(device):
     ids, am = inputs(device)
     h = pyqkv.hf.attach(model)
     with pytest.raises(RuntimeError, match="inside"):
-        with h.hooks(fwd_hooks=[("blocks.0.attn.hook_z", lambda t, hook: None)],
-                     bwd_hooks=[("blocks.1.attn.hook_q", lambda g, hook: None)]):
+        with h.hooks(
+            fwd_hooks=[("blocks.0.attn.hook_z", lambda t, hook: None)],
+            bwd_hooks=[("blocks.1.attn.hook_q", lambda g, hook: None)],
+        ):
             model(ids, attention_mask=am)
             raise RuntimeError("inside")
     assert no_hooks_left(h)
@@ -412,9 +434,14 @@ def test_layer_accepts_cache_under_every_name(device, kwarg):
     def hf(m, dt):
         """HF's own layer over the steps: each step's output, then its cache's keys and values."""
         cache = DynamicCache()
-        outs = [m(x[:, a:b].to(dt).contiguous(),  # HF's Conv1D needs a viewable input
-                  past_key_values=cache, attention_mask=causal_additive_mask(b - a, b, dtype=dt, device=device))[0]
-                for a, b in steps]
+        outs = [
+            m(
+                x[:, a:b].to(dt).contiguous(),  # HF's Conv1D needs a viewable input
+                past_key_values=cache,
+                attention_mask=causal_additive_mask(b - a, b, dtype=dt, device=device),
+            )[0]
+            for a, b in steps
+        ]
         return outs, cache.layers[1].keys, cache.layers[1].values
 
     with torch.no_grad():
@@ -444,8 +471,9 @@ def test_layer_output_attentions(device):
     orig = model.transformer.h[0].attn
     x = torch.randn(2, 6, 64, device=device)
     with torch.no_grad():
-        ref_out, ref_pat = hf_reference(orig, lambda m, dt: list(m(x.to(dt), attention_mask=causal_additive_mask(
-            6, dtype=dt, device=device))))
+        ref_out, ref_pat = hf_reference(
+            orig, lambda m, dt: list(m(x.to(dt), attention_mask=causal_additive_mask(6, dtype=dt, device=device)))
+        )
     pyqkv.hf.attach(model)
     layer = model.transformer.h[0].attn
     mask = causal_additive_mask(6, device=device)
@@ -547,6 +575,8 @@ def test_import_pyqkv_does_not_import_transformers():
     code = "import pyqkv, sys; b = pyqkv.Bridge; assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
     # pyqkv.hf registers attn_implementation="pyqkv" with transformers, so it imports it (when installed).
-    code = ("import pyqkv.hf; from transformers import AttentionInterface; "
-            "assert 'pyqkv' in AttentionInterface._global_mapping, 'pyqkv.hf did not register pyqkv'")
+    code = (
+        "import pyqkv.hf; from transformers import AttentionInterface; "
+        "assert 'pyqkv' in AttentionInterface._global_mapping, 'pyqkv.hf did not register pyqkv'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -22,15 +22,14 @@ Families whose module takes no KV cache (GPT-1) generate uncached on both sides 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
-
-import pyqkv
 from test_bridge_oracle import Oracle, no_hooks_left
 from tolerance import assert_close, by_hand, differs, hf_reference
+
+import pyqkv
 
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
@@ -55,12 +54,12 @@ class Family:
     quirks: tuple = ()  # names in QUIRK_BREAKERS: switched off, each must move the logits off HF's
     impls: tuple = ("eager",)
     attention_path: str = ""  # dotted path from the model to the list of blocks, then the attention attr
-    head_out: str = ""        # dotted path (from the attention module) of the output projection
+    head_out: str = ""  # dotted path (from the attention module) of the output projection
     dropout: dict = field(default_factory=dict)  # config overrides that switch on every dropout of the family
     configure: object = None  # fn(config): what the config needs before the model builds (a transformers bug)
-    build: object = None      # fn(config) -> model, for a family without a causal-LM class of its own
-    tweak: object = None      # fn(model), under no_grad, after the random weights: make a quirk's weights matter
-    no_cache: str = ""        # why the family's module takes no KV cache ("" = it takes one)
+    build: object = None  # fn(config) -> model, for a family without a causal-LM class of its own
+    tweak: object = None  # fn(model), under no_grad, after the random weights: make a quirk's weights matter
+    no_cache: str = ""  # why the family's module takes no KV cache ("" = it takes one)
 
     def make(self, device, impl="eager", seed=0, **overrides):
         cfg_cls = getattr(transformers, self.config_cls)
@@ -88,133 +87,533 @@ class Family:
 
 
 COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-DECODER = dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, intermediate_size=128,
-               max_position_embeddings=64, **COMMON)  # the separate-projection decoders' common shape
+DECODER = dict(
+    hidden_size=D,
+    num_attention_heads=H,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    max_position_embeddings=64,
+    **COMMON,
+)  # the separate-projection decoders' common shape
 
 FAMILIES = [
-    Family("gpt2", "GPT2LMHeadModel", "GPT2Config",
-           dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
-                **COMMON),
-           "GPT2Attention", "blocked", H, impls=("eager", "sdpa"), attention_path="transformer.h:attn",
-           head_out="c_proj"),
-    Family("neox", "GPTNeoXForCausalLM", "GPTNeoXConfig",
-           dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, intermediate_size=128,
-                max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                             "partial_rotary_factor": 0.5}, **COMMON),
-           "GPTNeoXAttention", "interleaved", H, rotary=True, impls=("eager", "sdpa"),
-           attention_path="gpt_neox.layers:attention", head_out="dense"),
-    Family("phi3", "Phi3ForCausalLM", "Phi3Config",
-           dict(hidden_size=D, num_attention_heads=H, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=128,
-                max_position_embeddings=64, original_max_position_embeddings=64, **COMMON),
-           "Phi3Attention", "blocked", 2, rotary=True, impls=("eager", "sdpa"),
-           attention_path="model.layers:self_attn", head_out="o_proj"),
-    Family("phi3-sliding-window", "Phi3ForCausalLM", "Phi3Config",
-           dict(hidden_size=D, num_attention_heads=H, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=128,
-                max_position_embeddings=64, original_max_position_embeddings=64, sliding_window=4, **COMMON),
-           "Phi3Attention", "blocked", 2, rotary=True, attention_path="model.layers:self_attn", head_out="o_proj"),
-    Family("bigcode-mqa", "GPTBigCodeForCausalLM", "GPTBigCodeConfig",
-           dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, multi_query=True, attn_pdrop=0.0, resid_pdrop=0.0,
-                embd_pdrop=0.0, **COMMON),
-           "GPTBigCodeAttention", "blocked", 1, impls=("eager", "sdpa"), attention_path="transformer.h:attn",
-           head_out="c_proj"),
-    Family("bigcode-mha", "GPTBigCodeForCausalLM", "GPTBigCodeConfig",
-           dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, multi_query=False, attn_pdrop=0.0, resid_pdrop=0.0,
-                embd_pdrop=0.0, **COMMON),
-           "GPTBigCodeAttention", "interleaved", H, attention_path="transformer.h:attn", head_out="c_proj"),
-    Family("falcon-new-arch", "FalconForCausalLM", "FalconConfig",
-           dict(hidden_size=D, num_attention_heads=H, num_kv_heads=2, num_hidden_layers=2, new_decoder_architecture=True,
-                bias=True, max_position_embeddings=64, **COMMON),
-           "FalconAttention", "grouped", 2, rotary=True, impls=("eager", "sdpa"),
-           attention_path="transformer.h:self_attention", head_out="dense"),
-    Family("falcon-classic", "FalconForCausalLM", "FalconConfig",
-           dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, multi_query=False, parallel_attn=False,
-                bias=True, max_position_embeddings=64, **COMMON),
-           "FalconAttention", "interleaved", H, rotary=True, impls=("eager", "sdpa"),
-           attention_path="transformer.h:self_attention", head_out="dense"),
-    Family("falcon-classic-alibi", "FalconForCausalLM", "FalconConfig",
-           dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, multi_query=False, alibi=True,
-                parallel_attn=False, bias=True, max_position_embeddings=64, **COMMON),
-           "FalconAttention", "interleaved", H, alibi=True, impls=("eager", "sdpa"),
-           attention_path="transformer.h:self_attention", head_out="dense"),
-    Family("falcon-mq", "FalconForCausalLM", "FalconConfig",
-           dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, multi_query=True, max_position_embeddings=64,
-                **COMMON),
-           "FalconAttention", "blocked", 1, rotary=True, impls=("eager", "sdpa"),
-           attention_path="transformer.h:self_attention", head_out="dense"),
-    Family("falcon-mq-alibi", "FalconForCausalLM", "FalconConfig",
-           dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, multi_query=True, alibi=True,
-                max_position_embeddings=64, **COMMON),
-           "FalconAttention", "blocked", 1, alibi=True, impls=("eager", "sdpa"),
-           attention_path="transformer.h:self_attention", head_out="dense"),
-    Family("bloom", "BloomForCausalLM", "BloomConfig",
-           dict(hidden_size=D, n_head=H, n_layer=2, **COMMON),
-           "BloomAttention", "interleaved", H, alibi=True, attention_path="transformer.h:self_attention",
-           head_out="dense"),
-    Family("codegen", "CodeGenForCausalLM", "CodeGenConfig",
-           dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, n_ctx=64, rotary_dim=8, attn_pdrop=0.0,
-                resid_pdrop=0.0, embd_pdrop=0.0, **COMMON),
-           "CodeGenAttention", "codegen", H, rotary=True, attention_path="transformer.h:attn", head_out="out_proj"),
+    Family(
+        "gpt2",
+        "GPT2LMHeadModel",
+        "GPT2Config",
+        dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **COMMON),
+        "GPT2Attention",
+        "blocked",
+        H,
+        impls=("eager", "sdpa"),
+        attention_path="transformer.h:attn",
+        head_out="c_proj",
+    ),
+    Family(
+        "neox",
+        "GPTNeoXForCausalLM",
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=D,
+            num_attention_heads=H,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            **COMMON,
+        ),
+        "GPTNeoXAttention",
+        "interleaved",
+        H,
+        rotary=True,
+        impls=("eager", "sdpa"),
+        attention_path="gpt_neox.layers:attention",
+        head_out="dense",
+    ),
+    Family(
+        "phi3",
+        "Phi3ForCausalLM",
+        "Phi3Config",
+        dict(
+            hidden_size=D,
+            num_attention_heads=H,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            original_max_position_embeddings=64,
+            **COMMON,
+        ),
+        "Phi3Attention",
+        "blocked",
+        2,
+        rotary=True,
+        impls=("eager", "sdpa"),
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+    ),
+    Family(
+        "phi3-sliding-window",
+        "Phi3ForCausalLM",
+        "Phi3Config",
+        dict(
+            hidden_size=D,
+            num_attention_heads=H,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            original_max_position_embeddings=64,
+            sliding_window=4,
+            **COMMON,
+        ),
+        "Phi3Attention",
+        "blocked",
+        2,
+        rotary=True,
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+    ),
+    Family(
+        "bigcode-mqa",
+        "GPTBigCodeForCausalLM",
+        "GPTBigCodeConfig",
+        dict(
+            n_embd=D,
+            n_head=H,
+            n_layer=2,
+            n_positions=64,
+            multi_query=True,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            **COMMON,
+        ),
+        "GPTBigCodeAttention",
+        "blocked",
+        1,
+        impls=("eager", "sdpa"),
+        attention_path="transformer.h:attn",
+        head_out="c_proj",
+    ),
+    Family(
+        "bigcode-mha",
+        "GPTBigCodeForCausalLM",
+        "GPTBigCodeConfig",
+        dict(
+            n_embd=D,
+            n_head=H,
+            n_layer=2,
+            n_positions=64,
+            multi_query=False,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            **COMMON,
+        ),
+        "GPTBigCodeAttention",
+        "interleaved",
+        H,
+        attention_path="transformer.h:attn",
+        head_out="c_proj",
+    ),
+    Family(
+        "falcon-new-arch",
+        "FalconForCausalLM",
+        "FalconConfig",
+        dict(
+            hidden_size=D,
+            num_attention_heads=H,
+            num_kv_heads=2,
+            num_hidden_layers=2,
+            new_decoder_architecture=True,
+            bias=True,
+            max_position_embeddings=64,
+            **COMMON,
+        ),
+        "FalconAttention",
+        "grouped",
+        2,
+        rotary=True,
+        impls=("eager", "sdpa"),
+        attention_path="transformer.h:self_attention",
+        head_out="dense",
+    ),
+    Family(
+        "falcon-classic",
+        "FalconForCausalLM",
+        "FalconConfig",
+        dict(
+            hidden_size=D,
+            num_attention_heads=H,
+            num_hidden_layers=2,
+            multi_query=False,
+            parallel_attn=False,
+            bias=True,
+            max_position_embeddings=64,
+            **COMMON,
+        ),
+        "FalconAttention",
+        "interleaved",
+        H,
+        rotary=True,
+        impls=("eager", "sdpa"),
+        attention_path="transformer.h:self_attention",
+        head_out="dense",
+    ),
+    Family(
+        "falcon-classic-alibi",
+        "FalconForCausalLM",
+        "FalconConfig",
+        dict(
+            hidden_size=D,
+            num_attention_heads=H,
+            num_hidden_layers=2,
+            multi_query=False,
+            alibi=True,
+            parallel_attn=False,
+            bias=True,
+            max_position_embeddings=64,
+            **COMMON,
+        ),
+        "FalconAttention",
+        "interleaved",
+        H,
+        alibi=True,
+        impls=("eager", "sdpa"),
+        attention_path="transformer.h:self_attention",
+        head_out="dense",
+    ),
+    Family(
+        "falcon-mq",
+        "FalconForCausalLM",
+        "FalconConfig",
+        dict(
+            hidden_size=D,
+            num_attention_heads=H,
+            num_hidden_layers=2,
+            multi_query=True,
+            max_position_embeddings=64,
+            **COMMON,
+        ),
+        "FalconAttention",
+        "blocked",
+        1,
+        rotary=True,
+        impls=("eager", "sdpa"),
+        attention_path="transformer.h:self_attention",
+        head_out="dense",
+    ),
+    Family(
+        "falcon-mq-alibi",
+        "FalconForCausalLM",
+        "FalconConfig",
+        dict(
+            hidden_size=D,
+            num_attention_heads=H,
+            num_hidden_layers=2,
+            multi_query=True,
+            alibi=True,
+            max_position_embeddings=64,
+            **COMMON,
+        ),
+        "FalconAttention",
+        "blocked",
+        1,
+        alibi=True,
+        impls=("eager", "sdpa"),
+        attention_path="transformer.h:self_attention",
+        head_out="dense",
+    ),
+    Family(
+        "bloom",
+        "BloomForCausalLM",
+        "BloomConfig",
+        dict(hidden_size=D, n_head=H, n_layer=2, **COMMON),
+        "BloomAttention",
+        "interleaved",
+        H,
+        alibi=True,
+        attention_path="transformer.h:self_attention",
+        head_out="dense",
+    ),
+    Family(
+        "codegen",
+        "CodeGenForCausalLM",
+        "CodeGenConfig",
+        dict(
+            n_embd=D,
+            n_head=H,
+            n_layer=2,
+            n_positions=64,
+            n_ctx=64,
+            rotary_dim=8,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            **COMMON,
+        ),
+        "CodeGenAttention",
+        "codegen",
+        H,
+        rotary=True,
+        attention_path="transformer.h:attn",
+        head_out="out_proj",
+    ),
     # Separate Q, K, V projections, packed into one blocked fused weight at attach.
-    Family("llama3", "LlamaForCausalLM", "LlamaConfig",
-           dict(num_key_value_heads=2, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}, **DECODER),
-           "LlamaAttention", "blocked", 2, rotary=True, impls=("eager", "sdpa"), attention_path="model.layers:self_attn",
-           head_out="o_proj", quirks=("model_tables",)),
-    Family("mistral-sliding", "MistralForCausalLM", "MistralConfig", dict(num_key_value_heads=2, sliding_window=4, **DECODER),
-           "MistralAttention", "blocked", 2, rotary=True, impls=("eager", "sdpa"), attention_path="model.layers:self_attn",
-           head_out="o_proj"),
-    Family("qwen2-bias-window", "Qwen2ForCausalLM", "Qwen2Config",
-           dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1, **DECODER),
-           "Qwen2Attention", "blocked", 2, rotary=True, impls=("eager", "sdpa"), attention_path="model.layers:self_attn",
-           head_out="o_proj"),
-    Family("qwen3", "Qwen3ForCausalLM", "Qwen3Config", dict(num_key_value_heads=2, head_dim=DH, **DECODER),
-           "Qwen3Attention", "blocked", 2, rotary=True, qk_norm=True, impls=("eager", "sdpa"),
-           attention_path="model.layers:self_attn", head_out="o_proj", quirks=("qk_norm",)),
-    Family("gemma-mqa", "GemmaForCausalLM", "GemmaConfig", dict(num_key_value_heads=1, head_dim=DH, **DECODER),
-           "GemmaAttention", "blocked", 1, rotary=True, impls=("eager", "sdpa"), attention_path="model.layers:self_attn",
-           head_out="o_proj"),
-    Family("gemma2", "Gemma2ForCausalLM", "Gemma2Config",
-           dict(num_key_value_heads=2, head_dim=DH, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
-                final_logit_softcapping=30.0, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                **DECODER),
-           "Gemma2Attention", "blocked", 2, rotary=True, attention_path="model.layers:self_attn", head_out="o_proj",
-           quirks=("softcap",)),
-    Family("gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig",
-           dict(num_key_value_heads=2, head_dim=DH, query_pre_attn_scalar=24, sliding_window=4,
-                layer_types=["sliding_attention", "full_attention"], **DECODER),
-           "Gemma3Attention", "blocked", 2, rotary=True, qk_norm=True, impls=("eager", "sdpa"),
-           attention_path="model.layers:self_attn", head_out="o_proj", quirks=("qk_norm", "model_tables")),
-    Family("gptj", "GPTJForCausalLM", "GPTJConfig",
-           dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, rotary_dim=8, attn_pdrop=0.0, resid_pdrop=0.0,
-                embd_pdrop=0.0, **COMMON),
-           "GPTJAttention", "blocked", H, rotary=True, impls=("eager", "sdpa"), attention_path="transformer.h:attn",
-           head_out="out_proj", quirks=("rotary_interleaved",)),
-    Family("opt", "OPTForCausalLM", "OPTConfig",
-           dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, ffn_dim=128, max_position_embeddings=64,
-                word_embed_proj_dim=D, dropout=0.0, **COMMON),
-           "OPTAttention", "blocked", H, impls=("eager", "sdpa"), attention_path="model.decoder.layers:self_attn",
-           head_out="out_proj"),
-    Family("phi-qk-layernorm", "PhiForCausalLM", "PhiConfig",
-           dict(qk_layernorm=True, resid_pdrop=0.0, embd_pdrop=0.0, **DECODER),
-           "PhiAttention", "blocked", H, rotary=True, qk_norm=True, impls=("eager", "sdpa"),
-           attention_path="model.layers:self_attn", head_out="dense", quirks=("qk_norm",)),
-    Family("olmo-clip", "OlmoForCausalLM", "OlmoConfig", dict(clip_qkv=0.5, **DECODER),
-           "OlmoAttention", "blocked", H, rotary=True, impls=("eager", "sdpa"), attention_path="model.layers:self_attn",
-           head_out="o_proj", quirks=("clip_qkv",)),
-    Family("olmo2", "Olmo2ForCausalLM", "Olmo2Config", dict(num_key_value_heads=2, **DECODER),
-           "Olmo2Attention", "blocked", 2, rotary=True, qk_norm=True, impls=("eager", "sdpa"),
-           attention_path="model.layers:self_attn", head_out="o_proj", quirks=("qk_norm",)),
-    Family("olmo3", "Olmo3ForCausalLM", "Olmo3Config",
-           dict(num_key_value_heads=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"], **DECODER),
-           "Olmo3Attention", "blocked", 2, rotary=True, qk_norm=True, attention_path="model.layers:self_attn",
-           head_out="o_proj"),
-    Family("stablelm-per-head-ln", "StableLmForCausalLM", "StableLmConfig",
-           dict(num_key_value_heads=H, qk_layernorm=True, use_qkv_bias=True, **DECODER),
-           "StableLmAttention", "blocked", H, rotary=True, qk_norm=True, impls=("eager", "sdpa"),
-           attention_path="model.layers:self_attn", head_out="o_proj", quirks=("qk_norm",)),
-    Family("smollm3-nope", "SmolLM3ForCausalLM", "SmolLM3Config", dict(num_key_value_heads=2, no_rope_layers=[1, 0], **DECODER),
-           "SmolLM3Attention", "blocked", 2, rotary=(True, False), impls=("eager", "sdpa"),
-           attention_path="model.layers:self_attn", head_out="o_proj"),
+    Family(
+        "llama3",
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(
+            num_key_value_heads=2,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8,
+            },
+            **DECODER,
+        ),
+        "LlamaAttention",
+        "blocked",
+        2,
+        rotary=True,
+        impls=("eager", "sdpa"),
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+        quirks=("model_tables",),
+    ),
+    Family(
+        "mistral-sliding",
+        "MistralForCausalLM",
+        "MistralConfig",
+        dict(num_key_value_heads=2, sliding_window=4, **DECODER),
+        "MistralAttention",
+        "blocked",
+        2,
+        rotary=True,
+        impls=("eager", "sdpa"),
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+    ),
+    Family(
+        "qwen2-bias-window",
+        "Qwen2ForCausalLM",
+        "Qwen2Config",
+        dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1, **DECODER),
+        "Qwen2Attention",
+        "blocked",
+        2,
+        rotary=True,
+        impls=("eager", "sdpa"),
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+    ),
+    Family(
+        "qwen3",
+        "Qwen3ForCausalLM",
+        "Qwen3Config",
+        dict(num_key_value_heads=2, head_dim=DH, **DECODER),
+        "Qwen3Attention",
+        "blocked",
+        2,
+        rotary=True,
+        qk_norm=True,
+        impls=("eager", "sdpa"),
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+        quirks=("qk_norm",),
+    ),
+    Family(
+        "gemma-mqa",
+        "GemmaForCausalLM",
+        "GemmaConfig",
+        dict(num_key_value_heads=1, head_dim=DH, **DECODER),
+        "GemmaAttention",
+        "blocked",
+        1,
+        rotary=True,
+        impls=("eager", "sdpa"),
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+    ),
+    Family(
+        "gemma2",
+        "Gemma2ForCausalLM",
+        "Gemma2Config",
+        dict(
+            num_key_value_heads=2,
+            head_dim=DH,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=30.0,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            **DECODER,
+        ),
+        "Gemma2Attention",
+        "blocked",
+        2,
+        rotary=True,
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+        quirks=("softcap",),
+    ),
+    Family(
+        "gemma3",
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        dict(
+            num_key_value_heads=2,
+            head_dim=DH,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            **DECODER,
+        ),
+        "Gemma3Attention",
+        "blocked",
+        2,
+        rotary=True,
+        qk_norm=True,
+        impls=("eager", "sdpa"),
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+        quirks=("qk_norm", "model_tables"),
+    ),
+    Family(
+        "gptj",
+        "GPTJForCausalLM",
+        "GPTJConfig",
+        dict(
+            n_embd=D,
+            n_head=H,
+            n_layer=2,
+            n_positions=64,
+            rotary_dim=8,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            **COMMON,
+        ),
+        "GPTJAttention",
+        "blocked",
+        H,
+        rotary=True,
+        impls=("eager", "sdpa"),
+        attention_path="transformer.h:attn",
+        head_out="out_proj",
+        quirks=("rotary_interleaved",),
+    ),
+    Family(
+        "opt",
+        "OPTForCausalLM",
+        "OPTConfig",
+        dict(
+            hidden_size=D,
+            num_attention_heads=H,
+            num_hidden_layers=2,
+            ffn_dim=128,
+            max_position_embeddings=64,
+            word_embed_proj_dim=D,
+            dropout=0.0,
+            **COMMON,
+        ),
+        "OPTAttention",
+        "blocked",
+        H,
+        impls=("eager", "sdpa"),
+        attention_path="model.decoder.layers:self_attn",
+        head_out="out_proj",
+    ),
+    Family(
+        "phi-qk-layernorm",
+        "PhiForCausalLM",
+        "PhiConfig",
+        dict(qk_layernorm=True, resid_pdrop=0.0, embd_pdrop=0.0, **DECODER),
+        "PhiAttention",
+        "blocked",
+        H,
+        rotary=True,
+        qk_norm=True,
+        impls=("eager", "sdpa"),
+        attention_path="model.layers:self_attn",
+        head_out="dense",
+        quirks=("qk_norm",),
+    ),
+    Family(
+        "olmo-clip",
+        "OlmoForCausalLM",
+        "OlmoConfig",
+        dict(clip_qkv=0.5, **DECODER),
+        "OlmoAttention",
+        "blocked",
+        H,
+        rotary=True,
+        impls=("eager", "sdpa"),
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+        quirks=("clip_qkv",),
+    ),
+    Family(
+        "olmo2",
+        "Olmo2ForCausalLM",
+        "Olmo2Config",
+        dict(num_key_value_heads=2, **DECODER),
+        "Olmo2Attention",
+        "blocked",
+        2,
+        rotary=True,
+        qk_norm=True,
+        impls=("eager", "sdpa"),
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+        quirks=("qk_norm",),
+    ),
+    Family(
+        "olmo3",
+        "Olmo3ForCausalLM",
+        "Olmo3Config",
+        dict(num_key_value_heads=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"], **DECODER),
+        "Olmo3Attention",
+        "blocked",
+        2,
+        rotary=True,
+        qk_norm=True,
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+    ),
+    Family(
+        "stablelm-per-head-ln",
+        "StableLmForCausalLM",
+        "StableLmConfig",
+        dict(num_key_value_heads=H, qk_layernorm=True, use_qkv_bias=True, **DECODER),
+        "StableLmAttention",
+        "blocked",
+        H,
+        rotary=True,
+        qk_norm=True,
+        impls=("eager", "sdpa"),
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+        quirks=("qk_norm",),
+    ),
+    Family(
+        "smollm3-nope",
+        "SmolLM3ForCausalLM",
+        "SmolLM3Config",
+        dict(num_key_value_heads=2, no_rope_layers=[1, 0], **DECODER),
+        "SmolLM3Attention",
+        "blocked",
+        2,
+        rotary=(True, False),
+        impls=("eager", "sdpa"),
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+    ),
 ]
 
 
@@ -248,7 +647,9 @@ def _decision_transformer_impls():
     """sdpa where the Decision Transformer's GPT-2 stack declares it (not every transformers does)."""
     from transformers.models.decision_transformer import modeling_decision_transformer as dt
 
-    return ("eager", "sdpa") if getattr(dt.DecisionTransformerGPT2PreTrainedModel, "_supports_sdpa", False) else ("eager",)
+    return (
+        ("eager", "sdpa") if getattr(dt.DecisionTransformerGPT2PreTrainedModel, "_supports_sdpa", False) else ("eager",)
+    )
 
 
 def _neox_japanese_rope():
@@ -263,67 +664,221 @@ def _neox_japanese_rope():
     return rope if cos.shape[-1] == DH // 2 else {**rope, "partial_rotary_factor": 1.0}
 
 
-PERSIMMON = dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, intermediate_size=128,
-                 max_position_embeddings=64, qk_layernorm=True,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+PERSIMMON = dict(
+    hidden_size=D,
+    num_attention_heads=H,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    max_position_embeddings=64,
+    qk_layernorm=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+)
 MPT_ATTN = dict(clip_qkv=0.5, softmax_scale=0.3)  # softmax_scale != Dh^-1/2 = 0.25
 DBRX_ATTN = dict(kv_n_heads=2, clip_qkv=0.5)  # clip_qkv must be set: 5.24's clamp(min=None, max=None) raises
 # Phi-4-multimodal: tiny vision and audio towers (not run: no images, no audio), longrope over 0.75 of Dh,
 # original_max_position_embeddings below max_position_embeddings so the model's tables carry longrope's
 # attention factor (and its short factors), which the Bridge's own default tables do not.
 PHI4MM = dict(
-    num_key_value_heads=2, original_max_position_embeddings=32,
-    rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
-                     "short_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0], "long_factor": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]},
-    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                       image_size=28, patch_size=14, crop_size=28),
-    audio_config=dict(hidden_size=32, intermediate_size=64, num_blocks=1, num_attention_heads=2,
-                      ext_pw_out_channel=32, depthwise_separable_out_channel=32, nemo_conv_channels=32),
-    **DECODER)
+    num_key_value_heads=2,
+    original_max_position_embeddings=32,
+    rope_parameters={
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.75,
+        "short_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0],
+        "long_factor": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+    },
+    vision_config=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        crop_size=28,
+    ),
+    audio_config=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_blocks=1,
+        num_attention_heads=2,
+        ext_pw_out_channel=32,
+        depthwise_separable_out_channel=32,
+        nemo_conv_channels=32,
+    ),
+    **DECODER,
+)
 
 FAMILIES += [
     # The remaining fused families.
-    Family("phi4-multimodal", "Phi4MultimodalForCausalLM", "Phi4MultimodalConfig", PHI4MM,
-           "Phi4MultimodalAttention", "blocked", 2, rotary=True, impls=("eager", "sdpa"),
-           attention_path="model.layers:self_attn", head_out="o_proj", quirks=("model_tables",)),
-    Family("dbrx-clip", "DbrxForCausalLM", "DbrxConfig",
-           dict(d_model=D, n_heads=H, n_layers=2, max_seq_len=64, attn_config=DBRX_ATTN,
-                ffn_config=dict(ffn_hidden_size=128, moe_num_experts=2, moe_top_k=2), **COMMON),  # top 2 of 2: no routing flips
-           "DbrxAttention", "blocked", 2, rotary=True, impls=("eager", "sdpa"), configure=_dbrx_rope_theta,
-           attention_path="transformer.blocks:norm_attn_norm.attn", head_out="out_proj", quirks=("clip_qkv",)),
-    Family("persimmon", "PersimmonForCausalLM", "PersimmonConfig", dict(**PERSIMMON, **COMMON),
-           "PersimmonAttention", "interleaved", H, rotary=True, qk_norm=True, impls=("eager", "sdpa"),
-           tweak=_affine_qk_layernorms, attention_path="model.layers:self_attn", head_out="dense", quirks=("qk_norm",)),
-    Family("fuyu", "FuyuForCausalLM", "FuyuConfig",  # Persimmon as Fuyu's language model; no image patches
-           dict(text_config=dict(model_type="persimmon", **PERSIMMON, **COMMON), hidden_size=D, patch_size=4,
-                num_channels=3, **COMMON),
-           "PersimmonAttention", "interleaved", H, rotary=True, qk_norm=True, impls=("eager", "sdpa"),
-           tweak=_affine_qk_layernorms, attention_path="model.language_model.layers:self_attn", head_out="dense",
-           quirks=("qk_norm",)),
-    Family("mpt", "MptForCausalLM", "MptConfig",
-           dict(d_model=D, n_heads=H, n_layers=2, max_seq_len=64, expansion_ratio=2, attn_config=MPT_ATTN, **COMMON),
-           "MptAttention", "blocked", H, alibi=True, attention_path="transformer.blocks:attn", head_out="out_proj",
-           quirks=("clip_qkv", "softmax_scale", "position_bias", "bool_mask_masks")),
-    Family("decision-transformer", "GPT2LMHeadModel", "DecisionTransformerConfig",
-           dict(state_dim=3, act_dim=2, hidden_size=D, n_head=H, n_layer=2, n_positions=64, max_ep_len=64,
-                attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **COMMON),
-           "DecisionTransformerGPT2Attention", "blocked", H, impls=_decision_transformer_impls(), build=_decision_transformer_lm,
-           attention_path="transformer.h:attn", head_out="c_proj"),
-    Family("imagegpt", "ImageGPTForCausalImageModeling", "ImageGPTConfig",
-           dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
-                **{**COMMON, "vocab_size": VOCAB + 1}),  # its LM head leaves out the last (start-of-image) token
-           "ImageGPTAttention", "blocked", H, attention_path="transformer.h:attn", head_out="c_proj",
-           quirks=("causal_and_mask",)),
-    Family("neox-japanese", "GPTNeoXJapaneseForCausalLM", "GPTNeoXJapaneseConfig",
-           dict(hidden_size=D, num_attention_heads=H, num_hidden_layers=2, intermediate_multiple_size=2,
-                max_position_embeddings=64, rope_parameters=_neox_japanese_rope(), **COMMON),
-           "GPTNeoXJapaneseAttention", "interleaved", H, rotary=True, attention_path="gpt_neox_japanese.layers:attention",
-           head_out="dense", quirks=("dense_bias",)),
-    Family("openai-gpt", "OpenAIGPTLMHeadModel", "OpenAIGPTConfig",
-           dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
-                **COMMON),
-           "Attention", "blocked", H, attention_path="transformer.h:attn", head_out="c_proj",
-           quirks=("causal_and_mask",), no_cache="GPT-1's Attention takes no KV cache (generate recomputes)"),
+    Family(
+        "phi4-multimodal",
+        "Phi4MultimodalForCausalLM",
+        "Phi4MultimodalConfig",
+        PHI4MM,
+        "Phi4MultimodalAttention",
+        "blocked",
+        2,
+        rotary=True,
+        impls=("eager", "sdpa"),
+        attention_path="model.layers:self_attn",
+        head_out="o_proj",
+        quirks=("model_tables",),
+    ),
+    Family(
+        "dbrx-clip",
+        "DbrxForCausalLM",
+        "DbrxConfig",
+        dict(
+            d_model=D,
+            n_heads=H,
+            n_layers=2,
+            max_seq_len=64,
+            attn_config=DBRX_ATTN,
+            ffn_config=dict(ffn_hidden_size=128, moe_num_experts=2, moe_top_k=2),
+            **COMMON,
+        ),  # top 2 of 2: no routing flips
+        "DbrxAttention",
+        "blocked",
+        2,
+        rotary=True,
+        impls=("eager", "sdpa"),
+        configure=_dbrx_rope_theta,
+        attention_path="transformer.blocks:norm_attn_norm.attn",
+        head_out="out_proj",
+        quirks=("clip_qkv",),
+    ),
+    Family(
+        "persimmon",
+        "PersimmonForCausalLM",
+        "PersimmonConfig",
+        dict(**PERSIMMON, **COMMON),
+        "PersimmonAttention",
+        "interleaved",
+        H,
+        rotary=True,
+        qk_norm=True,
+        impls=("eager", "sdpa"),
+        tweak=_affine_qk_layernorms,
+        attention_path="model.layers:self_attn",
+        head_out="dense",
+        quirks=("qk_norm",),
+    ),
+    Family(
+        "fuyu",
+        "FuyuForCausalLM",
+        "FuyuConfig",  # Persimmon as Fuyu's language model; no image patches
+        dict(
+            text_config=dict(model_type="persimmon", **PERSIMMON, **COMMON),
+            hidden_size=D,
+            patch_size=4,
+            num_channels=3,
+            **COMMON,
+        ),
+        "PersimmonAttention",
+        "interleaved",
+        H,
+        rotary=True,
+        qk_norm=True,
+        impls=("eager", "sdpa"),
+        tweak=_affine_qk_layernorms,
+        attention_path="model.language_model.layers:self_attn",
+        head_out="dense",
+        quirks=("qk_norm",),
+    ),
+    Family(
+        "mpt",
+        "MptForCausalLM",
+        "MptConfig",
+        dict(d_model=D, n_heads=H, n_layers=2, max_seq_len=64, expansion_ratio=2, attn_config=MPT_ATTN, **COMMON),
+        "MptAttention",
+        "blocked",
+        H,
+        alibi=True,
+        attention_path="transformer.blocks:attn",
+        head_out="out_proj",
+        quirks=("clip_qkv", "softmax_scale", "position_bias", "bool_mask_masks"),
+    ),
+    Family(
+        "decision-transformer",
+        "GPT2LMHeadModel",
+        "DecisionTransformerConfig",
+        dict(
+            state_dim=3,
+            act_dim=2,
+            hidden_size=D,
+            n_head=H,
+            n_layer=2,
+            n_positions=64,
+            max_ep_len=64,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            **COMMON,
+        ),
+        "DecisionTransformerGPT2Attention",
+        "blocked",
+        H,
+        impls=_decision_transformer_impls(),
+        build=_decision_transformer_lm,
+        attention_path="transformer.h:attn",
+        head_out="c_proj",
+    ),
+    Family(
+        "imagegpt",
+        "ImageGPTForCausalImageModeling",
+        "ImageGPTConfig",
+        dict(
+            n_embd=D,
+            n_head=H,
+            n_layer=2,
+            n_positions=64,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            **{**COMMON, "vocab_size": VOCAB + 1},
+        ),  # its LM head leaves out the last (start-of-image) token
+        "ImageGPTAttention",
+        "blocked",
+        H,
+        attention_path="transformer.h:attn",
+        head_out="c_proj",
+        quirks=("causal_and_mask",),
+    ),
+    Family(
+        "neox-japanese",
+        "GPTNeoXJapaneseForCausalLM",
+        "GPTNeoXJapaneseConfig",
+        dict(
+            hidden_size=D,
+            num_attention_heads=H,
+            num_hidden_layers=2,
+            intermediate_multiple_size=2,
+            max_position_embeddings=64,
+            rope_parameters=_neox_japanese_rope(),
+            **COMMON,
+        ),
+        "GPTNeoXJapaneseAttention",
+        "interleaved",
+        H,
+        rotary=True,
+        attention_path="gpt_neox_japanese.layers:attention",
+        head_out="dense",
+        quirks=("dense_bias",),
+    ),
+    Family(
+        "openai-gpt",
+        "OpenAIGPTLMHeadModel",
+        "OpenAIGPTConfig",
+        dict(n_embd=D, n_head=H, n_layer=2, n_positions=64, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **COMMON),
+        "Attention",
+        "blocked",
+        H,
+        attention_path="transformer.h:attn",
+        head_out="c_proj",
+        quirks=("causal_and_mask",),
+        no_cache="GPT-1's Attention takes no KV cache (generate recomputes)",
+    ),
 ]
 
 
@@ -384,10 +939,12 @@ def left_padded(device, B=3, S=10, pads=(0, 3, 6), seed=1):
 def zero_head_pre_hook(head):
     """HF-side oracle for a hook_z head ablation: zero the head's slice of the output projection's input (in
     the input's dtype: the hook is copied with the model into hf_reference's float64 twin)."""
+
     def pre(module, args, kwargs):
         z = (args[0] if args else kwargs["input"]).clone()
-        z[..., head * DH:(head + 1) * DH] = 0
+        z[..., head * DH : (head + 1) * DH] = 0
         return ((z,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": z})
+
     return pre
 
 
@@ -472,8 +1029,13 @@ def test_hook_shapes_and_head_ablation(device, fam):
         ref_ablated = hf_reference(model, lambda m, dt: m(ids, attention_mask=am).logits)
     handle.remove()
     h = pyqkv.hf.attach(model)
-    names = ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_k", "blocks.1.attn.hook_v", "blocks.0.attn.hook_q",
-             "blocks.1.attn.hook_z"]
+    names = [
+        "blocks.0.attn.hook_pattern",
+        "blocks.1.attn.hook_k",
+        "blocks.1.attn.hook_v",
+        "blocks.0.attn.hook_q",
+        "blocks.1.attn.hook_z",
+    ]
     if fam.rotary_of(0):
         names += ["blocks.0.attn.hook_rot_q", "blocks.0.attn.hook_rot_k"]
     if fam.qk_norm:
@@ -491,14 +1053,20 @@ def test_hook_shapes_and_head_ablation(device, fam):
         assert cache["blocks.0.attn.hook_k_normed"].shape == (3, 10, Hkv, DH)
         assert not torch.equal(cache["blocks.0.attn.hook_q_normed"], cache["blocks.0.attn.hook_q"])
     else:
-        with pytest.raises(ValueError, match=r"^blocks\.0\.attn\.hook_q_normed: this hook point does not fire: this layer has no query/key norm"):
+        with pytest.raises(
+            ValueError,
+            match=r"^blocks\.0\.attn\.hook_q_normed: this hook point does not fire: this layer has no query/key norm",
+        ):
             h.add_hook("blocks.0.attn.hook_q_normed", lambda t, hook: None)
     if fam.rotary_of(0):
         assert cache["blocks.0.attn.hook_rot_q"].shape == (3, 10, H, DH)
         assert cache["blocks.0.attn.hook_rot_k"].shape == (3, 10, Hkv, DH)
         assert not torch.equal(cache["blocks.0.attn.hook_rot_q"], cache["blocks.0.attn.hook_q"])
     else:
-        with pytest.raises(ValueError, match=r"^blocks\.0\.attn\.hook_rot_q: this hook point does not fire: this layer has no rotary embedding"):
+        with pytest.raises(
+            ValueError,
+            match=r"^blocks\.0\.attn\.hook_rot_q: this hook point does not fire: this layer has no rotary embedding",
+        ):
             h.add_hook("blocks.0.attn.hook_rot_q", lambda t, hook: None)
 
     def ablate(z, hook):
@@ -551,7 +1119,9 @@ def test_continue_from_cache_filled_by_hf_and_back(device, fam):
         assert cache.get_seq_length() == 10
         pyqkv.hf.detach(model)
         back = model(nxt, past_key_values=cache, use_cache=True).logits
-    assert_close(out, full[:, 6:10], f"{fam.id}: HF's cache continued by the attached model vs HF on the whole sequence")
+    assert_close(
+        out, full[:, 6:10], f"{fam.id}: HF's cache continued by the attached model vs HF on the whole sequence"
+    )
     assert_close(back, full[:, 10:], f"{fam.id}: the Bridges' cache continued by HF vs HF on the whole sequence")
 
 
@@ -563,7 +1133,7 @@ def test_detach_writes_edited_weights_back_in_the_family_layout(device, fam):
         before = model(ids, attention_mask=am).logits
     h = pyqkv.hf.attach(model)
     with torch.no_grad():
-        h.bridges[0].W_Q[1].mul_(1.5)   # views: these edit the layer itself
+        h.bridges[0].W_Q[1].mul_(1.5)  # views: these edit the layer itself
         h.bridges[1].W_V[0].add_(0.05)
         h.bridges[1].W_O[3].mul_(0.5)
         edited = model(ids, attention_mask=am).logits
@@ -588,12 +1158,16 @@ def test_bridge_from_module_split_weights_match_hf_projection(device, fam):
         def fn(dt):
             t = torch.einsum("bsd,hde->bshe", x.to(dt), W.to(dt)) + b.to(dt)
             return t if clip is None else t.clamp(-clip, clip)
+
         return fn
 
     with torch.no_grad():
         _, cache = bridge.run_with_cache(x, names_filter=["hook_q", "hook_k", "hook_v"])
-        for name, W, b in (("hook_q", bridge.W_Q, bridge.b_Q), ("hook_k", bridge.W_K, bridge.b_K),
-                           ("hook_v", bridge.W_V, bridge.b_V)):
+        for name, W, b in (
+            ("hook_q", bridge.W_Q, bridge.b_Q),
+            ("hook_k", bridge.W_K, bridge.b_K),
+            ("hook_v", bridge.W_V, bridge.b_V),
+        ):
             assert_close(cache[name], by_hand(projection(W, b), x.dtype), f"{fam.id} {name} vs x @ W + b by hand")
 
 
@@ -666,7 +1240,9 @@ def test_edit_through_the_module_projection_is_an_edit_of_the_layer(device, fam)
         by_bridge = model(ids, attention_mask=am).logits
         h.bridges[0].W_Q[1].copy_(saved)  # (not div_: the module's edit below then writes the same bits)
         q_weight = spec.qkv[0].weight if isinstance(spec.qkv, tuple) else spec.qkv.weight
-        head1 = q_weight[DH:2 * DH] if not spec.conv1d else q_weight[:, DH:2 * DH]  # Q rows (Linear) / columns (Conv1D) of head 1
+        head1 = (
+            q_weight[DH : 2 * DH] if not spec.conv1d else q_weight[:, DH : 2 * DH]
+        )  # Q rows (Linear) / columns (Conv1D) of head 1
         head1.mul_(1.5)
         by_module = model(ids, attention_mask=am).logits
     # the same weights in the same storage: the same logits, exactly
@@ -689,6 +1265,7 @@ def _break(attribute, value):
     def breaker(h, model):
         for b in h.bridges:
             setattr(b.cfg, attribute, value(b.cfg) if callable(value) else value)
+
     return breaker
 
 
@@ -699,10 +1276,12 @@ def _break_qk_norm(h, model):
 
 def _break_spec(**changes):
     """The attached modules read their family's LayerSpec with these fields changed."""
+
     def breaker(h, model):
         for m in model.modules():
             if isinstance(m, pyqkv.hf.HFAttention):
                 object.__setattr__(m, "_spec", replace(m._spec, **changes))
+
     return breaker
 
 
@@ -722,10 +1301,10 @@ def _break_dense_bias(h, model):
 
 QUIRK_BREAKERS = {
     "clip_qkv": _break("clip_qkv", None),
-    "softmax_scale": _break("scale", lambda cfg: cfg.d_head ** -0.5),
+    "softmax_scale": _break("scale", lambda cfg: cfg.d_head**-0.5),
     "position_bias": _break_position_bias,
     "bool_mask_masks": _break_spec(bool_mask_masks=False),  # MPT's True = masked read as True = attend
-    "causal_and_mask": _break_spec(mask_rule="model"),      # the model's 4-D mask taken as authoritative
+    "causal_and_mask": _break_spec(mask_rule="model"),  # the model's 4-D mask taken as authoritative
     "dense_bias": _break_dense_bias,
     "softcap": _break("softcap", None),
     "rotary_interleaved": _break("rotary_interleaved", lambda cfg: not cfg.rotary_interleaved),
@@ -755,13 +1334,25 @@ def test_each_quirk_matters(device, fam, quirk):
 def test_unsupported_module_names_the_supported_ones():
     with pytest.raises(TypeError) as e:
         pyqkv.hf.bridge_from_module(torch.nn.Linear(4, 4))
-    for name in ("GPT2Attention", "GPTNeoXAttention", "Phi3Attention", "GPTBigCodeAttention", "FalconAttention",
-                 "BloomAttention", "CodeGenAttention", "LlamaAttention", "Qwen3Attention", "Gemma3Attention"):
+    for name in (
+        "GPT2Attention",
+        "GPTNeoXAttention",
+        "Phi3Attention",
+        "GPTBigCodeAttention",
+        "FalconAttention",
+        "BloomAttention",
+        "CodeGenAttention",
+        "LlamaAttention",
+        "Qwen3Attention",
+        "Gemma3Attention",
+    ):
         assert name in str(e.value)
     assert "Linear" in str(e.value)
     with pytest.raises(TypeError, match="no supported attention module.*found: MyAttention"):
+
         class MyAttention(torch.nn.Module):
             pass
+
         pyqkv.hf.attach(torch.nn.Sequential(MyAttention()))
 
 
@@ -786,9 +1377,13 @@ def _module_inputs(fam, model, x):
     """What the family's model passes its attention modules besides the hidden states and the mask."""
     S = x.shape[1]
     if fam.id == "mpt":
-        return dict(position_bias=model.transformer.build_mpt_alibi_tensor(H, model.config.max_seq_len, device=x.device))
+        return dict(
+            position_bias=model.transformer.build_mpt_alibi_tensor(H, model.config.max_seq_len, device=x.device)
+        )
     positions = torch.arange(S, device=x.device)[None]
-    return dict(position_ids=positions, position_embeddings=model.gpt_neox_japanese.rotary_emb(x, position_ids=positions))
+    return dict(
+        position_ids=positions, position_embeddings=model.gpt_neox_japanese.rotary_emb(x, position_ids=positions)
+    )
 
 
 @pytest.mark.parametrize("fam_id", ["mpt", "neox-japanese"])
@@ -802,6 +1397,7 @@ def test_module_whose_causality_is_its_mask_attends_everywhere_without_one(devic
     extra = _module_inputs(fam, model, x)
     causal = torch.ones(6, 6, dtype=torch.bool, device=device).tril()[None, None].expand(2, 1, 6, 6)
     causal = ~causal if fam_id == "mpt" else torch.zeros(2, 1, 6, 6, device=device).masked_fill(~causal, -3e38)
+
     def hf(m, dt):
         return [m(_cast(x, dt), attention_mask=_cast(mask, dt), **_cast(extra, dt))[0] for mask in (None, causal)]
 
@@ -824,11 +1420,17 @@ def test_mpt_and_neox_japanese_reject_masks_their_modules_cannot_read(device):
     pyqkv.hf.attach(mpt)
     attn = BY_ID["mpt"].attentions(mpt)[0]
     bool_mask = torch.zeros(2, 1, 5, 5, dtype=torch.bool, device=device)
-    with pytest.raises(TypeError, match=r"^attention_mask: MptAttention takes a 4-D bool mask \[B, 1, S, K\] whose "
-                                        r"True means masked .*got torch.float32 of shape \(2, 1, 5, 5\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"^attention_mask: MptAttention takes a 4-D bool mask \[B, 1, S, K\] whose "
+        r"True means masked .*got torch.float32 of shape \(2, 1, 5, 5\)",
+    ):
         attn(x, position_bias=table, attention_mask=torch.zeros(2, 1, 5, 5, device=device))
-    with pytest.raises(ValueError, match=r"^position_bias: expected MPT's ALiBi table \[H, 1, L\] with H = 4, got "
-                                         r"shape \(4, 5, 64\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^position_bias: expected MPT's ALiBi table \[H, 1, L\] with H = 4, got "
+        r"shape \(4, 5, 64\)",
+    ):
         attn(x, position_bias=table.expand(H, 5, 64), attention_mask=bool_mask)
     with pytest.raises(ValueError, match=r"^position_bias: the ALiBi table covers L = 3 key positions .*K = 5"):
         attn(x, position_bias=table[..., :3], attention_mask=bool_mask)
@@ -838,8 +1440,11 @@ def test_mpt_and_neox_japanese_reject_masks_their_modules_cannot_read(device):
     model = fam.make(device)
     extra = _module_inputs(fam, model, x)
     pyqkv.hf.attach(model)
-    with pytest.raises(ValueError, match=r"^attention_mask: GPTNeoXJapaneseAttention takes its causal mask from a "
-                                         r"4-D mask \[B, 1, S, K\] .*got shape \(2, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^attention_mask: GPTNeoXJapaneseAttention takes its causal mask from a "
+        r"4-D mask \[B, 1, S, K\] .*got shape \(2, 5\)",
+    ):
         fam.attentions(model)[0](x, attention_mask=torch.ones(2, 5, device=device), **extra)
 
 
@@ -864,15 +1469,18 @@ def test_openai_gpt_minus_1e4_future_fill_equals_hiding_the_future(device):
     with torch.no_grad():
         q, k, _ = attn.c_attn(x).split(D, dim=2)
         scores = torch.einsum("bshd,bkhd->bhsk", q.view(3, 10, H, DH), k.view(3, 10, H, DH)) / DH**0.5
-        ref, ref_pattern = hf_reference(attn, lambda m, dt: list(m(x.to(dt), attention_mask=mask(dt),
-                                                                   output_attentions=True)))
+        ref, ref_pattern = hf_reference(
+            attn, lambda m, dt: list(m(x.to(dt), attention_mask=mask(dt), output_attentions=True))
+        )
         pyqkv.hf.attach(model)
         out, pattern = fam.attentions(model)[0](x, attention_mask=mask(torch.float32), output_attentions=True)
     assert scores.abs().max() > 200, "the scores are not large: the check would be weak"
     keep = am.bool()
     future = torch.ones(10, 10, dtype=torch.bool, device=device).triu(1)
     visible_row_future = keep[:, None, :, None] & future  # [B, 1, S, K]: future keys of non-padded queries
-    assert (ref_pattern.lo[visible_row_future.expand_as(ref_pattern.lo)] == 0).all(), "HF's -1e4 fill left weight on a future key"
+    assert (ref_pattern.lo[visible_row_future.expand_as(ref_pattern.lo)] == 0).all(), (
+        "HF's -1e4 fill left weight on a future key"
+    )
     assert_close(out[keep], ref[keep], "GPT-1 output with large scores vs HF's")
     by_query = ref_pattern.map(lambda p: p.transpose(1, 2))
     assert_close(pattern.transpose(1, 2)[keep], by_query[keep], "GPT-1 pattern at non-padded queries vs HF's")
@@ -885,6 +1493,7 @@ def test_openai_gpt_minus_1e4_future_fill_equals_hiding_the_future(device):
 def test_gpt1_is_matched_by_its_qualified_name_not_any_attention_class():
     """GPT-1's module class is called just `Attention`: a class of that name from anywhere else is not
     taken for it (attach finds nothing to wrap, rather than failing to read a foreign module)."""
+
     class Attention(torch.nn.Module):
         pass
 
@@ -897,9 +1506,18 @@ def test_gpt1_is_matched_by_its_qualified_name_not_any_attention_class():
 def test_decision_transformer_model_attached_equals_hf(device):
     """The whole DecisionTransformerModel (states, actions, returns-to-go in, three tokens per timestep),
     left-padded: its predictions at the non-padded timesteps equal HF's."""
-    cfg = transformers.DecisionTransformerConfig(state_dim=3, act_dim=2, hidden_size=D, n_head=H, n_layer=2,
-                                                 n_positions=64, max_ep_len=64, attn_pdrop=0.0, resid_pdrop=0.0,
-                                                 embd_pdrop=0.0)
+    cfg = transformers.DecisionTransformerConfig(
+        state_dim=3,
+        act_dim=2,
+        hidden_size=D,
+        n_head=H,
+        n_layer=2,
+        n_positions=64,
+        max_ep_len=64,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+    )
     torch.manual_seed(0)
     model = transformers.DecisionTransformerModel(cfg)
     with torch.no_grad():
@@ -909,9 +1527,13 @@ def test_decision_transformer_model_attached_equals_hf(device):
     model = model.to(device).eval()
     B, T = 3, 6
     g = torch.Generator().manual_seed(2)
-    inputs = dict(states=torch.randn(B, T, 3, generator=g), actions=torch.randn(B, T, 2, generator=g),
-                  rewards=torch.randn(B, T, 1, generator=g), returns_to_go=torch.randn(B, T, 1, generator=g),
-                  timesteps=torch.arange(T).expand(B, T).contiguous())
+    inputs = dict(
+        states=torch.randn(B, T, 3, generator=g),
+        actions=torch.randn(B, T, 2, generator=g),
+        rewards=torch.randn(B, T, 1, generator=g),
+        returns_to_go=torch.randn(B, T, 1, generator=g),
+        timesteps=torch.arange(T).expand(B, T).contiguous(),
+    )
     mask = torch.ones(B, T, dtype=torch.long)
     mask[1, :2] = 0
     mask[2, :4] = 0
@@ -951,11 +1573,18 @@ def test_bridge_causal_keyword_applies_causal_and_the_mask(device):
     with torch.no_grad():
         assert torch.equal(bridge(x, bidirectional, causal=None), bridge(x, bidirectional))
         causal_and_mask = oracle(x, mask=folded, causal=False)
-        assert_close(bridge(x, bidirectional, causal=True), causal_and_mask, "causal AND a 4-D mask vs the folded mask by hand")
+        assert_close(
+            bridge(x, bidirectional, causal=True), causal_and_mask, "causal AND a 4-D mask vs the folded mask by hand"
+        )
         assert differs(bridge(x, bidirectional), causal_and_mask), "a 4-D mask alone was made causal"
         assert_close(bridge(x, None, causal=False), oracle(x, causal=False), "no mask, not causal vs every key by hand")
-        assert_close(bridge(x, pad, causal=False), oracle(x, mask=bidirectional, causal=False),
-                     "padding alone vs the padding mask by hand")
-        assert torch.equal(bridge(x, pad, causal=True), bridge(x, pad)), "padding and causal differs from the default rule"
+        assert_close(
+            bridge(x, pad, causal=False),
+            oracle(x, mask=bidirectional, causal=False),
+            "padding alone vs the padding mask by hand",
+        )
+        assert torch.equal(bridge(x, pad, causal=True), bridge(x, pad)), (
+            "padding and causal differs from the default rule"
+        )
     with pytest.raises(TypeError, match=r"^causal: expected a bool, got str"):
         bridge(x, causal="yes")

@@ -34,12 +34,12 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, CONFIG_MAPPING, DynamicCache  # noqa: E402
+from test_bridge_oracle import no_hooks_left  # noqa: E402
+from tolerance import assert_close, by_hand, differs, dtype_of, hf_reference  # noqa: E402
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, DynamicCache  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
 from pyqkv.hf import interface as hf_interface  # noqa: E402
-from test_bridge_oracle import no_hooks_left  # noqa: E402
-from tolerance import assert_close, by_hand, differs, dtype_of, hf_reference  # noqa: E402
 
 hf_interface.register()
 # transformers 5.24 renames past_key_values to cache; 5.17 only knows the old name, which both accept.
@@ -54,27 +54,104 @@ NEW_TOKENS = 6
 # Tiny configs: every size-like field of a family's default config shrunk by name.
 
 _SIZES = {
-    64: ("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "n_embed", "word_embed_proj_dim", "hidden_dim",
-         "model_dim", "d_embed"),
-    128: ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff", "ffn_intermediate_size",
-          "dense_intermediate_size", "max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
-          "max_sequence_length", "seq_length", "original_max_position_embeddings", "block_size", "mamba_d_ssm",
-          "vocab_size_per_layer_input"),
-    32: ("shared_intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size",
-         "q_lora_rank", "moe_ffn_hidden_size"),
-    16: ("linear_head_dim", "hidden_size_per_layer_input", "head_dim", "kv_lora_rank", "v_head_dim", "attention_head_dim", "kv_channels", "linear_key_head_dim",
-         "linear_value_head_dim", "mamba_head_dim", "d_head"),
-    8: ("qk_rope_head_dim", "qk_nope_head_dim", "mamba_d_state", "state_size", "ssm_state_size", "mamba_dt_rank",
-        "time_step_rank", "d_state"),
-    4: ("num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads",
-        "decoder_attention_heads", "num_experts", "num_local_experts", "n_routed_experts", "linear_num_value_heads",
-        "mamba_n_heads", "linear_num_key_heads", "linear_num_heads", "moe_num_experts"),
-    2: ("num_experts_per_token", "num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts", "n_groups", "mamba_n_groups"),
+    64: (
+        "hidden_size",
+        "n_embd",
+        "d_model",
+        "dim",
+        "embed_dim",
+        "n_embed",
+        "word_embed_proj_dim",
+        "hidden_dim",
+        "model_dim",
+        "d_embed",
+    ),
+    128: (
+        "intermediate_size",
+        "n_inner",
+        "ffn_dim",
+        "ffn_hidden_size",
+        "d_ff",
+        "ffn_intermediate_size",
+        "dense_intermediate_size",
+        "max_position_embeddings",
+        "n_positions",
+        "n_ctx",
+        "max_seq_len",
+        "max_sequence_length",
+        "seq_length",
+        "original_max_position_embeddings",
+        "block_size",
+        "mamba_d_ssm",
+        "vocab_size_per_layer_input",
+    ),
+    32: (
+        "shared_intermediate_size",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "expert_intermediate_size",
+        "q_lora_rank",
+        "moe_ffn_hidden_size",
+    ),
+    16: (
+        "linear_head_dim",
+        "hidden_size_per_layer_input",
+        "head_dim",
+        "kv_lora_rank",
+        "v_head_dim",
+        "attention_head_dim",
+        "kv_channels",
+        "linear_key_head_dim",
+        "linear_value_head_dim",
+        "mamba_head_dim",
+        "d_head",
+    ),
+    8: (
+        "qk_rope_head_dim",
+        "qk_nope_head_dim",
+        "mamba_d_state",
+        "state_size",
+        "ssm_state_size",
+        "mamba_dt_rank",
+        "time_step_rank",
+        "d_state",
+    ),
+    4: (
+        "num_attention_heads",
+        "n_head",
+        "num_heads",
+        "n_heads",
+        "encoder_attention_heads",
+        "decoder_attention_heads",
+        "num_experts",
+        "num_local_experts",
+        "n_routed_experts",
+        "linear_num_value_heads",
+        "mamba_n_heads",
+        "linear_num_key_heads",
+        "linear_num_heads",
+        "moe_num_experts",
+    ),
+    2: (
+        "num_experts_per_token",
+        "num_experts_per_tok",
+        "moe_topk",
+        "top_k",
+        "num_selected_experts",
+        "n_groups",
+        "mamba_n_groups",
+    ),
     1: ("num_expert_group", "n_group", "topk_group", "n_shared_experts", "num_shared_experts", "first_k_dense_replace"),
 }
 _SIZE_OF = {name: size for size, names in _SIZES.items() for name in names}
-_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_n_heads", "multi_query_group_num",
-             "num_key_value_groups")
+_KV_HEADS = (
+    "num_key_value_heads",
+    "num_kv_heads",
+    "n_kv_heads",
+    "kv_n_heads",
+    "multi_query_group_num",
+    "num_key_value_groups",
+)
 _LAYERS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers")
 
 
@@ -98,7 +175,9 @@ def _shrink(d: dict) -> dict:
         elif k in _SIZE_OF and isinstance(v, int):
             d[k] = min(v, _SIZE_OF[k]) if k in ("n_shared_experts", "num_shared_experts") else _SIZE_OF[k]
         elif k in _KV_HEADS and isinstance(v, int):
-            heads = next((orig[h] for h in ("num_attention_heads", "n_head", "num_heads") if isinstance(orig.get(h), int)), v)
+            heads = next(
+                (orig[h] for h in ("num_attention_heads", "n_head", "num_heads") if isinstance(orig.get(h), int)), v
+            )
             d[k] = 1 if v == 1 else (H if v == heads else 2)
         elif k in _LAYERS and isinstance(v, int):
             d[k] = n_layers
@@ -115,8 +194,11 @@ def _shrink(d: dict) -> dict:
         d.update(qk_rope_head_dim=8, qk_nope_head_dim=8, head_dim=8)
         d.update(qk_head_dim=16) if "qk_head_dim" in d else None
     if isinstance(d.get("mamba_expand"), int):  # Mamba heads must tile expand * hidden
-        for heads, width in (("mamba_n_heads", "mamba_d_head"), ("mamba_n_heads", "mamba_head_dim"),
-                             ("n_mamba_heads", "mamba_headdim")):
+        for heads, width in (
+            ("mamba_n_heads", "mamba_d_head"),
+            ("mamba_n_heads", "mamba_head_dim"),
+            ("n_mamba_heads", "mamba_headdim"),
+        ):
             if isinstance(d.get(heads), int) and width in d:
                 d[heads], d[width] = 4, d["mamba_expand"] * 64 // 4
     for k, period in (("attn_layer_period", 2), ("expert_layer_period", 2)):
@@ -133,12 +215,20 @@ OVERRIDES = {
     "bamba": dict(attn_layer_indices=[1]),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
     "zaya": dict(num_experts_per_tok=1),
-    "dory": dict(layer_types=["sliding_attention", "full_attention"], num_hidden_layers=2, n_input_layers=1,
-                 n_recurrent_layers=0, n_output_layers=1),
+    "dory": dict(
+        layer_types=["sliding_attention", "full_attention"],
+        num_hidden_layers=2,
+        n_input_layers=1,
+        n_recurrent_layers=0,
+        n_output_layers=1,
+    ),
     "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
     "gemma3n_text": dict(num_kv_shared_layers=0, intermediate_size=[128, 128], activation_sparsity_pattern=[0.0, 0.0]),
-    "cohere_compass_text": dict(rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
-                                                 for t in ("full_attention", "sliding_attention")}),
+    "cohere_compass_text": dict(
+        rope_parameters={
+            t: {"rope_type": "default", "rope_theta": 10000.0} for t in ("full_attention", "sliding_attention")
+        }
+    ),
 }
 
 
@@ -194,8 +284,23 @@ def causal_lm_types() -> list:
 # A fixed cross-section of the enumeration for the default run: MHA / GQA / MQA, RoPE full and partial,
 # qk-norm, sliding windows (Mistral, Gemma 3), NoPE layers, learned positions, fused-QKV families that
 # also have Bridges, bias on q/k/v, a hybrid with linear-attention layers.
-REPRESENTATIVE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi", "phi3", "gpt2",
-                  "gpt_neox", "gpt_bigcode", "opt", "olmo2", "smollm3", "starcoder2"]
+REPRESENTATIVE = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma3_text",
+    "phi",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "gpt_bigcode",
+    "opt",
+    "olmo2",
+    "smollm3",
+    "starcoder2",
+]
 FULL = os.environ.get("PYQKV_HF_ALL") == "1"
 FAMILIES = causal_lm_types() if FULL else [t for t in REPRESENTATIVE if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
 
@@ -205,8 +310,10 @@ def _output_projection(model, path: str, width: int):
     BERT-style models keep it in a sibling (attention.self -> attention.output.dense)."""
     module = model.get_submodule(path)
     parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
-    candidates = [getattr(module, name, None) for name in
-                  ("o_proj", "out_proj", "dense", "c_proj", "wo", "Wo", "o", "proj", "attn_out", "output_proj")]
+    candidates = [
+        getattr(module, name, None)
+        for name in ("o_proj", "out_proj", "dense", "c_proj", "wo", "Wo", "o", "proj", "attn_out", "output_proj")
+    ]
     output = getattr(parent, "output", None)
     if path.endswith(".self") and isinstance(output, torch.nn.Module):
         candidates.append(getattr(output, "dense", None))
@@ -301,8 +408,11 @@ def test_family_equals_eager(built, model_type):
     # must equal eager, as the fused op did
     assert_close(plain.logits[keep], ref[keep], f"{model_type}: split-form logits vs eager at non-padded positions")
     rows = pattern.sum(-1)[keep[:, None, :].expand(-1, Hq, -1)]
-    assert_close(rows, by_hand(lambda dt: torch.ones(rows.shape, dtype=dt), rows.dtype),
-                 f"{model_type}: hook_pattern row sums at non-padded queries vs 1")
+    assert_close(
+        rows,
+        by_hand(lambda dt: torch.ones(rows.shape, dtype=dt), rows.dtype),
+        f"{model_type}: hook_pattern row sums at non-padded queries vs 1",
+    )
 
 
 @contextlib.contextmanager
@@ -387,10 +497,15 @@ def test_family_head_ablation(built, model_type):
     if by_projection:
         return
     assert_close(ablated[keep], expected, f"{model_type}: head {head} zeroed at hook_z vs in eager's attention")
-    why = "no output projection of width H*Dh found by name" if proj is None else (
-        "the output projection does not read z directly")
-    pytest.skip(f"{type(eager.get_submodule(path)).__name__}: {why}; hook_z ablation equals eager with the head "
-                "zeroed in its attention output, the by-hand projection oracle does not apply")
+    why = (
+        "no output projection of width H*Dh found by name"
+        if proj is None
+        else ("the output projection does not read z directly")
+    )
+    pytest.skip(
+        f"{type(eager.get_submodule(path)).__name__}: {why}; hook_z ablation equals eager with the head "
+        "zeroed in its attention output, the by-hand projection oracle does not apply"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -453,8 +568,15 @@ def test_static_cache_equals_eager(model_type):
     eager, ours = pair(model_type)
     ids, _ = left_padded()
     steps = ((0, 6), (6, 7), (7, 8))
-    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None,
-              cache_implementation="static", return_dict_in_generate=True, output_logits=True)
+    kw = dict(
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        cache_implementation="static",
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
 
     def hf(m, dt):
         """eager's logits through a StaticCache step by step, then its static-cache generate."""
@@ -488,8 +610,12 @@ def test_static_cache_prefill_without_mask_sees_only_its_own_keys():
     v[:, :, Sq:] = 0
     z, _ = hf_interface.attention_forward(module, q, k, v, None, scaling=0.25)
     kk, vv = k[:, :, :Sq].repeat_interleave(Hq // Hkv, 1), v[:, :, :Sq].repeat_interleave(Hq // Hkv, 1)
-    ref = by_hand(lambda dt: torch.nn.functional.scaled_dot_product_attention(
-        q.to(dt), kk.to(dt), vv.to(dt), is_causal=True, scale=0.25).transpose(1, 2), q.dtype)
+    ref = by_hand(
+        lambda dt: torch.nn.functional.scaled_dot_product_attention(
+            q.to(dt), kk.to(dt), vv.to(dt), is_causal=True, scale=0.25
+        ).transpose(1, 2),
+        q.dtype,
+    )
     assert_close(z, ref, "static prefill, mask None vs causal sdpa over the first S keys")
 
 
@@ -633,12 +759,25 @@ def test_hooks_for_needs_the_pyqkv_implementation_and_enable_sets_it():
 def test_points_the_interface_cannot_see_raise_naming_attach():
     _, ours = pair("gpt2")
     h = hf_interface.hooks_for(ours)
-    for name in ("hook_q", "hook_k", "hook_in", "hook_result", "hook_out", "hook_q_input", "q.hook_out",
-                 "hook_hidden_states"):
-        with pytest.raises(ValueError, match="does not fire: not available with attn_implementation='pyqkv'.*"
-                                             r"pyqkv.hf.attach\(model\) gives every hook point .*GPT2Attention"):
+    for name in (
+        "hook_q",
+        "hook_k",
+        "hook_in",
+        "hook_result",
+        "hook_out",
+        "hook_q_input",
+        "q.hook_out",
+        "hook_hidden_states",
+    ):
+        with pytest.raises(
+            ValueError,
+            match="does not fire: not available with attn_implementation='pyqkv'.*"
+            r"pyqkv.hf.attach\(model\) gives every hook point .*GPT2Attention",
+        ):
             h.add_hook(f"blocks.0.attn.{name}", lambda t, hook: None)
-    with pytest.raises(KeyError, match=r"unknown hook point 'blocks\.0\.attn\.hook_nope'.*Valid names: blocks\.\{0-1\}\.attn\.<point>"):
+    with pytest.raises(
+        KeyError, match=r"unknown hook point 'blocks\.0\.attn\.hook_nope'.*Valid names: blocks\.\{0-1\}\.attn\.<point>"
+    ):
         h.add_hook("blocks.0.attn.hook_nope", lambda t, hook: None)
     # filters skip what cannot fire; aliases name the same point
     seen = []
@@ -650,7 +789,9 @@ def test_points_the_interface_cannot_see_raise_naming_attach():
     assert seen == [f"blocks.0.attn.{n}" for n in hf_interface.POINTS] + ["blocks.1.attn.hook_z"]
     assert no_hooks_left(h)
     _, llama = pair("llama")  # a family the full tier supports: the message points there
-    with pytest.raises(ValueError, match=r"pyqkv\.hf\.attach\(model\) gives every hook point for this model \(LlamaAttention\)"):
+    with pytest.raises(
+        ValueError, match=r"pyqkv\.hf\.attach\(model\) gives every hook point for this model \(LlamaAttention\)"
+    ):
         hf_interface.hooks_for(llama).add_hook("blocks.0.attn.hook_q", lambda t, hook: None)
     _, starcoder2 = pair("starcoder2")  # one it does not: the message says so
     with pytest.raises(ValueError, match="does not support Starcoder2Attention"):
@@ -697,8 +838,9 @@ def test_pattern_edits_recompute_z_and_untouched_patterns_do_not(monkeypatch):
     monkeypatch.setattr(hf_interface.ops, "attn_apply", lambda *a: applied.append(1) or real_apply(*a))
     with torch.no_grad():
         plain = ours(ids, attention_mask=am).logits
-        read = h.run_with_hooks(ids, attention_mask=am,
-                                fwd_hooks=[("blocks.1.attn.hook_pattern", lambda p, hook: None)]).logits
+        read = h.run_with_hooks(
+            ids, attention_mask=am, fwd_hooks=[("blocks.1.attn.hook_pattern", lambda p, hook: None)]
+        ).logits
         assert not applied and torch.equal(read, plain)
 
         def zero_pattern(p, hook):
@@ -710,8 +852,16 @@ def test_pattern_edits_recompute_z_and_untouched_patterns_do_not(monkeypatch):
         by_pattern = h.run_with_hooks(ids, attention_mask=am, fwd_hooks=[("blocks.1.attn.hook_pattern", zero_pattern)])
         assert applied
         by_z = h.run_with_hooks(ids, attention_mask=am, fwd_hooks=[("blocks.1.attn.hook_z", zero_z)])
-        replaced = h.run_with_hooks(ids, attention_mask=am, fwd_hooks=[
-            ("blocks.1.attn.hook_pattern", lambda p, hook: torch.where(torch.arange(H).view(1, H, 1, 1) == 2, 0.0, p))])
+        replaced = h.run_with_hooks(
+            ids,
+            attention_mask=am,
+            fwd_hooks=[
+                (
+                    "blocks.1.attn.hook_pattern",
+                    lambda p, hook: torch.where(torch.arange(H).view(1, H, 1, 1) == 2, 0.0, p),
+                )
+            ],
+        )
     assert differs(plain[keep], expected), "zeroing head 2 changed nothing"
     assert_close(by_z.logits[keep], expected, "head 2 zeroed at hook_z vs eager with it zeroed")
     assert_close(by_pattern.logits[keep], expected, "head 2's pattern zeroed in place vs eager with the head zeroed")
@@ -759,9 +909,17 @@ def test_key_value_edits_affect_this_step_only_and_never_the_cache():
         a, b = cache_plain.layers[0], cache_hooked.layers[0]  # (layer 1's inputs changed with layer 0's output)
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), "an edit reached the cache"
         # a decode step: K = 6 past + 1 new keys
-        _, step = h.run_with_cache(ids[:, 6:7], past_key_values=cache_plain, use_cache=True,
-                                   names_filter=["blocks.0.attn.hook_rot_k", "blocks.0.attn.hook_v",
-                                                 "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_rot_q"])
+        _, step = h.run_with_cache(
+            ids[:, 6:7],
+            past_key_values=cache_plain,
+            use_cache=True,
+            names_filter=[
+                "blocks.0.attn.hook_rot_k",
+                "blocks.0.attn.hook_v",
+                "blocks.0.attn.hook_pattern",
+                "blocks.0.attn.hook_rot_q",
+            ],
+        )
     assert step["blocks.0.attn.hook_rot_k"].shape == (B, 7, 2, DH)
     assert step["blocks.0.attn.hook_v"].shape == (B, 7, 2, DH)
     assert step["blocks.0.attn.hook_rot_q"].shape == (B, 1, H, DH)
@@ -778,11 +936,17 @@ def test_backward_hooks_see_gradients_in_hook_format():
     def record(g, hook):
         grads[hook.name] = tuple(g.shape)
 
-    with h.hooks(bwd_hooks=[(n, record)
-                            for n in ("blocks.0.attn.hook_z", "blocks.0.attn.hook_pattern", "blocks.1.attn.hook_rot_q")]):
+    with h.hooks(
+        bwd_hooks=[
+            (n, record) for n in ("blocks.0.attn.hook_z", "blocks.0.attn.hook_pattern", "blocks.1.attn.hook_rot_q")
+        ]
+    ):
         ours(ids).logits.sum().backward()
-    assert grads == {"blocks.0.attn.hook_z": (B, S, H, DH), "blocks.0.attn.hook_pattern": (B, H, S, S),
-                     "blocks.1.attn.hook_rot_q": (B, S, H, DH)}
+    assert grads == {
+        "blocks.0.attn.hook_z": (B, S, H, DH),
+        "blocks.0.attn.hook_pattern": (B, H, S, S),
+        "blocks.1.attn.hook_rot_q": (B, S, H, DH),
+    }
     assert no_hooks_left(h)
 
 
@@ -791,10 +955,12 @@ def test_cross_attention_and_towers_are_named_by_module_path():
     by module path."""
     _, ours = pair("bart")
     h = hf_interface.hooks_for(ours)
-    assert h.layers == [("blocks.0.attn", "model.decoder.layers.0.self_attn"),
-                        ("model.decoder.layers.0.encoder_attn", "model.decoder.layers.0.encoder_attn"),
-                        ("blocks.1.attn", "model.decoder.layers.1.self_attn"),
-                        ("model.decoder.layers.1.encoder_attn", "model.decoder.layers.1.encoder_attn")]
+    assert h.layers == [
+        ("blocks.0.attn", "model.decoder.layers.0.self_attn"),
+        ("model.decoder.layers.0.encoder_attn", "model.decoder.layers.0.encoder_attn"),
+        ("blocks.1.attn", "model.decoder.layers.1.self_attn"),
+        ("model.decoder.layers.1.encoder_attn", "model.decoder.layers.1.encoder_attn"),
+    ]
     assert "model.decoder.layers.1.encoder_attn.hook_pattern" in h.hook_points()
 
 
@@ -809,8 +975,9 @@ def test_value_head_dim_other_than_the_query_s(v_head_dim):
         ref = hf_reference(eager, lambda m, dt: m(ids, attention_mask=am).logits)
         out = ours(ids, attention_mask=am).logits
         _, cache = h.run_with_cache(ids, attention_mask=am, names_filter=["blocks.0.attn.hook_z"])
-        read = h.run_with_hooks(ids, attention_mask=am,
-                                fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: None)]).logits
+        read = h.run_with_hooks(
+            ids, attention_mask=am, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: None)]
+        ).logits
     assert cache["blocks.0.attn.hook_z"].shape == (B, S, H, v_head_dim)
     assert_close(out[keep], ref[keep], f"deepseek_v3 v_head_dim={v_head_dim}: logits vs eager")
     assert_close(read[keep], ref[keep], f"deepseek_v3 v_head_dim={v_head_dim}: logits with a pattern hook vs eager")
@@ -835,9 +1002,13 @@ def test_position_bias_is_folded_into_the_mask_as_sdpa_does():
             s = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * 0.3 + bias.to(dt)
             p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)  # empty row -> 0
             return (p @ v.to(dt)).transpose(1, 2)
+
         return run
 
     for mask, visible in ((None, causal), (pad & causal, pad & causal)):
         z, _ = hf_interface.attention_forward(module, q, k, v, mask, scaling=0.3, position_bias=bias)
-        assert_close(z, by_hand(formula(visible), q.dtype),
-                     f"z with position_bias ({'mask None' if mask is None else 'a bool mask'}) vs the formula")
+        assert_close(
+            z,
+            by_hand(formula(visible), q.dtype),
+            f"z with position_bias ({'mask None' if mask is None else 'a bool mask'}) vs the formula",
+        )

@@ -10,8 +10,6 @@ import weakref
 
 import pytest
 import torch
-
-import pyqkv
 from test_bridge import plain_bridge, randx
 from test_bridge_oracle import (
     Oracle,
@@ -21,6 +19,8 @@ from test_bridge_oracle import (
     softmax_zero_rows,
 )
 from tolerance import Ref, assert_close, by_hand, differs
+
+import pyqkv
 
 B, S, D, H, HKV, DH = 2, 6, 64, 4, 2, 16
 
@@ -123,10 +123,17 @@ def test_cached_activations_equal_oracle(device, flags):
     assert_close(out, exp["hook_out"])
 
 
-@pytest.mark.parametrize("alias,canonical", [
-    ("q.hook_out", "hook_q"), ("k.hook_out", "hook_k"), ("v.hook_out", "hook_v"), ("o.hook_in", "hook_z"),
-    ("hook_hidden_states", "hook_out"), ("o.hook_out", "hook_out"),
-])
+@pytest.mark.parametrize(
+    "alias,canonical",
+    [
+        ("q.hook_out", "hook_q"),
+        ("k.hook_out", "hook_k"),
+        ("v.hook_out", "hook_v"),
+        ("o.hook_in", "hook_z"),
+        ("hook_hidden_states", "hook_out"),
+        ("o.hook_out", "hook_out"),
+    ],
+)
 def test_aliases_are_the_same_point(device, alias, canonical):
     b, _, _ = plain_bridge(device)
     x = randx(device)
@@ -147,8 +154,15 @@ def test_alias_cache_and_canonical_cache_agree(device):
     b, oracle, _ = plain_bridge(device)
     x = randx(device)
     _, cache = b.run_with_cache(x, names_filter=["q.hook_out", "o.hook_in", "hook_hidden_states", "hook_pattern"])
-    assert set(cache) == {"q.hook_out", "hook_q", "o.hook_in", "hook_z", "hook_hidden_states", "hook_out",
-                          "hook_pattern"}
+    assert set(cache) == {
+        "q.hook_out",
+        "hook_q",
+        "o.hook_in",
+        "hook_z",
+        "hook_hidden_states",
+        "hook_out",
+        "hook_pattern",
+    }
     exp = oracle.run(x)
     assert_close(cache["q.hook_out"], exp["hook_q"])
     assert_close(cache["o.hook_in"], exp["hook_z"])
@@ -167,12 +181,16 @@ def test_none_keeps_and_returned_tensor_replaces(device):
     out = b.run_with_hooks(x, fwd_hooks=[("hook_out", lambda t, hook: torch.zeros_like(t))])
     assert torch.count_nonzero(out) == 0
     two_x = lambda t, hook: t * 2  # noqa: E731
-    assert_close(b.run_with_hooks(x, fwd_hooks=[("hook_q", two_x)]),
-                 oracle(x, edits={"hook_q": lambda q: q * 2}), "hook_q replaced")
+    assert_close(
+        b.run_with_hooks(x, fwd_hooks=[("hook_q", two_x)]),
+        oracle(x, edits={"hook_q": lambda q: q * 2}),
+        "hook_q replaced",
+    )
 
 
-@pytest.mark.parametrize("point", ["hook_in", "hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern",
-                                   "hook_z", "hook_out"])
+@pytest.mark.parametrize(
+    "point", ["hook_in", "hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z", "hook_out"]
+)
 def test_in_place_edits_are_honoured(device, point):
     b, oracle, _ = plain_bridge(device)
     x = randx(device)
@@ -229,7 +247,9 @@ def test_zeroing_head_at_hook_z_by_hand(device, head):
 
     out = b.run_with_hooks(x, fwd_hooks=[("hook_z", ablate)])
     assert_close(out, ablated, "ablated output")
-    out2 = b.run_with_hooks(x, fwd_hooks=[("o.hook_in", lambda t, hook: t.index_fill(2, torch.tensor([head], device=t.device), 0))])
+    out2 = b.run_with_hooks(
+        x, fwd_hooks=[("o.hook_in", lambda t, hook: t.index_fill(2, torch.tensor([head], device=t.device), 0))]
+    )
     assert_close(out2, ablated, "ablated output (returned, alias)")
 
 
@@ -254,7 +274,9 @@ def test_pattern_edit_changes_z(device, how, Hkv):
     with b.hooks(fwd_hooks=[("hook_pattern", hook)]):
         out, cache = b.run_with_cache(x, names_filter=["hook_v", "hook_z"])
     p, v = captured["p"], cache["hook_v"]
-    assert_close(cache["hook_z"], by_hand(lambda dt: apply_pattern(p.to(dt), v.to(dt)), p.dtype), "z from the edited pattern")
+    assert_close(
+        cache["hook_z"], by_hand(lambda dt: apply_pattern(p.to(dt), v.to(dt)), p.dtype), "z from the edited pattern"
+    )
     assert_close(out, oracle(x, edits={"hook_pattern": lambda t: p.to(t.dtype)}), "output")
 
 
@@ -270,8 +292,11 @@ def test_scores_edit_changes_pattern(device):
     with b.hooks(fwd_hooks=[("hook_attn_scores", lambda t, hook: edit(t))]):
         out, cache = b.run_with_cache(x, names_filter=["hook_attn_scores", "hook_pattern"])
     scores = cache["hook_attn_scores"]
-    assert_close(cache["hook_pattern"], by_hand(lambda dt: softmax_zero_rows(scores.to(dt)), scores.dtype),
-                 "softmax of edited scores")
+    assert_close(
+        cache["hook_pattern"],
+        by_hand(lambda dt: softmax_zero_rows(scores.to(dt)), scores.dtype),
+        "softmax of edited scores",
+    )
     exp = oracle.run(x, edits={"hook_attn_scores": edit})
     assert_close(cache["hook_pattern"], exp["hook_pattern"], "pattern")
     assert_close(out, exp["hook_out"], "output")
@@ -280,14 +305,18 @@ def test_scores_edit_changes_pattern(device):
     assert (gain >= 0).all() and gain.sum() > 0.1, "head 1 should attend more to key 0"
 
 
-@pytest.mark.parametrize("flags,fork_hooks", [
-    ({}, []),
-    (dict(use_split_qkv_input=True), []),
-    (dict(use_split_qkv_input=True), ["hook_q_input", "hook_k_input", "hook_v_input"]),
-    (dict(use_split_qkv_input=True), ["hook_v_input"]),
-    (dict(use_attn_in=True), []),
-    (dict(use_attn_in=True), ["hook_attn_in"]),
-], ids=lambda v: "-".join(v) if isinstance(v, list) else flag_id(v))
+@pytest.mark.parametrize(
+    "flags,fork_hooks",
+    [
+        ({}, []),
+        (dict(use_split_qkv_input=True), []),
+        (dict(use_split_qkv_input=True), ["hook_q_input", "hook_k_input", "hook_v_input"]),
+        (dict(use_split_qkv_input=True), ["hook_v_input"]),
+        (dict(use_attn_in=True), []),
+        (dict(use_attn_in=True), ["hook_attn_in"]),
+    ],
+    ids=lambda v: "-".join(v) if isinstance(v, list) else flag_id(v),
+)
 def test_hook_in_patch_feeds_everything(device, flags, fork_hooks):
     """SPEC fix: a patch at hook_in reaches Q, K and V also on the fork paths."""
     b, oracle, _ = plain_bridge(device, **flags)
@@ -334,11 +363,14 @@ def test_split_qkv_input_without_hook_is_exactly_default(device):
     assert torch.equal(b(x), default)
 
 
-@pytest.mark.parametrize("zeroed,kept", [
-    ("hook_q_input", ("hook_k", "hook_v")),
-    ("hook_k_input", ("hook_q", "hook_v")),
-    ("hook_v_input", ("hook_q", "hook_k")),
-])
+@pytest.mark.parametrize(
+    "zeroed,kept",
+    [
+        ("hook_q_input", ("hook_k", "hook_v")),
+        ("hook_k_input", ("hook_q", "hook_v")),
+        ("hook_v_input", ("hook_q", "hook_k")),
+    ],
+)
 def test_zeroing_one_split_input_leaves_the_others_bit_identical(device, zeroed, kept):
     b, _, split = plain_bridge(device, use_split_qkv_input=True)
     x = randx(device)
@@ -380,6 +412,7 @@ def test_attn_in_sees_per_head_copies_and_kv_use_first_heads(device):
     assert base["hook_attn_in"].shape == (2, 7, 4, 64)
     assert torch.equal(base["hook_attn_in"], x.unsqueeze(2).expand(2, 7, 4, 64))
     for head, k_changes in ((3, False), (0, True)):
+
         def zero(t, hook, head=head):
             t[:, :, head] = 0
 
@@ -455,7 +488,10 @@ def test_names_filter_forms(device):
     assert out.requires_grad
     assert set(b.run_with_cache(x, names_filter="hook_z")[1]) == {"hook_z"}
     assert set(b.run_with_cache(x, names_filter=["hook_q", "hook_k"])[1]) == {"hook_q", "hook_k"}
-    assert set(b.run_with_cache(x, names_filter=lambda n: n.endswith("_v") or n == "hook_out")[1]) == {"hook_v", "hook_out"}
+    assert set(b.run_with_cache(x, names_filter=lambda n: n.endswith("_v") or n == "hook_out")[1]) == {
+        "hook_v",
+        "hook_out",
+    }
     assert set(b.run_with_cache(x, names_filter="hook_result")[1]) == set()  # gated: skipped
     assert no_hooks_left(b)
 
@@ -611,8 +647,10 @@ def _oracle_grads(oracle, x, w, *, grad_edits=None):
                 def on_grad(g):
                     capture[name] = g
                     return grad_edits[name](g) if name in grad_edits else g
+
                 t.register_hook(on_grad)
                 return t
+
             return f
 
         edits = {n: mk(n) for n in ("hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z", "hook_out")}
@@ -650,8 +688,10 @@ def test_backward_hook_on_scores_and_in(device):
     b, oracle, _ = plain_bridge(device)
     x = randx(device).requires_grad_(True)
     seen = {}
-    hooks = [("hook_attn_scores", lambda g, hook: seen.update(scores=g.shape)),
-             ("hook_in", lambda g, hook: seen.update({"in": g.clone()}))]
+    hooks = [
+        ("hook_attn_scores", lambda g, hook: seen.update(scores=g.shape)),
+        ("hook_in", lambda g, hook: seen.update({"in": g.clone()})),
+    ]
     with b.hooks(bwd_hooks=hooks):
         b(x).sum().backward()
     assert seen["scores"] == (2, 4, 7, 7)
@@ -687,8 +727,12 @@ class HeadsFirst:
 
 @pytest.mark.parametrize("rule", ["b s (h d) -> b h s d", HeadsFirst()], ids=["pattern", "object"])
 def test_custom_conversion_rule(device, rule):
-    w, bias, ow, ob = (torch.randn(64, 192, device=device) * 0.2, torch.randn(192, device=device) * 0.2,
-                       torch.randn(64, 64, device=device) * 0.2, torch.randn(64, device=device) * 0.2)
+    w, bias, ow, ob = (
+        torch.randn(64, 192, device=device) * 0.2,
+        torch.randn(192, device=device) * 0.2,
+        torch.randn(64, 64, device=device) * 0.2,
+        torch.randn(64, device=device) * 0.2,
+    )
     b = pyqkv.Bridge(w, bias, ow, ob, n_heads=4, d_head=16, hook_conversions={"o.hook_in": rule})
     oracle = Oracle(w, bias, ow, ob, n_heads=4, d_head=16)
     x = randx(device)

@@ -156,12 +156,16 @@ def test_split_qkv_matches_reference(layout, H, Hkv, conv1d, dtype, device):
 @pytest.mark.parametrize("layout,H,Hkv", LAYOUT_HEADS)
 def test_pack_qkv_matches_reference(layout, H, Hkv, conv1d, dtype, device):
     D, Dh = 10, 4
-    W_Q, W_K, W_V = rand(H, D, Dh, dtype=dtype, device=device), rand(Hkv, D, Dh, dtype=dtype, device=device), rand(
-        Hkv, D, Dh, dtype=dtype, device=device
+    W_Q, W_K, W_V = (
+        rand(H, D, Dh, dtype=dtype, device=device),
+        rand(Hkv, D, Dh, dtype=dtype, device=device),
+        rand(Hkv, D, Dh, dtype=dtype, device=device),
     )
     W_K = W_K.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous inputs are read through strides
-    b_Q, b_K, b_V = rand(H, Dh, dtype=dtype, device=device), rand(Hkv, Dh, dtype=dtype, device=device), rand(
-        Hkv, Dh, dtype=dtype, device=device
+    b_Q, b_K, b_V = (
+        rand(H, Dh, dtype=dtype, device=device),
+        rand(Hkv, Dh, dtype=dtype, device=device),
+        rand(Hkv, Dh, dtype=dtype, device=device),
     )
     w, b = ops.pack_qkv(W_Q, W_K, W_V, b_Q, b_K, b_V, layout=layout, conv1d=conv1d)
     assert torch.equal(w, ref.pack_qkv(W_Q, W_K, W_V, layout=layout, conv1d=conv1d))
@@ -232,7 +236,9 @@ def test_split_qkv_agrees_with_the_models(layout, H, Hkv, conv1d, device):
     n_out = (H + 2 * Hkv) * Dh
     w = fused_weight(D, n_out, conv1d=conv1d, contiguous=True, dtype=torch.float64, device=device)
     bias = rand(n_out, dtype=torch.float64, device=device)
-    W_Q, W_K, W_V, b_Q, b_K, b_V = ops.split_qkv(w, bias, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout=layout, conv1d=conv1d)
+    W_Q, W_K, W_V, b_Q, b_K, b_V = ops.split_qkv(
+        w, bias, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout=layout, conv1d=conv1d
+    )
     cut_w = heads_as_models_read_them((w if conv1d else w.t()).contiguous(), layout, H, Hkv, Dh)  # [D, heads, Dh] each
     cut_b = heads_as_models_read_them(bias[None], layout, H, Hkv, Dh)  # [1, heads, Dh] each
     for name, W, b, cw, cb in zip("qkv", (W_Q, W_K, W_V), (b_Q, b_K, b_V), cut_w, cut_b):
@@ -309,8 +315,18 @@ def test_per_head_proj_broadcast_does_not_materialize_copies(device):
 
 def run_attention(q, k, v, mask, scale, causal, return_pattern, alibi, softcap, window):
     """The fused op through its Python wrapper, called as op_cases calls a runner."""
-    return ops.attention(q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=return_pattern,
-                         alibi=alibi, softcap=softcap, window=window)
+    return ops.attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        causal=causal,
+        mask=mask,
+        return_pattern=return_pattern,
+        alibi=alibi,
+        softcap=softcap,
+        window=window,
+    )
 
 
 ATTENTION_CASES = op_cases.attention_cases()
@@ -343,8 +359,12 @@ def exercises_the_split_form(c: op_cases.AttnCase) -> bool:
     return bool(features) and c.B * c.H * c.S * max(c.K, 1) * c.Dh <= 2e6
 
 
-SPLIT_FORM_PARAMS = [pytest.param(c, d, id=f"{c.name}-{str(d)[6:]}") for c in ATTENTION_CASES if exercises_the_split_form(c)
-                     for d in c.dtypes]
+SPLIT_FORM_PARAMS = [
+    pytest.param(c, d, id=f"{c.name}-{str(d)[6:]}")
+    for c in ATTENTION_CASES
+    if exercises_the_split_form(c)
+    for d in c.dtypes
+]
 
 
 @pytest.mark.parametrize("case,dtype", SPLIT_FORM_PARAMS)
@@ -357,8 +377,9 @@ def test_split_form_matches_reference(case, dtype, device):
     kw = dict(scale=scale, causal=case.causal, mask=mask, alibi=alibi, softcap=case.softcap, window=case.window)
     scores = ops.attn_scores(q, k, **kw)
     assert scores.shape == (B, H, S, K) and scores.dtype == dtype
-    vis = ref.visible_keys(B, H, S, K, causal=case.causal, mask=mask, window=case.window,
-                           device=q.device).expand(B, H, S, K)
+    vis = ref.visible_keys(B, H, S, K, causal=case.causal, mask=mask, window=case.window, device=q.device).expand(
+        B, H, S, K
+    )
     assert (scores[~vis] == torch.finfo(dtype).min).all(), "hidden scores must hold finfo(dtype).min"
     s_hi, s_lo = ref.attn_scores(q, k, **kw), ref.attn_scores(q, k, **kw, compute_dtype=dtype)
     assert_close_by_rule(scores[vis], s_hi[vis], s_lo[vis], what="attn_scores")
@@ -377,7 +398,9 @@ def test_split_form_matches_reference(case, dtype, device):
 
 
 # Biases of at most ~0.5 * K: beyond K = 1000, exp of the score underflows float64 for real (weight 0).
-ALIBI_F64 = [pytest.param(c, id=c.name) for c in ATTENTION_CASES if c.alibi and c.K <= 1000 and torch.float64 in c.dtypes]
+ALIBI_F64 = [
+    pytest.param(c, id=c.name) for c in ATTENTION_CASES if c.alibi and c.K <= 1000 and torch.float64 in c.dtypes
+]
 
 
 @pytest.mark.parametrize("case", ALIBI_F64)
@@ -385,8 +408,9 @@ def test_alibi_hides_nothing(case, device):
     """The visible keys are those of causal, window and mask alone: each gets weight > 0 (float64)."""
     q, k, v, mask, scale, alibi, _, _ = op_cases.build_attention_inputs(case, torch.float64, device)
     _, lse, pattern = run_attention(q, k, v, mask, scale, case.causal, True, alibi, case.softcap, case.window)
-    vis = ref.visible_keys(case.B, case.H, case.S, case.K, causal=case.causal, mask=mask, window=case.window,
-                           device=q.device).expand_as(pattern)
+    vis = ref.visible_keys(
+        case.B, case.H, case.S, case.K, causal=case.causal, mask=mask, window=case.window, device=q.device
+    ).expand_as(pattern)
     assert (pattern[vis] > 0).all() and torch.equal(torch.isfinite(lse), vis.any(-1))
 
 
@@ -421,8 +445,9 @@ def test_one_mask_rule_for_every_path(hidden, dtype, device):
     oracle = ref.attention(q, k, v, scale=1.0, causal=False, mask=mask, return_pattern=True)[2]
     vis = torch.tensor([True, False, True], device=device).view(1, 1, 1, K)
     bias = torch.tensor([0.0, 0.0, -1.6], dtype=dtype).view(1, 1, 1, K).to(device)
-    z_bool, _, p_bool = ops.attention(q, k, v + 0, scale=1.0, causal=False, mask=vis, return_pattern=True,
-                                      alibi=bias.view(1, 1, K))
+    z_bool, _, p_bool = ops.attention(
+        q, k, v + 0, scale=1.0, causal=False, mask=vis, return_pattern=True, alibi=bias.view(1, 1, K)
+    )
     for name, got in (("fused op", fused), ("split form", split), ("reference", oracle), ("bool mask", p_bool)):
         assert_close_by_rule(got, want, lo, what=name)
     z = ops.attention(q, k, v, scale=1.0, causal=False, mask=mask)[0]
@@ -612,13 +637,21 @@ def opcheck_cases(device):
         ("attention-softcap-window-grad", attn, (q, k, v, add_b1, 0.35, True, True, alibi, 0.7, 3)),
         ("attention-window-bool4d", attn, (q, k, v, bool4d, 0.35, True, True, None, None, 2)),
         ("attention-softcap-bf16", attn, (qh, kh, vh, pad, 0.35, False, True, None, 1.5, None)),
-        ("attn_scores-softcap-window", torch.ops.pyqkv.attn_scores.default, (q, k, add_b1, 0.35, True, alibi, 0.7, 3, None)),
+        (
+            "attn_scores-softcap-window",
+            torch.ops.pyqkv.attn_scores.default,
+            (q, k, add_b1, 0.35, True, alibi, 0.7, 3, None),
+        ),
         ("attn_softmax-fp32", torch.ops.pyqkv.attn_softmax.default, (add_bh.to(torch.float32), None)),
         ("attn_apply-gqa", torch.ops.pyqkv.attn_apply.default, (_req(rand(B, H, S, K, dtype=f64, device=device)), v)),
         ("split_qkv-grouped-conv1d", torch.ops.pyqkv.split_qkv.default, (w, 4, 2, 2, "grouped", True)),
         ("split_qkv-blocked-linear", torch.ops.pyqkv.split_qkv.default, (wl, 4, 2, 2, "blocked", False)),
         ("pack_qkv-grouped-linear", torch.ops.pyqkv.pack_qkv.default, (*Ws, "grouped", False)),
-        ("per_head_proj-broadcast-bias", torch.ops.pyqkv.per_head_proj.default, (resid[:, :, None].expand(2, 3, 4, 8), W, b)),
+        (
+            "per_head_proj-broadcast-bias",
+            torch.ops.pyqkv.per_head_proj.default,
+            (resid[:, :, None].expand(2, 3, 4, 8), W, b),
+        ),
         ("per_head_proj-strided-nobias", torch.ops.pyqkv.per_head_proj.default, (x, W, None)),
         ("kv_append", torch.ops.pyqkv.kv_append.default, (k_cache, v_cache, k_new, v_new, 4)),
     ]
@@ -661,7 +694,9 @@ def test_opcheck(case_id, device):
 
 
 @pytest.mark.parametrize("conv1d", [True, False], ids=["conv1d", "linear"])
-@pytest.mark.parametrize("layout,H,Hkv", [("blocked", 4, 2), ("interleaved", 2, 2), ("grouped", 4, 2), ("codegen", 4, 4)])
+@pytest.mark.parametrize(
+    "layout,H,Hkv", [("blocked", 4, 2), ("interleaved", 2, 2), ("grouped", 4, 2), ("codegen", 4, 4)]
+)
 def test_gradcheck_split_and_pack(layout, H, Hkv, conv1d, device):
     D, Dh = 3, 2
     n_out = (H + 2 * Hkv) * Dh
@@ -823,11 +858,22 @@ def test_gradcheck_attention_softcap_window(case_id, device):
         rest = list(rest)
         m = rest.pop(0) if mask is not None and mask.dim() == 4 else mask
         a = rest.pop(0) if alibi is not None else None
-        out = ops.attention(q, k, v, scale=0.5, causal=True, mask=m, return_pattern=return_pattern, alibi=a,
-                            softcap=softcap, window=window)
+        out = ops.attention(
+            q,
+            k,
+            v,
+            scale=0.5,
+            causal=True,
+            mask=m,
+            return_pattern=return_pattern,
+            alibi=a,
+            softcap=softcap,
+            window=window,
+        )
         return _finite_lse(*out) if return_pattern else _finite_lse(*out)[:2]
 
     assert torch.autograd.gradcheck(fn, tuple(inputs), fast_mode=True)
+
     # The split form's autograd (its ATen ops) agrees.
     def split(q, k, v, *rest):
         rest = list(rest)
@@ -868,7 +914,9 @@ def test_torch_compile_fullgraph_matches_eager(device):
     mask[1, :2] = False
 
     def layer(resid, weight):
-        W_Q, W_K, W_V, b_Q, b_K, b_V = ops.split_qkv(weight, bias, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout="grouped", conv1d=True)
+        W_Q, W_K, W_V, b_Q, b_K, b_V = ops.split_qkv(
+            weight, bias, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout="grouped", conv1d=True
+        )
         q = ops.per_head_proj(resid[:, :, None].expand(B, S, H, D), W_Q, b_Q)
         k = ops.per_head_proj(resid[:, :, None].expand(B, S, Hkv, D), W_K, b_K)
         v = ops.per_head_proj(resid[:, :, None].expand(B, S, Hkv, D), W_V, b_V)
@@ -896,12 +944,16 @@ def test_torch_compile_fullgraph_matches_eager(device):
     # And the whole layer equals the reference composition (ref_lo: the same composition in float32).
     def reference_layer(compute_dtype):
         r, w, bi = (t.detach().to(compute_dtype) for t in (resid, weight, bias))
-        W_Q, W_K, W_V, b_Q, b_K, b_V = ref.split_qkv(w, bi, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout="grouped",
-                                                     conv1d=True)
-        rq, rk, rv = (ref.per_head_proj(r[:, :, None].expand(B, S, W.shape[0], D), W, b)
-                      for W, b in ((W_Q, b_Q), (W_K, b_K), (W_V, b_V)))
-        z, _, p = ref.attention(rq, rk, rv, scale=Dh**-0.5, causal=True, mask=mask, return_pattern=True,
-                                compute_dtype=compute_dtype)
+        W_Q, W_K, W_V, b_Q, b_K, b_V = ref.split_qkv(
+            w, bi, n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout="grouped", conv1d=True
+        )
+        rq, rk, rv = (
+            ref.per_head_proj(r[:, :, None].expand(B, S, W.shape[0], D), W, b)
+            for W, b in ((W_Q, b_Q), (W_K, b_K), (W_V, b_V))
+        )
+        z, _, p = ref.attention(
+            rq, rk, rv, scale=Dh**-0.5, causal=True, mask=mask, return_pattern=True, compute_dtype=compute_dtype
+        )
         return z, p
 
     (z_hi, p_hi), (z_lo, p_lo) = reference_layer(torch.float64), reference_layer(torch.float32)

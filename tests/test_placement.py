@@ -8,27 +8,50 @@ the weight views and the flags that need the weights are refused with a message 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from tolerance import assert_close, hf_reference
 
 import pyqkv
-from tolerance import assert_close, hf_reference
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
 
 SMALL = dict(vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 CONFIGS = {  # family: (config, blocks path, output projection attribute, Dh)
-    "gpt2": (lambda: transformers.GPT2Config(n_embd=64, n_head=4, n_layer=3, n_positions=64, **SMALL),
-             "transformer.h", "attn", "c_proj"),
-    "llama": (lambda: transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                               num_hidden_layers=3, intermediate_size=128, max_position_embeddings=64,
-                                               **SMALL), "model.layers", "self_attn", "o_proj"),
-    "neox": (lambda: transformers.GPTNeoXConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=3,
-                                                intermediate_size=128, max_position_embeddings=64, **SMALL),
-             "gpt_neox.layers", "attention", "dense"),
+    "gpt2": (
+        lambda: transformers.GPT2Config(n_embd=64, n_head=4, n_layer=3, n_positions=64, **SMALL),
+        "transformer.h",
+        "attn",
+        "c_proj",
+    ),
+    "llama": (
+        lambda: transformers.LlamaConfig(
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=3,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            **SMALL,
+        ),
+        "model.layers",
+        "self_attn",
+        "o_proj",
+    ),
+    "neox": (
+        lambda: transformers.GPTNeoXConfig(
+            hidden_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            **SMALL,
+        ),
+        "gpt_neox.layers",
+        "attention",
+        "dense",
+    ),
 }
 DH = 16
 
@@ -54,7 +77,7 @@ def hf_with_head_zeroed(model, family, layer, head):
 
     def pre(module, args):
         z = args[0].clone()
-        z[..., head * DH:(head + 1) * DH] = 0
+        z[..., head * DH : (head + 1) * DH] = 0
         return (z,)
 
     handle = proj.register_forward_pre_hook(pre)
@@ -71,6 +94,7 @@ def offload(kind):
         else:
             accelerate.disk_offload(model, str(tmp_path), execution_device="cpu")
         return model
+
     return apply
 
 
@@ -79,7 +103,9 @@ def offload(kind):
 def test_offloaded_model(family, kind, tmp_path):
     ref_model = build(family)
     with torch.no_grad():
-        ref, ref_ablated = hf_reference(ref_model, lambda m, dt: (m(ids()).logits, hf_with_head_zeroed(m, family, 1, 2)))
+        ref, ref_ablated = hf_reference(
+            ref_model, lambda m, dt: (m(ids()).logits, hf_with_head_zeroed(m, family, 1, 2))
+        )
         ref_tokens = ref_model.generate(ids(), max_new_tokens=4, do_sample=False, pad_token_id=0)
     model = offload(kind)(build(family), tmp_path)
     h = pyqkv.hf.attach(model)
@@ -92,12 +118,16 @@ def test_offloaded_model(family, kind, tmp_path):
         ablated = h.run_with_hooks(ids(), fwd_hooks=[("blocks.1.attn.hook_z", pyqkv.zero_heads([2]))]).logits
         tokens = model.generate(ids(), max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert_close(out, ref, f"{family} offloaded to {kind}: logits vs HF")
-    assert_close(ablated, ref_ablated, f"{family} offloaded to {kind}: head 2 zeroed by zero_heads vs HF with it zeroed")
+    assert_close(
+        ablated, ref_ablated, f"{family} offloaded to {kind}: head 2 zeroed by zero_heads vs HF with it zeroed"
+    )
     assert cache["blocks.1.attn.hook_pattern"].shape == (2, 4, 9, 9)
     assert tokens.tolist() == ref_tokens.tolist()
     with pytest.raises(RuntimeError, match=r"^W_Q: this Bridge calls its projection modules \(weights offloaded"):
-        h.bridges[0].W_Q
-    with pytest.raises(ValueError, match=r"hook_result: this hook point does not fire: use_attn_result needs the projection weights"):
+        _ = h.bridges[0].W_Q
+    with pytest.raises(
+        ValueError, match=r"hook_result: this hook point does not fire: use_attn_result needs the projection weights"
+    ):
         h.add_hook("blocks.0.attn.hook_result", lambda t, hook: None)
     pyqkv.hf.detach(model)
     with torch.no_grad():
@@ -111,7 +141,13 @@ def test_block_device_map_shares_weights(tmp_path):
     with torch.no_grad():
         ref = hf_reference(model, lambda m, dt: m(ids()).logits)
     blocks = {f"model.layers.{i}": "cpu" for i in range(3)}
-    device_map = {"model.embed_tokens": "cpu", **blocks, "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        **blocks,
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     accelerate.dispatch_model(model, device_map=device_map, force_hooks=True)
     h = pyqkv.hf.attach(model)
     assert all(b.projections is None for b in h.bridges)
@@ -179,8 +215,11 @@ def test_linear_subclass_is_held_only_when_its_weight_is_a_plain_parameter(cls, 
     for layer in model.model.layers:
         for name in ("q_proj", "k_proj", "v_proj"):
             old = getattr(layer.self_attn, name)
-            new = cls(old.in_features, old.out_features, bias=old.bias is not None) if cls is PlainSubclassLinear \
+            new = (
+                cls(old.in_features, old.out_features, bias=old.bias is not None)
+                if cls is PlainSubclassLinear
                 else cls(old)
+            )
             if cls is PlainSubclassLinear:
                 new.load_state_dict(old.state_dict())
             setattr(layer.self_attn, name, new)
@@ -194,7 +233,7 @@ def test_linear_subclass_is_held_only_when_its_weight_is_a_plain_parameter(cls, 
     else:
         assert b.projections is not None and f"{cls.__name__} projection" in b.projections
         with pytest.raises(RuntimeError, match=r"^W_Q: this Bridge calls its projection modules"):
-            b.W_Q
+            _ = b.W_Q
     with torch.no_grad():
         assert_close(model(ids()).logits, ref, f"logits with {cls.__name__} projections vs HF")
     pyqkv.hf.detach(model)
@@ -229,8 +268,15 @@ def test_device_map_split_between_cuda_and_cpu():
         ref = hf_reference(ref_model, lambda m, dt: m(ids()).logits)  # on the CPU
         ref_tokens = ref_model.generate(ids(), max_new_tokens=4, do_sample=False, pad_token_id=0)
     model = build("llama")
-    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": "cpu",
-                  "model.norm": "cpu", "model.rotary_emb": 0, "lm_head": "cpu"}
+    device_map = {
+        "model.embed_tokens": 0,
+        "model.layers.0": 0,
+        "model.layers.1": 0,
+        "model.layers.2": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": 0,
+        "lm_head": "cpu",
+    }
     accelerate.dispatch_model(model, device_map=device_map)
     h = pyqkv.hf.attach(model)
     assert [b.qkv_weight.device.type for b in h.bridges] == ["cuda", "cuda", "cpu"]

@@ -91,8 +91,10 @@ def test_rotary_takes_2d_tables_as_1_S_R(device):
     x, _ = head_views(B, S, n, Dh, dtype=torch.float32, device=device)
     cos, sin = tables("2d", B, S, R, dtype=torch.float32, device=device)
     for interleaved in (False, True):
-        assert torch.equal(ops.rotary(x, cos, sin, interleaved=interleaved),
-                           ops.rotary(x, cos[None], sin[None], interleaved=interleaved))
+        assert torch.equal(
+            ops.rotary(x, cos, sin, interleaved=interleaved),
+            ops.rotary(x, cos[None], sin[None], interleaved=interleaved),
+        )
 
 
 def test_rotary_empty(device):

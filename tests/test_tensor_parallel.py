@@ -17,9 +17,9 @@ import sys
 
 import pytest
 import torch
+from tolerance import assert_close, differs, hf_reference
 
 import pyqkv
-from tolerance import assert_close, differs, hf_reference
 
 transformers = pytest.importorskip("transformers")
 dist = pytest.importorskip("torch.distributed")
@@ -28,8 +28,17 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = ["blocks.1.attn.hook_z", "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_k", "blocks.1.attn.hook_q"]
-SMALL = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
-             max_position_embeddings=64, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SMALL = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    max_position_embeddings=64,
+    vocab_size=100,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 CONFIGS = {
     "llama": (transformers.LlamaConfig, dict(num_key_value_heads=2), (2, 1)),
     "neox": (transformers.GPTNeoXConfig, dict(), (2, 2)),
@@ -46,6 +55,7 @@ def _free_port() -> int:
 def one_process(ids):
     """fn(model, dtype) for hf_reference: what tp_worker.py computes, by pyqkv attached on one process
     (detached again, so that hf_reference copies a plain HF model)."""
+
     def run(model, dtype):
         h = pyqkv.hf.attach(model)
         try:
@@ -57,6 +67,7 @@ def one_process(ids):
             }
         finally:
             pyqkv.hf.detach(model)
+
     return run
 
 
@@ -74,9 +85,20 @@ def runs(tmp_path_factory):
         with torch.no_grad():
             singles[name] = hf_reference(model, one_process(ids))
         dirs.append(str(d))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           os.path.join(HERE, "tp_worker.py"), *dirs]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        os.path.join(HERE, "tp_worker.py"),
+        *dirs,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, f"torchrun failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     return {name: (singles[name], torch.load(os.path.join(d, "tp.pt"))) for name, d in zip(CONFIGS, dirs)}

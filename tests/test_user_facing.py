@@ -43,8 +43,11 @@ def test_documented_hook_points_are_the_table(doc):
 
 
 def test_import_without_a_built_extension_says_how_to_build(tmp_path):
-    shutil.copytree(os.path.join(ROOT, "pyqkv"), tmp_path / "pyqkv",
-                    ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"))
+    shutil.copytree(
+        os.path.join(ROOT, "pyqkv"),
+        tmp_path / "pyqkv",
+        ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"),
+    )
     # Without the editable install's finder, which would find the tree's built extension.
     code = (
         "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "

@@ -48,9 +48,14 @@ def rule_check(actual, ref_hi, ref_lo, *, what: str = "output") -> tuple[float, 
     element). Non-finite entries of ref_hi (e.g. lse = -inf on a row with no visible key) must be matched
     exactly; a NaN in `actual` always fails; an empty tensor passes."""
     if not (actual.shape == ref_hi.shape == ref_lo.shape):
-        return float("nan"), float("nan"), (
-            f"{what}: shapes differ: actual {tuple(actual.shape)}, reference {tuple(ref_hi.shape)}, "
-            f"low-precision reference {tuple(ref_lo.shape)}")
+        return (
+            float("nan"),
+            float("nan"),
+            (
+                f"{what}: shapes differ: actual {tuple(actual.shape)}, reference {tuple(ref_hi.shape)}, "
+                f"low-precision reference {tuple(ref_lo.shape)}"
+            ),
+        )
     atol = ATOL.get(actual.dtype, 1e-4)
     a, hi, lo = (t.detach().double().cpu() for t in (actual, ref_hi, ref_lo))
     if torch.isnan(a).any():
@@ -59,9 +64,14 @@ def rule_check(actual, ref_hi, ref_lo, *, what: str = "output") -> tuple[float, 
     if not finite.all():
         bad = (a != hi) & ~finite
         if bad.any():
-            return float("inf"), float("nan"), (
-                f"{what}: {int(bad.sum())} entries where the reference is ±inf differ, first at "
-                f"{tuple(bad.nonzero()[0].tolist())}: got {a[bad][0].item()}, expected {hi[bad][0].item()}")
+            return (
+                float("inf"),
+                float("nan"),
+                (
+                    f"{what}: {int(bad.sum())} entries where the reference is ±inf differ, first at "
+                    f"{tuple(bad.nonzero()[0].tolist())}: got {a[bad][0].item()}, expected {hi[bad][0].item()}"
+                ),
+            )
         a, hi, lo = a[finite], hi[finite], lo[finite]
     if a.numel() == 0:
         return 0.0, atol, None
@@ -73,10 +83,15 @@ def rule_check(actual, ref_hi, ref_lo, *, what: str = "output") -> tuple[float, 
     worst = int(err.argmax())
     if err.max().item() <= bound:
         return err.max().item(), bound, None
-    return err.max().item(), bound, (
-        f"{what}: max |actual - ref_fp64| = {err.max().item():.3e} > bound {bound:.3e} "
-        f"(2 * max |ref_in_dtype - ref_fp64| = {2 * lo_err.max().item():.3e} + atol {atol:.0e}); "
-        f"worst flat index {worst}: got {a.flatten()[worst].item()}, expected {hi.flatten()[worst].item()}")
+    return (
+        err.max().item(),
+        bound,
+        (
+            f"{what}: max |actual - ref_fp64| = {err.max().item():.3e} > bound {bound:.3e} "
+            f"(2 * max |ref_in_dtype - ref_fp64| = {2 * lo_err.max().item():.3e} + atol {atol:.0e}); "
+            f"worst flat index {worst}: got {a.flatten()[worst].item()}, expected {hi.flatten()[worst].item()}"
+        ),
+    )
 
 
 def assert_close_by_rule(actual, ref_hi, ref_lo, *, what: str = "output") -> None:
@@ -113,7 +128,7 @@ def assert_close(actual, expected: Ref, what: str = "output") -> None:
 def by_hand(fn: Callable[[torch.dtype], torch.Tensor], dtype: torch.dtype) -> Ref:
     """A hand-written expectation under the rule: fn(compute_dtype) run in float64 and in `dtype`.
 
-        expected = by_hand(lambda dt: z.to(dt).flatten(2) @ W_O.to(dt) + b_O.to(dt), out.dtype)
+    expected = by_hand(lambda dt: z.to(dt).flatten(2) @ W_O.to(dt) + b_O.to(dt), out.dtype)
     """
     return Ref(fn(torch.float64), fn(dtype))
 
@@ -181,18 +196,22 @@ def float64_softmax():
             if "dtype" in kwargs:
                 kwargs["dtype"] = keep(input, kwargs["dtype"])
             elif len(args) > dtype_at:
-                args = (*args[:dtype_at], keep(input, args[dtype_at]), *args[dtype_at + 1:])
+                args = (*args[:dtype_at], keep(input, args[dtype_at]), *args[dtype_at + 1 :])
             dim = kwargs.get("dim", args[0] if args else None)
             if input.is_floating_point() and isinstance(dim, int):
                 dead = torch.isneginf(input).all(dim, keepdim=True)
                 if dead.any():
                     input = input.masked_fill(dead, 0.0)
             return original(input, *args, **kwargs)
+
         return softmax
 
     # dtype's position after the input: F.softmax(input, dim, _stacklevel, dtype), torch.softmax(input, dim, dtype)
-    F.softmax, torch.softmax, torch.Tensor.softmax = (patched(originals[0], 2), patched(originals[1], 1),
-                                                      patched(originals[2], 1))
+    F.softmax, torch.softmax, torch.Tensor.softmax = (
+        patched(originals[0], 2),
+        patched(originals[1], 1),
+        patched(originals[2], 1),
+    )
     try:
         yield
     finally:
@@ -207,5 +226,5 @@ def _refs(hi, lo):
         return {k: _refs(hi[k], lo[k]) for k in hi}
     if isinstance(hi, (tuple, list)):
         assert len(hi) == len(lo), f"the float64 run returned {len(hi)} values, the other {len(lo)}"
-        return type(hi)(_refs(h, l) for h, l in zip(hi, lo))
+        return type(hi)(_refs(h, low) for h, low in zip(hi, lo))
     raise TypeError(f"hf_reference: fn returned {type(hi).__name__}, expected tensors (in tuples, lists or dicts)")

@@ -28,8 +28,10 @@ def main(dirs):
         heads = [None] * dist.get_world_size()
         dist.all_gather_object(heads, local)
         if dist.get_rank() == 0:
-            torch.save({"logits": logits, "ablated": ablated, "cache": dict(cache), "tokens": tokens, "heads": heads},
-                       os.path.join(d, "tp.pt"))
+            torch.save(
+                {"logits": logits, "ablated": ablated, "cache": dict(cache), "tokens": tokens, "heads": heads},
+                os.path.join(d, "tp.pt"),
+            )
         dist.barrier()
 
 

@@ -13,6 +13,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/strides.h>
+#include <sys/mman.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,8 +22,6 @@
 #include <limits>
 #include <mutex>
 #include <vector>
-
-#include <sys/mman.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -181,12 +180,12 @@ at::Tensor matrix(T* data, int64_t rows, int64_t cols, int64_t ld, at::ScalarTyp
 
 template <typename scalar_t>
 void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const at::Tensor& pad,   // [B, K] bool, or undefined
-                      const at::Tensor& bias,  // [B|1, 1|H, S, K] in acc_t, or undefined
-                      const at::Tensor& vis4,  // [B|1, 1|H, S, K] bool (true = attend), or undefined
-                      const at::Tensor& alibi, // [B|1, H|1, K] in acc_t, or undefined
-                      double hidden_below, double scale_d, bool causal, const AttnDims& dims,
-                      at::Tensor& z, at::Tensor& lse, at::Tensor& pattern) {
+                      const at::Tensor& pad,    // [B, K] bool, or undefined
+                      const at::Tensor& bias,   // [B|1, 1|H, S, K] in acc_t, or undefined
+                      const at::Tensor& vis4,   // [B|1, 1|H, S, K] bool (true = attend), or undefined
+                      const at::Tensor& alibi,  // [B|1, H|1, K] in acc_t, or undefined
+                      double hidden_below, double scale_d, bool causal, const AttnDims& dims, at::Tensor& z,
+                      at::Tensor& lse, at::Tensor& pattern) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // K/V readable in place by the GEMMs
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
@@ -214,8 +213,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t ab_s = alibi.defined() && alibi.size(0) != 1 ? alibi.stride(0) : 0;
   const int64_t ah_s = alibi.defined() && alibi.size(1) != 1 ? alibi.stride(1) : 0;
   const int64_t ak_s = alibi.defined() ? alibi.stride(2) : 0;
-  scalar_t* zp = z.data_ptr<scalar_t>();                                         // [B, S, H, Dh]
-  acc_t* lsep = lse.data_ptr<acc_t>();                                            // [B, H, S]
+  scalar_t* zp = z.data_ptr<scalar_t>();                                        // [B, S, H, Dh]
+  acc_t* lsep = lse.data_ptr<acc_t>();                                          // [B, H, S]
   scalar_t* patp = pattern.defined() ? pattern.data_ptr<scalar_t>() : nullptr;  // [B, H, S, K]
 
   // Query positions per task: the block holds G heads x nq positions = at most kRowsPerTask rows.
@@ -409,9 +408,8 @@ at::Tensor empty_pattern(at::IntArrayRef sizes, const at::TensorOptions& options
 #ifdef MADV_HUGEPAGE
     madvise(ptr, bytes, MADV_HUGEPAGE);  // advice only: on failure the pages are ordinary
 #endif
-    cache.storage = at::from_blob(ptr, {static_cast<int64_t>(bytes)}, [](void* p) { free(p); },
-                                  options.dtype(at::kByte))
-                        .storage();
+    cache.storage =
+        at::from_blob(ptr, {static_cast<int64_t>(bytes)}, [](void* p) { free(p); }, options.dtype(at::kByte)).storage();
   }
   return at::empty({0}, options).set_(cache.storage, 0, sizes, c10::contiguous_strides(sizes));
 }
@@ -424,8 +422,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q
                                                              c10::optional<int64_t> window) {
   const AttnDims d = check_attention(q, k, v, mask, alibi, causal, softcap, window);
   // The backend table decides even here: a forced CUDA backend refuses CPU tensors with its reasons.
-  plan::choose_or_throw(plan::make_query(q, k, v, mask, d, causal, return_pattern, alibi.has_value(), plan::DeviceInfo{},
-                                         plan::this_torch_build()));
+  plan::choose_or_throw(plan::make_query(q, k, v, mask, d, causal, return_pattern, alibi.has_value(),
+                                         plan::DeviceInfo{}, plan::this_torch_build()));
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor z = at::empty({d.B, d.S, d.H, d.Dh}, q.options());
   at::Tensor lse = at::empty({d.B, d.H, d.S}, q.options().dtype(acc_dtype));

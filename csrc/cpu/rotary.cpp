@@ -3,6 +3,8 @@
 // in float32 (float64 for float64 x) with one rounding to x's dtype at the end; features R .. Dh-1 are
 // copied. Parallel over the B*S positions: each task loads a position's cos/sin row once and applies it
 // to all n heads. x is read through its strides (usually a view into the fused QKV projection).
+#include "../rotary.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -11,8 +13,6 @@
 
 #include <algorithm>
 #include <vector>
-
-#include "../rotary.h"
 
 namespace pyqkv {
 namespace {

@@ -41,13 +41,13 @@ void move_segments(const at::Tensor& fused_io, std::array<at::Tensor, 3>& per_he
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> split_qkv_cpu(const at::Tensor& weight, int64_t n_heads,
-                                                              int64_t n_kv_heads, int64_t d_head,
-                                                              c10::string_view layout, bool conv1d) {
+                                                             int64_t n_kv_heads, int64_t d_head,
+                                                             c10::string_view layout, bool conv1d) {
   return split_qkv_host(move_segments, weight, n_heads, n_kv_heads, d_head, layout, conv1d);
 }
 
-at::Tensor pack_qkv_cpu(const at::Tensor& W_Q, const at::Tensor& W_K, const at::Tensor& W_V,
-                        c10::string_view layout, bool conv1d) {
+at::Tensor pack_qkv_cpu(const at::Tensor& W_Q, const at::Tensor& W_K, const at::Tensor& W_V, c10::string_view layout,
+                        bool conv1d) {
   return pack_qkv_host(move_segments, W_Q, W_K, W_V, layout, conv1d);
 }
 

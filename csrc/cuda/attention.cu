@@ -8,10 +8,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <ATen/native/transformers/cuda/sdp_utils.h>
 #include <ATen/ops/_flash_attention_forward_cuda_dispatch.h>
 #include <ATen/record_function.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
@@ -25,9 +25,9 @@
 #include <algorithm>
 #include <limits>
 
+#include "../attention_plan.h"
 #include "attention_decode.cuh"
 #include "attention_host.cuh"
-#include "../attention_plan.h"
 #include "attention_simt.cuh"
 #include "attention_tc.cuh"
 
@@ -61,8 +61,8 @@ void allow_dynamic_smem(kernel_t kernel, size_t bytes) {
 }
 
 void check_grid(int64_t blocks, const char* what) {
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "attention: too many ", what, " for one launch (",
-              blocks, ")");
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "attention: too many ", what, " for one launch (", blocks,
+              ")");
 }
 
 // cuda_t: __half or __nv_bfloat16, the same bits as c10::Half / c10::BFloat16.
@@ -109,11 +109,20 @@ void launch_decode(const Params& p, const Plan& plan, const at::Tensor& q, cudaS
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   switch (t.rmax) {
-    case 1: launch(attn::attention_decode_kernel<scalar_t, 1>); break;
-    case 2: launch(attn::attention_decode_kernel<scalar_t, 2>); break;
-    case 4: launch(attn::attention_decode_kernel<scalar_t, 4>); break;
-    case 8: launch(attn::attention_decode_kernel<scalar_t, 8>); break;
-    default: TORCH_CHECK(false, "pyqkv: internal: decode plan with ", t.rmax, " register rows");
+    case 1:
+      launch(attn::attention_decode_kernel<scalar_t, 1>);
+      break;
+    case 2:
+      launch(attn::attention_decode_kernel<scalar_t, 2>);
+      break;
+    case 4:
+      launch(attn::attention_decode_kernel<scalar_t, 4>);
+      break;
+    case 8:
+      launch(attn::attention_decode_kernel<scalar_t, 8>);
+      break;
+    default:
+      TORCH_CHECK(false, "pyqkv: internal: decode plan with ", t.rmax, " register rows");
   }
   if (t.n_splits > 1) launch_combine<scalar_t, float>(p, t.n_splits, ws_o_ptr, ws_ml_ptr, stream);
 }
@@ -173,12 +182,10 @@ void run_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   lse.masked_fill_(lse == std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                              const at::Tensor& v, const c10::optional<at::Tensor>& mask,
-                                                              double scale, bool causal, bool return_pattern,
-                                                              const c10::optional<at::Tensor>& alibi,
-                                                              c10::optional<double> softcap,
-                                                              c10::optional<int64_t> window) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask, double scale,
+    bool causal, bool return_pattern, const c10::optional<at::Tensor>& alibi, c10::optional<double> softcap,
+    c10::optional<int64_t> window) {
   // first, as on CPU: a device mismatch is reported by name
   check_attention(q, k, v, mask, alibi, causal, softcap, window);
   TORCH_CHECK_VALUE(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
@@ -197,11 +204,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cuda(const at::Tensor& 
   }
   attn::OwnKernel kind = attn::OwnKernel::kCudaCores;
   switch (backend) {
-    case plan::Backend::kOwnDecode: kind = attn::OwnKernel::kDecode; break;
-    case plan::Backend::kOwnTc: kind = attn::OwnKernel::kTensorCores; break;
-    case plan::Backend::kOwnSimt: kind = attn::OwnKernel::kCudaCores; break;
-    default: TORCH_INTERNAL_ASSERT(false, "pyqkv: internal: the plan chose ", plan::backend_name(backend),
-                                   ", which pyqkv::attention does not call yet");
+    case plan::Backend::kOwnDecode:
+      kind = attn::OwnKernel::kDecode;
+      break;
+    case plan::Backend::kOwnTc:
+      kind = attn::OwnKernel::kTensorCores;
+      break;
+    case plan::Backend::kOwnSimt:
+      kind = attn::OwnKernel::kCudaCores;
+      break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "pyqkv: internal: the plan chose ", plan::backend_name(backend),
+                            ", which pyqkv::attention does not call yet");
   }
   const Plan plan = attn::plan_own(query.own, kind);
   TORCH_INTERNAL_ASSERT(plan.error.empty(), plan.error);
@@ -216,10 +230,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cuda(const at::Tensor& 
     }
   } else if (plan.decode) {  // planned for float32, float16 and bfloat16 only
     switch (q.scalar_type()) {
-      case at::kFloat: launch_decode<float>(p, plan, q, stream); break;
-      case at::kHalf: launch_decode<at::Half>(p, plan, q, stream); break;
-      case at::kBFloat16: launch_decode<at::BFloat16>(p, plan, q, stream); break;
-      default: TORCH_INTERNAL_ASSERT(false, "decode plan for ", q.scalar_type());
+      case at::kFloat:
+        launch_decode<float>(p, plan, q, stream);
+        break;
+      case at::kHalf:
+        launch_decode<at::Half>(p, plan, q, stream);
+        break;
+      case at::kBFloat16:
+        launch_decode<at::BFloat16>(p, plan, q, stream);
+        break;
+      default:
+        TORCH_INTERNAL_ASSERT(false, "decode plan for ", q.scalar_type());
     }
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_cuda",

@@ -21,16 +21,16 @@ struct Params {
   int64_t q_sb, q_ss, q_sh, q_sd;
   int64_t k_sb, k_ss, k_sh, k_sd;
   int64_t v_sb, v_ss, v_sh, v_sd;
-  const bool* pad;   // [B, K] contiguous, true = attend; nullptr without a padding mask
-  const void* bias;  // additive [B|1, 1|H, S, K] in the accumulation dtype; nullptr without one
-  const bool* vis4;  // bool [B|1, 1|H, S, K], true = attend; nullptr without one
+  const bool* pad;                 // [B, K] contiguous, true = attend; nullptr without a padding mask
+  const void* bias;                // additive [B|1, 1|H, S, K] in the accumulation dtype; nullptr without one
+  const bool* vis4;                // bool [B|1, 1|H, S, K], true = attend; nullptr without one
   int64_t m_sb, m_sh, m_ss, m_sk;  // the strides of the 4-D mask (bias or vis4), 0 on broadcast dims
-  const void* alibi;  // per-key bias [B|1, H|1, K] in the accumulation dtype; nullptr without one
-  int64_t a_sb, a_sh, a_sk;  // its strides, 0 on broadcast dims
+  const void* alibi;               // per-key bias [B|1, H|1, K] in the accumulation dtype; nullptr without one
+  int64_t a_sb, a_sh, a_sk;        // its strides, 0 on broadcast dims
   double hidden;                   // the additive rule's threshold (attention.h, additive_visible)
   double scale;
-  double softcap;   // 0: off; else s = softcap * tanh(s / softcap) before the biases (attention.h)
-  int64_t window;   // 0: none; else W keys up to each query's own position (attention.h)
+  double softcap;  // 0: off; else s = softcap * tanh(s / softcap) before the biases (attention.h)
+  int64_t window;  // 0: none; else W keys up to each query's own position (attention.h)
   int64_t B, S, H, Hkv, Dh, K;
   bool causal;
   void* z;        // [B, S, H, Dh] contiguous, q's dtype
@@ -61,14 +61,12 @@ __device__ __forceinline__ double log_acc(double x) { return log(x); }
 // softcapped(scale * q.k) + alibi + mask. Hidden entries are -inf. Needs i < S, j < K. Every kernel and
 // the pattern pass score through here, so they all see the same numbers.
 template <typename acc_t>
-__device__ __forceinline__ acc_t masked_score(const Params& p, acc_t s, int64_t b, int64_t h, int64_t i,
-                                              int64_t j) {
+__device__ __forceinline__ acc_t masked_score(const Params& p, acc_t s, int64_t b, int64_t h, int64_t i, int64_t j) {
   if (!position_visible(i, j, p.S, p.K, p.causal, p.window)) return neg_inf<acc_t>();
   if (p.pad != nullptr && !p.pad[b * p.K + j]) return neg_inf<acc_t>();
   if (p.vis4 != nullptr && !p.vis4[b * p.m_sb + h * p.m_sh + i * p.m_ss + j * p.m_sk]) return neg_inf<acc_t>();
   s = softcapped(s, static_cast<acc_t>(p.softcap));
-  if (p.alibi != nullptr)
-    s = add_rn(s, static_cast<const acc_t*>(p.alibi)[b * p.a_sb + h * p.a_sh + j * p.a_sk]);
+  if (p.alibi != nullptr) s = add_rn(s, static_cast<const acc_t*>(p.alibi)[b * p.a_sb + h * p.a_sh + j * p.a_sk]);
   if (p.bias != nullptr) {
     const acc_t add = static_cast<const acc_t*>(p.bias)[b * p.m_sb + h * p.m_sh + i * p.m_ss + j * p.m_sk];
     if (!additive_visible(add, static_cast<acc_t>(p.hidden))) return neg_inf<acc_t>();  // NaN hides
@@ -93,7 +91,8 @@ __device__ __forceinline__ int64_t key_end_for(const Params& p, int64_t q0, int6
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_max(acc_t x) {
-  for (int o = 16; o > 0; o >>= 1) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, o));  // fmax drops NaN, like std::max on CPU
+  for (int o = 16; o > 0; o >>= 1)
+    x = fmax(x, __shfl_xor_sync(0xffffffffu, x, o));  // fmax drops NaN, like std::max on CPU
   return x;
 }
 

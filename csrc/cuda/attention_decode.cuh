@@ -63,8 +63,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int groups_per_warp = 32 / L;
   const int n_groups = (static_cast<int>(blockDim.x) >> 5) * groups_per_warp;
   const int grp = warp * groups_per_warp + lane / L;
-  const int d0 = (lane % L) * kVec;  // this lane's features [d0, d0 + kVec)
-  const bool has_features = d0 < Dh; // lanes past Dh / kVec (L is a power of two) hold zeros
+  const int d0 = (lane % L) * kVec;   // this lane's features [d0, d0 + kVec)
+  const bool has_features = d0 < Dh;  // lanes past Dh / kVec (L is a power of two) hold zeros
 
   int64_t x = blockIdx.x;
   const int split = static_cast<int>(x % t.n_splits);
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
       for (int u = 1; u < kUnroll; ++u) mx = fmax(mx, s[u][r]);
       const float m_new = fmax(m[r], mx);
-      if (m_new == ninf) continue;  // nothing visible yet in this row
+      if (m_new == ninf) continue;                // nothing visible yet in this row
       const float alpha = exp_acc(m[r] - m_new);  // 0 while m[r] = -inf (o and l are 0 then)
       l[r] *= alpha;
 #pragma unroll

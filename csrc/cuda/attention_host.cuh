@@ -17,16 +17,16 @@ namespace attn {
 
 struct Prepared {
   AttnDims d;
-  at::Tensor z, lse, pattern;  // the op's outputs
-  at::Tensor pad, bias, vis4, alibi; // prepared masks and bias (kept alive while the kernels run)
+  at::Tensor z, lse, pattern;         // the op's outputs
+  at::Tensor pad, bias, vis4, alibi;  // prepared masks and bias (kept alive while the kernels run)
   Params p;
-  bool done = false;           // the outputs are final already (empty problem or no keys)
+  bool done = false;  // the outputs are final already (empty problem or no keys)
 };
 
 inline Prepared prepare_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  const c10::optional<at::Tensor>& mask, double scale, bool causal,
-                                  bool return_pattern, const c10::optional<at::Tensor>& alibi,
-                                  c10::optional<double> softcap, c10::optional<int64_t> window) {
+                                  const c10::optional<at::Tensor>& mask, double scale, bool causal, bool return_pattern,
+                                  const c10::optional<at::Tensor>& alibi, c10::optional<double> softcap,
+                                  c10::optional<int64_t> window) {
   Prepared r;
   r.d = check_attention(q, k, v, mask, alibi, causal, softcap, window);
   const AttnDims& d = r.d;

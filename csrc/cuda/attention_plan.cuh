@@ -68,16 +68,16 @@ constexpr int64_t kCombineSmemEntries = kMaxSplits + 4;
 
 // --- decode kernel (attention_decode.cuh): half types and float32, few query rows per KV head ---
 constexpr int kDecodeThreads = 128;
-constexpr int kDecodeUnroll = 4;        // keys per lane group in flight at once
-constexpr int64_t kDecodeMaxRows = 8;   // query rows of one KV head (H / Hkv * S) held in registers
+constexpr int kDecodeUnroll = 4;       // keys per lane group in flight at once
+constexpr int64_t kDecodeMaxRows = 8;  // query rows of one KV head (H / Hkv * S) held in registers
 // Memory-bound: enough CTAs to keep every SM's loads in flight.
 constexpr int64_t kDecodeCtasPerSm = 4;
 
 struct DecodeTiling {
-  int rows;                // R = H / Hkv * S
-  int rmax;                // R rounded up to 1, 2, 4 or 8 (the kernel's register arrays)
-  int lanes;               // lanes per key: Dh / (16 bytes of elements), rounded up to a power of two
-  int n_splits;            // key slices (Flash-Decoding); 1 = the kernel writes z and lse itself
+  int rows;      // R = H / Hkv * S
+  int rmax;      // R rounded up to 1, 2, 4 or 8 (the kernel's register arrays)
+  int lanes;     // lanes per key: Dh / (16 bytes of elements), rounded up to a power of two
+  int n_splits;  // key slices (Flash-Decoding); 1 = the kernel writes z and lse itself
   int64_t keys_per_split;
 };
 
@@ -122,21 +122,21 @@ struct Plan {
   TcTiling tc{};
   DecodeTiling dec{};
   SimtTiling simt{};
-  size_t smem = 0;     // dynamic shared memory of the main kernel
-  std::string error;   // non-empty: no kernel fits (Dh too large for shared memory)
+  size_t smem = 0;    // dynamic shared memory of the main kernel
+  std::string error;  // non-empty: no kernel fits (Dh too large for shared memory)
 };
 
 struct PlanInputs {
   int64_t B, S, H, Hkv, Dh, K;
-  bool half_type;          // float16 / bfloat16
-  size_t acc_bytes;        // 4 (float32 accumulation) or 8 (float64)
+  bool half_type;    // float16 / bfloat16
+  size_t acc_bytes;  // 4 (float32 accumulation) or 8 (float64)
   bool return_pattern;
-  int sm_major;            // compute capability of the device
-  size_t max_smem;         // opt-in shared memory per block
+  int sm_major;     // compute capability of the device
+  size_t max_smem;  // opt-in shared memory per block
   int n_sms;
   bool q_vec, k_vec, v_vec;
-  int elem_bytes;           // of q, k, v
-  bool kv_rows16;           // k and v rows can be read 16 bytes at a time (any 2- or 4-byte dtype)
+  int elem_bytes;  // of q, k, v
+  bool kv_rows16;  // k and v rows can be read 16 bytes at a time (any 2- or 4-byte dtype)
 };
 
 // The decode kernel's tiling, or rows = 0 when it does not apply: no pattern (its second pass lives in
@@ -155,7 +155,8 @@ inline DecodeTiling plan_decode(const PlanInputs& in, Refusals& why) {
              std::to_string(kTcMinQueries) + " and at most " + std::to_string(kDecodeMaxRows) + " rows per KV head)";
     });
   const int64_t chunks = in.Dh / (16 / std::max(1, in.elem_bytes));
-  if (chunks < 1 || chunks > 32) why.add([&] { return "Dh=" + std::to_string(in.Dh) + " is not 1..32 loads of 16 bytes"; });
+  if (chunks < 1 || chunks > 32)
+    why.add([&] { return "Dh=" + std::to_string(in.Dh) + " is not 1..32 loads of 16 bytes"; });
   if (why.any) return t;
   int lanes = 1;
   while (lanes < chunks) lanes *= 2;
@@ -163,7 +164,9 @@ inline DecodeTiling plan_decode(const PlanInputs& in, Refusals& why) {
   while (rmax < R) rmax *= 2;
   const int64_t n_groups = (kDecodeThreads / 32) * (32 / lanes);
   if (decode_smem_bytes(n_groups, rmax, in.Dh) > in.max_smem) {
-    why.add([&] { return "needs " + std::to_string(decode_smem_bytes(n_groups, rmax, in.Dh)) + " bytes of shared memory"; });
+    why.add([&] {
+      return "needs " + std::to_string(decode_smem_bytes(n_groups, rmax, in.Dh)) + " bytes of shared memory";
+    });
     return t;
   }
   t.rows = static_cast<int>(R);
@@ -172,8 +175,8 @@ inline DecodeTiling plan_decode(const PlanInputs& in, Refusals& why) {
   t.n_splits = 1;
   t.keys_per_split = in.K;
   const int64_t base_blocks = in.B * in.Hkv;
-  const int64_t want = std::min({ceil_div(kDecodeCtasPerSm * in.n_sms, base_blocks), ceil_div(in.K, kMinKeysPerSplit),
-                                 kMaxSplits});
+  const int64_t want =
+      std::min({ceil_div(kDecodeCtasPerSm * in.n_sms, base_blocks), ceil_div(in.K, kMinKeysPerSplit), kMaxSplits});
   if (want > 1) {
     t.keys_per_split = ceil_div(ceil_div(in.K, want), 64) * 64;
     t.n_splits = static_cast<int>(ceil_div(in.K, t.keys_per_split));
@@ -187,7 +190,8 @@ inline TcTiling plan_tc(const PlanInputs& in, Refusals& why) {
   const int64_t G = in.H / in.Hkv;
   if (!in.half_type) why.add([] { return std::string("takes float16 / bfloat16 only"); });
   if (in.sm_major < 8) why.add([&] { return "needs sm_80+, the device is sm_" + std::to_string(in.sm_major) + "x"; });
-  if (in.Dh > kTcMaxHeadDim) why.add([&] { return "Dh=" + std::to_string(in.Dh) + " > " + std::to_string(kTcMaxHeadDim); });
+  if (in.Dh > kTcMaxHeadDim)
+    why.add([&] { return "Dh=" + std::to_string(in.Dh) + " > " + std::to_string(kTcMaxHeadDim); });
   if (in.S < kTcMinQueries && G * in.S <= kMaxGroupRows)
     why.add([&] { return "a decode shape (S=" + std::to_string(in.S) + " < " + std::to_string(kTcMinQueries) + ")"; });
   if (why.any) return t;
@@ -245,8 +249,8 @@ inline SimtTiling plan_simt(const PlanInputs& in, Refusals& why, size_t* smem) {
   // Flash-Decoding: too few CTAs for the GPU and many keys -> split the keys. Not with a pattern
   // request: the pattern pass needs the row's final lse inside the CTA.
   if (!in.return_pattern && base_blocks < 2 * static_cast<int64_t>(in.n_sms)) {
-    const int64_t want =
-        std::min({ceil_div(2 * static_cast<int64_t>(in.n_sms), base_blocks), ceil_div(in.K, kMinKeysPerSplit), kMaxSplits});
+    const int64_t want = std::min(
+        {ceil_div(2 * static_cast<int64_t>(in.n_sms), base_blocks), ceil_div(in.K, kMinKeysPerSplit), kMaxSplits});
     if (want > 1) {
       t.keys_per_split = ceil_div(ceil_div(in.K, want), t.bk) * t.bk;
       t.n_splits = static_cast<int>(ceil_div(in.K, t.keys_per_split));

@@ -36,8 +36,7 @@ __device__ __forceinline__ void simt_load_kv(const Params& p, acc_t* Ks, acc_t* 
 // out of range. Consecutive threads take consecutive keys of one row: Q reads are broadcasts.
 template <typename acc_t>
 __device__ __forceinline__ void simt_scores(const Params& p, const SimtTiling& t, const acc_t* Qs, const acc_t* Ks,
-                                            acc_t* Ss, int64_t b, int64_t h0, int64_t q0, int64_t k0, int nk,
-                                            int Dh) {
+                                            acc_t* Ss, int64_t b, int64_t h0, int64_t q0, int64_t k0, int nk, int Dh) {
   const int R = t.nh * t.nq;
   for (int e = threadIdx.x; e < R * t.bk; e += blockDim.x) {
     const int r = e / t.bk, c = e - r * t.bk;
@@ -117,7 +116,7 @@ __global__ void __launch_bounds__(kSimtThreads)
       const acc_t m_old = row_m[r];
       const acc_t m_new = fmax(m_old, mx);
       acc_t sum = 0, alpha = 1;
-      if (m_new != ninf) {  // else nothing visible yet: weights 0, accumulator untouched
+      if (m_new != ninf) {               // else nothing visible yet: weights 0, accumulator untouched
         alpha = exp_acc(m_old - m_new);  // 0 on the first visible tile (m_old = -inf)
         for (int c = lane; c < nk; c += 32) {
           const acc_t w = srow[c] == ninf ? acc_t(0) : exp_acc(srow[c] - m_new);
@@ -237,7 +236,7 @@ __global__ void __launch_bounds__(kSimtThreads)
   // clean with it.
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* weight = reinterpret_cast<acc_t*>(smem_raw);
-  const int64_t row = blockIdx.x;                       // (b * H + h) * S + i
+  const int64_t row = blockIdx.x;  // (b * H + h) * S + i
   const int64_t i = row % p.S, h = (row / p.S) % p.H, b = row / (p.S * p.H);
   const int Dh = static_cast<int>(p.Dh);
   const acc_t* ml = ws_ml + row * n_splits * 2;

@@ -33,8 +33,8 @@ __device__ __forceinline__ __nv_bfloat16 tc_from_float(float x, __nv_bfloat16) {
 // features >= Dh, and rows whose key is padded out (so that no garbage in an unused cache slot can
 // reach P V through 0 * NaN).
 __device__ __forceinline__ void tc_load_rows(uint16_t* dst, int ld, const uint16_t* base, int64_t row_stride,
-                                             int64_t d_stride, int64_t row0, int n_valid, int n_tile, int Dh,
-                                             int dhp, bool vec, const bool* pad_row0) {
+                                             int64_t d_stride, int64_t row0, int n_valid, int n_tile, int Dh, int dhp,
+                                             bool vec, const bool* pad_row0) {
   if (vec) {
     const int cpr = dhp / 8;  // 16-byte chunks per row; Dh % 8 == 0, so a chunk is all data or all padding
     for (int e = threadIdx.x; e < n_tile * cpr; e += blockDim.x) {
@@ -56,8 +56,7 @@ __device__ __forceinline__ void tc_load_rows(uint16_t* dst, int ld, const uint16
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kTcThreads)
-    attention_tc_kernel(const __grid_constant__ Params p, const TcTiling t) {
+__global__ void __launch_bounds__(kTcThreads) attention_tc_kernel(const __grid_constant__ Params p, const TcTiling t) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // bfloat16 WMMA needs sm_80; the host never launches this kernel on older GPUs
 #else
@@ -98,8 +97,7 @@ __global__ void __launch_bounds__(kTcThreads)
   const uint16_t* vbase = static_cast<const uint16_t*>(p.v) + b * p.v_sb + g * p.v_sh;
   const bool* pad_b = p.pad != nullptr ? p.pad + b * p.K : nullptr;
 
-  tc_load_rows(reinterpret_cast<uint16_t*>(Qs), ldh, qbase, p.q_ss, p.q_sd, q0, nq, kTcRows, Dh, DhP, t.q_vec,
-               nullptr);
+  tc_load_rows(reinterpret_cast<uint16_t*>(Qs), ldh, qbase, p.q_ss, p.q_sd, q0, nq, kTcRows, Dh, DhP, t.q_vec, nullptr);
   for (int e = tid; e < kTcRows * ldo; e += blockDim.x) Os[e] = 0.f;
   for (int r = tid; r < kTcRows; r += blockDim.x) {
     row_m[r] = ninf;
@@ -132,8 +130,7 @@ __global__ void __launch_bounds__(kTcThreads)
   for (int64_t k0 = key_begin_for(p, q0); k0 < key_end; k0 += BK) {
     const int nk = static_cast<int>(min(static_cast<int64_t>(BK), key_end - k0));
     const int nk16 = (nk + 15) / 16 * 16;
-    tc_load_rows(reinterpret_cast<uint16_t*>(Ks), ldh, kbase, p.k_ss, p.k_sd, k0, nk, nk16, Dh, DhP, t.k_vec,
-                 nullptr);
+    tc_load_rows(reinterpret_cast<uint16_t*>(Ks), ldh, kbase, p.k_ss, p.k_sd, k0, nk, nk16, Dh, DhP, t.k_vec, nullptr);
     tc_load_rows(reinterpret_cast<uint16_t*>(Vs), ldh, vbase, p.v_ss, p.v_sd, k0, nk, nk16, Dh, DhP, t.v_vec,
                  pad_b != nullptr ? pad_b + k0 : nullptr);
     __syncthreads();
@@ -220,8 +217,7 @@ __global__ void __launch_bounds__(kTcThreads)
     const int nk = static_cast<int>(min(static_cast<int64_t>(BK), key_end - k0));
     const int nk16 = (nk + 15) / 16 * 16;
     __syncthreads();  // every warp is done with the previous K tile (and with row_lse's writes)
-    tc_load_rows(reinterpret_cast<uint16_t*>(Ks), ldh, kbase, p.k_ss, p.k_sd, k0, nk, nk16, Dh, DhP, t.k_vec,
-                 nullptr);
+    tc_load_rows(reinterpret_cast<uint16_t*>(Ks), ldh, kbase, p.k_ss, p.k_sd, k0, nk, nk16, Dh, DhP, t.k_vec, nullptr);
     __syncthreads();
     warp_scores(nk16);
     __syncwarp();

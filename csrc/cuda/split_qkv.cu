@@ -8,8 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstdint>
+#include <cstdlib>
 
 #include "../layouts.h"
 
@@ -18,18 +18,31 @@ namespace {
 
 // Elements are moved as raw words of their size: one kernel per element size serves every dtype the
 // CPU op dispatches (bool, integers, half types, float, double).
-template <int kBytes> struct Word;
-template <> struct Word<1> { using type = uint8_t; };
-template <> struct Word<2> { using type = uint16_t; };
-template <> struct Word<4> { using type = uint32_t; };
-template <> struct Word<8> { using type = uint64_t; };
+template <int kBytes>
+struct Word;
+template <>
+struct Word<1> {
+  using type = uint8_t;
+};
+template <>
+struct Word<2> {
+  using type = uint16_t;
+};
+template <>
+struct Word<4> {
+  using type = uint32_t;
+};
+template <>
+struct Word<8> {
+  using type = uint64_t;
+};
 
 struct MoveArgs {
   int64_t D, Dh, n_out;
-  int64_t fs0, fs1;      // strides of the fused weight seen as [D, n_out]
-  int64_t hs[3][3];      // strides of W_Q, W_K, W_V [heads, D, Dh]
-  bool i_fastest;        // linear index runs over D first (when that is the fused weight's unit stride)
-  bool to_fused;         // pack (per-head -> fused) or split (fused -> per-head)
+  int64_t fs0, fs1;  // strides of the fused weight seen as [D, n_out]
+  int64_t hs[3][3];  // strides of W_Q, W_K, W_V [heads, D, Dh]
+  bool i_fastest;    // linear index runs over D first (when that is the fused weight's unit stride)
+  bool to_fused;     // pack (per-head -> fused) or split (fused -> per-head)
 };
 
 // One thread per fused element. owner[c / Dh] = head * 3 + which tells where fused column c belongs:
@@ -111,8 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> split_qkv_cuda(const at::Tensor& 
   return split_qkv_host(move_segments, weight, n_heads, n_kv_heads, d_head, layout, conv1d);
 }
 
-at::Tensor pack_qkv_cuda(const at::Tensor& W_Q, const at::Tensor& W_K, const at::Tensor& W_V,
-                        c10::string_view layout, bool conv1d) {
+at::Tensor pack_qkv_cuda(const at::Tensor& W_Q, const at::Tensor& W_K, const at::Tensor& W_V, c10::string_view layout,
+                         bool conv1d) {
   return pack_qkv_host(move_segments, W_Q, W_K, W_V, layout, conv1d);
 }
 

@@ -20,8 +20,8 @@ from pyqkv import ops
 from pyqkv.bridge import Bridge, Projections
 from pyqkv.cache import KVCache
 from pyqkv.checks import describe
-from pyqkv.hf.families import SUPPORTED, LayerSpec, family_of, layer_spec
 from pyqkv.hf import placement
+from pyqkv.hf.families import SUPPORTED, LayerSpec, family_of, layer_spec
 from pyqkv.hf.hf_cache import CacheMirror
 from pyqkv.hf.recording import attention_recorder, install_hf_recording_hooks
 from pyqkv.hooks import HookedMixin
@@ -82,8 +82,19 @@ def _calling_bridge(module, spec: LayerSpec, reason: str, **flags) -> Bridge:
             )
         H_local, Hkv_local, heads, kv_heads = placement.local_heads(spec, H, Hkv, Dh, D)
         kw.update(n_heads=H_local, n_kv_heads=Hkv_local)
-    bridge = Bridge(None, None, None, None, layout=spec.layout, conv1d=spec.conv1d, d_model=D,
-                    projections=Projections(spec.qkv, spec.out, reason), **kw, **spec.bridge_modules, **flags)
+    bridge = Bridge(
+        None,
+        None,
+        None,
+        None,
+        layout=spec.layout,
+        conv1d=spec.conv1d,
+        d_model=D,
+        projections=Projections(spec.qkv, spec.out, reason),
+        **kw,
+        **spec.bridge_modules,
+        **flags,
+    )
     bridge.set_heads(heads, kv_heads, H, Hkv)
     return bridge.train(module.training)
 
@@ -153,13 +164,22 @@ def _write_back(bridge: Bridge, spec: LayerSpec) -> None:
         return
     with torch.no_grad():
         if isinstance(spec.qkv, tuple):
-            if _adjacent([p.weight for p in spec.qkv]) is None or spec.qkv[0].weight.data_ptr() != b.qkv_weight.data_ptr():
+            if (
+                _adjacent([p.weight for p in spec.qkv]) is None
+                or spec.qkv[0].weight.data_ptr() != b.qkv_weight.data_ptr()
+            ):
                 _rebind_rows(spec.qkv, "weight", b.qkv_weight.detach())
             if b.qkv_bias is not None and spec.qkv[0].bias.data_ptr() != b.qkv_bias.data_ptr():
                 _rebind_rows(spec.qkv, "bias", b.qkv_bias.detach())
         elif spec.qkv.weight is not b.qkv_weight:
-            weight, bias = ops.pack_qkv(b.W_Q, b.W_K, b.W_V, *(
-                (b.b_Q, b.b_K, b.b_V) if b.qkv_bias is not None else ()), layout=spec.layout, conv1d=spec.conv1d)
+            weight, bias = ops.pack_qkv(
+                b.W_Q,
+                b.W_K,
+                b.W_V,
+                *((b.b_Q, b.b_K, b.b_V) if b.qkv_bias is not None else ()),
+                layout=spec.layout,
+                conv1d=spec.conv1d,
+            )
             _set(spec.qkv, "weight", weight)
             if getattr(spec.qkv, "bias", None) is not None and bias is not None:
                 _set(spec.qkv, "bias", bias)
@@ -211,8 +231,12 @@ class HFAttention(nn.Module):
         hf_cache = next((a.get(n) for n in ("past_key_values", "layer_past", "cache") if a.get(n) is not None), None)
         output_attentions = bool(a.get("output_attentions"))
         mask = self._mask(a.get("attention_mask"), hidden_states)
-        call = dict(attention_mask=mask, position_embeddings=self._tables(a.get("position_embeddings")),
-                    position_ids=a.get("position_ids"), alibi=self._alibi(a, hidden_states, hf_cache, output_attentions))
+        call = dict(
+            attention_mask=mask,
+            position_embeddings=self._tables(a.get("position_embeddings")),
+            position_ids=a.get("position_ids"),
+            alibi=self._alibi(a, hidden_states, hf_cache, output_attentions),
+        )
         causal = self._causal(mask)
         if causal is not None:
             call["causal"] = causal
@@ -330,6 +354,7 @@ class HFAttention(nn.Module):
                 f"attends over K = {K}"
             )
         return bias[:, 0, L - K :].unsqueeze(0)
+
 
 class CallConvention:
     """A Hugging Face attention module's forward signature, read once: positional names in order, and

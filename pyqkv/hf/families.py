@@ -34,5 +34,3 @@ def layer_spec(module) -> LayerSpec:
         return FAMILIES[family](module)
     except UnsupportedModule as e:
         raise UnsupportedModule(f"{e} (supported: {', '.join(SUPPORTED)})") from None
-
-

@@ -30,13 +30,20 @@ def _gpt2(m, family: str = "GPT-2") -> LayerSpec:
     if getattr(m, "is_cross_attention", False):
         raise ValueError(f"module: a cross-attention {type(m).__name__} is not supported (self-attention only)")
     return LayerSpec(
-        family, m.c_attn, m.c_proj, conv1d=True, layout="blocked",
+        family,
+        m.c_attn,
+        m.c_proj,
+        conv1d=True,
+        layout="blocked",
         bridge_kwargs=dict(
-            n_heads=m.num_heads, d_head=m.head_dim, layer_idx=m.layer_idx,
+            n_heads=m.num_heads,
+            d_head=m.head_dim,
+            layer_idx=m.layer_idx,
             scale_attn_weights=m.scale_attn_weights,
             scale_attn_by_inverse_layer_idx=m.scale_attn_by_inverse_layer_idx,
             reorder_and_upcast_attn=m.reorder_and_upcast_attn,
-            attn_dropout=dropout_p(m.attn_dropout), resid_dropout=dropout_p(m.resid_dropout),
+            attn_dropout=dropout_p(m.attn_dropout),
+            resid_dropout=dropout_p(m.resid_dropout),
         ),
     )
 
@@ -45,10 +52,18 @@ def _neox(m) -> LayerSpec:
     # query_key_value's output is [B, S, H, 3 * Dh]: per head [Q_h, K_h, V_h].
     _, base = rope_config(m.config, m.head_size)
     return LayerSpec(
-        "GPT-NeoX", m.query_key_value, m.dense, conv1d=False, layout="interleaved",
+        "GPT-NeoX",
+        m.query_key_value,
+        m.dense,
+        conv1d=False,
+        layout="interleaved",
         bridge_kwargs=dict(
-            n_heads=m.config.num_attention_heads, d_head=m.head_size, scale=m.scaling,
-            rotary_dim=m.rotary_ndims or None, rotary_base=base, attn_dropout=dropout_p(m.attention_dropout),
+            n_heads=m.config.num_attention_heads,
+            d_head=m.head_size,
+            scale=m.scaling,
+            rotary_dim=m.rotary_ndims or None,
+            rotary_base=base,
+            attn_dropout=dropout_p(m.attention_dropout),
         ),
     )
 
@@ -56,10 +71,19 @@ def _neox(m) -> LayerSpec:
 def _phi3(m, family: str = "Phi-3") -> LayerSpec:
     rotary_dim, base = rope_config(m.config, m.head_dim)
     return LayerSpec(
-        family, m.qkv_proj, m.o_proj, conv1d=False, layout="blocked",
+        family,
+        m.qkv_proj,
+        m.o_proj,
+        conv1d=False,
+        layout="blocked",
         bridge_kwargs=dict(
-            n_heads=m.config.num_attention_heads, n_kv_heads=m.num_key_value_heads, d_head=m.head_dim,
-            scale=m.scaling, rotary_dim=rotary_dim, rotary_base=base, attn_dropout=dropout_p(m.attention_dropout),
+            n_heads=m.config.num_attention_heads,
+            n_kv_heads=m.num_key_value_heads,
+            d_head=m.head_dim,
+            scale=m.scaling,
+            rotary_dim=rotary_dim,
+            rotary_base=base,
+            attn_dropout=dropout_p(m.attention_dropout),
         ),
     )
 
@@ -69,10 +93,18 @@ def _bigcode(m) -> LayerSpec:
         raise ValueError("module: a cross-attention GPTBigCodeAttention is not supported (self-attention only)")
     # multi_query: [all Q heads | K | V]; otherwise c_attn's output is [B, S, H, 3 * Dh] (per head Q, K, V).
     return LayerSpec(
-        "GPT-BigCode", m.c_attn, m.c_proj, conv1d=False, layout="blocked" if m.multi_query else "interleaved",
+        "GPT-BigCode",
+        m.c_attn,
+        m.c_proj,
+        conv1d=False,
+        layout="blocked" if m.multi_query else "interleaved",
         bridge_kwargs=dict(
-            n_heads=m.num_heads, n_kv_heads=m.kv_heads, d_head=m.head_dim, scale=m.scaling,
-            attn_dropout=dropout_p(m.attn_pdrop), resid_dropout=dropout_p(m.resid_dropout),
+            n_heads=m.num_heads,
+            n_kv_heads=m.kv_heads,
+            d_head=m.head_dim,
+            scale=m.scaling,
+            attn_dropout=dropout_p(m.attn_pdrop),
+            resid_dropout=dropout_p(m.resid_dropout),
         ),
     )
 
@@ -93,20 +125,35 @@ def _falcon(m) -> LayerSpec:
         rotary_dim, base = rope_config(cfg, Dh)
         kwargs.update(rotary_dim=rotary_dim, rotary_base=base)
     return LayerSpec(
-        "Falcon", m.query_key_value, m.dense, conv1d=False, layout=layout, bridge_kwargs=kwargs,
-        alibi_scale=m.inv_norm_factor if cfg.alibi else None, alibi_in_mask_with_sdpa=bool(cfg.alibi),
+        "Falcon",
+        m.query_key_value,
+        m.dense,
+        conv1d=False,
+        layout=layout,
+        bridge_kwargs=kwargs,
+        alibi_scale=m.inv_norm_factor if cfg.alibi else None,
+        alibi_in_mask_with_sdpa=bool(cfg.alibi),
         hf_cache_heads=H if cfg.new_decoder_architecture else Hkv,
     )
 
 
 def _bloom(m) -> LayerSpec:
     return LayerSpec(
-        "Bloom", m.query_key_value, m.dense, conv1d=False, layout="interleaved",
+        "Bloom",
+        m.query_key_value,
+        m.dense,
+        conv1d=False,
+        layout="interleaved",
         bridge_kwargs=dict(
-            n_heads=m.num_heads, d_head=m.head_dim, scale=m.inv_norm_factor, alibi=True,
-            attn_dropout=dropout_p(m.attention_dropout), resid_dropout=dropout_p(m.hidden_dropout),
+            n_heads=m.num_heads,
+            d_head=m.head_dim,
+            scale=m.inv_norm_factor,
+            alibi=True,
+            attn_dropout=dropout_p(m.attention_dropout),
+            resid_dropout=dropout_p(m.hidden_dropout),
         ),
-        residual_inside=True, alibi_scale=m.beta,
+        residual_inside=True,
+        alibi_scale=m.beta,
     )
 
 
@@ -118,10 +165,17 @@ def _codegen(m) -> LayerSpec:
     # width; older: `scale_attn` (= sqrt(Dh)), an nn.Dropout `attn_dropout`, tables made from position_ids.
     scale = m.scaling if hasattr(m, "scaling") else 1.0 / float(attr(m, "scale_attn"))
     return LayerSpec(
-        "CodeGen", m.qkv_proj, m.out_proj, conv1d=False, layout="codegen",
+        "CodeGen",
+        m.qkv_proj,
+        m.out_proj,
+        conv1d=False,
+        layout="codegen",
         bridge_kwargs=dict(
-            n_heads=m.num_attention_heads, d_head=m.head_dim, scale=scale,
-            rotary_dim=m.rotary_dim, rotary_interleaved=True,
+            n_heads=m.num_attention_heads,
+            d_head=m.head_dim,
+            scale=scale,
+            rotary_dim=m.rotary_dim,
+            rotary_interleaved=True,
             attn_dropout=dropout_p(attr(m, "attention_dropout", "attn_dropout")),
             resid_dropout=dropout_p(m.resid_dropout),
         ),
@@ -141,10 +195,19 @@ def _dbrx(m) -> LayerSpec:
         raise UnsupportedModule(f"module: DbrxAttention.clip_qkv: expected None or a positive number, got {clip!r}")
     _, base = rope_config(m.config, m.head_dim)  # the model's rotary tables use config.rope_parameters
     return LayerSpec(
-        "DBRX", m.Wqkv, m.out_proj, conv1d=False, layout="blocked",
+        "DBRX",
+        m.Wqkv,
+        m.out_proj,
+        conv1d=False,
+        layout="blocked",
         bridge_kwargs=dict(
-            n_heads=m.num_heads, n_kv_heads=m.num_key_value_heads, d_head=m.head_dim, scale=m.scaling,
-            rotary_dim=m.head_dim, rotary_base=base, clip_qkv=None if clip is None else float(clip),
+            n_heads=m.num_heads,
+            n_kv_heads=m.num_key_value_heads,
+            d_head=m.head_dim,
+            scale=m.scaling,
+            rotary_dim=m.head_dim,
+            rotary_base=base,
+            clip_qkv=None if clip is None else float(clip),
             attn_dropout=dropout_p(m.attention_dropout),
         ),
     )
@@ -156,10 +219,18 @@ def _persimmon(m) -> LayerSpec:
     # qk_layernorm: nn.LayerNorm(Dh) on [B, S, H, Dh], before RoPE: the Bridge's per-head q_norm / k_norm.
     norms = dict(q_norm=m.q_layernorm, k_norm=m.k_layernorm) if attr(m, "qk_layernorm") else {}
     return LayerSpec(
-        "Persimmon", m.query_key_value, m.dense, conv1d=False, layout="interleaved",
+        "Persimmon",
+        m.query_key_value,
+        m.dense,
+        conv1d=False,
+        layout="interleaved",
         bridge_kwargs=dict(
-            n_heads=m.num_heads, d_head=m.head_dim, scale=m.scaling, rotary_dim=int(attr(m, "rotary_ndims")),
-            rotary_base=base, attn_dropout=dropout_p(m.config.attention_dropout),  # the rate HF's forward uses
+            n_heads=m.num_heads,
+            d_head=m.head_dim,
+            scale=m.scaling,
+            rotary_dim=int(attr(m, "rotary_ndims")),
+            rotary_base=base,
+            attn_dropout=dropout_p(m.config.attention_dropout),  # the rate HF's forward uses
         ),
         bridge_modules=norms,
     )
@@ -170,13 +241,23 @@ def _mpt(m) -> LayerSpec:
     if clip is not None and clip < 0:
         raise UnsupportedModule(f"module: MptAttention.clip_qkv: expected None, 0 or a positive number, got {clip!r}")
     return LayerSpec(
-        "MPT", m.Wqkv, m.out_proj, conv1d=False, layout="blocked",
+        "MPT",
+        m.Wqkv,
+        m.out_proj,
+        conv1d=False,
+        layout="blocked",
         bridge_kwargs=dict(
-            n_heads=m.n_heads, d_head=m.head_dim, scale=float(m.softmax_scale), alibi=True,
+            n_heads=m.n_heads,
+            d_head=m.head_dim,
+            scale=float(m.softmax_scale),
+            alibi=True,
             clip_qkv=float(clip) if clip else None,  # HF clamps only when clip_qkv is truthy
             attn_dropout=dropout_p(m.attn_dropout_p),
         ),
-        alibi_scale=1.0, alibi_from="position_bias", mask_rule="mask_only", bool_mask_masks=True,
+        alibi_scale=1.0,
+        alibi_from="position_bias",
+        mask_rule="mask_only",
+        bool_mask_masks=True,
         weights_always=True,
     )
 
@@ -194,12 +275,21 @@ def _neox_japanese(m) -> LayerSpec:
     config = getattr(m, "config", None)
     base = rope_config(config, m.head_size)[1] if config is not None else 10000.0
     return LayerSpec(
-        "GPT-NeoX-Japanese", m.query_key_value, m.dense, conv1d=False, layout="interleaved",
+        "GPT-NeoX-Japanese",
+        m.query_key_value,
+        m.dense,
+        conv1d=False,
+        layout="interleaved",
         bridge_kwargs=dict(
-            n_heads=m.num_attention_heads, d_head=m.head_size, scale=1.0 / float(m.norm_factor),
-            rotary_dim=int(m.rotary_ndims), rotary_base=base, attn_dropout=dropout_p(m.attention_dropout),
+            n_heads=m.num_attention_heads,
+            d_head=m.head_size,
+            scale=1.0 / float(m.norm_factor),
+            rotary_dim=int(m.rotary_ndims),
+            rotary_base=base,
+            attn_dropout=dropout_p(m.attention_dropout),
         ),
-        mask_rule="mask_only", returns="with_dense_bias",
+        mask_rule="mask_only",
+        returns="with_dense_bias",
     )
 
 
@@ -211,12 +301,20 @@ def _openai_gpt(m) -> LayerSpec:
     # score above -1e4 + 104. pyqkv hides future keys outright: equal on every row with a visible key
     # whose score is not itself near -1e4 (see tests/test_hf_families.py, the GPT-1 test).
     return LayerSpec(
-        "OpenAI GPT", m.c_attn, m.c_proj, conv1d=True, layout="blocked",
+        "OpenAI GPT",
+        m.c_attn,
+        m.c_proj,
+        conv1d=True,
+        layout="blocked",
         bridge_kwargs=dict(
-            n_heads=H, d_head=D // H, scale=(D // H) ** -0.5 if m.scale else 1.0,
-            attn_dropout=dropout_p(m.attn_dropout), resid_dropout=dropout_p(m.resid_dropout),
+            n_heads=H,
+            d_head=D // H,
+            scale=(D // H) ** -0.5 if m.scale else 1.0,
+            attn_dropout=dropout_p(m.attn_dropout),
+            resid_dropout=dropout_p(m.resid_dropout),
         ),
-        mask_rule="and_causal", returns="list",
+        mask_rule="and_causal",
+        returns="list",
     )
 
 

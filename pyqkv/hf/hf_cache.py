@@ -30,7 +30,9 @@ class CacheMirror:
                 "(e.g. DynamicCache) or a pyqkv.KVCache"
             )
         if not hasattr(hf_cache, "update"):
-            raise TypeError(f"past_key_values: expected a transformers Cache or pyqkv.KVCache, got {type(hf_cache).__name__}")
+            raise TypeError(
+                f"past_key_values: expected a transformers Cache or pyqkv.KVCache, got {type(hf_cache).__name__}"
+            )
         self_cache = getattr(hf_cache, "self_attention_cache", hf_cache)  # EncoderDecoderCache
         idx = self.layer_idx
         layer = self_cache.layers[idx] if idx < len(getattr(self_cache, "layers", ())) else None

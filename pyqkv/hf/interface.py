@@ -107,7 +107,7 @@ _UNSUPPORTED_KWARGS = {
     "s_aux": "attention sinks (gpt-oss style s_aux) are not supported by pyqkv.ops.attention",
     "sinks": "attention sinks are not supported by pyqkv.ops.attention",
     "cu_seq_lens_q": "packed sequences given as cu_seq_lens_* are not supported; pass position_ids only "
-                     "(the mask HF builds under 'pyqkv' then separates the packed sequences)",
+    "(the mask HF builds under 'pyqkv' then separates the packed sequences)",
     "cu_seq_lens_k": "packed sequences given as cu_seq_lens_* are not supported; pass position_ids only",
     "max_length_q": "packed sequences (max_length_*) are not supported; pass position_ids only",
     "max_length_k": "packed sequences (max_length_*) are not supported; pass position_ids only",
@@ -144,9 +144,20 @@ def mask_function(*args, **kwargs):
 # The attention function
 
 
-def attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
-                      scaling: Optional[float] = None, is_causal: Optional[bool] = None, softcap=None,
-                      position_bias=None, output_attentions: bool = False, **kwargs):
+def attention_forward(
+    module: nn.Module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    softcap=None,
+    position_bias=None,
+    output_attentions: bool = False,
+    **kwargs,
+):
     """What every interface-routed Hugging Face attention module calls under attn_implementation="pyqkv".
 
     query: [B, H, S, Dh] (after projection, qk-norm, RoPE); key, value: [B, Hkv, K, Dh] after cache.update,
@@ -162,9 +173,20 @@ def attention_forward(module: nn.Module, query, key, value, attention_mask, drop
     layer = _LAYERS.get(module)
     if layer is not None:
         layer.owner._calls += 1
-    return _attend(module, layer, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                   is_causal=is_causal, softcap=softcap, position_bias=position_bias,
-                   want_pattern=bool(output_attentions) or _recording_attentions())
+    return _attend(
+        module,
+        layer,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=is_causal,
+        softcap=softcap,
+        position_bias=position_bias,
+        want_pattern=bool(output_attentions) or _recording_attentions(),
+    )
 
 
 def _check_kwargs(module, kwargs) -> None:
@@ -180,8 +202,9 @@ def _check_kwargs(module, kwargs) -> None:
         )
 
 
-def _attend(module, layer, query, key, value, mask, *, dropout, scaling, is_causal, softcap, position_bias,
-            want_pattern):
+def _attend(
+    module, layer, query, key, value, mask, *, dropout, scaling, is_causal, softcap, position_bias, want_pattern
+):
     B, H, S, Dh = query.shape
     K = key.shape[2]
     scale = Dh**-0.5 if scaling is None else float(scaling)
@@ -210,9 +233,20 @@ def _attend(module, layer, query, key, value, mask, *, dropout, scaling, is_caus
         # place later): a hook gets a copy, so its edits stay in this call and the cached activation stays fixed.
         k4 = layer.fire("hook_rot_k", k4, copy=True)
         v4 = layer.fire("hook_v", v4, copy=True)
-    z, pattern = attend(q4, k4, v4, scale=scale, causal=causal, mask=mask, extra=extra, dropout_p=p,
-                        want_pattern=want_pattern, points=None if layer is None else layer.points,
-                        fire=None if layer is None else layer.fire, fused=_fused)
+    z, pattern = attend(
+        q4,
+        k4,
+        v4,
+        scale=scale,
+        causal=causal,
+        mask=mask,
+        extra=extra,
+        dropout_p=p,
+        want_pattern=want_pattern,
+        points=None if layer is None else layer.points,
+        fire=None if layer is None else layer.fire,
+        fused=_fused,
+    )
     if layer is not None:
         z = layer.fire("hook_z", z)
     # Modules reshape the output with .view(B, S, H * Dh) (sdpa returns it contiguous): a hook's replacement
@@ -229,8 +263,9 @@ def _fused(q4, k4, v4, *, scale, causal, mask, return_pattern=False, alibi=None,
         v4 = F.pad(v4, (0, Dqk - Dv))
     elif Dv > Dqk:
         q4, k4 = F.pad(q4, (0, Dv - Dqk)), F.pad(k4, (0, Dv - Dqk))
-    z, lse, pattern = ops.attention(q4, k4, v4, scale=scale, causal=causal, mask=mask, return_pattern=return_pattern,
-                                    alibi=alibi, **extra)
+    z, lse, pattern = ops.attention(
+        q4, k4, v4, scale=scale, causal=causal, mask=mask, return_pattern=return_pattern, alibi=alibi, **extra
+    )
     return (z[..., :Dv] if Dv != z.shape[-1] else z), lse, pattern
 
 
@@ -331,7 +366,7 @@ class InterfaceHooks(HookedMixin):
         self._points = {}
         self._aliases = {}
         self._gated = {}
-        for prefix, path, module in targets:
+        for prefix, path, _module in targets:
             layer = _Layer(self, prefix, path)
             self._layers.append(layer)
             prefix = prefix + "."
@@ -406,8 +441,10 @@ def _class_routes(cls: type) -> bool:
         for klass in cls.__mro__:
             if klass in (nn.Module, object):
                 break
-            if any(_code_reads(getattr(_unwrap(f), "__code__", None), "ALL_ATTENTION_FUNCTIONS")
-                   for f in vars(klass).values()):
+            if any(
+                _code_reads(getattr(_unwrap(f), "__code__", None), "ALL_ATTENTION_FUNCTIONS")
+                for f in vars(klass).values()
+            ):
                 cached = True
                 break
         _ROUTES_CACHE[cls] = cached
@@ -435,13 +472,14 @@ def _attach_note(model: nn.Module) -> str:
     import pyqkv.hf as hf
 
     supported = tuple(getattr(hf, "SUPPORTED", ()))
-    found = sorted({type(m).__name__ for m in model.modules()
-                    if any(c.__name__ in supported for c in type(m).__mro__)})
+    found = sorted({type(m).__name__ for m in model.modules() if any(c.__name__ in supported for c in type(m).__mro__)})
     if found:
         return f"pyqkv.hf.attach(model) gives every hook point for this model ({', '.join(found)})"
     mine = sorted({type(m).__name__ for m in model.modules() if routes_through_interface(m)})
-    return (f"pyqkv.hf.attach(model), the tier with every hook point, does not support "
-            f"{', '.join(mine) or type(model).__name__} (it supports {', '.join(supported)})")
+    return (
+        f"pyqkv.hf.attach(model), the tier with every hook point, does not support "
+        f"{', '.join(mine) or type(model).__name__} (it supports {', '.join(supported)})"
+    )
 
 
 def _implementation_of(module: nn.Module, model: nn.Module):
@@ -466,6 +504,7 @@ def _hook_prefixes(modules: list) -> list:
     a layer_idx, `blocks.{i}.attn` in the model's module order. Anything else, such as a vision or audio
     encoder's layers (no layer_idx) or cross-attention (the layer_idx of its self-attention), is named by
     its module path, e.g. `model.decoder.layers.0.encoder_attn`."""
+
     def idx(path, m):
         i = getattr(m, "layer_idx", None)
         ok = isinstance(i, int) and not isinstance(i, bool) and not _is_cross_attention(path, m)

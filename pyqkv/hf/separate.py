@@ -47,25 +47,48 @@ def _heads(m):
     return int(H), int(Hkv), int(attr(m, "head_dim"))
 
 
-def _separate(family: str, m, *, out: str = "o_proj", scale=None, rotary_dim=None, interleaved=False,
-              conventions="cos_sin", q_norm=None, k_norm=None, qk_norm_per_head=True, clip_qkv=None,
-              softcap=None) -> LayerSpec:
+def _separate(
+    family: str,
+    m,
+    *,
+    out: str = "o_proj",
+    scale=None,
+    rotary_dim=None,
+    interleaved=False,
+    conventions="cos_sin",
+    q_norm=None,
+    k_norm=None,
+    qk_norm_per_head=True,
+    clip_qkv=None,
+    softcap=None,
+) -> LayerSpec:
     if not getattr(m, "is_causal", True):
         raise UnsupportedModule(
             f"module: this {type(m).__name__} is bidirectional (is_causal=False); pyqkv wraps causal attention only"
         )
     H, Hkv, Dh = _heads(m)
     kwargs = dict(
-        n_heads=H, n_kv_heads=Hkv, d_head=Dh, scale=float(attr(m, "scaling")) if scale is None else scale,
+        n_heads=H,
+        n_kv_heads=Hkv,
+        d_head=Dh,
+        scale=float(attr(m, "scaling")) if scale is None else scale,
         attn_dropout=dropout_p(attr(m, "attention_dropout", "dropout", "attn_dropout")),
         resid_dropout=dropout_p(getattr(m, "resid_dropout", 0.0)),
-        rotary_dim=rotary_dim, rotary_interleaved=interleaved, clip_qkv=clip_qkv, softcap=softcap,
+        rotary_dim=rotary_dim,
+        rotary_interleaved=interleaved,
+        clip_qkv=clip_qkv,
+        softcap=softcap,
         qk_norm_per_head=qk_norm_per_head,
     )
     modules = {} if q_norm is None else {"q_norm": q_norm, "k_norm": k_norm}
     return LayerSpec(
-        family, (m.q_proj, m.k_proj, m.v_proj), getattr(m, out), conv1d=False, layout="blocked",
-        bridge_kwargs=kwargs, position_embeddings=conventions if rotary_dim is not None else "ignore",
+        family,
+        (m.q_proj, m.k_proj, m.v_proj),
+        getattr(m, out),
+        conv1d=False,
+        layout="blocked",
+        bridge_kwargs=kwargs,
+        position_embeddings=conventions if rotary_dim is not None else "ignore",
         bridge_modules=modules,
     )
 
@@ -77,13 +100,22 @@ def _full_rope(m) -> int:
 def _llama(family):
     def read(m) -> LayerSpec:
         return _separate(family, m, rotary_dim=_full_rope(m))
+
     return read
 
 
 def _qk_normed(family, per_head=True):
     def read(m) -> LayerSpec:
-        return _separate(family, m, rotary_dim=_full_rope(m), q_norm=m.q_norm, k_norm=m.k_norm,
-                         qk_norm_per_head=per_head, softcap=getattr(m, "attn_logit_softcapping", None))
+        return _separate(
+            family,
+            m,
+            rotary_dim=_full_rope(m),
+            q_norm=m.q_norm,
+            k_norm=m.k_norm,
+            qk_norm_per_head=per_head,
+            softcap=getattr(m, "attn_logit_softcapping", None),
+        )
+
     return read
 
 
@@ -98,8 +130,9 @@ def _gptj(m) -> LayerSpec:
     conventions = "sin_cos_half" if takes_argument(m, "position_embeddings") else "cos_sin"
     # Older transformers: scores / scale_attn (= sqrt(Dh)) instead of `scaling`.
     scale = float(m.scaling) if hasattr(m, "scaling") else 1.0 / float(attr(m, "scale_attn"))
-    return _separate("GPT-J", m, out="out_proj", scale=scale, rotary_dim=rotary_dim, interleaved=True,
-                     conventions=conventions)
+    return _separate(
+        "GPT-J", m, out="out_proj", scale=scale, rotary_dim=rotary_dim, interleaved=True, conventions=conventions
+    )
 
 
 def _opt(m) -> LayerSpec:

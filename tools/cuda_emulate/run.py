@@ -82,9 +82,23 @@ def main(argv=None):
                     plan = []
 
                     def run(q, k, v, mask, scale, causal, return_pattern, alibi, softcap, window):
-                        z, lse, pattern, desc = emu.attention(q, k, v, mask, scale, causal, return_pattern, alibi,
-                                                              softcap, window, major, smem, sms,
-                                                              ORDERS[order_name], 1234)
+                        z, lse, pattern, desc = emu.attention(
+                            q,
+                            k,
+                            v,
+                            mask,
+                            scale,
+                            causal,
+                            return_pattern,
+                            alibi,
+                            softcap,
+                            window,
+                            major,
+                            smem,
+                            sms,
+                            ORDERS[order_name],
+                            1234,
+                        )
                         plan.append(desc)
                         return z, lse, pattern
 
@@ -95,8 +109,11 @@ def main(argv=None):
                         ok, msg = False, f"{type(e).__name__}: {e}"
                     runs += 1
                     failures += not ok
-                    print(f"{'ok  ' if ok else 'FAIL'} {case.name} [{str(dtype)[6:]}, {dev_name}, {order_name}] "
-                          f"{msg} ({plan[0] if plan else '-'}; {time.time() - t1:.1f}s)", flush=True)
+                    print(
+                        f"{'ok  ' if ok else 'FAIL'} {case.name} [{str(dtype)[6:]}, {dev_name}, {order_name}] "
+                        f"{msg} ({plan[0] if plan else '-'}; {time.time() - t1:.1f}s)",
+                        flush=True,
+                    )
     # rotary: one kernel for every GPU; vary the dtype, and the grid (fewer CTAs than elements need runs
     # the grid-stride loop; one CTA per 256 elements is the real launch of small inputs)
     for case in cuda_smoke.rotary_cases():
@@ -122,8 +139,11 @@ def main(argv=None):
                     ok, msg = False, f"{type(e).__name__}: {e}"
                 runs += 1
                 failures += not ok
-                print(f"{'ok  ' if ok else 'FAIL'} rotary {case.name} [{str(dtype)[6:]}] {msg} "
-                      f"({launch[0] if launch else '-'}; {time.time() - t1:.1f}s)", flush=True)
+                print(
+                    f"{'ok  ' if ok else 'FAIL'} rotary {case.name} [{str(dtype)[6:]}] {msg} "
+                    f"({launch[0] if launch else '-'}; {time.time() - t1:.1f}s)",
+                    flush=True,
+                )
     print(f"{'FAILED' if failures else 'passed'}: {failures} of {runs} runs failed in {time.time() - t0:.0f}s")
     return 1 if failures else 0
 
