@@ -51,29 +51,11 @@ def plain_bridge(
     b_O = r(D) if out_bias else None
     out_weight = W_O if conv1d else W_O.t().contiguous()
     to = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    bridge = pyqkv.Bridge(
-        to(weight),
-        to(fused_bias),
-        to(out_weight),
-        to(b_O),
-        n_heads=H,
-        n_kv_heads=Hkv,
-        d_head=Dh,
-        layout=layout,
-        conv1d=conv1d,
-        **flags,
-    )
-    oracle = Oracle(
-        to(weight),
-        to(fused_bias),
-        to(out_weight),
-        to(b_O),
-        n_heads=H,
-        n_kv_heads=Hkv,
-        d_head=Dh,
-        layout=layout,
-        conv1d=conv1d,
-    )
+    # The Bridge and its oracle get the same weights and layout; only the Bridge takes the flags.
+    weights = (to(weight), to(fused_bias), to(out_weight), to(b_O))
+    layout_kw = dict(n_heads=H, n_kv_heads=Hkv, d_head=Dh, layout=layout, conv1d=conv1d)
+    bridge = pyqkv.Bridge(*weights, **layout_kw, **flags)
+    oracle = Oracle(*weights, **layout_kw)
     split = dict(W_Q=W_Q, W_K=W_K, W_V=W_V, b_Q=b_Q, b_K=b_K, b_V=b_V, W_O=W_O.view(H, Dh, D), b_O=b_O)
     return bridge, oracle, {k: to(v) for k, v in split.items()}
 
