@@ -1,18 +1,23 @@
 """From attention inputs to z, building the pattern only when someone asks for it: the one dispatch rule of
 the Bridge and of the attention-interface tier (pyqkv.hf.interface).
 
-    a hook on hook_attn_scores          attn_scores, the hook, attn_softmax, dropout, hook_pattern, attn_apply
-    a hook on hook_pattern, dropout,    the fused op also writes the pattern; z is recomputed from the pattern
-    or the caller wants the pattern     only when a hook edited it, dropout changed it or a backward hook
-                                        watches it (its gradient must reach the pattern)
+    hook_attn_scores active             attn_scores, its hooks, attn_softmax, dropout, hook_pattern, attn_apply
+    hook_pattern active, dropout,       the fused op also writes the pattern; z is recomputed from the pattern
+    or the caller wants the pattern     when a hook there may have changed it (HookPoint.may_edit: any hook
+                                        but run_with_cache's read-only savers, or a backward hook, whose
+                                        gradient must reach the pattern) or dropout changed it
     nothing of that                     the fused op alone: no [B, H, S, K] tensor exists
+
+Which path runs is decided from Python state alone (which hooks are registered), never from data (a
+version counter, a pointer): an in-place edit by index assignment, `.data` or numpy is honoured alike, and
+torch.compile traces the decision without a guard on tensor contents.
 
 Shapes: q [B, S, H, Dh], k [B, K, Hkv, Dh], v [B, K, Hkv, Dv]; z [B, S, H, Dv]; pattern [B, H, S, K].
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,55 +35,43 @@ def attend(
     causal: bool,
     mask=None,
     alibi=None,
-    extra: Optional[dict] = None,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
     dropout_p: float = 0.0,
     want_pattern: bool = False,
-    points: Optional[Mapping[str, HookPoint]] = None,
-    fire: Optional[Callable] = None,
+    scores_point: Optional[HookPoint] = None,
+    pattern_point: Optional[HookPoint] = None,
     score_dtype: Optional[torch.dtype] = None,
     fused: Optional[Callable] = None,
 ):
-    """(z, pattern or None). points: the layer's hook points by name (None: nothing hooked); fire(name,
-    tensor) runs a point's hooks and returns the tensor to continue with. extra: softcap / window for the
-    ops. fused: a wrapper with ops.attention's signature (None: ops.attention, looked up per call). The pattern is returned whenever one was
-    made (after dropout and after the hook_pattern hooks)."""
-    extra = extra or {}
+    """(z, pattern or None). scores_point / pattern_point: the layer's hook_attn_scores / hook_pattern (None:
+    the caller has none). softcap / window: as ops.attention (already checked by the caller). fused: a
+    wrapper with ops.attention's signature (None: ops.attention, looked up per call). The pattern is
+    returned whenever one was made (after dropout and after the hook_pattern hooks)."""
     fused = fused or ops.attention
-
-    def hooked(name):
-        point = points.get(name) if points is not None else None
-        return point is not None and bool(point.fwd or point.bwd)
-
-    if hooked("hook_attn_scores"):
-        scores = ops.attn_scores(q, k, scale=scale, causal=causal, mask=mask, dtype=score_dtype, alibi=alibi, **extra)
-        scores = fire("hook_attn_scores", scores)
+    pattern_hooked = pattern_point is not None and pattern_point.active
+    if scores_point is not None and scores_point.active:
+        scores = ops.attn_scores(
+            q, k, scale=scale, causal=causal, mask=mask, dtype=score_dtype, alibi=alibi, softcap=softcap, window=window
+        )
+        scores = scores_point.fire(scores)
         pattern = ops.attn_softmax(scores, dtype=v.dtype)
         if dropout_p:
             pattern = F.dropout(pattern, dropout_p, training=True)
-        if hooked("hook_pattern"):
-            pattern = fire("hook_pattern", pattern)
+        if pattern_hooked:
+            pattern = pattern_point.fire(pattern)
         return ops.attn_apply(pattern, v), pattern
-    pattern_hooked = hooked("hook_pattern")
     if not (pattern_hooked or dropout_p or want_pattern):
-        z, _, _ = fused(q, k, v, scale=scale, causal=causal, mask=mask, alibi=alibi, **extra)
+        z, _, _ = fused(q, k, v, scale=scale, causal=causal, mask=mask, alibi=alibi, softcap=softcap, window=window)
         return z, None
-    # Under inference_mode the pattern is made as a normal tensor: inference tensors have no version
-    # counter, and the counter is how an in-place edit by a hook is noticed.
-    with torch.inference_mode(False):
-        z, _, pattern = fused(q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True, alibi=alibi, **extra)
+    z, _, pattern = fused(
+        q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True, alibi=alibi, softcap=softcap, window=window
+    )
     if dropout_p:
         # eager's order: softmax, dropout, pattern · V (one seed draws the same dropout mask as HF eager)
         pattern = F.dropout(pattern, dropout_p, training=True)
-    if not pattern_hooked:
-        return (ops.attn_apply(pattern, v) if dropout_p else z), pattern
-    version = pattern._version
-    seen = fire("hook_pattern", pattern)
-    edited = not same_view(seen, pattern) or pattern._version != version
-    if edited or dropout_p or points["hook_pattern"].bwd:
-        z = ops.attn_apply(seen, v)
-    return z, seen
-
-
-def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a and b are the same view of the same memory (a hook returned its input, possibly edited)."""
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+    if pattern_hooked:
+        pattern = pattern_point.fire(pattern)
+    if dropout_p or (pattern_hooked and pattern_point.may_edit):
+        z = ops.attn_apply(pattern, v)
+    return z, pattern

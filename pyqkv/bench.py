@@ -117,7 +117,8 @@ def prefill_rows(w: LayerWeights, *, with_compile: bool = False) -> dict:
     """Row name -> callable(x). Each Bridge row has its own Bridge with its hooks installed once."""
     fast = w.bridge()
     pattern_hooked = w.bridge()
-    pattern_hooked.add_hook("hook_pattern", lambda pattern, hook: None, is_permanent=True)
+    # read-only, as run_with_cache's savers are: the pattern is written, z is not recomputed from it
+    pattern_hooked.hook_points()["hook_pattern"].add(lambda pattern, hook: None, is_permanent=True, read_only=True)
     split_input = w.bridge(use_split_qkv_input=True)
     rows = {
         "pyqkv fast path": fast,

@@ -24,8 +24,8 @@ from pyqkv import checks, ops, positions
 from pyqkv.attend import attend
 from pyqkv.cache import KVCache
 from pyqkv.checks import describe
-from pyqkv.conversions import make_rule
-from pyqkv.hooks import HookedMixin, HookPoint, attach_bwd_hooks, run_fwd_hooks
+from pyqkv.conversions import Identity, make_rule
+from pyqkv.hooks import HookedMixin, HookPoint
 from pyqkv.points import BY_NAME, FEATURE_WORDS, HOOK_ALIASES, HOOK_NAMES
 
 
@@ -317,7 +317,6 @@ class Bridge(nn.Module, HookedMixin):
         self.cfg.use_attn_in = use_attn_in
         self.cfg.use_attn_result = use_attn_result
 
-        self._points = {name: HookPoint(name) for name in HOOK_NAMES}
         conversions = dict(hook_conversions or {})
         by_point = {}
         for n in conversions:
@@ -327,13 +326,16 @@ class Bridge(nn.Module, HookedMixin):
             raise ValueError(
                 f"hook_conversions: {' and '.join(map(repr, clash))} name the same hook point; give one rule"
             )
-        unknown = [n for n in conversions if HOOK_ALIASES.get(n, n) not in self._points]
+        unknown = [n for n in conversions if HOOK_ALIASES.get(n, n) not in BY_NAME]
         if unknown:
             raise KeyError(f"hook_conversions: unknown hook points {unknown}; valid: {', '.join(HOOK_NAMES)}")
-        self._rules = {
-            name: make_rule(name, conversions.get(name, _alias_value(conversions, name)), d_head=d_head)
-            for name in HOOK_NAMES
-        }
+        self._any_hooked = False  # one flag for the forward: is any point of this layer hooked?
+        self._points = {}
+        for name in HOOK_NAMES:
+            rule = make_rule(name, conversions.get(name, _alias_value(conversions, name)), d_head=d_head)
+            self._points[name] = HookPoint(
+                name, rule=None if isinstance(rule, Identity) else rule, on_change=self._hooks_changed
+            )
         self._custom_rules = {HOOK_ALIASES.get(n, n) for n in conversions}
         self.set_heads(range(n_heads), range(n_kv_heads), n_heads, n_kv_heads)
 
@@ -463,27 +465,11 @@ class Bridge(nn.Module, HookedMixin):
         for name, point in self._points.items():
             point.name = prefix + name
 
-    def _hooked(self, name: str) -> bool:
-        point = self._points[name]
-        return bool(point.fwd or point.bwd)
+    def _hooks_changed(self) -> None:
+        self._any_hooked = any(p.active for p in self._points.values())
 
-    def _fire(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Run the hooks of one point on `tensor` (kernel layout); returns the activation to continue with.
-        With no hook this is a list check: no conversion, no call."""
-        point = self._points[name]
-        if not (point.fwd or point.bwd):
-            return tensor
-        rule = self._rules[name]
-        hooked = rule.convert(tensor)
-        hooked = run_fwd_hooks(point, hooked)
-        attach_bwd_hooks(point, hooked)
-        back = rule.revert(hooked)
-        if back.shape != tensor.shape:
-            raise ValueError(
-                f"{point.name}: conversion rule {rule!r} reverted the hook's tensor to shape {tuple(back.shape)}; "
-                f"expected the kernel layout {tuple(tensor.shape)}"
-            )
-        return back
+    def _hooked(self, name: str) -> bool:
+        return self._points[name].active
 
     # ---------------------------------------------------------------------------------------------
     # Forward
@@ -539,20 +525,20 @@ class Bridge(nn.Module, HookedMixin):
         if kv_cache is not None:  # before any hook runs: a cache of another shape raises with nothing fired
             kv_cache.check_appendable((B, S, Hkv, Dh), self._key_dtype(x), x.device)
 
-        x = self._fire("hook_in", x)
+        x = self._points["hook_in"].fire(x)
         q, k, v = self._project_qkv(x)  # [B, S, H*Dh], [B, S, Hkv*Dh] x 2 (kernel layout)
-        q = self._fire("hook_q", q)
-        k = self._fire("hook_k", k)
-        v = self._fire("hook_v", v)
+        q = self._points["hook_q"].fire(q)
+        k = self._points["hook_k"].fire(k)
+        v = self._points["hook_v"].fire(v)
         if self.q_norm is not None:  # after the projection hooks, before RoPE (Qwen3, Gemma 3, OLMo 2, ...)
-            q = self._fire("hook_q_normed", self._normed(self.q_norm, q, H))
-            k = self._fire("hook_k_normed", self._normed(self.k_norm, k, Hkv))
+            q = self._points["hook_q_normed"].fire(self._normed(self.q_norm, q, H))
+            k = self._points["hook_k_normed"].fire(self._normed(self.k_norm, k, Hkv))
         q4, k4, v4 = q.view(B, S, H, Dh), k.view(B, S, Hkv, Dh), v.view(B, S, Hkv, Dh)
         if rotary is not None:
             # After the projection hooks, before the cache: the cache holds rotated keys, as HF's does.
             cos, sin = rotary
-            q4 = self._fire("hook_rot_q", ops.rotary(q4, cos, sin, interleaved=c.rotary_interleaved).flatten(2))
-            k4 = self._fire("hook_rot_k", ops.rotary(k4, cos, sin, interleaved=c.rotary_interleaved).flatten(2))
+            q4 = self._points["hook_rot_q"].fire(ops.rotary(q4, cos, sin, interleaved=c.rotary_interleaved).flatten(2))
+            k4 = self._points["hook_rot_k"].fire(ops.rotary(k4, cos, sin, interleaved=c.rotary_interleaved).flatten(2))
             q4, k4 = q4.view(B, S, H, Dh), k4.view(B, S, Hkv, Dh)
 
         if kv_cache is None:
@@ -616,12 +602,12 @@ class Bridge(nn.Module, HookedMixin):
         forks = {}  # "q" / "k" / "v" -> per-head input [B, S, heads, D] chosen by a hooked fork point
         if c.use_attn_in and self._hooked("hook_attn_in"):
             # A real copy: a hook may edit one head's input in place, which a broadcast view cannot take.
-            attn_in = self._fire("hook_attn_in", x.unsqueeze(2).expand(B, S, H, D).contiguous())
+            attn_in = self._points["hook_attn_in"].fire(x.unsqueeze(2).expand(B, S, H, D).contiguous())
             forks = {"q": attn_in, "k": attn_in[:, :, :Hkv], "v": attn_in[:, :, :Hkv]}
         elif c.use_split_qkv_input:
             for kind, heads in (("q", H), ("k", Hkv), ("v", Hkv)):
                 if self._hooked(f"hook_{kind}_input"):
-                    forks[kind] = self._fire(f"hook_{kind}_input", x.unsqueeze(2).expand(B, S, heads, D).contiguous())
+                    forks[kind] = self._points[f"hook_{kind}_input"].fire(x.unsqueeze(2).expand(B, S, heads, D).contiguous())
 
         out = {}
         if self.projections is not None:  # the model's own modules (offloaded, quantized, sharded weights)
@@ -649,13 +635,6 @@ class Bridge(nn.Module, HookedMixin):
         c = self.cfg
         B, S, H, Dh = q4.shape
         dropout_p = c.attn_dropout if self.training else 0.0
-        # Soft-capping and a sliding window, only when the layer has them (a 4-D mask already holds the
-        # window: it is authoritative, and causal is then False).
-        extra = {}
-        if c.softcap is not None:
-            extra["softcap"] = c.softcap
-        if c.window is not None and causal:
-            extra["window"] = c.window
         z, pattern = attend(
             q4,
             k_all,
@@ -664,17 +643,19 @@ class Bridge(nn.Module, HookedMixin):
             causal=causal,
             mask=mask,
             alibi=alibi,
-            extra=extra,
+            softcap=c.softcap,
+            # a 4-D mask already holds the window: it is authoritative, and causal is then False
+            window=c.window if causal else None,
             dropout_p=dropout_p,
             want_pattern=return_pattern,
-            points=self._points,
-            fire=self._fire,
+            scores_point=self._points["hook_attn_scores"],
+            pattern_point=self._points["hook_pattern"],
             score_dtype=torch.float32 if c.reorder_and_upcast_attn else None,
         )
-        z = self._fire("hook_z", z.reshape(B, S, H * Dh))
+        z = self._points["hook_z"].fire(z.reshape(B, S, H * Dh))
         if c.use_attn_result and self._hooked("hook_result"):
             result = ops.per_head_proj(z.view(B, S, H, Dh), self.W_O)  # [B, S, H, D] before b_O
-            out = self._fire("hook_result", result).sum(dim=2)
+            out = self._points["hook_result"].fire(result).sum(dim=2)
             if self.out_bias is not None:
                 out = out + self.out_bias
         elif self.projections is not None:
@@ -683,7 +664,7 @@ class Bridge(nn.Module, HookedMixin):
             out = _linear(z, self.out_weight, self.out_bias, self._out_conv1d)
         if self.training and c.resid_dropout:
             out = F.dropout(out, c.resid_dropout, training=True)
-        out = self._fire("hook_out", out)
+        out = self._points["hook_out"].fire(out)
         return (out, pattern) if return_pattern else out
 
     def extra_repr(self) -> str:

@@ -59,6 +59,20 @@ class Identity:
         return "Identity()"
 
 
+class Copy:
+    """The hook gets its own copy, and what it returns continues: for a tensor the caller must not let a
+    hook edit in place (the interface tier's K and V are Hugging Face's cache storage)."""
+
+    def convert(self, tensor):
+        return tensor.clone()
+
+    def revert(self, tensor):
+        return tensor
+
+    def __repr__(self) -> str:
+        return "Copy()"
+
+
 # The rank of each point's kernel layout (the left side of a user's pattern must have it) and the default
 # hook-format rule of each point: both from the hook-point table.
 KERNEL_RANKS = {p.name: p.kernel_rank for p in POINTS}

@@ -26,27 +26,41 @@ NameFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
 
 @dataclass(eq=False)
 class HookHandle:
-    """One registered hook; `remove()` takes it off its point (idempotent)."""
+    """One registered hook; `remove()` takes it off its point (idempotent).
+
+    read_only: the hook promises not to change its tensor (run_with_cache's savers): a point whose
+    hooks are all read-only lets the Bridge keep what it computed before them (no recomputation of z
+    from a read pattern). A user's hook is never read-only: it may edit in place by any means."""
 
     point: "HookPoint"
     fn: HookFn
     dir: str
     is_permanent: bool
+    read_only: bool = False
 
     def remove(self) -> None:
-        hooks = self.point.fwd if self.dir == "fwd" else self.point.bwd
-        if self in hooks:
-            hooks.remove(self)
+        self.point.remove(self)
 
 
 @dataclass(eq=False)
 class HookPoint:
-    """A named place in the forward where hooks may read or replace an activation.
+    """A named place in the forward where hooks may read or replace an activation: the one hook-firing
+    rule of pyqkv (the Bridge, pyqkv.attend and the attention-interface tier all fire through it).
 
     name: the canonical name (e.g. "hook_pattern", or "blocks.3.attn.hook_pattern" inside a model).
-    fwd / bwd: registered HookHandles in run order. ctx: scratch space for hooks; cleared by reset_hooks.
+    fwd / bwd: registered HookHandles in run order (read them; change them through add / remove / clear).
+    ctx: scratch space for hooks; cleared by reset_hooks.
     heads: the global head indices the tensor holds along head_dim (range(0, H) on one process; a slice
     of them on a tensor-parallel rank), None for points without heads.
+    rule: the conversion from the caller's layout to the hook format and back (pyqkv.conversions; None:
+    the caller's tensor is already in hook format).
+
+    What a caller reads, all plain attributes kept up to date by add / remove / clear (so a check costs
+    an attribute read, and torch.compile guards on them instead of on data):
+    active: some hook is registered (fire() would do anything);
+    may_edit: some hook may change the tensor: a forward hook that is not read-only (it may write in
+        place by index assignment, `.data` or numpy, none of which a caller can see), or a backward hook
+        (its gradient must reach the tensor the caller continues with).
     """
 
     name: str
@@ -58,13 +72,83 @@ class HookPoint:
     heads: Optional[range] = None
     n_heads_total: Optional[int] = None
     head_dim: Optional[int] = None
+    rule: object = None
+    active: bool = False
+    may_edit: bool = False
+    # Called with no argument after every change of the registered hooks (an owner's "anything hooked?" flag).
+    on_change: Optional[Callable[[], None]] = field(default=None, repr=False)
 
-    def add(self, fn: HookFn, dir: str = "fwd", prepend: bool = False, is_permanent: bool = False) -> HookHandle:
+    def add(
+        self, fn: HookFn, dir: str = "fwd", prepend: bool = False, is_permanent: bool = False, read_only: bool = False
+    ) -> HookHandle:
         _check_hook_args(self.name, fn, dir, prepend, is_permanent)
-        handle = HookHandle(self, fn, dir, is_permanent)
+        handle = HookHandle(self, fn, dir, is_permanent, read_only)
         hooks = self.fwd if dir == "fwd" else self.bwd
         hooks.insert(0, handle) if prepend else hooks.append(handle)
+        self._changed()
         return handle
+
+    def remove(self, handle: HookHandle) -> None:
+        """Take one hook off (no-op when it is not registered here any more)."""
+        hooks = self.fwd if handle.dir == "fwd" else self.bwd
+        if handle in hooks:
+            hooks.remove(handle)
+            self._changed()
+
+    def clear(self, dir: str = "both", including_permanent: bool = False) -> None:
+        """Remove the hooks of direction `dir` ("fwd", "bwd", "both"); permanent ones only when asked."""
+        for d, hooks in (("fwd", self.fwd), ("bwd", self.bwd)):
+            if dir in (d, "both"):
+                hooks[:] = [h for h in hooks if h.is_permanent and not including_permanent]
+        self._changed()
+
+    def _changed(self) -> None:
+        self.active = bool(self.fwd or self.bwd)
+        self.may_edit = bool(self.bwd) or any(not h.read_only for h in self.fwd)
+        if self.on_change is not None:
+            self.on_change()
+
+    def fire(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Run this point's hooks on `tensor` (the caller's layout); returns the activation to continue with.
+
+        Inactive: returns `tensor` itself (an attribute read). Active: the rule converts it to hook format,
+        the forward hooks run in order (each returns None to keep the possibly edited tensor, or a
+        replacement of the same shape, dtype and device), the backward hooks are registered on the result,
+        and the rule takes it back to the caller's layout."""
+        if not self.active:
+            return tensor
+        rule = self.rule
+        hooked = tensor if rule is None else rule.convert(tensor)
+        for handle in tuple(self.fwd):
+            out = handle.fn(hooked, hook=self)  # TransformerLens's calling convention
+            if out is not None:
+                hooked = check_hook_output(self, handle.fn, out, hooked)
+        if self.bwd and hooked.requires_grad:
+            hooked.register_hook(self._backward_hooks(tuple(self.bwd)))
+        if rule is None:
+            return hooked
+        back = rule.revert(hooked)
+        if back.shape != tensor.shape:
+            raise ValueError(
+                f"{self.name}: conversion rule {rule!r} reverted the hook's tensor to shape {tuple(back.shape)}; "
+                f"expected the kernel layout {tuple(tensor.shape)}"
+            )
+        return back
+
+    def _backward_hooks(self, handles: tuple):
+        """The gradient hook of one forward: the backward hooks registered then, each called only while it
+        is still registered (a backward after the hooks() context ended or after remove() calls none)."""
+
+        def on_grad(grad):
+            for handle in handles:
+                if handle not in self.bwd:
+                    continue
+                out = handle.fn(grad, hook=self)
+                if out is not None:
+                    grad = check_hook_output(self, handle.fn, out, grad)
+            return grad
+
+        return on_grad
 
     def layer(self) -> int:
         """The block index in a model-level name ("blocks.3.attn.hook_z" -> 3), as TransformerLens's
@@ -140,32 +224,6 @@ def check_hook_output(point: HookPoint, fn: HookFn, out, like: torch.Tensor) -> 
             f"{like.device}"
         )
     return out
-
-
-def run_fwd_hooks(point: HookPoint, tensor: torch.Tensor) -> torch.Tensor:
-    """Run the point's forward hooks in order on a hook-format tensor; returns the final activation."""
-    for handle in list(point.fwd):
-        out = handle.fn(tensor, hook=point)  # TransformerLens's calling convention
-        if out is not None:
-            tensor = check_hook_output(point, handle.fn, out, tensor)
-    return tensor
-
-
-def attach_bwd_hooks(point: HookPoint, tensor: torch.Tensor) -> None:
-    """Register the point's backward hooks on the activation: each sees the gradient in hook format and
-    may replace it. The registration lives on this call's autograd graph only."""
-    if not point.bwd or not tensor.requires_grad:
-        return
-    handles = list(point.bwd)
-
-    def on_grad(grad):
-        for handle in handles:
-            out = handle.fn(grad, hook=point)
-            if out is not None:
-                grad = check_hook_output(point, handle.fn, out, grad)
-        return grad
-
-    tensor.register_hook(on_grad)
 
 
 def _check_hook_args(where: str, fn, dir, prepend, is_permanent) -> None:
@@ -321,10 +379,7 @@ class HookedMixin:
         if dir not in ("fwd", "bwd", "both"):
             raise ValueError(f"dir: expected 'fwd', 'bwd' or 'both', got {dir!r}")
         for point in self.hook_points().values():
-            for d in ("fwd", "bwd"):
-                if dir in (d, "both"):
-                    hooks = point.fwd if d == "fwd" else point.bwd
-                    hooks[:] = [h for h in hooks if h.is_permanent and not including_permanent]
+            point.clear(dir, including_permanent=including_permanent)
             if including_permanent:
                 point.ctx.clear()
 
@@ -351,8 +406,15 @@ class HookedMixin:
                     handle.remove()
 
     def run_with_hooks(self, *args, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, **kwargs):
-        """Run the forward with temporary hooks. Backward hooks stay until the context ends, so with
-        bwd_hooks call backward inside `with model.hooks(...)` instead, or pass reset_hooks_end=False."""
+        """Run the forward with temporary hooks. Backward hooks fire only while registered, and these are
+        removed on return: with bwd_hooks call backward inside `with model.hooks(...)` instead, or pass
+        reset_hooks_end=False (warned, as TransformerLens warns)."""
+        if bwd_hooks and reset_hooks_end:
+            warnings.warn(
+                "bwd_hooks: removed when run_with_hooks returns, before any backward pass can call them; run the "
+                "backward inside `with model.hooks(bwd_hooks=...)`, or pass reset_hooks_end=False",
+                stacklevel=2,
+            )
         with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, reset_hooks_end=reset_hooks_end):
             return self(*args, **kwargs)
 
@@ -386,7 +448,7 @@ class HookedMixin:
             return save
 
         points = self.hook_points()
-        added = [points[n].add(saver(n)) for n in selected]
+        added = [points[n].add(saver(n), read_only=True) for n in selected]
         try:
             out = self(*args, **kwargs)
         finally:

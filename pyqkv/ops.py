@@ -516,7 +516,8 @@ def attention_backend(name: Optional[str]):
     """Force one attention backend (a name of BACKENDS; None: the plan chooses) inside the block, for
     tests and benchmarks: a call the backend refuses raises with its reasons. Process-wide (the op may
     run on autograd's threads), and it wins over the environment variable PYQKV_ATTENTION_BACKEND, which
-    forces a backend the same way for a whole process."""
+    forces a backend the same way for a whole process (read once, at the first attention call: set it
+    before the process starts)."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"name: expected one of {BACKENDS} or None, got {name!r}")
     previous = _ops._set_attention_backend(name or "")

@@ -9,6 +9,11 @@ Notation: B batch, S query positions, K key positions, H query heads, Hkv key/va
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -251,18 +256,35 @@ def test_forced_backend_that_refuses_raises_with_its_reasons():
     assert torch.equal(z, z_cpu)
 
 
-def test_environment_variable_forces_a_backend(monkeypatch):
-    monkeypatch.setenv("PYQKV_ATTENTION_BACKEND", "own_decode")
-    p = plan()
-    assert p.backend is None and list(p.refusals) == ["own_decode"]
-    with ops.attention_backend("own_tc"):  # the context manager wins over the environment
-        assert plan().backend == "own_tc"
-    q, k, v = views(1, 3, 3, 2, 2, 8, f32, device="cpu")
-    with pytest.raises(ValueError, match="the forced backend 'own_decode'"):
-        ops.attention(q, k, v, scale=0.3, causal=True)
-    monkeypatch.setenv("PYQKV_ATTENTION_BACKEND", "fa3")
-    with pytest.raises(ValueError, match=r"PYQKV_ATTENTION_BACKEND: expected one of flash, .*cpu, got 'fa3'"):
-        plan()
+_ENV_CHECK = """
+import pytest, torch
+from pyqkv import ops
+import test_attention_plan as t
+p = t.plan()
+assert p.backend is None and list(p.refusals) == ["own_decode"], p
+with ops.attention_backend("own_tc"):  # the context manager wins over the environment
+    assert t.plan().backend == "own_tc"
+q, k, v = t.views(1, 3, 3, 2, 2, 8, t.f32, device="cpu")
+with pytest.raises(ValueError, match="the forced backend 'own_decode'"):
+    ops.attention(q, k, v, scale=0.3, causal=True)
+print("ok")
+"""
+
+
+def _run_with_env(code: str, value: str):
+    env = dict(os.environ, PYQKV_ATTENTION_BACKEND=value)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_environment_variable_forces_a_backend():
+    """PYQKV_ATTENTION_BACKEND is read once per process (no environment look-up per op call), so it is
+    set before the process starts: checked in a fresh interpreter."""
+    res = _run_with_env(_ENV_CHECK, "own_decode")
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    res = _run_with_env("import test_attention_plan as t; t.plan()", "fa3")
+    assert res.returncode != 0
+    assert re.search(r"PYQKV_ATTENTION_BACKEND: expected one of flash, .*cpu, got 'fa3'", res.stderr), res.stderr[-3000:]
 
 
 def test_unknown_backend_name():

@@ -819,9 +819,9 @@ def test_a_failure_midway_leaves_no_hooks():
 
 
 def test_pattern_edits_recompute_z_and_untouched_patterns_do_not(monkeypatch):
-    """A hook_pattern hook that only reads keeps the fused op's z (no attn_apply); editing the pattern in
-    place recomputes z from it: zeroing head 2's pattern equals zeroing head 2 at hook_z, and both equal eager
-    with head 2 zeroed in its attention output."""
+    """Caching hook_pattern (run_with_cache's read-only savers) keeps the fused op's z (no attn_apply); a
+    user's hook there recomputes z from the pattern it leaves (it may edit by any means): zeroing head 2's
+    pattern equals zeroing head 2 at hook_z, and both equal eager with head 2 zeroed in its attention output."""
     eager, ours = pair("llama")
     h = hf_interface.hooks_for(ours)
     ids, am = left_padded()
@@ -833,15 +833,19 @@ def test_pattern_edits_recompute_z_and_untouched_patterns_do_not(monkeypatch):
 
     with torch.no_grad():
         expected = hf_reference(eager, head_zeroed)[keep]
+        unedited = hf_reference(eager, lambda m, dt: m(ids, attention_mask=am).logits)[keep]
     applied = []
     real_apply = hf_interface.ops.attn_apply
     monkeypatch.setattr(hf_interface.ops, "attn_apply", lambda *a: applied.append(1) or real_apply(*a))
     with torch.no_grad():
         plain = ours(ids, attention_mask=am).logits
-        read = h.run_with_hooks(
+        read, cache = h.run_with_cache(ids, attention_mask=am, names_filter="blocks.1.attn.hook_pattern")
+        assert not applied and torch.equal(read.logits, plain) and "blocks.1.attn.hook_pattern" in cache
+        looked = h.run_with_hooks(
             ids, attention_mask=am, fwd_hooks=[("blocks.1.attn.hook_pattern", lambda p, hook: None)]
         ).logits
-        assert not applied and torch.equal(read, plain)
+        assert applied
+        applied.clear()
 
         def zero_pattern(p, hook):
             p[:, 2] = 0
@@ -863,6 +867,7 @@ def test_pattern_edits_recompute_z_and_untouched_patterns_do_not(monkeypatch):
             ],
         )
     assert differs(plain[keep], expected), "zeroing head 2 changed nothing"
+    assert_close(looked[keep], unedited, "z recomputed from an unedited pattern vs eager")
     assert_close(by_z.logits[keep], expected, "head 2 zeroed at hook_z vs eager with it zeroed")
     assert_close(by_pattern.logits[keep], expected, "head 2's pattern zeroed in place vs eager with the head zeroed")
     assert_close(replaced.logits[keep], expected, "head 2's pattern replaced by zeros vs eager with the head zeroed")

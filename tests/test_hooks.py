@@ -700,14 +700,40 @@ def test_backward_hook_on_scores_and_in(device):
     assert_close(x.grad, gx)
 
 
-def test_run_with_hooks_bwd_hooks_fire_after_return(device):
+def test_backward_hooks_fire_only_while_registered(device):
+    """A backward hook fires only while it is registered (TransformerLens: removed hooks never fire): not
+    after run_with_hooks returned (it warns, as TransformerLens does, unless reset_hooks_end=False), not
+    after the hooks() context ended, not after handle.remove()."""
     b, _, _ = plain_bridge(device)
     x = randx(device).requires_grad_(True)
     calls = []
-    out = b.run_with_hooks(x, bwd_hooks=[("hook_q", lambda g, hook: calls.append(g.shape))])
+
+    def record(g, hook):
+        calls.append(g.shape)
+
+    with pytest.warns(UserWarning, match="bwd_hooks: removed when run_with_hooks returns"):
+        out = b.run_with_hooks(x, bwd_hooks=[("hook_q", record)])
     assert no_hooks_left(b)
     out.sum().backward()
+    assert calls == []
+
+    out = b.run_with_hooks(x, bwd_hooks=[("hook_q", record)], reset_hooks_end=False)
+    out.sum().backward()
     assert calls == [torch.Size([2, 7, 4, 16])]
+    b.reset_hooks()
+
+    calls.clear()
+    with b.hooks(bwd_hooks=[("hook_q", record)]):
+        out = b(x)
+    out.sum().backward()
+    assert calls == []
+
+    (handle,) = b.add_hook("hook_q", record, dir="bwd")
+    out = b(x)
+    handle.remove()
+    out.sum().backward()
+    assert calls == []
+    assert no_hooks_left(b)
 
 
 # ----------------------------------------------------------------------------------------------------

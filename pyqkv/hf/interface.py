@@ -57,7 +57,8 @@ from torch import nn
 
 from pyqkv import ops
 from pyqkv.attend import attend
-from pyqkv.hooks import HookedMixin, HookPoint, attach_bwd_hooks, run_fwd_hooks
+from pyqkv.conversions import Copy
+from pyqkv.hooks import HookedMixin, HookPoint
 
 IMPLEMENTATION = "pyqkv"
 
@@ -226,13 +227,10 @@ def _attend(
 
     q4 = query.transpose(1, 2)  # [B, S, H, Dh], a view: the op reads any strides
     k4, v4 = key.transpose(1, 2), value.transpose(1, 2)  # [B, K, Hkv, Dh]
-    extra = {} if softcap is None else {"softcap": float(softcap)}
-    if layer is not None:
-        q4 = layer.fire("hook_rot_q", q4)
-        # K and V here are the cache's own storage (DynamicCache returns it, a StaticCache buffer is written in
-        # place later): a hook gets a copy, so its edits stay in this call and the cached activation stays fixed.
-        k4 = layer.fire("hook_rot_k", k4, copy=True)
-        v4 = layer.fire("hook_v", v4, copy=True)
+    points = _NO_POINTS if layer is None else layer.points
+    q4 = points["hook_rot_q"].fire(q4)
+    k4 = points["hook_rot_k"].fire(k4)  # (a Copy rule: see _Layer)
+    v4 = points["hook_v"].fire(v4)
     z, pattern = attend(
         q4,
         k4,
@@ -240,21 +238,20 @@ def _attend(
         scale=scale,
         causal=causal,
         mask=mask,
-        extra=extra,
+        softcap=None if softcap is None else float(softcap),
         dropout_p=p,
         want_pattern=want_pattern,
-        points=None if layer is None else layer.points,
-        fire=None if layer is None else layer.fire,
+        scores_point=points["hook_attn_scores"],
+        pattern_point=points["hook_pattern"],
         fused=_fused,
     )
-    if layer is not None:
-        z = layer.fire("hook_z", z)
+    z = points["hook_z"].fire(z)
     # Modules reshape the output with .view(B, S, H * Dh) (sdpa returns it contiguous): a hook's replacement
     # may not be.
     return z.contiguous(), (pattern if want_pattern else None)
 
 
-def _fused(q4, k4, v4, *, scale, causal, mask, return_pattern=False, alibi=None, **extra):
+def _fused(q4, k4, v4, *, scale, causal, mask, return_pattern=False, alibi=None, softcap=None, window=None):
     """ops.attention, also for a value head dim Dv other than Q/K's Dqk (multi-head latent attention:
     DeepSeek V2/V3, Kimi...). The op wants one head dim: zero features appended to V (or to Q and K) leave
     P·V (and Q·K) unchanged, and z is cut back to [B, S, H, Dv]. This costs one padded copy."""
@@ -264,7 +261,16 @@ def _fused(q4, k4, v4, *, scale, causal, mask, return_pattern=False, alibi=None,
     elif Dv > Dqk:
         q4, k4 = F.pad(q4, (0, Dv - Dqk)), F.pad(k4, (0, Dv - Dqk))
     z, lse, pattern = ops.attention(
-        q4, k4, v4, scale=scale, causal=causal, mask=mask, return_pattern=return_pattern, alibi=alibi, **extra
+        q4,
+        k4,
+        v4,
+        scale=scale,
+        causal=causal,
+        mask=mask,
+        return_pattern=return_pattern,
+        alibi=alibi,
+        softcap=softcap,
+        window=window,
     )
     return (z[..., :Dv] if Dv != z.shape[-1] else z), lse, pattern
 
@@ -330,18 +336,22 @@ class _Layer:
         self.owner = owner
         self.prefix = prefix
         self.path = path
-        self.points = {name: HookPoint(f"{prefix}.{name}") for name in POINTS + tuple(_NOT_VISIBLE)}
+        self.points = _layer_points(prefix + ".")
 
-    def fire(self, name: str, tensor: torch.Tensor, copy: bool = False) -> torch.Tensor:
-        """Run one point's hooks on a hook-format tensor; with no hook this is a list check."""
-        point = self.points[name]
-        if not (point.fwd or point.bwd):
-            return tensor
-        if copy:
-            tensor = tensor.clone()
-        tensor = run_fwd_hooks(point, tensor)
-        attach_bwd_hooks(point, tensor)
-        return tensor
+
+def _layer_points(prefix: str) -> dict:
+    """One layer's hook points. K and V here are the cache's own storage (DynamicCache returns it, a
+    StaticCache buffer is written in place later): their hooks get a copy (the Copy rule), so an edit stays
+    in this call and the cached activation stays as Hugging Face wrote it."""
+    copied = ("hook_rot_k", "hook_v")
+    return {
+        name: HookPoint(prefix + name, rule=Copy() if name in copied else None)
+        for name in POINTS + tuple(_NOT_VISIBLE)
+    }
+
+
+# The points of a module outside any InterfaceHooks: never hooked, so firing them returns the tensor.
+_NO_POINTS = _layer_points("")
 
 
 # module -> its _Layer while some InterfaceHooks object holds it (nothing is written on the model itself).
