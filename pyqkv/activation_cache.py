@@ -159,7 +159,7 @@ class ActivationCache(dict):
         n = self._layers_up_to(layer, "layer")
         if n == 0:
             raise ValueError("layer: 0 stacks no layer (expected 1 or more, or -1/None for all layers)")
-        return torch.stack([self[(activation_name, l, sublayer_type)] for l in range(n)], dim=0)
+        return torch.stack([self[(activation_name, i, sublayer_type)] for i in range(n)], dim=0)
 
     # --- the tensors ------------------------------------------------------------------------------------
     def _map_tensors(self, fn) -> None:
@@ -325,10 +325,12 @@ class ActivationCache(dict):
         n = self._layers_up_to(layer, "layer")
         pos = _Slice(pos_slice, "pos_slice")
         parts, labels = [], []
-        for l in range(max(n, 1)):  # layer 0 for the shape of an empty stack
-            heads = self._head_results(l, pos, what).movedim(-2, 0)  # [H, B, S', D]
-            parts.append(heads if l < n else heads[:0])
-            labels += [f"L{l}H{h}" for h in range(heads.shape[0])] if l < n else []
+        for i in range(n):
+            heads = self._head_results(i, pos, what).movedim(-2, 0)  # [H, B, S', D]
+            parts.append(heads)
+            labels += [f"L{i}H{h}" for h in range(heads.shape[0])]
+        if n == 0:  # no head: an empty stack [0, B, S', D], shaped from layer 0's heads
+            parts.append(self._head_results(0, pos, what).movedim(-2, 0)[:0])
         stack = torch.cat(parts, dim=0)
         if incl_remainder:
             resid = ("resid_post", n - 1) if n > 0 else ("resid_pre", 0)
