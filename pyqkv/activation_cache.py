@@ -59,6 +59,15 @@ class ActivationCache(dict):
         self.model = model
         self.has_batch_dim = has_batch_dim
 
+    def __reduce__(self):
+        """Pickling (torch.save, multiprocessing) keeps the tensors and has_batch_dim, not the model: a saved
+        cache is data, and the hook handle (with the whole model, or a weak reference) is not picklable data.
+        Reattach one with `cache.model = h` after loading."""
+        return (type(self), (dict(self), None, self.has_batch_dim))
+
+    def __copy__(self) -> "ActivationCache":
+        return type(self)(dict(self), model=self.model, has_batch_dim=self.has_batch_dim)
+
     # --- names and layers -------------------------------------------------------------------------------
     def _names(self):
         """The hook names that decide the layer structure: the model's points, else the cached names."""

@@ -12,6 +12,7 @@ Notation: B batch, S positions, H query heads, Hkv key/value heads, Dh head dim,
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -320,6 +321,20 @@ def test_toggle_autodiff_sets_global_grad_mode():
         torch.set_grad_enabled(True)
 
 
+def test_pickling_keeps_the_tensors_and_drops_the_model(run):
+    """torch.save(cache) works whatever the model handle (the interface tier's holds a weak reference, which
+    does not pickle); copy.copy keeps the model."""
+    _, cache, _, _ = run
+    one = cache.apply_slice_to_batch_dim(0)
+    buffer = io.BytesIO()
+    torch.save(one, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert type(loaded) is ActivationCache and loaded.model is None and loaded.has_batch_dim is False
+    assert set(loaded) == set(one) and all(torch.equal(loaded[n], one[n]) for n in one)
+    copied = copy.copy(one)
+    assert copied.model is cache.model and copied.has_batch_dim is False and copied["z", 0] is one["z", 0]
+
+
 def test_repr_is_short(run):
     _, cache, _, _ = run
     text = repr(cache)
@@ -483,6 +498,9 @@ def test_interface_tier_has_no_output_projection():
         cache.stack_head_results()
     with pytest.raises(NotImplementedError, match=message):
         copy.copy(cache).compute_head_results()
+    buffer = io.BytesIO()
+    torch.save(cache, buffer)  # the handle holds a weak reference to the model: pickling leaves it out
+    assert torch.load(io.BytesIO(buffer.getvalue()), weights_only=False).keys() == cache.keys()
 
 
 # ----------------------------------------------------------------------------------------------------
