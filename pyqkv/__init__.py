@@ -21,9 +21,12 @@ except ImportError as e:  # a source tree without its built extension: say what 
         f"pyqkv's native extension pyqkv._C is missing: {_why}. Build it with `make build`, or with "
         "`pip install --no-build-isolation -e .` in an environment that has torch 2.11-2.15."
     ) from None
+from pyqkv import utils
+from pyqkv.activation_cache import ActivationCache
 from pyqkv.bridge import Bridge, BridgeConfig
 from pyqkv.cache import KVCache
-from pyqkv.hooks import ActivationCache, HookPoint, zero_heads
+from pyqkv.hooks import HookPoint, zero_heads
+from pyqkv.utils import get_act_name
 
 
 def __getattr__(name):
@@ -35,5 +38,16 @@ def __getattr__(name):
     raise AttributeError(f"module 'pyqkv' has no attribute {name!r}")
 
 
-__all__ = ["ActivationCache", "Bridge", "BridgeConfig", "HookPoint", "KVCache", "hf", "ops", "zero_heads"]
+__all__ = [
+    "ActivationCache",
+    "Bridge",
+    "BridgeConfig",
+    "HookPoint",
+    "KVCache",
+    "get_act_name",
+    "hf",
+    "ops",
+    "utils",
+    "zero_heads",
+]
 __version__ = "0.1.0"

@@ -674,6 +674,12 @@ class Bridge(nn.Module, HookedMixin):
             f"layout={c.layout!r}, scale={c.scale:.4g}"
         )
 
+    def head_output_weights(self, layer: int = 0) -> torch.Tensor:
+        """W_O [H, Dh, D] for ActivationCache.stack_head_results: a lone Bridge is layer 0 of its cache."""
+        if layer not in (0, -1) or isinstance(layer, bool):
+            raise ValueError(f"layer: a lone Bridge is one layer, expected 0 (or -1), got {layer!r}")
+        return self.W_O
+
 
 def _linear(x, weight, bias, conv1d: bool):
     """x [..., in] @ W + b as one GEMM over the flattened leading dims; W is [in, out] (conv1d) or [out, in]

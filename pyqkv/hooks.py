@@ -20,6 +20,8 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
+from pyqkv.activation_cache import ActivationCache  # noqa: F401 (also importable from here)
+
 HookFn = Callable[[torch.Tensor, "HookPoint"], Optional[torch.Tensor]]
 NameFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
 
@@ -284,14 +286,6 @@ def _fn_name(fn) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 
 
-class ActivationCache(dict):
-    """Hook name -> detached hook-format tensor, as `run_with_cache` returns it."""
-
-    def __repr__(self) -> str:
-        body = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.items())
-        return f"ActivationCache({body})"
-
-
 class HookedMixin:
     """The hook API over a set of hook points: add_hook, hooks(), run_with_hooks, run_with_cache.
 
@@ -426,7 +420,7 @@ class HookedMixin:
         every rank's cache holds every head in global order (a collective: call it on every rank)."""
         if not isinstance(gather, bool):
             raise TypeError(f"gather: expected a bool, got {type(gather).__name__}")
-        cache = ActivationCache()
+        cache = ActivationCache(model=self)
         selected = self._select(names_filter, by_name_strict=False)
         aliases_asked = {}
         if isinstance(names_filter, str):

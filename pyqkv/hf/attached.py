@@ -439,6 +439,14 @@ class AttachedModel(HookedMixin):
     def __repr__(self) -> str:
         return f"AttachedModel({type(self.model).__name__}, {len(self.bridges)} bridges)"
 
+    def head_output_weights(self, layer: int) -> torch.Tensor:
+        """W_O [H, Dh, D] of block `layer` (a view of its Bridge's output weight), for
+        ActivationCache.stack_head_results."""
+        n = len(self.bridges)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
+            raise ValueError(f"layer: expected a block index in [{-n}, {n}), got {layer!r}")
+        return self.bridges[layer].W_O
+
 
 def attach(model: nn.Module, **flags) -> AttachedModel:
     """Replace, in place, every supported attention module of `model` with a Bridge (behind HF's

@@ -427,6 +427,16 @@ class InterfaceHooks(HookedMixin):
     def __repr__(self) -> str:
         return f"InterfaceHooks({type(self.model).__name__}, {len(self._layers)} layers)"
 
+    def head_output_weights(self, layer: int):
+        """NotImplementedError: this tier runs only the attention core (q, k, v -> z); the output projection
+        W_O stays inside Hugging Face's module, so per-head outputs (ActivationCache.stack_head_results)
+        need pyqkv.hf.attach."""
+        raise NotImplementedError(
+            f"head_output_weights({layer!r}): the attn_implementation='pyqkv' tier does not hold the attention "
+            f"output projection (W_O [H, Dh, D]), so per-head outputs (ActivationCache.stack_head_results, "
+            f"compute_head_results) cannot be computed here; use pyqkv.hf.attach(model). {self._attach_note}"
+        )
+
 
 def routes_through_interface(module: nn.Module) -> bool:
     """Whether the module's own code calls Hugging Face's AttentionInterface (reads the global
