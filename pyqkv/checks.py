@@ -11,6 +11,8 @@ import numbers
 
 import torch
 
+from pyqkv import _C  # noqa: F401  (registers torch.ops.pyqkv.check_padding_mask, used below)
+
 
 def describe(obj) -> str:
     """A short description of a received value for error messages."""
@@ -70,6 +72,11 @@ def attention_mask(mask, B: int, S: int, K: int, H: int, device):
             )
         if mask.is_complex():
             raise TypeError(f"attention_mask: expected bool, integer or float, got {mask.dtype}")
+        # The values (a float mask must hold only 0 and 1) are checked by the attention op's own rule in
+        # C++ (check_padding_mask in csrc/attention.h), exposed as an op so that this pre-check reaches the
+        # op's verdict before any hook fires without a second copy of the rule. It reads the values (a
+        # device sync on CUDA) only for a float mask; bool and integer masks are not read.
+        torch.ops.pyqkv.check_padding_mask(mask, "attention_mask")
         return mask, True
     if mask.dim() == 4:
         if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (S, K):

@@ -210,10 +210,11 @@ def attention(
 
     q: [B, S, H, Dh]; k, v: [B, K, Hkv, Dh], any strides (views into one fused projection are read in
     place). Query head h reads KV head h // (H / Hkv); K and V are never repeated in memory.
-    mask: None; a padding mask [B, K] (bool True / nonzero = attend); a bool mask [B or 1, 1 or H, S, K]
-    (True = attend, as Hugging Face's sdpa masks); or an additive float mask [B or 1, 1 or H, S, K],
-    added to the scores, where an entry is visible iff it is greater than half the mask dtype's most
-    negative finite value (so torch.finfo(dtype).min, -inf and NaN hide). A 4-D mask is authoritative.
+    mask: None; a padding mask [B, K] (bool True or integer nonzero = attend; a float one may hold only 0 =
+    pad and 1 = attend, anything else raises ValueError: an additive mask comes 4-D); a bool mask
+    [B or 1, 1 or H, S, K] (True = attend, as Hugging Face's sdpa masks); or an additive float mask
+    [B or 1, 1 or H, S, K], added to the scores, where an entry is visible iff it is greater than half the
+    mask dtype's most negative finite value (so torch.finfo(dtype).min, -inf and NaN hide). A 4-D mask is authoritative.
     causal: bottom-right aligned, so query i sees keys 0 .. K - S + i; a one-token decode step sees the
     whole cache:
 

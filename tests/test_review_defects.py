@@ -1,0 +1,98 @@
+"""Issue 21 (code review), item 4: the behaviours that are not malformed-input rows of
+tests/test_bad_input.py's table (those rows are there: the float 2-D masks).
+
+- item 4: a 2-D float mask is a padding mask only when it holds 0 and 1 alone; the Bridge's pre-check and
+  the op reach the same verdict from one rule (the C++ check_padding_mask).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyqkv
+from pyqkv import ops
+
+D, H, HKV, DH = 32, 4, 2, 8
+N_OUT = (H + 2 * HKV) * DH
+
+
+def weights(device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.3).to(device)  # noqa: E731
+    return r(D, N_OUT), r(N_OUT), r(H * DH, D), r(D)
+
+
+# --------------------------------------------------------------------------------------------------
+# item 4: 2-D float masks
+
+
+def test_float_2d_mask_of_0_and_1_is_a_padding_mask(device):
+    """A float 0/1 mask is still accepted and reads exactly as the bool one (1 = attend), in the fused op, the
+    split form and the Bridge; the refused ones are rows of test_bad_input.py."""
+    q, k, v = (torch.randn(2, s, h, 8, device=device) for s, h in ((3, 4), (5, 2), (5, 2)))
+    keep = torch.tensor([[True, True, False, True, True], [False, False, True, True, True]], device=device)
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        z, lse, _ = ops.attention(q, k, v, scale=0.3, causal=True, mask=keep.to(dtype))
+        z_b, lse_b, _ = ops.attention(q, k, v, scale=0.3, causal=True, mask=keep)
+        assert torch.equal(z, z_b) and torch.equal(lse, lse_b)
+        s_f = ops.attn_scores(q, k, scale=0.3, causal=True, mask=keep.to(dtype))
+        assert torch.equal(s_f, ops.attn_scores(q, k, scale=0.3, causal=True, mask=keep))
+    b = pyqkv.Bridge(*weights(device), n_heads=H, n_kv_heads=HKV, d_head=DH)
+    x = torch.randn(2, 5, D, device=device)
+    with torch.no_grad():
+        assert torch.equal(b(x, attention_mask=keep.float()), b(x, attention_mask=keep))
+
+
+def test_additive_2d_mask_is_refused_not_inverted(device):
+    """The review's two symptoms: an all-visible additive 2-D mask (hiding key 0 with finfo.min) used to leave
+    key 0 the only visible key, and the Bridge agreed. Now both refuse it, by the same rule and message
+    (the Bridge before any hook fires)."""
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
+    q, k, v = q.to(device), k.to(device), v.to(device)
+    additive = torch.zeros(1, 4, device=device)
+    additive[0, 0] = torch.finfo(torch.float32).min
+    with pytest.raises(ValueError) as op_error:
+        ops.attention(q, k, v, scale=0.3, causal=True, mask=additive)
+    b = pyqkv.Bridge(*weights(device), n_heads=H, n_kv_heads=HKV, d_head=DH)
+    fired = []
+    b.add_hook("hook_in", lambda t, hook: fired.append(hook.name))
+    with pytest.raises(ValueError) as bridge_error:
+        b(torch.randn(1, 4, D, device=device), attention_mask=additive)
+    assert fired == []
+    op_msg, bridge_msg = str(op_error.value), str(bridge_error.value)
+    assert op_msg.startswith("mask: ") and bridge_msg.startswith("attention_mask: ")
+    # One rule, one message: only the argument's name differs.
+    assert op_msg[len("mask: ") :] == bridge_msg[len("attention_mask: ") :]
+    assert "pass it as 4-D [B, 1, S, K]" in op_msg
+    # The 4-D form of the same mask is the additive mask it meant: key 0 hidden.
+    _, _, p4 = ops.attention(
+        q, k, v, scale=0.3, causal=False, mask=additive[:, None, None, :].expand(1, 1, 2, 4), return_pattern=True
+    )
+    assert torch.count_nonzero(p4[..., 0]) == 0 and torch.all(p4[..., 1:] > 0)
+
+
+def test_float_mask_rule_is_skipped_for_meta_tensors():
+    """Values that cannot be read (meta: the backend plan of meta tensors) are not read; the op reads them at
+    run time."""
+    meta = torch.empty(2, 5, device="meta")
+    torch.ops.pyqkv.check_padding_mask(meta, "mask")  # no error, no read
+    torch.ops.pyqkv.check_padding_mask(torch.tensor([[0.0, 1.0]]), "mask")
+
+
+def test_mask_rule_under_torch_compile(device):
+    """The Bridge's pre-check calls the C++ rule as an op, which must not break a fullgraph compile: bool and
+    float 0/1 masks compile to one graph and equal eager; an additive 2-D mask (whose values the tracer cannot
+    read) is still refused when the compiled graph runs, by the fused op's own check."""
+    b = pyqkv.Bridge(*weights(device), n_heads=H, n_kv_heads=HKV, d_head=DH)
+    compiled = torch.compile(b, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, D, device=device)
+    keep = torch.ones(2, 5, dtype=torch.bool, device=device)
+    keep[1, :2] = False
+    with torch.no_grad():
+        for mask in (keep, keep.float()):
+            assert torch.equal(compiled(x, attention_mask=mask), b(x, attention_mask=mask))
+        additive = torch.zeros(2, 5, device=device)
+        additive[:, 0] = torch.finfo(torch.float32).min
+        with pytest.raises(ValueError, match=r"expected a 2-D float mask to hold only 0 \(pad\) and 1 \(attend\)"):
+            compiled(x, attention_mask=additive)
