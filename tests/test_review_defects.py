@@ -1,8 +1,9 @@
-"""Issue 21 (code review), item 4: the behaviours that are not malformed-input rows of
+"""Issue 21 (code review), items 4 and 6: the behaviours that are not malformed-input rows of
 tests/test_bad_input.py's table (those rows are there: the float 2-D masks).
 
 - item 4: a 2-D float mask is a padding mask only when it holds 0 and 1 alone; the Bridge's pre-check and
   the op reach the same verdict from one rule (the C++ check_padding_mask).
+- item 6: KVCache.reset() forgets the batch and head shape, dtype and device (its error message says so).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import pyqkv
-from pyqkv import ops
+from pyqkv import KVCache, ops
 
 D, H, HKV, DH = 32, 4, 2, 8
 N_OUT = (H + 2 * HKV) * DH
@@ -96,3 +97,71 @@ def test_mask_rule_under_torch_compile(device):
         additive[:, 0] = torch.finfo(torch.float32).min
         with pytest.raises(ValueError, match=r"expected a 2-D float mask to hold only 0 \(pad\) and 1 \(attend\)"):
             compiled(x, attention_mask=additive)
+
+
+# --------------------------------------------------------------------------------------------------
+# item 6: KVCache.reset() forgets the shape
+
+
+def kv(B, S, Hkv=2, Dh=4, dtype=torch.float32, device="cpu"):
+    """New keys and values [B, S, Hkv, Dh]."""
+    return tuple(torch.randn(B, S, Hkv, Dh, dtype=dtype, device=device) for _ in range(2))
+
+
+def test_reset_forgets_the_batch_as_the_error_message_says(device):
+    cache = KVCache()
+    cache.append(*kv(2, 3, device=device))
+    with pytest.raises(ValueError, match=r"holds batch 2.*Use a fresh KVCache \(or reset\(\) it\) for another batch"):
+        cache.append(*kv(1, 1, device=device))
+    cache.reset()
+    k1, v1 = kv(1, 2, device=device)
+    keys, values = cache.append(k1, v1)
+    assert cache.length == 2 and torch.equal(keys, k1) and torch.equal(values, v1)
+    # The new batch binds the cache again, until the next reset().
+    with pytest.raises(ValueError, match=r"kv_cache: holds batch 1, 2 KV heads of dim 4"):
+        cache.append(*kv(2, 1, device=device))
+
+
+def test_reset_accepts_another_head_shape_dtype_and_device_and_reuses_matching_storage(device):
+    cache = KVCache(capacity=8)
+    cache.append(*kv(2, 3, device=device))
+    ptr, capacity = cache.k_storage.data_ptr(), cache.capacity
+    cache.reset()
+    assert "empty after reset()" in repr(cache)
+    k, v = kv(2, 5, device=device)
+    cache.append(k, v)  # the same shape: the same storage, rows overwritten
+    assert cache.k_storage.data_ptr() == ptr and cache.capacity == capacity
+    assert torch.equal(cache.keys, k) and torch.equal(cache.values, v)
+    cache.reset()
+    k, v = kv(3, 2, Hkv=1, Dh=8, dtype=torch.float64, device=device)  # another batch, heads, dtype
+    cache.append(k, v)
+    assert cache.k_storage.shape[:2] == (3, 1) and cache.k_storage.dtype == torch.float64
+    assert torch.equal(cache.keys, k) and torch.equal(cache.values, v)
+    other = "meta" if torch.device(device).type == "cpu" else "cpu"
+    cache.reset()
+    cache.append(*kv(1, 1, device=other))  # and another device
+    assert cache.k_storage.device.type == torch.device(other).type and cache.length == 1
+
+
+def test_rejected_append_after_reset_changes_nothing(device):
+    cache = KVCache()
+    cache.append(*kv(2, 3, device=device))
+    cache.reset()
+    ptr = cache.k_storage.data_ptr()
+    k, _ = kv(1, 2, device=device)
+    with pytest.raises(ValueError, match=r"^v_new: expected the shape of k_new"):
+        cache.append(k, torch.randn(1, 3, 2, 4, device=device))
+    assert cache.length == 0 and cache.k_storage.data_ptr() == ptr
+    cache.append(*kv(1, 1, device=device))  # still free to take any batch
+    assert cache.keys.shape == (1, 1, 2, 4)
+
+
+def test_bridge_reuses_a_reset_cache_for_another_batch(device):
+    b = pyqkv.Bridge(*weights(device), n_heads=H, n_kv_heads=HKV, d_head=DH)
+    cache = KVCache()
+    x2, x1 = torch.randn(2, 4, D, device=device), torch.randn(1, 5, D, device=device)
+    with torch.no_grad():
+        b(x2, kv_cache=cache)
+        cache.reset()
+        got = torch.cat([b(x1[:, :3], kv_cache=cache), b(x1[:, 3:], kv_cache=cache)], 1)
+        assert torch.allclose(got, b(x1), atol=1e-5, rtol=1e-5)
