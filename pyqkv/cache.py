@@ -7,12 +7,11 @@ twice its capacity, so the copying is amortized O(1) per token.
 
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
 
-from pyqkv import ops
+from pyqkv import checks, ops
 
 
 class KVCache:
@@ -29,12 +28,13 @@ class KVCache:
 
     def __init__(self, capacity: Optional[int] = None):
         if capacity is not None:
-            # Any integer type (numpy's too), not a float; a bool is a flag, not a size.
-            if isinstance(capacity, bool) or not hasattr(type(capacity), "__index__"):
+            # The one integer rule (pyqkv/checks.py): any integer type (numpy's too), not a float or a bool.
+            n = checks.integer(capacity)
+            if n is None:
                 raise TypeError(
                     f"capacity: expected a positive int or None, got {type(capacity).__name__} {capacity!r}"
                 )
-            capacity = operator.index(capacity)
+            capacity = n
             if capacity < 1:
                 raise ValueError(f"capacity: expected a positive int or None, got {capacity}")
         self._initial_capacity = capacity

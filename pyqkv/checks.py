@@ -8,6 +8,8 @@ names. Each message names the argument, what was expected and what was received.
 from __future__ import annotations
 
 import numbers
+import operator
+from typing import Optional
 
 import torch
 
@@ -21,10 +23,26 @@ def describe(obj) -> str:
     return type(obj).__name__
 
 
+def integer(value) -> Optional[int]:
+    """The one rule for an integer argument, everywhere (the Bridge's sizes, KVCache's capacity, the ops'
+    start and window): any integer type, i.e. one with __index__ (int, numpy's integers, a one-element
+    integer tensor), as a plain int; None for anything else: a bool (a flag, not a size: True would read
+    as 1), a float (1.5 would truncate) or a str. Each caller raises its own message on None."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    if not hasattr(type(value), "__index__"):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:  # a type with __index__ that refuses this value (a float tensor)
+        return None
+
+
 def positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    n = integer(value)
+    if n is None or n < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
+    return n
 
 
 def boolean(name: str, value) -> bool:

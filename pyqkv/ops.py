@@ -18,7 +18,10 @@ from typing import Optional
 
 import torch
 
-from pyqkv import _C  # noqa: F401  (loads the shared library: runs its TORCH_LIBRARY registrations)
+from pyqkv import (
+    _C,  # noqa: F401  (loads the shared library: runs its TORCH_LIBRARY registrations)
+    checks,
+)
 
 LAYOUTS = ("blocked", "interleaved", "grouped", "codegen")
 
@@ -371,9 +374,10 @@ def _check_window(window) -> Optional[int]:
     """None, or an integer (its value is checked by the op: >= 1, and causal only)."""
     if window is None:
         return None
-    if isinstance(window, bool) or not hasattr(type(window), "__index__"):
+    n = checks.integer(window)  # the one integer rule (pyqkv/checks.py)
+    if n is None:
         raise TypeError(f"window: expected None or an int, got {type(window).__name__} {window!r}")
-    return operator.index(window)
+    return n
 
 
 def _check_optional_tensor(name: str, t, layout: str) -> None:
@@ -627,10 +631,11 @@ def kv_append(k_cache, v_cache, k_new, v_new, start: int) -> None:
     """Write k_new, v_new [B, S, Hkv, Dh] into k_cache, v_cache [B, Hkv, capacity, Dh] at positions
     start .. start + S - 1, in place (the schema marks both caches as mutated). No reallocation: the
     caller (pyqkv.KVCache) owns growth."""
-    # int() would truncate 1.5 to 1 and parse "1": only integers are positions.
-    if isinstance(start, bool) or not hasattr(type(start), "__index__"):
+    # int() would truncate 1.5 to 1 and parse "1": only integers are positions (the one integer rule).
+    n = checks.integer(start)
+    if n is None:
         raise TypeError(f"start: expected an int, got {type(start).__name__} {start!r}")
-    _ops.kv_append(k_cache, v_cache, k_new, v_new, operator.index(start))
+    _ops.kv_append(k_cache, v_cache, k_new, v_new, n)
 
 
 @torch.library.register_fake("pyqkv::kv_append")

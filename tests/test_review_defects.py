@@ -1,18 +1,24 @@
-"""Issue 21 (code review), items 4 and 6: the behaviours that are not malformed-input rows of
-tests/test_bad_input.py's table (those rows are there: the float 2-D masks).
+"""Issue 21 (code review), items 4, 6 and 7: the behaviours that are not malformed-input rows of
+tests/test_bad_input.py's table (those rows are there: the float 2-D masks, the integer arguments).
 
 - item 4: a 2-D float mask is a padding mask only when it holds 0 and 1 alone; the Bridge's pre-check and
   the op reach the same verdict from one rule (the C++ check_padding_mask).
 - item 6: KVCache.reset() forgets the batch and head shape, dtype and device (its error message says so).
+- item 7: one integer rule (pyqkv.checks.integer) for the Bridge, KVCache and the ops: numpy's integers are
+  accepted everywhere, a bool or a float is refused with the argument's name.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import pyqkv
-from pyqkv import KVCache, ops
+from pyqkv import KVCache, checks, ops
+from pyqkv.bridge import Projections
+
+np = pytest.importorskip("numpy")
 
 D, H, HKV, DH = 32, 4, 2, 8
 N_OUT = (H + 2 * HKV) * DH
@@ -165,3 +171,91 @@ def test_bridge_reuses_a_reset_cache_for_another_batch(device):
         cache.reset()
         got = torch.cat([b(x1[:, :3], kv_cache=cache), b(x1[:, 3:], kv_cache=cache)], 1)
         assert torch.allclose(got, b(x1), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# item 7: one integer rule
+
+
+def test_integer_rule():
+    assert checks.integer(3) == 3 and type(checks.integer(np.int64(3))) is int
+    assert checks.integer(np.int32(-2)) == -2 and checks.integer(torch.tensor(4)) == 4
+    for not_an_int in (True, False, np.bool_(True), torch.tensor(True), 1.5, 2.0, np.float64(2.0), "2", None):
+        assert checks.integer(not_an_int) is None, not_an_int
+    assert checks.integer(torch.tensor(2.0)) is None and checks.integer(torch.tensor([1, 2])) is None
+
+
+def test_numpy_integers_are_accepted_everywhere(device):
+    """The Bridge (every integer argument), KVCache(capacity) and the ops (kv_append start, window) take
+    numpy's integers as the ints they are; the Bridge keeps plain ints in its config."""
+    w = weights(device)
+    ints = dict(n_heads=4, n_kv_heads=2, d_head=8, window=3, rotary_dim=4, layer_idx=2)
+    b_int = pyqkv.Bridge(*w, scale_attn_by_inverse_layer_idx=True, **ints)
+    b_np = pyqkv.Bridge(*w, scale_attn_by_inverse_layer_idx=True, **{n: np.int64(v) for n, v in ints.items()})
+    assert b_np.cfg == b_int.cfg
+    assert all(type(getattr(b_np.cfg, n)) is int for n in ("n_heads", "n_kv_heads", "d_head", "window", "rotary_dim"))
+    x = torch.randn(2, 6, D, device=device)
+    with torch.no_grad():
+        assert torch.equal(b_np(x), b_int(x))
+    qkv, out = nn.Linear(D, N_OUT).to(device), nn.Linear(H * DH, D).to(device)
+    calling = pyqkv.Bridge(
+        None, None, None, None, n_heads=H, n_kv_heads=HKV, d_head=DH, d_model=np.int64(D),
+        projections=Projections(qkv, out, "test"), conv1d=False,
+    )  # fmt: skip
+    assert type(calling.cfg.d_model) is int and calling.cfg.d_model == D
+    cache = KVCache(np.int64(8))
+    cache.append(*kv(2, 3, device=device))
+    assert cache.capacity == 8
+    k_cache, v_cache = torch.zeros(2, 2, 10, 4, device=device), torch.zeros(2, 2, 10, 4, device=device)
+    k_new, v_new = kv(2, 3, device=device)
+    ops.kv_append(k_cache, v_cache, k_new, v_new, np.int64(4))
+    assert torch.equal(k_cache[:, :, 4:7], k_new.transpose(1, 2))
+    q, k, v = (
+        torch.randn(2, 3, 4, 8, device=device),
+        torch.randn(2, 5, 2, 8, device=device),
+        torch.randn(2, 5, 2, 8, device=device),
+    )
+    z_np, _, _ = ops.attention(q, k, v, scale=0.3, causal=True, window=np.int32(2))
+    assert torch.equal(z_np, ops.attention(q, k, v, scale=0.3, causal=True, window=2)[0])
+    assert torch.equal(
+        ops.attn_scores(q, k, scale=0.3, causal=True, window=np.int64(2)),
+        ops.attn_scores(q, k, scale=0.3, causal=True, window=2),
+    )
+
+
+BRIDGE_INTEGERS = {  # argument -> (extra arguments that make it used, the start of its message)
+    "n_heads": ({"n_kv_heads": 1}, "n_heads: expected a positive int"),
+    "n_kv_heads": ({}, "n_kv_heads: expected a positive divisor of n_heads=4"),
+    "d_head": ({}, "d_head: expected a positive int"),
+    "window": ({}, "window: expected a positive int"),
+    "rotary_dim": ({}, "rotary_dim: expected None or an even int"),
+    "layer_idx": ({"scale_attn_by_inverse_layer_idx": True}, "layer_idx: expected an int >= 0"),
+}
+
+
+@pytest.mark.parametrize("bad", [True, 1.5, np.float64(2.0), np.bool_(True)], ids=repr)
+def test_bool_and_float_are_refused_with_the_argument_name(bad):
+    """Every integer argument refuses a bool and a float the same way, naming itself (and numpy's integer of
+    the same value is accepted)."""
+    w = weights("cpu")
+    for name, (extra, message) in BRIDGE_INTEGERS.items():
+        with pytest.raises(ValueError, match="^" + message.replace("(", r"\(")) as info:
+            pyqkv.Bridge(*w, **{"n_heads": H, "n_kv_heads": HKV, "d_head": DH, **extra, name: bad})
+        assert f"got {bad!r}" in str(info.value)
+    qkv, out = nn.Linear(D, N_OUT), nn.Linear(H * DH, D)
+    with pytest.raises(ValueError, match=r"^d_model: expected a positive int"):
+        pyqkv.Bridge(
+            None, None, None, None, n_heads=H, n_kv_heads=HKV, d_head=DH, d_model=bad,
+            projections=Projections(qkv, out, "test"), conv1d=False,
+        )  # fmt: skip
+    with pytest.raises(TypeError, match=r"^capacity: expected a positive int or None"):
+        KVCache(bad)
+    with pytest.raises(TypeError, match=r"^start: expected an int"):
+        ops.kv_append(
+            torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), bad
+        )
+    q = torch.randn(1, 2, 1, 4)
+    with pytest.raises(TypeError, match=r"^window: expected None or an int"):
+        ops.attention(q, q, q, scale=0.5, causal=True, window=bad)
+    with pytest.raises(TypeError, match=r"^window: expected None or an int"):
+        ops.attn_scores(q, q, scale=0.5, causal=True, window=bad)
