@@ -1,4 +1,4 @@
-"""Issue 21 (code review), items 4, 6 and 7: the behaviours that are not malformed-input rows of
+"""Issue 21 (code review), items 4, 6, 7 and 9: the behaviours that are not malformed-input rows of
 tests/test_bad_input.py's table (those rows are there: the float 2-D masks, the integer arguments).
 
 - item 4: a 2-D float mask is a padding mask only when it holds 0 and 1 alone; the Bridge's pre-check and
@@ -6,9 +6,14 @@ tests/test_bad_input.py's table (those rows are there: the float 2-D masks, the 
 - item 6: KVCache.reset() forgets the batch and head shape, dtype and device (its error message says so).
 - item 7: one integer rule (pyqkv.checks.integer) for the Bridge, KVCache and the ops: numpy's integers are
   accepted everywhere, a bool or a float is refused with the argument's name.
+- item 9: the Hugging Face glue's guards that rested on today's transformers: the empty StaticCache prefill
+  of the interface tier (keys past S must be the unwritten, all-zero part of the buffer), and the head
+  counts of a tensor-parallel shard (whole heads and whole query groups only).
 """
 
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
@@ -259,3 +264,167 @@ def test_bool_and_float_are_refused_with_the_argument_name(bad):
         ops.attention(q, q, q, scale=0.5, causal=True, window=bad)
     with pytest.raises(TypeError, match=r"^window: expected None or an int"):
         ops.attn_scores(q, q, scale=0.5, causal=True, window=bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# item 9 (a): the interface tier's empty StaticCache prefill
+
+
+class _CausalModule(nn.Module):
+    """What attention_forward reads from the calling module: is_causal and training."""
+
+    is_causal = True
+
+
+def _static_prefill(tail):
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, S, K, Dh = 2, 4, 2, 3, 7, 8
+    q = torch.randn(B, Hq, S, Dh, generator=g)
+    k, v = torch.randn(B, Hkv, K, Dh, generator=g), torch.randn(B, Hkv, K, Dh, generator=g)
+    k[:, :, S:], v[:, :, S:] = 0, 0
+    tail(k, v, S)
+    return q, k, v
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["keys", "values", "one-entry", "nan"],
+)
+def test_static_prefill_slice_refuses_written_keys(where):
+    """mask None, causal and K > S are read as an empty StaticCache prefill, whose keys past S are unwritten
+    (zeros): written ones there (a past that a mask-less caller hands over) raise instead of being dropped."""
+    from pyqkv.hf import interface as hf_interface
+
+    def tail(k, v, S):
+        if where == "keys":
+            k[:, :, S:] = 1.0
+        elif where == "values":
+            v[:, :, S + 1] = -2.0
+        elif where == "one-entry":
+            k[1, 0, -1, 3] = 1e-6
+        else:
+            v[0, 1, S, 0] = float("nan")
+
+    q, k, v = _static_prefill(tail)
+    with pytest.raises(ValueError) as info:
+        hf_interface.attention_forward(_CausalModule(), q, k, v, None, scaling=0.25)
+    message = str(info.value)
+    for fragment in (
+        "key, value: _CausalModule passed attention_mask None with S=3 queries and K=7 keys",
+        "empty StaticCache prefill",
+        "got nonzero ones",
+        "explicit attention mask",
+    ):
+        assert fragment in message, message
+
+
+def test_static_prefill_with_unwritten_tail_still_slices():
+    """The legitimate case keeps working: an all-zero tail is dropped, and the result is top-left causal over
+    the first S keys (sdpa's reading)."""
+    from pyqkv.hf import interface as hf_interface
+
+    q, k, v = _static_prefill(lambda k, v, S: None)
+    z, _ = hf_interface.attention_forward(_CausalModule(), q, k, v, None, scaling=0.25)
+    S = q.shape[2]
+    kk, vv = (t[:, :, :S].repeat_interleave(2, 1).double() for t in (k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), kk, vv, is_causal=True, scale=0.25)
+    assert torch.allclose(z.double(), ref.transpose(1, 2), atol=1e-5)
+
+
+def test_static_cache_generation_through_the_interface_matches_eager():
+    """The guard on the real flow: a tiny Llama from a random config (no download), a StaticCache prefill
+    without a mask (K = max_cache_len > S, the tail unwritten) and decode steps, pyqkv vs eager."""
+    transformers = pytest.importorskip("transformers")
+    import pyqkv.hf  # noqa: F401  (registers "pyqkv")
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    eager = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+    ours = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="pyqkv").eval()
+    ours.load_state_dict(eager.state_dict())
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    outs = []
+    with torch.no_grad():
+        for m in (eager, ours):
+            cache = transformers.StaticCache(config=m.config, max_cache_len=12)
+            outs.append(
+                [m(ids[:, a:b], past_key_values=cache, use_cache=True).logits for a, b in ((0, 4), (4, 5), (5, 6))]
+            )
+    for step, (a, b) in enumerate(zip(*outs)):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), f"step {step}"
+
+
+# --------------------------------------------------------------------------------------------------
+# item 9 (b): tensor-parallel shards must hold whole heads
+
+
+def fused_spec(width):
+    return types.SimpleNamespace(qkv=nn.Linear(D, width, bias=False))
+
+
+def separate_spec(q, k, v):
+    return types.SimpleNamespace(qkv=(nn.Linear(D, q), nn.Linear(D, k), nn.Linear(D, v)))
+
+
+@pytest.mark.parametrize(
+    "spec, fragments",
+    [
+        (
+            fused_spec(40),
+            (
+                "fused qkv projection gives a shard of 40 features = 5 heads of d_head=8",
+                "multiple of n_heads/n_kv_heads + 2 = 4 heads",
+            ),
+        ),
+        (
+            fused_spec(36),
+            ("qkv projection (Linear) gives a shard of 36 features", "multiple of the head size d_head=8"),
+        ),
+        (fused_spec(48), ("shard of 48 features = 6 heads of d_head=8",)),
+        (separate_spec(16, 12, 12), ("k projection (Linear) gives a shard of 12 features", "d_head=8")),
+        (
+            separate_spec(8, 8, 8),
+            ("shards give q 8, k 8 and v 8 features (head size d_head=8)", "2 query heads per KV head"),
+        ),
+        (separate_spec(16, 8, 16), ("shards give q 16, k 8 and v 16 features", "k and v of equal size")),
+    ],
+    ids=[
+        "fused-cuts-a-group",
+        "fused-cuts-a-head",
+        "fused-group-and-a-half",
+        "separate-cuts-a-head",
+        "separate-cuts-a-group",
+        "separate-k-v-differ",
+    ],
+)
+def test_local_heads_refuses_shards_that_are_not_whole_heads(spec, fragments):
+    """H=4, Hkv=2, Dh=8: a rank's shard must be whole heads, and whole query groups (2 Q heads with their K and
+    V head); anything else would have given other heads' indices (groups // (ratio + 2))."""
+    from pyqkv.hf import placement
+
+    with pytest.raises(ValueError) as info:
+        placement.local_heads(spec, H, HKV, DH, D)
+    message = str(info.value)
+    assert message.startswith("module: under tensor parallelism this rank's"), message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_local_heads_whole_heads(tmp_path):
+    """Whole shards still work: every head on the rank (no parallelism), and one aligned group on the one rank
+    of a single-process group (q0 = kv0 = 0)."""
+    import torch.distributed as dist
+
+    from pyqkv.hf import placement
+
+    H_, Hkv_, heads, kv_heads = placement.local_heads(fused_spec(N_OUT), H, HKV, DH, D)
+    assert (H_, Hkv_, list(heads), list(kv_heads)) == (4, 2, [0, 1, 2, 3], [0, 1])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert placement.local_heads(fused_spec(32), H, HKV, DH, D) == (2, 1, range(0, 2), range(0, 1))
+        assert placement.local_heads(separate_spec(16, 8, 8), H, HKV, DH, D) == (2, 1, range(0, 2), range(0, 1))
+    finally:
+        dist.destroy_process_group()
