@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "checks.h"
 #include "host_device.h"
@@ -14,10 +15,43 @@ namespace pyqkv {
 // through these kinds and the visibility rules below.
 enum class MaskKind {
   kNone,
-  kPadding,     // [B, K], bool / integer / float: nonzero = attend (keys only)
+  kPadding,     // [B, K], bool / integer: nonzero = attend; float: 0 / 1 only (check_padding_mask); keys only
   kBool4d,      // [B|1, 1|H, S, K] bool: true = attend (Hugging Face's sdpa masks)
   kAdditive4d,  // [B|1, 1|H, S, K] float: added to the scores; visible iff > hidden_threshold (below)
 };
+
+// ---- The 2-D padding mask rule ---------------------------------------------------------------------
+// A 2-D mask [B, K] says which keys are attended: bool (true = attend) or integer (nonzero = attend), the
+// dtypes of Hugging Face's 2-D masks. A float one is ambiguous: read as 1 = attend / 0 = pad, an additive
+// mask (0 = visible, very negative = hidden) would be exactly inverted. So a float 2-D mask may hold only
+// 0 and 1, and anything else is refused with both conventions named (an additive mask comes 4-D).
+// This is the one copy of the rule: check_attention_args applies it (the fused op on every device, the
+// split form's attn_scores, the backend plan), and so does the op pyqkv::check_padding_mask, which the
+// Bridge's Python pre-check (pyqkv/checks.py) calls so that it reaches the same verdict before any hook.
+//
+// The values are read only for a float mask: a pass over its B*K entries and, on CUDA, a device sync
+// (.item()); bool and integer masks need no read. Tensors whose values cannot be read here are not
+// read: meta tensors (the plan of a meta input), and tensors whose ops go through Python (FakeTensor and
+// FunctionalTensor while torch.compile traces); the fused op's real kernel reads them when it runs.
+inline bool values_readable(const at::Tensor& t) {
+  return !t.is_meta() && !t.unsafeGetTensorImpl()->is_python_dispatch();
+}
+
+inline void check_padding_mask(const at::Tensor& m, const std::string& name) {
+  TORCH_CHECK_TYPE(!at::isComplexType(m.scalar_type()), name,
+                   ": expected a bool, integer or float padding mask, got ", m.scalar_type());
+  if (!at::isFloatingType(m.scalar_type()) || m.numel() == 0 || !values_readable(m)) return;
+  const at::Tensor bad = m.ne(0).logical_and(m.ne(1));  // NaN differs from both: refused
+  if (!bad.any().item<bool>()) return;                 // the one read (a sync on CUDA)
+  // The error path only: the first offending entry, for the message.
+  const int64_t at_flat = bad.reshape({-1}).nonzero().select(1, 0)[0].item<int64_t>();
+  const int64_t K = m.dim() == 2 ? m.size(1) : 1;
+  const double value = m.reshape({-1})[at_flat].item<double>();
+  TORCH_CHECK_VALUE(false, name, ": expected a 2-D float mask to hold only 0 (pad) and 1 (attend), got ", value,
+                    " at [", at_flat / K, ", ", at_flat % K,
+                    "]; for an additive mask (0 = visible, very negative = hidden) pass it as 4-D [B, 1, S, K], "
+                    "or pass a bool or integer padding mask");
+}
 
 struct AttnDims {
   int64_t B, S, H, Dh, K, Hkv;
@@ -53,8 +87,7 @@ inline AttnDims check_attention_args(const at::Tensor& q, const at::Tensor& k, c
     if (m.dim() == 2) {
       TORCH_CHECK_VALUE(m.size(0) == d.B && m.size(1) == d.K, "mask: expected a 2-D padding mask [B, K] = [", d.B, ", ",
                         d.K, "], got ", shape_str(m));
-      TORCH_CHECK_TYPE(!at::isComplexType(m.scalar_type()),
-                       "mask: expected a bool, integer or float padding mask, got ", m.scalar_type());
+      check_padding_mask(m, "mask");  // the dtype and, for a float mask, the 0 / 1 values
       d.mask = MaskKind::kPadding;
     } else if (m.dim() == 4) {
       TORCH_CHECK_TYPE(at::isFloatingType(m.scalar_type()) || m.scalar_type() == at::kBool,

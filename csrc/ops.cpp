@@ -18,8 +18,9 @@ TORCH_LIBRARY(pyqkv, m) {
   m.def("per_head_proj(Tensor x, Tensor W, Tensor? b) -> Tensor");
 
   // Scaled, masked attention. q [B,S,H,Dh]; k, v [B,K,Hkv,Dh] (any strides); mask None, [B,K] padding
-  // (nonzero = attend), [B|1,1|H,S,K] bool (true = attend) or [B|1,1|H,S,K] additive (visible iff >
-  // hidden_threshold: csrc/attention.h). Causal is bottom-right aligned.
+  // (bool or integer, nonzero = attend; float only when it holds 0 = pad and 1 = attend alone:
+  // check_padding_mask in csrc/attention.h), [B|1,1|H,S,K] bool (true = attend) or [B|1,1|H,S,K]
+  // additive (visible iff > hidden_threshold: csrc/attention.h). Causal is bottom-right aligned.
   // alibi: None or a per-key bias [B|1, H|1, K] (ALiBi: Bloom, Falcon-RW), the same for every query
   // position; it hides nothing by itself. softcap: None / 0 (off) or c > 0 (Gemma 2): the score is
   //   s = scale * q.k;  s = c * tanh(s / c);  s += alibi[b,h,j];  s += mask[b,h,i,j].
@@ -41,6 +42,11 @@ TORCH_LIBRARY(pyqkv, m) {
       " float? softcap=None, int? window=None, ScalarType? dtype=None) -> Tensor");
   m.def("attn_softmax(Tensor scores, ScalarType? dtype=None) -> Tensor");
   m.def("attn_apply(Tensor pattern, Tensor v) -> Tensor");
+
+  // The 2-D padding mask rule of attention (csrc/attention.h) on its own, for a caller that checks before
+  // it runs anything (the Bridge's pre-check): a TypeError / ValueError naming `name`, or nothing. Reads
+  // the values (a device sync on CUDA) only when the mask is float.
+  m.def("check_padding_mask(Tensor mask, str name) -> ()");
 
   // Which backend attention would run (csrc/attention_plan.h) and why the others refuse: the name
   // ("" when none accepts) and "backend<TAB>reason" lines. device_capability (major, minor) plans for a

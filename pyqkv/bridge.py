@@ -157,19 +157,22 @@ class Bridge(nn.Module, HookedMixin):
         hook_conversions: Optional[dict] = None,
     ):
         nn.Module.__init__(self)
-        checks.positive_int("n_heads", n_heads)
-        checks.positive_int("d_head", d_head)
+        # Integers follow the one rule of checks.integer (numpy's integers too; not bool or float), and are
+        # kept as plain ints.
+        n_heads = checks.positive_int("n_heads", n_heads)
+        d_head = checks.positive_int("d_head", d_head)
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if not isinstance(n_kv_heads, int) or n_kv_heads < 1 or n_heads % n_kv_heads:
+        n_kv = checks.integer(n_kv_heads)
+        if n_kv is None or n_kv < 1 or n_heads % n_kv:
             raise ValueError(f"n_kv_heads: expected a positive divisor of n_heads={n_heads}, got {n_kv_heads!r}")
-        if rotary_dim is not None and (
-            not isinstance(rotary_dim, int)
-            or isinstance(rotary_dim, bool)
-            or rotary_dim < 2
-            or rotary_dim % 2
-            or rotary_dim > d_head
-        ):
-            raise ValueError(f"rotary_dim: expected None or an even int in [2, d_head={d_head}], got {rotary_dim!r}")
+        n_kv_heads = n_kv
+        if rotary_dim is not None:
+            rdim = checks.integer(rotary_dim)
+            if rdim is None or rdim < 2 or rdim % 2 or rdim > d_head:
+                raise ValueError(
+                    f"rotary_dim: expected None or an even int in [2, d_head={d_head}], got {rotary_dim!r}"
+                )
+            rotary_dim = rdim
         if not isinstance(rotary_base, (int, float)) or isinstance(rotary_base, bool) or rotary_base <= 1:
             raise ValueError(f"rotary_base: expected a number > 1, got {rotary_base!r}")
         checks.boolean("rotary_interleaved", rotary_interleaved)
@@ -180,7 +183,7 @@ class Bridge(nn.Module, HookedMixin):
                     raise ValueError(
                         f"{name}: expected None with projections (the Bridge calls the modules), got {describe(t)}"
                     )
-            checks.positive_int("d_model", d_model)
+            d_model = checks.positive_int("d_model", d_model)
             for name, value in (
                 ("use_split_qkv_input", use_split_qkv_input),
                 ("use_attn_in", use_attn_in),
@@ -205,13 +208,11 @@ class Bridge(nn.Module, HookedMixin):
                 ops._check_like(name, t, "weight", weight)
         attn_dropout = checks.probability("attn_dropout", attn_dropout)
         resid_dropout = checks.probability("resid_dropout", resid_dropout)
-        if (
-            scale_attn_by_inverse_layer_idx
-            and scale is None
-            and layer_idx is not None
-            and (not isinstance(layer_idx, int) or isinstance(layer_idx, bool) or layer_idx < 0)
-        ):
-            raise ValueError(f"layer_idx: expected an int >= 0, got {layer_idx!r}")
+        if layer_idx is not None:
+            idx = checks.integer(layer_idx)
+            if idx is None or idx < 0:
+                raise ValueError(f"layer_idx: expected an int >= 0, got {layer_idx!r}")
+            layer_idx = idx
         if scale is None:
             scale = attention_scale(
                 d_head,
@@ -224,7 +225,7 @@ class Bridge(nn.Module, HookedMixin):
         # Pre-checks, here rather than at the first call (a Bridge is built whole); 0 means off, as in the op.
         softcap = None if (ops._check_softcap(softcap) or 0.0) == 0.0 else _positive_or_none("softcap", softcap)
         if window is not None:
-            checks.positive_int("window", window)
+            window = checks.positive_int("window", window)
         checks.boolean("share_weights", share_weights)
         checks.boolean("qk_norm_per_head", qk_norm_per_head)
         if (q_norm is None) != (k_norm is None):

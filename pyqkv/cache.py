@@ -7,38 +7,42 @@ twice its capacity, so the copying is amortized O(1) per token.
 
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
 
-from pyqkv import ops
+from pyqkv import checks, ops
 
 
 class KVCache:
     """Keys and values of one attention layer: storage [B, Hkv, capacity, Dh], `length` valid positions.
 
     Constructible with no arguments: batch size, head shape, dtype and device are taken from the first
-    append, and a later append that does not match raises ValueError. `keys` / `values` are views
-    [B, length, Hkv, Dh] of the valid positions (what the attention op reads, no copy).
+    append, and a later append that does not match raises ValueError. reset() forgets them as well as the
+    positions: the next append may have any batch, head shape, dtype and device (the storage is reused
+    when it matches). `keys` / `values` are views [B, length, Hkv, Dh] of the valid positions (what the
+    attention op reads, no copy).
     """
 
     MIN_CAPACITY = 64
 
     def __init__(self, capacity: Optional[int] = None):
         if capacity is not None:
-            # Any integer type (numpy's too), not a float; a bool is a flag, not a size.
-            if isinstance(capacity, bool) or not hasattr(type(capacity), "__index__"):
+            # The one integer rule (pyqkv/checks.py): any integer type (numpy's too), not a float or a bool.
+            n = checks.integer(capacity)
+            if n is None:
                 raise TypeError(
                     f"capacity: expected a positive int or None, got {type(capacity).__name__} {capacity!r}"
                 )
-            capacity = operator.index(capacity)
+            capacity = n
             if capacity < 1:
                 raise ValueError(f"capacity: expected a positive int or None, got {capacity}")
         self._initial_capacity = capacity
         self.k_storage: Optional[torch.Tensor] = None
         self.v_storage: Optional[torch.Tensor] = None
         self.length = 0
+        # False after reset(): the storage is kept for reuse, but its shape binds no append until the next.
+        self._bound = True
 
     def __len__(self) -> int:
         return self.length
@@ -61,12 +65,17 @@ class KVCache:
         return storage[:, :, : self.length].transpose(1, 2)
 
     def reset(self) -> None:
-        """Forget every position (storage is kept for reuse with the same shapes)."""
+        """Forget every position and the batch / head shape, dtype and device: the next append may have any
+        (another batch, another layer's heads). The storage is kept and reused when the next append matches
+        it, else replaced."""
         self.length = 0
+        self._bound = False
 
     def signature(self) -> str:
         if self.k_storage is None:
             return "unallocated"
+        if not self._bound:
+            return "empty after reset()"
         B, Hkv, _, Dh = self.k_storage.shape
         return f"batch {B}, {Hkv} KV heads of dim {Dh}, {self.k_storage.dtype} on {self.k_storage.device}"
 
@@ -78,21 +87,25 @@ class KVCache:
     def check_appendable(self, shape: tuple, dtype: Optional[torch.dtype], device: torch.device) -> None:
         """Raise ValueError if keys of this shape [B, S, Hkv, Dh], dtype (None: not checked) and device
         cannot be appended: the Bridge asks before it runs any hook, the append asks again."""
-        if self.k_storage is None:
+        if self.k_storage is None or not self._bound:
             return
+        if not self._storage_fits(shape, dtype, device):
+            raise ValueError(
+                f"kv_cache: holds {self.signature()}; got new keys of shape {tuple(shape)} "
+                f"({dtype if dtype is not None else 'dtype unknown'} on {device}). Use a fresh KVCache (or reset() "
+                f"it) for another batch, head shape, dtype or device."
+            )
+
+    def _storage_fits(self, shape: tuple, dtype: Optional[torch.dtype], device: torch.device) -> bool:
+        """Whether keys of this shape [B, S, Hkv, Dh], dtype (None: not compared) and device can be written
+        into the storage (which must exist)."""
         B, Hkv, _, Dh = self.k_storage.shape
-        ok = (
+        return (
             len(shape) == 4
             and (shape[0], shape[2], shape[3]) == (B, Hkv, Dh)
             and (dtype is None or dtype == self.k_storage.dtype)
             and device == self.k_storage.device
         )
-        if not ok:
-            raise ValueError(
-                f"kv_cache: holds {self.signature()}; got new keys of shape {tuple(shape)} "
-                f"({dtype if dtype is not None else 'dtype unknown'} on {device}). Use a fresh KVCache (or reset() "
-                f"it) for another batch or head shape."
-            )
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor):
         """Append k_new, v_new [B, S, Hkv, Dh] (any strides); returns (keys, values) [B, length, Hkv, Dh].
@@ -103,17 +116,24 @@ class KVCache:
         _check_pair(k_new, v_new, "k_new", "v_new")
         B, S, Hkv, Dh = k_new.shape
         need = self.length + S
+        # After reset() (length 0) storage of another shape, dtype or device is replaced, not grown.
+        replace = (
+            not self._bound
+            and self.k_storage is not None
+            and not self._storage_fits(tuple(k_new.shape), k_new.dtype, k_new.device)
+        )
         # An empty first append still allocates: the cache then knows its batch and head shape, and
         # keys / values are [B, 0, Hkv, Dh] views like those of any other empty cache.
-        if need > self.capacity or self.k_storage is None:
-            self._grow(need, k_new)
+        if replace or need > self.capacity or self.k_storage is None:
+            self._grow(need, k_new, 0 if replace else self.capacity)
         ops.kv_append(self.k_storage, self.v_storage, k_new, v_new, self.length)
         self.length = need
+        self._bound = True
         return self.keys, self.values
 
-    def _grow(self, need: int, like: torch.Tensor) -> None:
+    def _grow(self, need: int, like: torch.Tensor, old_capacity: int) -> None:
         B, _, Hkv, Dh = like.shape
-        capacity = max(need, 2 * self.capacity, self._initial_capacity or self.MIN_CAPACITY)
+        capacity = max(need, 2 * old_capacity, self._initial_capacity or self.MIN_CAPACITY)
         # Normal tensors even under torch.inference_mode: an inference tensor could not be appended to
         # in place by a later call made outside inference mode (e.g. prefill in inference_mode, decode
         # under no_grad).
@@ -130,13 +150,13 @@ class KVCache:
         Checked first: a rejected load keeps the old contents."""
         _check_keys(keys, "keys")
         _check_pair(keys, values, "keys", "values")
-        old = self.k_storage, self.v_storage, self.length
+        old = self.k_storage, self.v_storage, self.length, self._bound
         self.k_storage = self.v_storage = None
         self.length = 0
         try:
             self.append(keys, values)
         except BaseException:
-            self.k_storage, self.v_storage, self.length = old
+            self.k_storage, self.v_storage, self.length, self._bound = old
             raise
 
     def __repr__(self) -> str:

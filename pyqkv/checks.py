@@ -8,8 +8,12 @@ names. Each message names the argument, what was expected and what was received.
 from __future__ import annotations
 
 import numbers
+import operator
+from typing import Optional
 
 import torch
+
+from pyqkv import _C  # noqa: F401  (registers torch.ops.pyqkv.check_padding_mask, used below)
 
 
 def describe(obj) -> str:
@@ -19,10 +23,26 @@ def describe(obj) -> str:
     return type(obj).__name__
 
 
+def integer(value) -> Optional[int]:
+    """The one rule for an integer argument, everywhere (the Bridge's sizes, KVCache's capacity, the ops'
+    start and window): any integer type, i.e. one with __index__ (int, numpy's integers, a one-element
+    integer tensor), as a plain int; None for anything else: a bool (a flag, not a size: True would read
+    as 1), a float (1.5 would truncate) or a str. Each caller raises its own message on None."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    if not hasattr(type(value), "__index__"):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:  # a type with __index__ that refuses this value (a float tensor)
+        return None
+
+
 def positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    n = integer(value)
+    if n is None or n < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
+    return n
 
 
 def boolean(name: str, value) -> bool:
@@ -70,6 +90,11 @@ def attention_mask(mask, B: int, S: int, K: int, H: int, device):
             )
         if mask.is_complex():
             raise TypeError(f"attention_mask: expected bool, integer or float, got {mask.dtype}")
+        # The values (a float mask must hold only 0 and 1) are checked by the attention op's own rule in
+        # C++ (check_padding_mask in csrc/attention.h), exposed as an op so that this pre-check reaches the
+        # op's verdict before any hook fires without a second copy of the rule. It reads the values (a
+        # device sync on CUDA) only for a float mask; bool and integer masks are not read.
+        torch.ops.pyqkv.check_padding_mask(mask, "attention_mask")
         return mask, True
     if mask.dim() == 4:
         if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H) or tuple(mask.shape[2:]) != (S, K):

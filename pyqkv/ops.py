@@ -18,7 +18,10 @@ from typing import Optional
 
 import torch
 
-from pyqkv import _C  # noqa: F401  (loads the shared library: runs its TORCH_LIBRARY registrations)
+from pyqkv import (
+    _C,  # noqa: F401  (loads the shared library: runs its TORCH_LIBRARY registrations)
+    checks,
+)
 
 LAYOUTS = ("blocked", "interleaved", "grouped", "codegen")
 
@@ -210,10 +213,11 @@ def attention(
 
     q: [B, S, H, Dh]; k, v: [B, K, Hkv, Dh], any strides (views into one fused projection are read in
     place). Query head h reads KV head h // (H / Hkv); K and V are never repeated in memory.
-    mask: None; a padding mask [B, K] (bool True / nonzero = attend); a bool mask [B or 1, 1 or H, S, K]
-    (True = attend, as Hugging Face's sdpa masks); or an additive float mask [B or 1, 1 or H, S, K],
-    added to the scores, where an entry is visible iff it is greater than half the mask dtype's most
-    negative finite value (so torch.finfo(dtype).min, -inf and NaN hide). A 4-D mask is authoritative.
+    mask: None; a padding mask [B, K] (bool True or integer nonzero = attend; a float one may hold only 0 =
+    pad and 1 = attend, anything else raises ValueError: an additive mask comes 4-D); a bool mask
+    [B or 1, 1 or H, S, K] (True = attend, as Hugging Face's sdpa masks); or an additive float mask
+    [B or 1, 1 or H, S, K], added to the scores, where an entry is visible iff it is greater than half the
+    mask dtype's most negative finite value (so torch.finfo(dtype).min, -inf and NaN hide). A 4-D mask is authoritative.
     causal: bottom-right aligned, so query i sees keys 0 .. K - S + i; a one-token decode step sees the
     whole cache:
 
@@ -370,9 +374,10 @@ def _check_window(window) -> Optional[int]:
     """None, or an integer (its value is checked by the op: >= 1, and causal only)."""
     if window is None:
         return None
-    if isinstance(window, bool) or not hasattr(type(window), "__index__"):
+    n = checks.integer(window)  # the one integer rule (pyqkv/checks.py)
+    if n is None:
         raise TypeError(f"window: expected None or an int, got {type(window).__name__} {window!r}")
-    return operator.index(window)
+    return n
 
 
 def _check_optional_tensor(name: str, t, layout: str) -> None:
@@ -627,10 +632,11 @@ def kv_append(k_cache, v_cache, k_new, v_new, start: int) -> None:
     """Write k_new, v_new [B, S, Hkv, Dh] into k_cache, v_cache [B, Hkv, capacity, Dh] at positions
     start .. start + S - 1, in place (the schema marks both caches as mutated). No reallocation: the
     caller (pyqkv.KVCache) owns growth."""
-    # int() would truncate 1.5 to 1 and parse "1": only integers are positions.
-    if isinstance(start, bool) or not hasattr(type(start), "__index__"):
+    # int() would truncate 1.5 to 1 and parse "1": only integers are positions (the one integer rule).
+    n = checks.integer(start)
+    if n is None:
         raise TypeError(f"start: expected an int, got {type(start).__name__} {start!r}")
-    _ops.kv_append(k_cache, v_cache, k_new, v_new, operator.index(start))
+    _ops.kv_append(k_cache, v_cache, k_new, v_new, n)
 
 
 @torch.library.register_fake("pyqkv::kv_append")

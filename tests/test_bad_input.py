@@ -211,6 +211,26 @@ def with_cache(buf_fn):
     return lambda e: buf_fn(e, t(2, 2, 10, 4, device=e.device))
 
 
+def additive_2d(B, K, *, device, dtype=torch.float32, hide=0):
+    """An additive-style 2-D mask [B, K] (0 = visible, finfo.min = hidden) hiding key `hide`: ambiguous as a
+    padding mask (read as 1 = attend it would be inverted), so refused."""
+    m = torch.zeros(B, K, dtype=dtype, device=device)
+    m[:, hide] = torch.finfo(dtype).min
+    return m
+
+
+def float_2d(B, K, value, at, *, device, dtype=torch.float32):
+    """A float 0/1 padding mask [B, K] (all ones) but for one entry `value` at `at`."""
+    m = torch.ones(B, K, dtype=dtype, device=device)
+    m[at] = value
+    return m
+
+
+# A float 2-D mask must hold only 0 and 1: the start of the message (the C++ rule names the argument).
+FLOAT_2D = "expected a 2-D float mask to hold only 0 (pad) and 1 (attend)"
+ADDITIVE_4D = "for an additive mask (0 = visible, very negative = hidden) pass it as 4-D [B, 1, S, K]"
+
+
 # fmt: off
 OP_CASES = [
     # attention ----------------------------------------------------------------------------------
@@ -350,6 +370,17 @@ OP_CASES += [
     Case("attn-mask-not-a-tensor", "ops.attention", lambda e: attn(e, mask=[[1, 1, 1, 1, 1]] * 2), RE, ("for argument 'mask'", "found type 'list'")),
     Case("attn-v-other-device", "ops.attention", lambda e: attn(e, v=t(2, 5, 2, 8, device="cpu")), VE, ("v: expected device cuda", "got cpu"), needs_cuda=True),
     Case("attn-mask-other-device", "ops.attention", lambda e: attn(e, mask=torch.ones(2, 5, dtype=torch.bool)), VE, ("mask: expected device cuda", "got cpu"), needs_cuda=True),
+    # a 2-D float mask other than 0 / 1 (issue 21 item 4): refused, never read as "nonzero = attend"
+    Case("attn-mask-2d-float-additive", "ops.attention", lambda e: attn(e, mask=additive_2d(2, 5, device=e.device)), VE, (f"mask: {FLOAT_2D}", "got -3.40282e+38 at [0, 0]", ADDITIVE_4D, "or pass a bool or integer padding mask")),
+    Case("attn-mask-2d-float-nan", "ops.attention", lambda e: attn(e, mask=float_2d(2, 5, float("nan"), (1, 3), device=e.device)), VE, (f"mask: {FLOAT_2D}", "got nan at [1, 3]")),
+    Case("attn-mask-2d-float-two", "ops.attention", lambda e: attn(e, mask=float_2d(2, 5, 2.0, (0, 4), device=e.device)), VE, (f"mask: {FLOAT_2D}", "got 2 at [0, 4]")),
+    Case("attn-mask-2d-half-neg-inf", "ops.attention", lambda e: attn(e, mask=float_2d(2, 5, float("-inf"), (1, 0), dtype=torch.float16, device=e.device)), VE, (f"mask: {FLOAT_2D}", "got -inf at [1, 0]")),
+    Case("attn-mask-2d-float-strided", "ops.attention", lambda e: attn(e, mask=additive_2d(5, 2, device=e.device, hide=1).t()), VE, (f"mask: {FLOAT_2D}", "at [1, 0]")),
+    Case("scores-mask-2d-float-additive", "ops.attention", lambda e: scores(e, mask=additive_2d(2, 5, device=e.device, hide=2)), VE, (f"mask: {FLOAT_2D}", "at [0, 2]", ADDITIVE_4D)),
+    Case("plan-mask-2d-float-additive", "ops.attention", lambda e: ops.attention_plan(_q(e), _k(e), _k(e), scale=0.3, causal=True, mask=additive_2d(2, 5, device=e.device)), VE, (f"mask: {FLOAT_2D}",)),
+    Case("raw-check_padding_mask-values", "ops.attention", lambda e: _ops.check_padding_mask(float_2d(2, 5, 0.5, (0, 1), device=e.device), "mask"), VE, (f"mask: {FLOAT_2D}", "got 0.5 at [0, 1]")),
+    Case("raw-check_padding_mask-rank", "ops.attention", lambda e: _ops.check_padding_mask(torch.ones(5, device=e.device), "attention_mask"), VE, ("attention_mask: expected a 2-D tensor [B, K] (a padding mask)", "got 1-D")),
+    Case("raw-check_padding_mask-complex", "ops.attention", lambda e: _ops.check_padding_mask(torch.ones(2, 5, dtype=torch.complex64, device=e.device), "mask"), TE, ("mask: expected a bool, integer or float padding mask", "got ComplexFloat")),
     # split form ---------------------------------------------------------------------------------
     Case("scores-k-rank", "ops.attention", lambda e: scores(e, k=t(2, 5, 16, device=e.device)), VE, ("k: expected a 4-D tensor [B, K, Hkv, Dh]", "[2, 5, 16]")),
     Case("scores-Hkv-zero", "ops.attention", lambda e: scores(e, k=t(2, 5, 0, 8, device=e.device)), VE, ("k: expected a KV head count that divides H=4", "Hkv=0")),
@@ -489,6 +520,9 @@ FORWARD_CASES = [
     Case("fwd-mask-4d-queries", "Bridge.forward", lambda e: fwd(e, attention_mask=torch.zeros(2, 1, 7, 7, device=e.device)), VE, ("attention_mask: expected a 4-D mask [B or 1, 1 or H, S, K] = [2, 1 or 4, 3, 7]", "got (2, 1, 7, 7)")),
     Case("fwd-mask-4d-heads", "Bridge.forward", lambda e: fwd(e, attention_mask=torch.zeros(2, 2, 3, 7, device=e.device)), VE, ("attention_mask: expected a 4-D mask", "got (2, 2, 3, 7)")),
     Case("fwd-mask-other-device", "Bridge.forward", lambda e: fwd(e, attention_mask=torch.ones(2, 7, device=e.other)), VE, ("attention_mask: expected device {device}", "got {other}")),
+    Case("fwd-mask-2d-float-additive", "Bridge.forward", lambda e: fwd(e, attention_mask=additive_2d(2, 7, device=e.device)), VE, (f"attention_mask: {FLOAT_2D}", "got -3.40282e+38 at [0, 0]", ADDITIVE_4D)),
+    Case("fwd-mask-2d-float-two", "Bridge.forward", lambda e: fwd(e, attention_mask=float_2d(2, 7, 2.0, (1, 6), device=e.device)), VE, (f"attention_mask: {FLOAT_2D}", "got 2 at [1, 6]")),
+    Case("fwd-mask-2d-float-nan-no-cache", "Bridge.forward", lambda e: e.bridge(e.x_new, attention_mask=float_2d(2, 3, float("nan"), (0, 2), device=e.device)), VE, (f"attention_mask: {FLOAT_2D}", "got nan at [0, 2]")),
     # positions: RoPE tables or ids, and ALiBi biases
     Case("fwd-position_ids-without-rotary", "Bridge.forward", lambda e: fwd(e, position_ids=torch.arange(3, device=e.device)[None]), VE, ("position_ids: this layer has no rotary embedding (rotary_dim is None)", "got Tensor")),
     Case("fwd-position_ids-float", "Bridge.forward", lambda e: rotary_fwd(e, position_ids=torch.zeros(2, 3, device=e.device)), TE, ("position_ids: expected an integer Tensor [B or 1, S]", "torch.float32")),
@@ -612,6 +646,7 @@ HOOK_CASES = [
     Case("run_with_hooks-bad-fwd_hooks", "hooks", lambda e: e.bridge.run_with_hooks(e.x_new, fwd_hooks="hook_z", kv_cache=e.cache), TE, ("fwd_hooks: expected a list of (name, fn) pairs", "got str")),
     Case("run_with_cache-unknown-name", "hooks", lambda e: e.bridge.run_with_cache(e.x_new, names_filter=["hook_z", "hook_nope"], kv_cache=e.cache), KeyError, ("unknown hook point 'hook_nope'",)),
     Case("run_with_cache-filter-not-a-name", "hooks", lambda e: e.bridge.run_with_cache(e.x_new, names_filter=3, kv_cache=e.cache), TE, ("names_filter: expected a hook name", "got int")),
+    Case("run_with_cache-float-additive-mask", "hooks", lambda e: e.bridge.run_with_cache(e.x_new, names_filter="hook_attn_scores", kv_cache=e.cache, attention_mask=additive_2d(2, 7, device=e.device, hide=3)), VE, (f"attention_mask: {FLOAT_2D}", "at [0, 3]")),
     Case("run_with_cache-bad-mask", "hooks", lambda e: e.bridge.run_with_cache(e.x_new, names_filter="hook_pattern", kv_cache=e.cache, attention_mask=torch.ones(2, 3, device=e.device)), VE, ("attention_mask: expected a padding mask [B, K] = [2, 7]",)),
     Case("bwd-hook-returns-shape", "hooks", lambda e: bwd_hooked(e, "hook_z", lambda g, hook: g[:1]), VE, ("hook_z: hook", "returned shape (1, 3, 4, 8)", "expected (2, 3, 4, 8)")),
     Case("bwd-hook-returns-dtype", "hooks", lambda e: bwd_hooked(e, "hook_q", lambda g, hook: g.double()), TE, ("hook_q: hook", "returned torch.float64", "expected torch.float32")),
@@ -736,6 +771,20 @@ ARGUMENT_CASES = [
     Case("ctor-out_bias-integer", "Bridge()", lambda e: ctor(e, out_bias=torch.ones(32, dtype=i64)), TE, ("out_bias: expected a floating-point Tensor", "torch.int64")),
     Case("ctor-out_weight-other-device", "Bridge()", lambda e: ctor(e, out_weight=e.w["out_weight"].to(e.other)), VE, ("out_weight: expected device {device} (the device of weight)", "got {other}")),
     Case("ctor-n_heads-bool", "Bridge()", lambda e: ctor(e, n_heads=True, n_kv_heads=1), VE, ("n_heads: expected a positive int", "got True")),
+    # one integer rule (checks.integer, issue 21 item 7): any integer type, never a bool or a float
+    Case("ctor-n_kv_heads-bool", "Bridge()", lambda e: ctor(e, n_kv_heads=True), VE, ("n_kv_heads: expected a positive divisor of n_heads=4", "got True")),
+    Case("ctor-n_kv_heads-float", "Bridge()", lambda e: ctor(e, n_kv_heads=2.0), VE, ("n_kv_heads: expected a positive divisor of n_heads=4", "got 2.0")),
+    Case("ctor-d_head-bool", "Bridge()", lambda e: ctor(e, d_head=True), VE, ("d_head: expected a positive int", "got True")),
+    Case("ctor-rotary_dim-float", "Bridge()", lambda e: ctor(e, rotary_dim=4.0), VE, ("rotary_dim: expected None or an even int in [2, d_head=8]", "got 4.0")),
+    Case("ctor-window-bool", "Bridge()", lambda e: ctor(e, window=True), VE, ("window: expected a positive int", "got True")),
+    Case("ctor-window-float", "Bridge()", lambda e: ctor(e, window=1.5), VE, ("window: expected a positive int", "got 1.5")),
+    Case("ctor-layer_idx-float", "Bridge()", lambda e: ctor(e, layer_idx=1.5), VE, ("layer_idx: expected an int >= 0", "got 1.5")),
+    Case("ctor-layer_idx-bool", "Bridge()", lambda e: ctor(e, scale_attn_by_inverse_layer_idx=True, layer_idx=True), VE, ("layer_idx: expected an int >= 0", "got True")),
+    Case("attn-window-bool", "ops.attention", lambda e: attn(e, window=True), TE, ("window: expected None or an int", "got bool True")),
+    Case("attn-window-bool-tensor", "ops.attention", lambda e: attn(e, window=torch.tensor(True)), TE, ("window: expected None or an int", "got Tensor")),
+    Case("append-start-bool", "ops.kv_append", lambda e: ops.kv_append(t(2, 2, 10, 4), t(2, 2, 10, 4), t(2, 3, 2, 4), t(2, 3, 2, 4), True), TE, ("start: expected an int", "got bool True")),
+    Case("append-start-float-tensor", "ops.kv_append", lambda e: ops.kv_append(t(2, 2, 10, 4), t(2, 2, 10, 4), t(2, 3, 2, 4), t(2, 3, 2, 4), torch.tensor(1.0)), TE, ("start: expected an int", "got Tensor")),
+    Case("cache-capacity-float-tensor", "KVCache", lambda e: KVCache(torch.tensor(8.0)), TE, ("capacity: expected a positive int or None", "got Tensor")),
     Case("ctor-scale-not-a-number", "Bridge()", lambda e: ctor(e, scale="x"), TE, ("scale: expected a float", "got str 'x'")),
     Case("ctor-scale-nan", "Bridge()", lambda e: ctor(e, scale=float("nan")), VE, ("scale: expected a finite float", "got nan")),
     Case("ctor-layer_idx-negative", "Bridge()", lambda e: ctor(e, scale_attn_by_inverse_layer_idx=True, layer_idx=-1), VE, ("layer_idx: expected an int >= 0", "got -1")),

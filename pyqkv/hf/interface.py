@@ -213,9 +213,11 @@ def _attend(
     # mask comes from sdpa's mask function: causal only when several queries and the module is causal.
     causal = S > 1 and mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
     if causal and K > S:
-        # Only an empty StaticCache prefill gets here (sdpa_mask returns None with K > S only when the cache
-        # holds nothing yet): HF means causal over the first S keys, top-left, and the rest of the buffer is
-        # empty. pyqkv's causal is bottom-right, so drop the empty slots instead.
+        # Only an empty StaticCache prefill should get here (sdpa_mask returns None with K > S only when the
+        # cache held nothing before this call): HF means causal over the first S keys, top-left, and the rest
+        # of the buffer is unwritten. pyqkv's causal is bottom-right, so drop the unwritten slots instead,
+        # after checking that they are that (anything else would lose keys silently).
+        _check_unwritten_tail(module, key, value, S)
         key, value = key[:, :, :S], value[:, :, :S]
         position_bias = None if position_bias is None else position_bias[..., :S]
         K = S
@@ -249,6 +251,23 @@ def _attend(
     # Modules reshape the output with .view(B, S, H * Dh) (sdpa returns it contiguous): a hook's replacement
     # may not be.
     return z.contiguous(), (pattern if want_pattern else None)
+
+
+def _check_unwritten_tail(module, key, value, S: int) -> None:
+    """Raise ValueError unless keys and values past the first S of [B, Hkv, K, Dh] are all zero: the unwritten
+    part of a static buffer (StaticCache allocates it with torch.zeros, and its reset() zeroes it), which is
+    what an empty StaticCache prefill without a mask hands over. The attention function does not receive the
+    cache itself, so the buffer's contents are the evidence. Reads the tail once (a device sync on CUDA), on
+    the prefill only: decode steps carry a mask or S = 1."""
+    K = key.shape[2]
+    written = key[:, :, S:].ne(0).any() | value[:, :, S:].ne(0).any()
+    if bool(written):
+        raise ValueError(
+            f"key, value: {type(module).__name__} passed attention_mask None with S={S} queries and K={K} keys "
+            f"(K > S), which pyqkv reads only as an empty StaticCache prefill: expected keys and values past the "
+            f"first {S} to be the unwritten (all-zero) part of the static buffer, got nonzero ones there. Pass an "
+            f"explicit attention mask (or a cache that returns only the written keys)."
+        )
 
 
 def _fused(q4, k4, v4, *, scale, causal, mask, return_pattern=False, alibi=None, softcap=None, window=None):

@@ -79,11 +79,33 @@ def local_heads(spec, n_heads: int, n_kv_heads: int, d_head: int, d_model: int):
     probe = torch.zeros(1, 1, d_model, dtype=local.dtype, device=local.device)
     with torch.no_grad():
         widths = [m(probe).shape[-1] for m in qkv]
+    # Head indices below are whole heads counted over the ranks: a shard that cuts a head (or, fused, a query
+    # group from its K and V heads) would be read as other heads than it holds, so it is refused.
+    names = ("q", "k", "v") if len(qkv) == 3 else ("qkv",)
+    for name, m, width in zip(names, qkv, widths):
+        if width < 1 or width % d_head:
+            raise ValueError(
+                f"module: under tensor parallelism this rank's {name} projection ({type(m).__name__}) gives a shard "
+                f"of {width} features, expected a positive multiple of the head size d_head={d_head} (whole heads "
+                f"on each rank)"
+            )
+    ratio = n_heads // n_kv_heads
     if len(qkv) == 3:
         H, Hkv = widths[0] // d_head, widths[1] // d_head
+        if widths[2] != widths[1] or H != Hkv * ratio:
+            raise ValueError(
+                f"module: under tensor parallelism this rank's shards give q {widths[0]}, k {widths[1]} and v "
+                f"{widths[2]} features (head size d_head={d_head}), expected k and v of equal size and "
+                f"n_heads/n_kv_heads = {ratio} query heads per KV head (whole query groups on each rank)"
+            )
     else:
         groups = widths[0] // d_head  # H + 2 Hkv in the fused layout
-        ratio = n_heads // n_kv_heads
+        if groups % (ratio + 2):
+            raise ValueError(
+                f"module: under tensor parallelism this rank's fused qkv projection gives a shard of {widths[0]} "
+                f"features = {groups} heads of d_head={d_head}, expected a multiple of n_heads/n_kv_heads + 2 = "
+                f"{ratio + 2} heads (whole query groups with their K and V heads on each rank)"
+            )
         Hkv = groups // (ratio + 2)
         H = Hkv * ratio
     if H == n_heads:  # every rank computes every head (a gathered plan, or no parallelism)
