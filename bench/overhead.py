@@ -6,6 +6,8 @@ random model copied into each, side by side in one process (medians of interleav
 sdpa's time):
 
 - "HF sdpa": the model as Hugging Face runs it (attn_implementation="sdpa");
+- "HF sdpa twin": a second copy of that model, nothing changed: the noise floor of the machine (two equal
+  rows differ by this much);
 - "attach": pyqkv.hf.attach(model), nothing hooked;
 - "attach + hook_z edit": the same with one editing hook (zero head 0 at blocks.0.attn.hook_z);
 - "interface": attn_implementation="pyqkv" (pyqkv.hf.enable), nothing hooked;
@@ -56,6 +58,7 @@ def build_rows(family: str, new_tokens: int) -> dict:
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
     edit = [("blocks.0.attn.hook_z", pyqkv.zero_heads([0]))]
 
     attached = copy.deepcopy(base)
@@ -70,8 +73,10 @@ def build_rows(family: str, new_tokens: int) -> dict:
 
         return run
 
+    twin = copy.deepcopy(base)
     return {
         "HF sdpa": lambda ids: base.generate(ids, **gen),
+        "HF sdpa twin": lambda ids: twin.generate(ids, **gen),
         "attach": lambda ids: attached.generate(ids, **gen),
         "attach + hook_z edit": hooked(h_attach, attached),
         "interface": lambda ids: routed.generate(ids, **gen),
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
         ids = torch.randint(1, 1000, (1, a.prompt), generator=torch.Generator().manual_seed(1))
         with torch.inference_mode():
             ref = fns["HF sdpa"](ids)
-            for n in ("attach", "interface"):
+            for n in ("attach", "interface", "HF sdpa twin"):
                 if not torch.equal(fns[n](ids), ref):
                     print(f"warning: {family} {n} generated other tokens than HF sdpa")
         med = time_rows(fns, ids, a.reps)

@@ -5,6 +5,7 @@
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <sstream>
@@ -155,8 +156,20 @@ Choice choose(const Query& q, const std::string& forced, bool collect) {
 }
 
 namespace {
+// The forced backend: set by pyqkv.ops.attention_backend(...) (wins), else PYQKV_ATTENTION_BACKEND, read
+// once per process (the first attention call). Every op call asks, so the common case (nothing forced)
+// is one relaxed atomic load: no lock, no environment look-up.
 std::mutex g_forced_mutex;
-std::string g_forced;  // set by pyqkv.ops.attention_backend(...); wins over the environment
+std::string g_forced;
+std::atomic<bool> g_override_set{false};
+
+const std::string& environment_backend() {
+  static const std::string name = [] {
+    const char* env = std::getenv("PYQKV_ATTENTION_BACKEND");
+    return std::string(env == nullptr ? "" : env);
+  }();
+  return name;
+}
 
 void check_backend_name(const std::string& name, const char* what) {
   if (name.empty()) return;
@@ -170,12 +183,12 @@ void check_backend_name(const std::string& name, const char* what) {
 }  // namespace
 
 std::string forced_backend() {
-  {
+  if (g_override_set.load(std::memory_order_acquire)) {
     std::lock_guard<std::mutex> lock(g_forced_mutex);
     if (!g_forced.empty()) return g_forced;
   }
-  const char* env = std::getenv("PYQKV_ATTENTION_BACKEND");
-  const std::string name = env == nullptr ? "" : env;
+  const std::string& name = environment_backend();
+  if (name.empty()) return name;
   check_backend_name(name, "PYQKV_ATTENTION_BACKEND");
   return name;
 }
@@ -211,8 +224,11 @@ TorchBuild this_torch_build() {
   t.flash = ctx.userEnabledFlashSDP();
   t.mem_efficient = ctx.userEnabledMemEfficientSDP();
   t.cudnn = ctx.userEnabledCuDNNSDP();
-  const char* env = std::getenv("PYQKV_CUDNN");
-  t.cudnn_opt_in = env != nullptr && std::string(env) == "1";
+  static const bool cudnn_opt_in = [] {  // read once per process, like PYQKV_ATTENTION_BACKEND
+    const char* env = std::getenv("PYQKV_CUDNN");
+    return env != nullptr && std::string(env) == "1";
+  }();
+  t.cudnn_opt_in = cudnn_opt_in;
   return t;
 }
 
@@ -273,6 +289,7 @@ std::string set_attention_backend_op(const std::string& name) {
   std::lock_guard<std::mutex> lock(g_forced_mutex);
   std::string previous = g_forced;
   g_forced = name;
+  g_override_set.store(!name.empty(), std::memory_order_release);
   return previous;
 }
 

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <cstring>
+
 #include "checks.h"
 
 namespace pyqkv {
@@ -74,7 +76,13 @@ inline void check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache
   TORCH_CHECK_VALUE(!share_an_element(k_cache, v_cache),
                     "v_cache: expected a tensor that does not overlap k_cache, got one that shares its memory");
   // A source that overlaps a row being written would be read after it is overwritten (all but the
-  // no-op of writing a view onto itself).
+  // no-op of writing a view onto itself). Only a source in a cache's own storage can (the usual source is
+  // a view of the QKV projection): the views below are made only then.
+  const bool k_aliases =
+      k_new.storage().is_alias_of(k_cache.storage()) || k_new.storage().is_alias_of(v_cache.storage());
+  const bool v_aliases =
+      v_new.storage().is_alias_of(k_cache.storage()) || v_new.storage().is_alias_of(v_cache.storage());
+  if (!k_aliases && !v_aliases) return;
   const at::Tensor k_rows = k_cache.narrow(2, start, S).transpose(1, 2),
                    v_rows = v_cache.narrow(2, start, S).transpose(1, 2);
   TORCH_CHECK_VALUE(same_view(k_rows, k_new) || !share_an_element(k_rows, k_new),
@@ -92,12 +100,43 @@ inline void check_kv_append(const at::Tensor& k_cache, const at::Tensor& v_cache
 // of it, and ATen's copy_ writes them in one pass whatever the strides of k_new (often a view into the
 // fused QKV projection): vectorized, parallel on CPU, on the current stream on CUDA. There is no
 // arithmetic for a kernel of ours to fuse; one would only save copy_'s set-up (microseconds).
-inline void kv_append_aten(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
-                           const at::Tensor& v_new, int64_t start) {
-  check_kv_append(k_cache, v_cache, k_new, v_new, start);
+inline void copy_new_rows(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                          const at::Tensor& v_new, int64_t start) {
   const int64_t S = k_new.size(1);
   k_cache.narrow(2, start, S).copy_(k_new.transpose(1, 2));
   v_cache.narrow(2, start, S).copy_(v_new.transpose(1, 2));
+}
+
+inline void kv_append_aten(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                           const at::Tensor& v_new, int64_t start) {
+  check_kv_append(k_cache, v_cache, k_new, v_new, start);
+  copy_new_rows(k_cache, v_cache, k_new, v_new, start);
+}
+
+// kv_append on the CPU for a few rows (a decode step): when every tensor has unit stride over Dh, each of
+// the B x S x Hkv rows is one memcpy, without copy_'s set-up, which costs more than the copy itself at
+// that size. Larger appends (a prefill) take copy_, vectorized and parallel.
+inline void kv_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                          const at::Tensor& v_new, int64_t start) {
+  constexpr int64_t kRowCopyElements = 1 << 15;
+  check_kv_append(k_cache, v_cache, k_new, v_new, start);
+  const bool unit = k_cache.stride(3) == 1 && v_cache.stride(3) == 1 && k_new.stride(3) == 1 && v_new.stride(3) == 1;
+  if (!unit || k_new.numel() > kRowCopyElements) return copy_new_rows(k_cache, v_cache, k_new, v_new, start);
+  const int64_t B = k_new.size(0), S = k_new.size(1), Hkv = k_new.size(2);
+  const int64_t e = k_new.element_size();
+  const size_t row_bytes = static_cast<size_t>(k_new.size(3) * e);
+  auto write_rows = [&](const at::Tensor& cache, const at::Tensor& fresh) {
+    char* dst = static_cast<char*>(cache.data_ptr());
+    const char* src = static_cast<const char*>(fresh.data_ptr());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t h = 0; h < Hkv; ++h)
+          std::memcpy(dst + (b * cache.stride(0) + h * cache.stride(1) + (start + s) * cache.stride(2)) * e,
+                      src + (b * fresh.stride(0) + s * fresh.stride(1) + h * fresh.stride(2)) * e, row_bytes);
+  };
+  if (k_new.numel() == 0) return;
+  write_rows(k_cache, k_new);
+  write_rows(v_cache, v_new);
 }
 
 }  // namespace pyqkv

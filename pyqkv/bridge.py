@@ -330,13 +330,10 @@ class Bridge(nn.Module, HookedMixin):
         unknown = [n for n in conversions if HOOK_ALIASES.get(n, n) not in BY_NAME]
         if unknown:
             raise KeyError(f"hook_conversions: unknown hook points {unknown}; valid: {', '.join(HOOK_NAMES)}")
-        self._any_hooked = False  # one flag for the forward: is any point of this layer hooked?
         self._points = {}
         for name in HOOK_NAMES:
             rule = make_rule(name, conversions.get(name, _alias_value(conversions, name)), d_head=d_head)
-            self._points[name] = HookPoint(
-                name, rule=None if isinstance(rule, Identity) else rule, on_change=self._hooks_changed
-            )
+            self._points[name] = HookPoint(name, rule=None if isinstance(rule, Identity) else rule)
         self._custom_rules = {HOOK_ALIASES.get(n, n) for n in conversions}
         self.set_heads(range(n_heads), range(n_kv_heads), n_heads, n_kv_heads)
 
@@ -466,9 +463,6 @@ class Bridge(nn.Module, HookedMixin):
         for name, point in self._points.items():
             point.name = prefix + name
 
-    def _hooks_changed(self) -> None:
-        self._any_hooked = any(p.active for p in self._points.values())
-
     def _hooked(self, name: str) -> bool:
         return self._points[name].active
 
@@ -546,7 +540,10 @@ class Bridge(nn.Module, HookedMixin):
             return self._attend_and_project(q4, k4, v4, mask, causal, alibi, return_pattern)
         grad_through_cache = torch.is_grad_enabled() and (k4.requires_grad or v4.requires_grad)
         past_k, past_v = (kv_cache.keys, kv_cache.values) if grad_through_cache and past else (None, None)
-        k_all, v_all = kv_cache.append(k4, v4)  # checks shapes first: a mismatch raises before any change
+        if self.projections is None:  # checked before any hook ran (check_appendable above)
+            k_all, v_all = kv_cache._append(k4, v4)
+        else:  # the keys' dtype was unknown until the modules ran: the full checks
+            k_all, v_all = kv_cache.append(k4, v4)
         if grad_through_cache and past:
             # The cache holds detached copies: attend over [past, new] with the new rows still in the graph.
             k_all, v_all = torch.cat([past_k, k4], dim=1), torch.cat([past_v, v4], dim=1)

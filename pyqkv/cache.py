@@ -41,6 +41,7 @@ class KVCache:
         self.k_storage: Optional[torch.Tensor] = None
         self.v_storage: Optional[torch.Tensor] = None
         self.length = 0
+        self._views = None  # (length, k_storage, keys, values) of the last head_major() call
         # False after reset(): the storage is kept for reuse, but its shape binds no append until the next.
         self._bound = True
 
@@ -53,16 +54,23 @@ class KVCache:
 
     @property
     def keys(self) -> torch.Tensor:
-        return self._valid(self.k_storage)
+        return self.head_major()[0].transpose(1, 2)
 
     @property
     def values(self) -> torch.Tensor:
-        return self._valid(self.v_storage)
+        return self.head_major()[1].transpose(1, 2)
 
-    def _valid(self, storage):
-        if storage is None:
-            raise ValueError("kv_cache: empty (nothing appended yet)")
-        return storage[:, :, : self.length].transpose(1, 2)
+    def head_major(self):
+        """(keys, values) [B, Hkv, length, Dh]: views of the valid positions in the storage's own layout
+        (Hugging Face's cache layout). Made once per length and storage, since a decode step asks for
+        them twice (the attention op and a Hugging Face cache's mirror)."""
+        views = self._views
+        if views is None or views[0] != self.length or views[1] is not self.k_storage:
+            if self.k_storage is None:
+                raise ValueError("kv_cache: empty (nothing appended yet)")
+            L = self.length
+            views = self._views = (L, self.k_storage, self.k_storage[:, :, :L], self.v_storage[:, :, :L])
+        return views[2], views[3]
 
     def reset(self) -> None:
         """Forget every position and the batch / head shape, dtype and device: the next append may have any
@@ -114,6 +122,11 @@ class KVCache:
         as they were."""
         self.check_compatible(k_new)
         _check_pair(k_new, v_new, "k_new", "v_new")
+        return self._append(k_new, v_new)
+
+    def _append(self, k_new: torch.Tensor, v_new: torch.Tensor):
+        """append() after its checks, for a caller that made them: the Bridge checks the shape, dtype and
+        device of this call's keys before any hook runs (check_appendable), and a hook cannot change them."""
         B, S, Hkv, Dh = k_new.shape
         need = self.length + S
         # After reset() (length 0) storage of another shape, dtype or device is replaced, not grown.

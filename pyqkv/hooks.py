@@ -77,8 +77,6 @@ class HookPoint:
     rule: object = None
     active: bool = False
     may_edit: bool = False
-    # Called with no argument after every change of the registered hooks (an owner's "anything hooked?" flag).
-    on_change: Optional[Callable[[], None]] = field(default=None, repr=False)
 
     def add(
         self, fn: HookFn, dir: str = "fwd", prepend: bool = False, is_permanent: bool = False, read_only: bool = False
@@ -107,8 +105,6 @@ class HookPoint:
     def _changed(self) -> None:
         self.active = bool(self.fwd or self.bwd)
         self.may_edit = bool(self.bwd) or any(not h.read_only for h in self.fwd)
-        if self.on_change is not None:
-            self.on_change()
 
     def fire(self, tensor: torch.Tensor) -> torch.Tensor:
         """Run this point's hooks on `tensor` (the caller's layout); returns the activation to continue with.

@@ -171,10 +171,12 @@ def test_mem_efficient_gqa_from_torch_2_14():
     assert "GQA" not in reasons(plan(H=32, Hkv=32, torch_version=(2, 13)), "mem_efficient")
 
 
-def test_cudnn_is_opt_in(monkeypatch):
+def test_cudnn_is_opt_in():
+    """PYQKV_CUDNN=1, read once per process like PYQKV_ATTENTION_BACKEND: checked in a fresh interpreter."""
     assert "opt-in only" in reasons(plan(), "cudnn")
-    monkeypatch.setenv("PYQKV_CUDNN", "1")
-    assert "opt-in only" not in reasons(plan(), "cudnn")
+    code = "import test_attention_plan as t; assert 'opt-in only' not in t.reasons(t.plan(), 'cudnn'); print('ok')"
+    res = _run_with_env(code, PYQKV_CUDNN="1")
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
 def test_misaligned_or_strided_qkv():
@@ -271,8 +273,8 @@ print("ok")
 """
 
 
-def _run_with_env(code: str, value: str):
-    env = dict(os.environ, PYQKV_ATTENTION_BACKEND=value)
+def _run_with_env(code: str, **variables):
+    env = dict(os.environ, **variables)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
@@ -280,9 +282,9 @@ def _run_with_env(code: str, value: str):
 def test_environment_variable_forces_a_backend():
     """PYQKV_ATTENTION_BACKEND is read once per process (no environment look-up per op call), so it is
     set before the process starts: checked in a fresh interpreter."""
-    res = _run_with_env(_ENV_CHECK, "own_decode")
+    res = _run_with_env(_ENV_CHECK, PYQKV_ATTENTION_BACKEND="own_decode")
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
-    res = _run_with_env("import test_attention_plan as t; t.plan()", "fa3")
+    res = _run_with_env("import test_attention_plan as t; t.plan()", PYQKV_ATTENTION_BACKEND="fa3")
     assert res.returncode != 0
     assert re.search(r"PYQKV_ATTENTION_BACKEND: expected one of flash, .*cpu, got 'fa3'", res.stderr), res.stderr[-3000:]
 

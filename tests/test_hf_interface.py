@@ -873,6 +873,31 @@ def test_pattern_edits_recompute_z_and_untouched_patterns_do_not(monkeypatch):
     assert_close(replaced.logits[keep], expected, "head 2's pattern replaced by zeros vs eager with the head zeroed")
 
 
+def test_zero_heads_works_on_the_interface_tier():
+    """pyqkv.zero_heads needs to know a point's head axis; this tier's points know it from the module's
+    config (GQA: hook_v holds Hkv heads), and zeroing head 2 at hook_z equals eager with it zeroed."""
+    import pyqkv
+
+    eager, ours = pair("llama")
+    h = hf_interface.hooks_for(ours)
+    ids, am = left_padded()
+    keep = am.bool()
+
+    def head_zeroed(m, dt):
+        with _eager_head_zeroed(m, "model.layers.1.self_attn", 2):
+            return m(ids, attention_mask=am).logits
+
+    with torch.no_grad():
+        expected = hf_reference(eager, head_zeroed)[keep]
+        got = h.run_with_hooks(ids, attention_mask=am, fwd_hooks=[("blocks.1.attn.hook_z", pyqkv.zero_heads([2]))])
+    assert_close(got.logits[keep], expected, "zero_heads([2]) at hook_z vs eager with head 2 zeroed")
+    points = h.hook_points()
+    cfg = ours.config
+    assert points["blocks.1.attn.hook_z"].heads == range(cfg.num_attention_heads)
+    assert points["blocks.1.attn.hook_v"].heads == range(cfg.num_key_value_heads)
+    assert points["blocks.1.attn.hook_pattern"].head_dim == 1
+
+
 def test_scores_hook_masks_a_key():
     """Hiding key 0 at hook_attn_scores (the dtype's most negative value) renormalises over the rest."""
     _, ours = pair("llama")

@@ -42,6 +42,12 @@ constexpr int64_t kRowsPerTask = 128;
 constexpr int64_t kScoreBlock = 128 * 256;
 constexpr int64_t kMinKeyBlock = 256;
 constexpr int64_t kMaxKeyBlock = 4096;
+// Small problems (decode steps of small models, many tiny forwards) are bound by per-call cost, not
+// arithmetic: below kLoopWork multiply-adds per task (rows x K x Dh) the two block products are plain
+// loops instead of at::mm calls (each costs microseconds of dispatch and tensor set-up), and below
+// kSerialWork for the whole call the tasks run on the calling thread (waking the thread pool costs more).
+constexpr int64_t kLoopWork = 16384;
+constexpr int64_t kSerialWork = 65536;
 
 // ---- The softmax inner loops ---------------------------------------------------------------------
 // Per key block each row needs a max, exp(s - max) with its sum, and a rescale of its accumulator.
@@ -222,8 +228,11 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t key_block = std::clamp<int64_t>(kScoreBlock / (G * q_block), kMinKeyBlock, kMaxKeyBlock);
   const int64_t n_qblocks = (S + q_block - 1) / q_block;
   const int64_t causal_offset = K - S;  // query i sees keys 0 .. K - S + i when causal
+  const int64_t n_tasks = B * Hkv * n_qblocks;
+  const bool loops = G * q_block * K * Dh <= kLoopWork;
+  const int64_t grain = n_tasks * G * q_block * K * Dh <= kSerialWork ? n_tasks : 1;
 
-  at::parallel_for(0, B * Hkv * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_tasks, grain, [&](int64_t begin, int64_t end) {
     const int64_t max_rows = G * q_block;
     std::vector<acc_t> qf(max_rows * Dh), acc(max_rows * Dh), sc(max_rows * key_block);
     // V is copied when it cannot be read in place, and for blocks holding padded keys (2-D mask false):
@@ -235,8 +244,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     // normalized once each row's log-sum-exp is known: one pass over keys, exact in every dtype. For
     // float32/float64 they are kept in the pattern output itself; half types stage them in float32.
     std::vector<acc_t> raw(patp && !kDirect ? max_rows * K : 0);
-    at::Tensor Qt = matrix(qf.data(), max_rows, Dh, Dh, acc_dtype);
-    at::Tensor At = matrix(acc.data(), max_rows, Dh, Dh, acc_dtype);
+    // The GEMM path's views of the task's Q block and accumulator (none on the loop path).
+    at::Tensor Qt = loops ? at::Tensor() : matrix(qf.data(), max_rows, Dh, Dh, acc_dtype);
+    at::Tensor At = loops ? at::Tensor() : matrix(acc.data(), max_rows, Dh, Dh, acc_dtype);
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % n_qblocks, hk = (task / n_qblocks) % Hkv, b = task / (n_qblocks * Hkv);
@@ -257,7 +267,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       std::fill(acc.begin(), acc.begin() + rows * Dh, acc_t(0));
       std::fill(mx.begin(), mx.begin() + rows, neg_inf);
       std::fill(sum.begin(), sum.begin() + rows, acc_t(0));
-      at::Tensor Q = Qt.narrow(0, 0, rows), A = At.narrow(0, 0, rows);
+      at::Tensor Q = loops ? Qt : Qt.narrow(0, 0, rows), A = loops ? At : At.narrow(0, 0, rows);
       // Where row r's raw scores over all K keys are kept (pattern requests only).
       auto raw_row = [&](int64_t r) -> acc_t* {
         if constexpr (kDirect) {
@@ -275,9 +285,10 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         // A [nk, Dh] block of K or V as a matrix: read in place when the GEMM can, else converted.
         const bool* prow_blk = padp ? padp + b * K + j0 : nullptr;  // this block's padding flags
         const bool has_padded = prow_blk && std::find(prow_blk, prow_blk + nk, false) != prow_blk + nk;
+        // Returns the block's first row and its row stride (unit inner stride).
         auto block = [&](const scalar_t* src, const Strides4& st, bool direct, std::vector<acc_t>& buf,
-                         bool zero_padded) {
-          if (direct && !zero_padded) return matrix(reinterpret_cast<const acc_t*>(src), nk, Dh, st.s, acc_dtype);
+                         bool zero_padded) -> std::pair<const acc_t*, int64_t> {
+          if (direct && !zero_padded) return {reinterpret_cast<const acc_t*>(src), st.s};
           for (int64_t c = 0; c < nk; ++c) {
             acc_t* dst = buf.data() + c * Dh;
             if (zero_padded && !prow_blk[c]) {
@@ -286,13 +297,27 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
             }
             for (int64_t d = 0; d < Dh; ++d) dst[d] = static_cast<acc_t>(src[c * st.s + d * st.d]);
           }
-          return matrix(buf.data(), nk, Dh, Dh, acc_dtype);
+          return {buf.data(), Dh};
         };
         // K needs no zeroing: a padded key's score is replaced by -inf below, whatever it was.
-        const at::Tensor Kb = block(kblk, ks, k_direct, kbuf, false);
-        const at::Tensor Vb = block(vblk, vs, v_direct, vbuf, has_padded);
-        at::Tensor Sb = matrix(sc.data(), rows, nk, key_block, acc_dtype);
-        at::mm_out(Sb, Q, Kb.t());  // scores [rows, nk], scale already in Q
+        const auto [Kp, k_ld] = block(kblk, ks, k_direct, kbuf, false);
+        const auto [Vp, v_ld] = block(vblk, vs, v_direct, vbuf, has_padded);
+        // scores [rows, nk] = Q · Kᵀ, the scale already in Q
+        if (loops) {
+          for (int64_t r = 0; r < rows; ++r) {
+            const acc_t* qr = qf.data() + r * Dh;
+            acc_t* srow = sc.data() + r * key_block;
+            for (int64_t c = 0; c < nk; ++c) {
+              const acc_t* kr = Kp + c * k_ld;
+              acc_t dot = 0;
+              for (int64_t d = 0; d < Dh; ++d) dot += qr[d] * kr[d];
+              srow[c] = dot;
+            }
+          }
+        } else {
+          at::Tensor Sb = matrix(sc.data(), rows, nk, key_block, acc_dtype);
+          at::mm_out(Sb, Q, matrix(Kp, nk, Dh, k_ld, acc_dtype).t());
+        }
 
         const bool needs_causal = causal && j0 + nk > key_all;
         for (int64_t r = 0; r < rows; ++r) {
@@ -345,7 +370,20 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           mx[r] = m_new;
           if (alpha != acc_t(1)) scale_row(acc.data() + r * Dh, Dh, alpha);
         }
-        A.addmm_(Sb, Vb);  // acc += P · V
+        // acc += P · V
+        if (loops) {
+          for (int64_t r = 0; r < rows; ++r) {
+            const acc_t* prow = sc.data() + r * key_block;
+            acc_t* ar = acc.data() + r * Dh;
+            for (int64_t c = 0; c < nk; ++c) {
+              const acc_t p = prow[c];
+              const acc_t* vr = Vp + c * v_ld;
+              for (int64_t d = 0; d < Dh; ++d) ar[d] += p * vr[d];
+            }
+          }
+        } else {
+          A.addmm_(matrix(sc.data(), rows, nk, key_block, acc_dtype), matrix(Vp, nk, Dh, v_ld, acc_dtype));
+        }
       }
 
       for (int64_t r = 0; r < rows; ++r) {

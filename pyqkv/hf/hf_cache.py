@@ -24,46 +24,18 @@ class CacheMirror:
 
     def run(self, bridge, hidden_states, hf_cache, call: dict):
         """bridge(hidden_states, kv_cache=<this layer's mirror of hf_cache>, **call), then hf_cache updated."""
-        if isinstance(hf_cache, tuple):
-            raise TypeError(
-                "past_key_values: legacy tuple caches are not supported; pass a transformers Cache "
-                "(e.g. DynamicCache) or a pyqkv.KVCache"
-            )
-        if not hasattr(hf_cache, "update"):
-            raise TypeError(
-                f"past_key_values: expected a transformers Cache or pyqkv.KVCache, got {type(hf_cache).__name__}"
-            )
         self_cache = getattr(hf_cache, "self_attention_cache", hf_cache)  # EncoderDecoderCache
         idx = self.layer_idx
-        layer = self_cache.layers[idx] if idx < len(getattr(self_cache, "layers", ())) else None
-        ours = self._kv.get(self_cache)
-        # Our storage stays authoritative while HF's layer still holds our views.
-        in_sync = (
-            ours is not None
-            and layer is not None
-            and ours.k_storage is not None
-            and getattr(layer, "keys", None) is not None
-            and layer.keys.numel() > 0
-            and layer.keys.data_ptr() == ours.k_storage.data_ptr()
-            and layer.keys.shape[-2] == ours.length
-        )
-        if not in_sync:
-            ours = KVCache()
-            past = self_cache.get_seq_length(idx) if layer is not None else 0
-            if past:
-                keys, values = layer.keys, layer.values  # [B, heads, K, Dh]
-                Hkv = bridge.cfg.n_kv_heads
-                if keys.shape[1] != Hkv and keys.shape[1] % Hkv == 0:
-                    # Filled by a module that broadcasts each KV head over its query group (Falcon's
-                    # grouped layout): the group's copies are equal, keep the first of each.
-                    step = keys.shape[1] // Hkv
-                    keys, values = keys[:, ::step], values[:, ::step]
-                ours.load(keys.transpose(1, 2), values.transpose(1, 2))
-            self._kv[self_cache] = ours
+        layers = getattr(self_cache, "layers", None)
+        layer = layers[idx] if layers is not None and idx < len(layers) else None
+        ours = None if layers is None else self._kv.get(self_cache)  # (no layers: not a Cache, refused below)
+        # In sync while HF's layer still holds the very views this mirror handed it after the last step
+        # (crop, beam reordering or another writer replace them): one identity check per step.
+        if ours is None or layer is None or ours._views is None or getattr(layer, "keys", None) is not ours._views[2]:
+            ours = self._load(bridge, self_cache, layer)
         past = ours.length
         out = bridge(hidden_states, kv_cache=ours, **call)
-        keys_hf = ours.k_storage[:, :, : ours.length]  # [B, Hkv, K, Dh]: HF's layout, a view of our storage
-        values_hf = ours.v_storage[:, :, : ours.length]
+        keys_hf, values_hf = ours.head_major()  # [B, Hkv, K, Dh]: HF's layout, views of our storage
         if type(layer).__name__ == "DynamicLayer" or (layer is None and _replicates_dynamic(self_cache)):
             if layer is None or not layer.is_initialized:
                 # Let HF create and initialize the layer (and any before it) through its own code path.
@@ -74,6 +46,31 @@ class CacheMirror:
         else:  # any other cache type keeps its own storage: give it the new rows the ordinary way
             self_cache.update(keys_hf[:, :, past:], values_hf[:, :, past:], idx)
         return out
+
+    def _load(self, bridge, self_cache, layer) -> KVCache:
+        """A fresh KVCache holding what HF's cache holds for this layer (nothing, or what other code wrote)."""
+        if isinstance(self_cache, tuple):
+            raise TypeError(
+                "past_key_values: legacy tuple caches are not supported; pass a transformers Cache "
+                "(e.g. DynamicCache) or a pyqkv.KVCache"
+            )
+        if not hasattr(self_cache, "update"):
+            raise TypeError(
+                f"past_key_values: expected a transformers Cache or pyqkv.KVCache, got {type(self_cache).__name__}"
+            )
+        ours = KVCache()
+        past = self_cache.get_seq_length(self.layer_idx) if layer is not None else 0
+        if past:
+            keys, values = layer.keys, layer.values  # [B, heads, K, Dh]
+            Hkv = bridge.cfg.n_kv_heads
+            if keys.shape[1] != Hkv and keys.shape[1] % Hkv == 0:
+                # Filled by a module that broadcasts each KV head over its query group (Falcon's
+                # grouped layout): the group's copies are equal, keep the first of each.
+                step = keys.shape[1] // Hkv
+                keys, values = keys[:, ::step], values[:, ::step]
+            ours.load(keys.transpose(1, 2), values.transpose(1, 2))
+        self._kv[self_cache] = ours
+        return ours
 
     def hand_back(self, hf_cache_heads, n_kv_heads: int) -> None:
         """Leave every live HF cache this layer mirrored in the form the original module expects, and

@@ -59,6 +59,7 @@ from pyqkv import ops
 from pyqkv.attend import attend
 from pyqkv.conversions import Copy
 from pyqkv.hooks import HookedMixin, HookPoint
+from pyqkv.points import BY_NAME
 
 IMPLEMENTATION = "pyqkv"
 
@@ -351,22 +352,37 @@ class _Layer:
 
     __slots__ = ("owner", "prefix", "path", "points")
 
-    def __init__(self, owner: "InterfaceHooks", prefix: str, path: str):
+    def __init__(self, owner: "InterfaceHooks", prefix: str, path: str, module: Optional[nn.Module] = None):
         self.owner = owner
         self.prefix = prefix
         self.path = path
-        self.points = _layer_points(prefix + ".")
+        self.points = _layer_points(prefix + ".", *_head_counts(module))
 
 
-def _layer_points(prefix: str) -> dict:
+def _head_counts(module) -> tuple:
+    """(H, Hkv) of an attention module from its config, or (None, None) when it does not say."""
+    config = getattr(module, "config", None)
+    H = getattr(config, "num_attention_heads", None)
+    Hkv = getattr(config, "num_key_value_heads", None) or H
+    ok = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (H, Hkv))
+    return (H, Hkv) if ok else (None, None)
+
+
+def _layer_points(prefix: str, H: Optional[int] = None, Hkv: Optional[int] = None) -> dict:
     """One layer's hook points. K and V here are the cache's own storage (DynamicCache returns it, a
     StaticCache buffer is written in place later): their hooks get a copy (the Copy rule), so an edit stays
-    in this call and the cached activation stays as Hugging Face wrote it."""
+    in this call and the cached activation stays as Hugging Face wrote it. With the head counts known, each
+    point with a head axis says which heads it holds (all of them: pyqkv.zero_heads works here too)."""
     copied = ("hook_rot_k", "hook_v")
-    return {
-        name: HookPoint(prefix + name, rule=Copy() if name in copied else None)
-        for name in POINTS + tuple(_NOT_VISIBLE)
-    }
+    points = {}
+    for name in POINTS + tuple(_NOT_VISIBLE):
+        point = points[name] = HookPoint(prefix + name, rule=Copy() if name in copied else None)
+        axis = BY_NAME[name].head_axis
+        if axis is not None and H is not None:
+            point.head_dim = axis[0]
+            point.n_heads_total = H if axis[1] == "H" else Hkv
+            point.heads = range(point.n_heads_total)
+    return points
 
 
 # The points of a module outside any InterfaceHooks: never hooked, so firing them returns the tensor.
@@ -395,8 +411,8 @@ class InterfaceHooks(HookedMixin):
         self._points = {}
         self._aliases = {}
         self._gated = {}
-        for prefix, path, _module in targets:
-            layer = _Layer(self, prefix, path)
+        for prefix, path, module in targets:
+            layer = _Layer(self, prefix, path, module)
             self._layers.append(layer)
             prefix = prefix + "."
             for name, point in layer.points.items():
