@@ -107,8 +107,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE")
     a = p.parse_args(argv)
     results = {}
-    print(f"overhead-bound decode: batch 1, {a.prompt}-token prompt, {a.new_tokens} new tokens, greedy; "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; medians of {a.reps} interleaved rounds")
+    print(
+        f"overhead-bound decode: batch 1, {a.prompt}-token prompt, {a.new_tokens} new tokens, greedy; "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; medians of {a.reps} interleaved rounds"
+    )
     for family in a.families:
         fns = build_rows(family, a.new_tokens)
         ids = torch.randint(1, 1000, (1, a.prompt), generator=torch.Generator().manual_seed(1))

@@ -605,7 +605,9 @@ class Bridge(nn.Module, HookedMixin):
         elif c.use_split_qkv_input:
             for kind, heads in (("q", H), ("k", Hkv), ("v", Hkv)):
                 if self._hooked(f"hook_{kind}_input"):
-                    forks[kind] = self._points[f"hook_{kind}_input"].fire(x.unsqueeze(2).expand(B, S, heads, D).contiguous())
+                    forks[kind] = self._points[f"hook_{kind}_input"].fire(
+                        x.unsqueeze(2).expand(B, S, heads, D).contiguous()
+                    )
 
         out = {}
         if self.projections is not None:  # the model's own modules (offloaded, quantized, sharded weights)

@@ -410,14 +410,18 @@ class HookedMixin:
 
     def run_with_cache(self, *args, names_filter: NameFilter = None, gather: bool = False, **kwargs):
         """Run the forward and return (output, cache): canonical names (and aliases asked for by name)
-        mapped to detached hook-format tensors. A gated point is skipped, even when named.
+        mapped to detached hook-format tensors. A point named exactly that cannot fire (a flag is off, the
+        layer lacks the feature, the tier cannot see it) raises ValueError saying why; globs and predicates
+        skip such points.
 
         gather: under tensor parallelism, where each rank's points hold its own heads, all-gather them so
         every rank's cache holds every head in global order (a collective: call it on every rank)."""
         if not isinstance(gather, bool):
             raise TypeError(f"gather: expected a bool, got {type(gather).__name__}")
         cache = ActivationCache(model=self)
-        selected = self._select(names_filter, by_name_strict=False)
+        # A point named exactly that cannot fire here raises (naming what enables it): a cache that silently
+        # lacks an asked-for entry invalidates the analysis built on it. Globs and predicates skip such points.
+        selected = self._select(names_filter, by_name_strict=True)
         aliases_asked = {}
         if isinstance(names_filter, str):
             names_filter = [names_filter]

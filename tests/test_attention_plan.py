@@ -286,7 +286,9 @@ def test_environment_variable_forces_a_backend():
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
     res = _run_with_env("import test_attention_plan as t; t.plan()", PYQKV_ATTENTION_BACKEND="fa3")
     assert res.returncode != 0
-    assert re.search(r"PYQKV_ATTENTION_BACKEND: expected one of flash, .*cpu, got 'fa3'", res.stderr), res.stderr[-3000:]
+    assert re.search(r"PYQKV_ATTENTION_BACKEND: expected one of flash, .*cpu, got 'fa3'", res.stderr), res.stderr[
+        -3000:
+    ]
 
 
 def test_unknown_backend_name():

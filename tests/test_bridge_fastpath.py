@@ -5,10 +5,10 @@ attention op was asked for the pattern); the profiler shows which buffers get al
 from __future__ import annotations
 
 import pytest
+import tolerance
 import torch
 from test_bridge import plain_bridge, randx
 from test_bridge_oracle import Oracle, apply_pattern, gpt2_attention, no_hooks_left
-import tolerance
 from tolerance import assert_close, assert_close_by_rule
 from torch.profiler import ProfilerActivity, profile
 

@@ -898,6 +898,17 @@ def test_zero_heads_works_on_the_interface_tier():
     assert points["blocks.1.attn.hook_pattern"].head_dim == 1
 
 
+def test_run_with_cache_refuses_points_this_tier_cannot_see():
+    """names_filter naming hook_q (pre-RoPE Q, which the interface never sees) raises ValueError naming
+    pyqkv.hf.attach instead of returning a cache without it."""
+    _, ours = pair("llama")
+    h = hf_interface.hooks_for(ours)
+    ids, _ = left_padded()
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.hook_q: this hook point does not fire: not available"):
+        h.run_with_cache(ids, names_filter=["blocks.0.attn.hook_z", "blocks.0.attn.hook_q"])
+    assert no_hooks_left(h)
+
+
 def test_scores_hook_masks_a_key():
     """Hiding key 0 at hook_attn_scores (the dtype's most negative value) renormalises over the rest."""
     _, ours = pair("llama")

@@ -492,7 +492,8 @@ def test_names_filter_forms(device):
         "hook_v",
         "hook_out",
     }
-    assert set(b.run_with_cache(x, names_filter="hook_result")[1]) == set()  # gated: skipped
+    with pytest.raises(ValueError, match="hook_result: this hook point does not fire"):  # gated, named: refused
+        b.run_with_cache(x, names_filter="hook_result")
     assert no_hooks_left(b)
 
 
@@ -813,3 +814,18 @@ def test_filter_that_selects_nothing_warns(device):
         b.run_with_cache(randx(device), names_filter=lambda name: name == "hook_nope")
     with pytest.warns(UserWarning, match="selects no hook point"):
         b.run_with_cache(randx(device), names_filter=["blocks.*"])
+
+
+def test_run_with_cache_refuses_a_named_point_that_cannot_fire(device):
+    """A names_filter entry naming a point that cannot fire on this layer or with these flags raises, naming
+    what enables it (the bug class of 'hooks on gated points are accepted and silently never fire'); a glob
+    or a predicate skips such points, and nothing is left registered."""
+    b, _, _ = plain_bridge(device)  # no rotary embedding, use_attn_result off
+    x = randx(device)
+    with pytest.raises(ValueError, match=r"hook_result: this hook point does not fire: set use_attn_result first"):
+        b.run_with_cache(x, names_filter=["hook_z", "hook_result"])
+    with pytest.raises(ValueError, match=r"hook_rot_q: this hook point does not fire: this layer has no rotary"):
+        b.run_with_cache(x, names_filter="hook_rot_q")
+    assert no_hooks_left(b)
+    _, cache = b.run_with_cache(x, names_filter=lambda n: n in ("hook_z", "hook_result"))
+    assert set(cache) == {"hook_z"}
