@@ -39,6 +39,7 @@ from tolerance import assert_close, by_hand, differs, dtype_of, hf_reference  # 
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, DynamicCache  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
+import pyqkv  # noqa: E402
 from pyqkv.hf import interface as hf_interface  # noqa: E402
 
 hf_interface.register()
@@ -856,6 +857,10 @@ def test_pattern_edits_recompute_z_and_untouched_patterns_do_not(monkeypatch):
         by_pattern = h.run_with_hooks(ids, attention_mask=am, fwd_hooks=[("blocks.1.attn.hook_pattern", zero_pattern)])
         assert applied
         by_z = h.run_with_hooks(ids, attention_mask=am, fwd_hooks=[("blocks.1.attn.hook_z", zero_z)])
+        # pyqkv.zero_heads reads the point's head axis: this tier's points know it from the module's config
+        by_zero_heads = h.run_with_hooks(
+            ids, attention_mask=am, fwd_hooks=[("blocks.1.attn.hook_z", pyqkv.zero_heads([2]))]
+        )
         replaced = h.run_with_hooks(
             ids,
             attention_mask=am,
@@ -869,33 +874,13 @@ def test_pattern_edits_recompute_z_and_untouched_patterns_do_not(monkeypatch):
     assert differs(plain[keep], expected), "zeroing head 2 changed nothing"
     assert_close(looked[keep], unedited, "z recomputed from an unedited pattern vs eager")
     assert_close(by_z.logits[keep], expected, "head 2 zeroed at hook_z vs eager with it zeroed")
-    assert_close(by_pattern.logits[keep], expected, "head 2's pattern zeroed in place vs eager with the head zeroed")
-    assert_close(replaced.logits[keep], expected, "head 2's pattern replaced by zeros vs eager with the head zeroed")
-
-
-def test_zero_heads_works_on_the_interface_tier():
-    """pyqkv.zero_heads needs to know a point's head axis; this tier's points know it from the module's
-    config (GQA: hook_v holds Hkv heads), and zeroing head 2 at hook_z equals eager with it zeroed."""
-    import pyqkv
-
-    eager, ours = pair("llama")
-    h = hf_interface.hooks_for(ours)
-    ids, am = left_padded()
-    keep = am.bool()
-
-    def head_zeroed(m, dt):
-        with _eager_head_zeroed(m, "model.layers.1.self_attn", 2):
-            return m(ids, attention_mask=am).logits
-
-    with torch.no_grad():
-        expected = hf_reference(eager, head_zeroed)[keep]
-        got = h.run_with_hooks(ids, attention_mask=am, fwd_hooks=[("blocks.1.attn.hook_z", pyqkv.zero_heads([2]))])
-    assert_close(got.logits[keep], expected, "zero_heads([2]) at hook_z vs eager with head 2 zeroed")
-    points = h.hook_points()
-    cfg = ours.config
+    assert_close(by_zero_heads.logits[keep], expected, "zero_heads([2]) at hook_z vs eager with head 2 zeroed")
+    points, cfg = h.hook_points(), ours.config
     assert points["blocks.1.attn.hook_z"].heads == range(cfg.num_attention_heads)
     assert points["blocks.1.attn.hook_v"].heads == range(cfg.num_key_value_heads)
     assert points["blocks.1.attn.hook_pattern"].head_dim == 1
+    assert_close(by_pattern.logits[keep], expected, "head 2's pattern zeroed in place vs eager with the head zeroed")
+    assert_close(replaced.logits[keep], expected, "head 2's pattern replaced by zeros vs eager with the head zeroed")
 
 
 def test_run_with_cache_refuses_points_this_tier_cannot_see():
