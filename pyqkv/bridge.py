@@ -434,6 +434,11 @@ class Bridge(nn.Module, HookedMixin):
     # ---------------------------------------------------------------------------------------------
     # Hook points
 
+    compile = HookedMixin.compile  # nn.Module.compile comes first in the MRO; this one keeps the hook fallback
+
+    def _compile_target(self) -> nn.Module:
+        return self
+
     def hook_points(self) -> dict:
         return self._points
 

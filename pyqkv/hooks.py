@@ -349,6 +349,18 @@ class HookedMixin:
             chosen.append(canonical)
         return list(dict.fromkeys(chosen))
 
+    def _compile_target(self):  # pragma: no cover - interface
+        """The nn.Module whose call `compile` compiles (the model, or the Bridge itself)."""
+        raise NotImplementedError
+
+    def compile(self, **compile_kwargs) -> None:
+        """torch.compile the model in place (`Module.compile(**compile_kwargs)`, e.g. fullgraph=True), hooks
+        included: they trace into its graph, and adding or removing one recompiles once. A hook Dynamo
+        cannot trace runs the call eagerly instead, with one warning naming it (pyqkv.compiling)."""
+        from pyqkv.compiling import compile_hooked
+
+        compile_hooked(self._compile_target(), self.hook_points, **compile_kwargs)
+
     # --- registration -----------------------------------------------------------------------------
     def add_hook(
         self, name_or_filter, fn: HookFn, dir: str = "fwd", prepend: bool = False, is_permanent: bool = False

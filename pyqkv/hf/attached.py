@@ -215,7 +215,8 @@ class HFAttention(nn.Module):
         object.__setattr__(self, "_original", original)
         object.__setattr__(self, "_spec", spec)
         object.__setattr__(self, "_call", CallConvention(type(original)))
-        object.__setattr__(self, "_mirror", CacheMirror(layer_idx))
+        heads = spec.hf_cache_heads if spec.hf_cache_heads not in (None, bridge.cfg.n_kv_heads) else None
+        object.__setattr__(self, "_mirror", CacheMirror(layer_idx, hand_back_heads=heads))
         if spec.returns == "with_dense_bias":
             # GPT-NeoX-Japanese: the last layer's output bias, which the module returns for its block to add
             # (before the block's dropout). The same Parameter, kept in the tree under its own name.
@@ -265,9 +266,9 @@ class HFAttention(nn.Module):
             return [out, weights] if output_attentions else [out]
         return out, weights
 
-    def hand_back_caches(self, spec: LayerSpec) -> None:
+    def hand_back_caches(self) -> None:
         """Leave every live Hugging Face cache this layer mirrored in the form the original module expects."""
-        self._mirror.hand_back(spec.hf_cache_heads, self.bridge.cfg.n_kv_heads)
+        self._mirror.hand_back(self.bridge.cfg.n_kv_heads)
 
     def _tables(self, position_embeddings):
         """The model's position_embeddings as the Bridge takes them: (cos, sin), each [B, S, rotary_dim]."""
@@ -423,6 +424,9 @@ class AttachedModel(HookedMixin):
             for alias, target in bridge.hook_aliases().items():
                 self._aliases[prefix + alias] = prefix + target
 
+    def _compile_target(self) -> nn.Module:
+        return self.model
+
     def hook_points(self) -> dict:
         return self._points
 
@@ -504,7 +508,7 @@ def detach(model: nn.Module) -> None:
             if weight is not None:
                 original.to(device=weight.device, dtype=weight.dtype)
             original.train(module.training)
-            module.hand_back_caches(spec)
+            module.hand_back_caches()
             _set_submodule(model, name, original)
 
 

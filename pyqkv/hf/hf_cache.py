@@ -5,6 +5,11 @@ model the cache the model holds is a transformers Cache; each attached layer kee
 cache object and shows HF views of its storage, so HF sees the right length and contents (generate's
 bookkeeping, get_seq_length) while the data is written once. Anything HF changed behind our back (a
 cache filled by other code, beam reordering, cropping) is noticed and loaded afresh.
+
+The KVCaches live on the HF cache object itself (one attribute, a dict by layer index), not in a table
+the mirror keeps: they die with it, and under torch.compile a forward that creates its own cache (the
+default use_cache=True) mutates only an object it created, so nothing outside the graph changes and no
+guard on a table's contents makes every call recompile.
 """
 
 from __future__ import annotations
@@ -13,14 +18,21 @@ import weakref
 
 from pyqkv.cache import KVCache
 
+# The attribute of a transformers Cache (its self-attention cache) that holds {layer index: KVCache}.
+MIRRORS_ATTR = "_pyqkv_mirrors"
+
 
 class CacheMirror:
-    """The KVCaches of one attached layer, one per live Hugging Face cache object (weakly keyed: a mirror
-    dies with its HF cache)."""
+    """One attached layer's view of the KVCaches it keeps on live Hugging Face cache objects.
 
-    def __init__(self, layer_idx: int):
+    hand_back_heads: the head count the original module caches when it differs from the Bridge's Hkv
+    (Falcon's grouped layout broadcasts each KV head over its query group); only then does the mirror
+    remember which caches it touched (weakly), so that detach can expand them for the original module."""
+
+    def __init__(self, layer_idx: int, hand_back_heads=None):
         self.layer_idx = layer_idx
-        self._kv = weakref.WeakKeyDictionary()
+        self.hand_back_heads = hand_back_heads
+        self._touched = weakref.WeakSet() if hand_back_heads is not None else None
 
     def run(self, bridge, hidden_states, hf_cache, call: dict):
         """bridge(hidden_states, kv_cache=<this layer's mirror of hf_cache>, **call), then hf_cache updated."""
@@ -28,7 +40,8 @@ class CacheMirror:
         idx = self.layer_idx
         layers = getattr(self_cache, "layers", None)
         layer = layers[idx] if layers is not None and idx < len(layers) else None
-        ours = None if layers is None else self._kv.get(self_cache)  # (no layers: not a Cache, refused below)
+        mirrors = getattr(self_cache, MIRRORS_ATTR, None) if layers is not None else None  # (no layers: refused below)
+        ours = None if mirrors is None else mirrors.get(idx)
         # In sync while HF's layer still holds the very views this mirror handed it after the last step
         # (crop, beam reordering or another writer replace them): one identity check per step.
         if ours is None or layer is None or ours._views is None or getattr(layer, "keys", None) is not ours._views[2]:
@@ -69,22 +82,29 @@ class CacheMirror:
                 step = keys.shape[1] // Hkv
                 keys, values = keys[:, ::step], values[:, ::step]
             ours.load(keys.transpose(1, 2), values.transpose(1, 2))
-        self._kv[self_cache] = ours
+        mirrors = getattr(self_cache, MIRRORS_ATTR, None)
+        if mirrors is None:
+            mirrors = {}
+            setattr(self_cache, MIRRORS_ATTR, mirrors)
+        mirrors[self.layer_idx] = ours
+        if self._touched is not None:
+            self._touched.add(self_cache)
         return ours
 
-    def hand_back(self, hf_cache_heads, n_kv_heads: int) -> None:
-        """Leave every live HF cache this layer mirrored in the form the original module expects, and
-        forget them. Falcon's grouped layout caches K/V broadcast over each query group (hf_cache_heads =
-        H) while the mirror holds Hkv heads: expand them once, here, so HF's own module can continue."""
-        for hf_cache in list(self._kv.keys()):
-            if hf_cache_heads is not None and hf_cache_heads != n_kv_heads:
-                layers = getattr(hf_cache, "layers", ())
-                layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
-                keys = getattr(layer, "keys", None)
-                if keys is not None and keys.dim() == 4 and keys.shape[1] == n_kv_heads:
-                    layer.keys = keys.repeat_interleave(hf_cache_heads // n_kv_heads, dim=1)
-                    layer.values = layer.values.repeat_interleave(hf_cache_heads // n_kv_heads, dim=1)
-            self._kv.pop(hf_cache, None)
+    def hand_back(self, n_kv_heads: int) -> None:
+        """Leave every live HF cache this layer mirrored in the form the original module expects. Falcon's
+        grouped layout caches K/V broadcast over each query group (hand_back_heads = H) while the mirror
+        holds Hkv heads: expand them once, here, so HF's own module can continue. Other layouts need
+        nothing: HF's layer holds plain [B, Hkv, K, Dh] views, and its next update replaces them."""
+        for hf_cache in list(self._touched or ()):
+            layers = getattr(hf_cache, "layers", ())
+            layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
+            keys = getattr(layer, "keys", None)
+            if keys is not None and keys.dim() == 4 and keys.shape[1] == n_kv_heads:
+                layer.keys = keys.repeat_interleave(self.hand_back_heads // n_kv_heads, dim=1)
+                layer.values = layer.values.repeat_interleave(self.hand_back_heads // n_kv_heads, dim=1)
+            getattr(hf_cache, MIRRORS_ATTR, {}).pop(self.layer_idx, None)
+            self._touched.discard(hf_cache)
 
 
 def _replicates_dynamic(cache) -> bool:

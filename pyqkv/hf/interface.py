@@ -172,9 +172,9 @@ def attention_forward(
     when Hugging Face records attentions (output_attentions), as eager does.
     """
     _check_kwargs(module, kwargs)
-    layer = _LAYERS.get(module)
+    layer = module.__dict__.get(LAYER_ATTR)
     if layer is not None:
-        layer.owner._calls += 1
+        layer.owner._called = True
     return _attend(
         module,
         layer,
@@ -352,6 +352,14 @@ class _Layer:
 
     __slots__ = ("owner", "prefix", "path", "points")
 
+    # It hangs on a module of the user's model: a copy or a pickle of that model carries no hooks (and no
+    # reference to the InterfaceHooks object, whose weak reference to the model cannot be pickled).
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (_no_layer, ())
+
     def __init__(self, owner: "InterfaceHooks", prefix: str, path: str, module: Optional[nn.Module] = None):
         self.owner = owner
         self.prefix = prefix
@@ -389,8 +397,14 @@ def _layer_points(prefix: str, H: Optional[int] = None, Hkv: Optional[int] = Non
 _NO_POINTS = _layer_points("")
 
 
-# module -> its _Layer while some InterfaceHooks object holds it (nothing is written on the model itself).
-_LAYERS: "weakref.WeakKeyDictionary[nn.Module, _Layer]" = weakref.WeakKeyDictionary()
+def _no_layer():
+    return None
+
+
+# The attribute of a hooked attention module that holds its _Layer. On the module, not in a global table:
+# under torch.compile the lookup is then an attribute read Dynamo guards once, where a table keyed by
+# module would be guarded by its contents, which change whenever any other model is hooked or freed.
+LAYER_ATTR = "_pyqkv_layer"
 # model -> its InterfaceHooks, so hooks_for(model) twice gives the same points.
 _HOOKED_MODELS: "weakref.WeakKeyDictionary[nn.Module, InterfaceHooks]" = weakref.WeakKeyDictionary()
 
@@ -406,7 +420,7 @@ class InterfaceHooks(HookedMixin):
     def __init__(self, model: nn.Module, targets: list, attach_families: str):
         self._model_ref = weakref.ref(model)
         self._attach_note = attach_families
-        self._calls = 0
+        self._called = False  # set by attention_forward: some layer ran pyqkv during this call
         self._layers = []
         self._points = {}
         self._aliases = {}
@@ -422,7 +436,7 @@ class InterfaceHooks(HookedMixin):
             for alias, target in ALIASES.items():
                 self._aliases[prefix + alias] = prefix + target
         for (_, _, module), layer in zip(targets, self._layers):
-            _LAYERS[module] = layer
+            module.__dict__[LAYER_ATTR] = layer
 
     @property
     def model(self) -> nn.Module:
@@ -434,6 +448,9 @@ class InterfaceHooks(HookedMixin):
     @property
     def layers(self) -> list:
         return [(layer.prefix, layer.path) for layer in self._layers]
+
+    def _compile_target(self) -> nn.Module:
+        return self.model
 
     def hook_points(self) -> dict:
         return self._points
@@ -448,9 +465,11 @@ class InterfaceHooks(HookedMixin):
         return f"not available with attn_implementation='pyqkv': {_NOT_VISIBLE[local]}; {self._attach_note}"
 
     def __call__(self, *args, **kwargs):
-        before = self._calls
+        # A flag reset before each call, not a counter: under torch.compile a counter's value is guarded
+        # on and would change on every call (a recompile each time); the flag is False at every entry.
+        self._called = False
         out = self.model(*args, **kwargs)
-        if self._calls == before and self._layers:
+        if not self._called and self._layers:
             impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
             raise RuntimeError(
                 f"no attention layer of {type(self.model).__name__} called pyqkv's attention during this call "
@@ -600,11 +619,11 @@ def hooks_for(model: nn.Module) -> InterfaceHooks:
             "from_config(cfg, attn_implementation='pyqkv') / from_pretrained(..., attn_implementation='pyqkv'), "
             "or call model.set_attn_implementation('pyqkv') or pyqkv.hf.enable(model)"
         )
-    taken = [m for _, m in ours if _LAYERS.get(m) is not None]
+    taken = [m.__dict__[LAYER_ATTR] for _, m in ours if m.__dict__.get(LAYER_ATTR) is not None]
     if taken:
         raise ValueError(
             f"model: its attention modules are already hooked through hooks_for() of another model object "
-            f"({type(_LAYERS[taken[0]].owner.model).__name__}); use that one"
+            f"({type(taken[0].owner.model).__name__}); use that one"
         )
     targets = [(prefix, path, m) for (path, m), prefix in zip(ours, _hook_prefixes(ours))]
     hooks = InterfaceHooks(model, targets, _attach_note(model))
