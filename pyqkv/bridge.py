@@ -22,7 +22,7 @@ from torch import nn
 
 from pyqkv import checks, ops, positions
 from pyqkv.attend import attend
-from pyqkv.cache import KVCache
+from pyqkv.cache import ExternalKV, KVCache
 from pyqkv.checks import describe
 from pyqkv.conversions import Identity, make_rule
 from pyqkv.hooks import HookedMixin, HookPoint
@@ -510,7 +510,7 @@ class Bridge(nn.Module, HookedMixin):
         c = self.cfg
         H, Hkv, Dh = c.n_heads, c.n_kv_heads, c.d_head
         checks.input_like_weights(x, c.d_model, self.qkv_weight)  # (shape only when the modules are called)
-        if kv_cache is not None and not isinstance(kv_cache, KVCache):
+        if kv_cache is not None and not isinstance(kv_cache, (KVCache, ExternalKV)):
             raise TypeError(f"kv_cache: expected a pyqkv.KVCache or None, got {describe(kv_cache)}")
         checks.boolean("return_pattern", return_pattern)
         if causal is not None:
@@ -543,6 +543,13 @@ class Bridge(nn.Module, HookedMixin):
 
         if kv_cache is None:
             return self._attend_and_project(q4, k4, v4, mask, causal, alibi, return_pattern)
+        if isinstance(kv_cache, ExternalKV):  # storage another library owns (pyqkv.hf: a StaticCache layer)
+            k_all, v_all = kv_cache.write(k4, v4)
+            try:
+                return self._attend_and_project(q4, k_all, v_all, mask, causal, alibi, return_pattern)
+            except BaseException:
+                kv_cache.undo()
+                raise
         grad_through_cache = torch.is_grad_enabled() and (k4.requires_grad or v4.requires_grad)
         past_k, past_v = (kv_cache.keys, kv_cache.values) if grad_through_cache and past else (None, None)
         if self.projections is None:  # checked before any hook ran (check_appendable above)

@@ -194,3 +194,27 @@ def _check_pair(k: torch.Tensor, v: torch.Tensor, k_name: str, v_name: str) -> N
         raise ValueError(f"{v_name}: expected the shape of {k_name} {tuple(k.shape)}, got {tuple(v.shape)}")
     if v.dtype != k.dtype or v.device != k.device:
         raise TypeError(f"{v_name}: expected {k.dtype} on {k.device} (like {k_name}), got {v.dtype} on {v.device}")
+
+
+class ExternalKV:
+    """The kv_cache protocol for key/value storage another library owns and writes (a transformers
+    StaticCache layer: its buffers are preallocated at the full length and attention spans all of them,
+    the mask hiding what is not written yet). A Bridge given one calls `write` with this call's keys and
+    values and attends over what it returns; nothing is copied into a KVCache.
+
+    length: the key positions before this call's, as the attention sees them (K - S for this call).
+    """
+
+    length: int = 0
+
+    def check_appendable(self, shape: tuple, dtype: Optional[torch.dtype], device: torch.device) -> None:
+        """Raise ValueError if keys of this shape [B, S, Hkv, Dh], dtype and device cannot be written: the
+        Bridge asks before it runs any hook."""
+
+    def write(self, k_new: torch.Tensor, v_new: torch.Tensor):
+        """Store k_new, v_new [B, S, Hkv, Dh]; returns (keys, values) [B, length + S, Hkv, Dh] to attend over."""
+        raise NotImplementedError
+
+    def undo(self) -> None:
+        """Take back the last write (the attention after it failed)."""
+

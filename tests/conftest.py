@@ -35,6 +35,14 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test compiles from scratch: Dynamo's per-code-object recompile limit (8) counts across tests
+    otherwise, and a test that compiles the ninth Bridge would fail for what earlier tests did."""
+    yield
+    torch._dynamo.reset()
+
+
 def pytest_terminal_summary(terminalreporter):
     """Skips summarized by reason, one line each (pytest's -rs would print a line per skipping test
     location: ~200 lines of 'CUDA is not available' on a machine without a GPU)."""

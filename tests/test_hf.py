@@ -202,18 +202,21 @@ def test_generation_output_attentions(device):
             assert_close(a, r, f"step {step} layer {layer} attentions vs HF's generate")
 
 
-@pytest.mark.xfail(
-    raises=ValueError, strict=True, reason="StaticCache is not supported by the glue: HF's mask spans the static length"
-)
-def test_static_cache_generation(device):
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_generation(device, padded):
+    """A StaticCache: the Bridge attends over Hugging Face's own fixed-length buffers (written by HF's
+    update) with HF's mask over them, as HF's eager attention does; greedy tokens and logits equal HF's."""
     model = make_model(device)
-    ids, am = inputs(device, left_pad=(0, 0))
+    ids, am = inputs(device, left_pad=(0, 3) if padded else (0, 0))
     kw = dict(attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    kw.update(return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         ref = model.generate(ids, **kw)
         pyqkv.hf.attach(model)
         out = model.generate(ids, **kw)
-    assert out.tolist() == ref.tolist()
+    assert out.sequences.tolist() == ref.sequences.tolist()
+    for step, (a, r) in enumerate(zip(out.logits, ref.logits)):
+        torch.testing.assert_close(a, r, msg=f"step {step}")
 
 
 def test_deepcopy_of_attached_model(device):

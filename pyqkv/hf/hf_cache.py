@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import weakref
 
-from pyqkv.cache import KVCache
+import torch
+
+from pyqkv.cache import ExternalKV, KVCache
+from pyqkv.checks import describe
 
 # The attribute of a transformers Cache (its self-attention cache) that holds {layer index: KVCache}.
 MIRRORS_ATTR = "_pyqkv_mirrors"
@@ -40,6 +43,8 @@ class CacheMirror:
         idx = self.layer_idx
         layers = getattr(self_cache, "layers", None)
         layer = layers[idx] if layers is not None and idx < len(layers) else None
+        if getattr(layer, "is_compileable", False):  # a StaticCache layer: HF's own fixed buffers, written by HF
+            return bridge(hidden_states, kv_cache=StaticLayerKV(self_cache, idx, call, hidden_states.shape[1]), **call)
         mirrors = getattr(self_cache, MIRRORS_ATTR, None) if layers is not None else None  # (no layers: refused below)
         ours = None if mirrors is None else mirrors.get(idx)
         # In sync while HF's layer still holds the very views this mirror handed it after the last step
@@ -105,6 +110,64 @@ class CacheMirror:
                 layer.values = layer.values.repeat_interleave(self.hand_back_heads // n_kv_heads, dim=1)
             getattr(hf_cache, MIRRORS_ATTR, {}).pop(self.layer_idx, None)
             self._touched.discard(hf_cache)
+
+
+class StaticLayerKV(ExternalKV):
+    """One call's view of a transformers StaticCache layer (StaticLayer, StaticSlidingWindowLayer): its
+    buffers are preallocated at a fixed length, its update() writes this call's keys where its own position
+    counter says and returns the buffers, and the 4-D mask Hugging Face built spans them, hiding what is not
+    written. The Bridge attends over exactly that, as Hugging Face's eager attention does: fixed shapes (so
+    a compiled decode step does not recompile per token), nothing copied into a KVCache."""
+
+    def __init__(self, cache, layer_idx: int, call: dict, S: int):
+        self.cache, self.layer_idx = cache, layer_idx
+        mask = call.get("attention_mask")
+        if mask is None:
+            # What sdpa-style masking sends for a prefill into an empty cache: causal, query i seeing keys
+            # 0..i of the buffers (top-left), which is causal attention over their first S rows.
+            self.K = None
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            self.K = mask.shape[-1]
+        else:
+            raise ValueError(
+                f"attention_mask: a StaticCache layer needs the 4-D mask [B, 1, S, K] Hugging Face builds over "
+                f"its buffers (K = their length) or none (a prefill), got {describe(mask)}"
+            )
+        self.length = 0 if self.K is None else self.K - S
+        if self.length < 0:
+            raise ValueError(f"attention_mask: spans {self.K} keys, fewer than this call's {S} new positions")
+        self._before = None
+
+    def check_appendable(self, shape: tuple, dtype, device) -> None:
+        keys = getattr(self.cache.layers[self.layer_idx], "keys", None)
+        if not isinstance(keys, torch.Tensor):
+            return  # not allocated yet: HF allocates it from the first keys
+        B, Hkv, _, Dh = keys.shape
+        if (shape[0], shape[2], shape[3]) != (B, Hkv, Dh) or (dtype is not None and dtype != keys.dtype) or device != keys.device:
+            raise ValueError(
+                f"past_key_values: StaticCache layer {self.layer_idx} holds batch {B}, {Hkv} KV heads of dim {Dh}, "
+                f"{keys.dtype} on {keys.device}; got new keys of shape {tuple(shape)} ({dtype} on {device})"
+            )
+
+    def write(self, k_new, v_new):
+        S = k_new.shape[1]
+        layer = self.cache.layers[self.layer_idx]
+        counter = getattr(layer, "cumulative_length", None)
+        if isinstance(counter, torch.Tensor):
+            self._before = counter.clone()
+        keys, values = self.cache.update(k_new.transpose(1, 2), v_new.transpose(1, 2), self.layer_idx)
+        K = S if self.K is None else self.K
+        if keys.shape[2] < K or (self.K is not None and keys.shape[2] != K):
+            raise ValueError(
+                f"attention_mask: spans {K} keys but the StaticCache layer {self.layer_idx} attends over "
+                f"{keys.shape[2]}"
+            )
+        keys, values = keys[:, :, :K], values[:, :, :K]
+        return keys.transpose(1, 2), values.transpose(1, 2)  # [B, K, Hkv, Dh] views of HF's buffers
+
+    def undo(self) -> None:
+        if self._before is not None:
+            self.cache.layers[self.layer_idx].cumulative_length.copy_(self._before)
 
 
 def _replicates_dynamic(cache) -> bool:
