@@ -131,18 +131,19 @@ def test_load_state_dict_into_an_attached_model(device, fam):
     assert all(torch.equal(back[k], sd[k]) for k in sd), f"{fam.id}: state_dict after load differs from the dict loaded"
 
 
-def _damaged(sd, fam_id):
-    """The state dict without one K projection weight and one norm or bias entry of layer 0's attention,
-    and with two keys no model has (one inside the attention module, one beside it)."""
-    attn = next(k for k in sd if ".0." in k and ("k_proj.weight" in k or "query_key_value.weight" in k
-                                                  or "c_attn.weight" in k or "qkv_proj.weight" in k))
+FUSED_OR_K = ("k_proj.weight", "query_key_value.weight", "c_attn.weight", "qkv_proj.weight")
+
+
+def _damaged(sd):
+    """The state dict without layer 0's K (or fused QKV) projection weight and its first norm or bias
+    entry, and with two keys the model does not have inside that attention module (one of them pyqkv's
+    internal name, which is no key of the model either)."""
+    attn = next(k for k in sd if ".0." in k and k.endswith(FUSED_OR_K))
     prefix = attn.rsplit(".", 2)[0] + "."
-    drop = [attn]
-    extra_local = [k for k in sd if k.startswith(prefix) and ("norm" in k or k.endswith("bias")) and k != attn]
-    drop += extra_local[:1]
+    drop = [attn] + [k for k in sd if k.startswith(prefix) and ("norm" in k or k.endswith("bias")) and k != attn][:1]
     damaged = {k: v for k, v in sd.items() if k not in drop}
     damaged[prefix + "not_a_weight"] = torch.zeros(3)
-    damaged[prefix + "bridge.qkv_weight"] = torch.zeros(3)  # pyqkv's internal name is no key of the model
+    damaged[prefix + "bridge.qkv_weight"] = torch.zeros(3)
     return damaged, drop, prefix
 
 
@@ -150,7 +151,7 @@ def _damaged(sd, fam_id):
 def test_load_state_dict_reports_keys_as_the_unattached_model_does(device, fam_id):
     fam = BY_ID[fam_id]
     sd = fam.make(device, seed=1).state_dict()
-    damaged, dropped, prefix = _damaged(sd, fam_id)
+    damaged, dropped, prefix = _damaged(sd)
     plain = fam.make(device, seed=0)
     expected = plain.load_state_dict(damaged, strict=False)
     model = fam.make(device, seed=0)
@@ -187,6 +188,25 @@ def test_checkpoint_of_a_layer_that_calls_its_projections(device):
     other = {k: v + 1 for k, v in before.items()}
     model.load_state_dict(other)
     assert all(torch.equal(v, other[k]) for k, v in model.state_dict().items())
+
+
+def test_state_only_the_original_module_holds_is_saved_and_loaded(device):
+    """A persistent buffer of the attention module itself (here a user's, registered before attach) stays on
+    the original, outside the attached tree: it is saved under its key and loaded into the original."""
+    model = BY_ID["llama3"].make(device)
+    attn = model.model.layers[0].self_attn
+    attn.register_buffer("calibration", torch.arange(3.0, device=device))
+    key = "model.layers.0.self_attn.calibration"
+    before = list(model.state_dict())
+    pyqkv.hf.attach(model)
+    sd = model.state_dict()
+    assert list(sd) == before and torch.equal(sd[key], torch.arange(3.0))
+    sd[key] = torch.full((3,), 7.0)
+    model.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match=f"size mismatch for {key}"):
+        model.load_state_dict({**sd, key: torch.zeros(4)})
+    pyqkv.hf.detach(model)
+    assert model.model.layers[0].self_attn is attn and torch.equal(attn.calibration, torch.full((3,), 7.0))
 
 
 def _hook_counts(model):
@@ -248,7 +268,10 @@ def test_optimizer_built_after_attach_trains_the_fused_weights(device, fam_id):
 
 @pytest.mark.parametrize(
     "fam_id, retired",
-    [("llama3", "model.layers.0.self_attn.q_proj.weight"), ("neox", "gpt_neox.layers.0.attention.query_key_value.weight")],
+    [
+        ("llama3", "model.layers.0.self_attn.q_proj.weight"),
+        ("neox", "gpt_neox.layers.0.attention.query_key_value.weight"),
+    ],
 )
 def test_optimizer_built_before_attach_raises_on_step(device, fam_id, retired):
     """attach replaces these layers' Q/K/V Parameters by one fused Parameter: an optimizer still holding

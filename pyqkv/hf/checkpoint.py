@@ -239,7 +239,12 @@ class _Layer:
                 else:
                     conv1d = spec.conv1d
                 split = ops.split_qkv(
-                    t, None, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, d_head=c.d_head, layout=spec.layout,
+                    t,
+                    None,
+                    n_heads=c.n_heads,
+                    n_kv_heads=c.n_kv_heads,
+                    d_head=c.d_head,
+                    layout=spec.layout,
                     conv1d=conv1d,
                 )[:3]
                 for which, s in enumerate(split):
