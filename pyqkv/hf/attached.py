@@ -16,11 +16,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pyqkv import ops
 from pyqkv.bridge import Bridge, Projections
 from pyqkv.cache import KVCache
 from pyqkv.checks import describe
-from pyqkv.hf import placement
+from pyqkv.hf import checkpoint, placement
 from pyqkv.hf.families import SUPPORTED, LayerSpec, family_of, layer_spec
 from pyqkv.hf.hf_cache import CacheMirror
 from pyqkv.hf.recording import attention_recorder, install_hf_recording_hooks
@@ -112,10 +111,10 @@ def pack_separate(projections):
     with torch.no_grad():
         if fused_w is None:
             fused_w = torch.cat([w.detach() for w in weights], 0)
-            _rebind_rows(projections, "weight", fused_w)
+            _rebind_rows(projections, "weight", fused_w, "attach")
         if biases[0] is not None and fused_b is None:
             fused_b = torch.cat([b.detach() for b in biases], 0)
-            _rebind_rows(projections, "bias", fused_b)
+            _rebind_rows(projections, "bias", fused_b, "attach")
     return fused_w, fused_b
 
 
@@ -134,13 +133,12 @@ def _adjacent(tensors):
     return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
-def _rebind_rows(projections, name: str, fused: torch.Tensor) -> None:
-    """projection.<name> := a Parameter viewing its rows of `fused` (requires_grad as before)."""
+def _rebind_rows(projections, name: str, fused: torch.Tensor, by: str) -> None:
+    """projection.<name> := a Parameter viewing its rows of `fused`."""
     start = 0
     for p in projections:
-        old = getattr(p, name)
-        rows = old.shape[0]
-        setattr(p, name, nn.Parameter(fused[start : start + rows], requires_grad=old.requires_grad))
+        rows = getattr(p, name).shape[0]
+        _replace(p, name, fused[start : start + rows], by)
         start += rows
 
 
@@ -152,46 +150,56 @@ def _release(spec: LayerSpec) -> None:
     for name in ("weight", "bias"):
         old = getattr(spec.qkv, name, None)
         if old is not None:
-            setattr(spec.qkv, name, nn.Parameter(old.detach().to("meta"), requires_grad=old.requires_grad))
+            _replace(spec.qkv, name, old.detach().to("meta"), "attach")
 
 
 def _write_back(bridge: Bridge, spec: LayerSpec) -> None:
     """Give the original module the Bridge's (possibly edited or trained, moved or cast) weights, in its own
-    layout: shared Parameters need nothing, views are re-made where they no longer view the Bridge's storage,
-    and a released fused projection gets a fresh tensor."""
+    layout: shared Parameters need nothing, separate projections become views of the Bridge's fused
+    weight again, and a released fused projection gets a fresh tensor. The Bridge's Parameters the module
+    does not take back are retired (an optimizer built while attached holds them)."""
     b = bridge
     if b.projections is not None:  # it called the module's own projections: nothing to give back
         return
     with torch.no_grad():
         if isinstance(spec.qkv, tuple):
-            if (
-                _adjacent([p.weight for p in spec.qkv]) is None
-                or spec.qkv[0].weight.data_ptr() != b.qkv_weight.data_ptr()
-            ):
-                _rebind_rows(spec.qkv, "weight", b.qkv_weight.detach())
-            if b.qkv_bias is not None and spec.qkv[0].bias.data_ptr() != b.qkv_bias.data_ptr():
-                _rebind_rows(spec.qkv, "bias", b.qkv_bias.detach())
+            # Always re-made (views, no copy): the Parameters attach took come back here (_replace).
+            _rebind_rows(spec.qkv, "weight", b.qkv_weight.detach(), "detach")
+            if b.qkv_bias is not None:
+                _rebind_rows(spec.qkv, "bias", b.qkv_bias.detach(), "detach")
         elif spec.qkv.weight is not b.qkv_weight:
-            weight, bias = ops.pack_qkv(
-                b.W_Q,
-                b.W_K,
-                b.W_V,
-                *((b.b_Q, b.b_K, b.b_V) if b.qkv_bias is not None else ()),
-                layout=spec.layout,
-                conv1d=spec.conv1d,
-            )
-            _set(spec.qkv, "weight", weight)
+            weight, bias = checkpoint.fused_in_layout(b, spec.layout, spec.conv1d)
+            _replace(spec.qkv, "weight", weight, "detach")
             if getattr(spec.qkv, "bias", None) is not None and bias is not None:
-                _set(spec.qkv, "bias", bias)
+                _replace(spec.qkv, "bias", bias, "detach")
         if spec.out.weight is not b.out_weight:
-            _set(spec.out, "weight", b.out_weight if spec.conv1d == b._out_conv1d else b.out_weight.t())
+            out = b.out_weight if spec.conv1d == b._out_conv1d else b.out_weight.t()
+            _replace(spec.out, "weight", out.detach().contiguous().clone(), "detach")
         if getattr(spec.out, "bias", None) is not None and b.out_bias is not None and spec.out.bias is not b.out_bias:
-            _set(spec.out, "bias", b.out_bias)
+            _replace(spec.out, "bias", b.out_bias.detach().clone(), "detach")
+    qkv = spec.qkv if isinstance(spec.qkv, tuple) else (spec.qkv,)
+    kept = {id(p) for m in (*qkv, spec.out) for p in m.parameters()}
+    for name in ("qkv_weight", "qkv_bias", "out_weight", "out_bias"):
+        p = getattr(b, name)
+        if p is not None and id(p) not in kept:
+            checkpoint.retire(p, b, name, "detach")
 
 
-def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def _replace(module: nn.Module, name: str, value: torch.Tensor, by: str) -> None:
+    """module.<name> := a Parameter over `value` (requires_grad as before): the one place attach and detach
+    replace a module's Parameter. The replaced one is retired (pyqkv.hf.checkpoint: an optimizer still
+    holding it would train nothing, and its step raises); at detach, the Parameter attach took from this
+    module, where something (an optimizer built before attach) still holds it, is given back with the new
+    value, so that optimizer works again."""
     old = getattr(module, name)
-    setattr(module, name, nn.Parameter(value.detach().contiguous().clone(), requires_grad=old.requires_grad))
+    new = checkpoint.reclaim(module, name) if by == "detach" else None
+    if new is not None:  # (the same attribute of the same module: its shape)
+        new.data = value
+        new.requires_grad_(old.requires_grad)
+    else:
+        new = nn.Parameter(value, requires_grad=old.requires_grad)
+    setattr(module, name, new)
+    checkpoint.retire(old, module, name, by)
 
 
 class HFAttention(nn.Module):
@@ -490,11 +498,13 @@ def attach(model: nn.Module, **flags) -> AttachedModel:
         layer_idx = module.layer_idx if getattr(module, "layer_idx", None) is not None else i
         _set_submodule(model, name, HFAttention(bridge, module, layer_idx, spec).train(module.training))
         bridges.append(bridge)
+    checkpoint.install(model)  # state_dict / load_state_dict in the original modules' keys
     return AttachedModel(model, bridges)
 
 
 def detach(model: nn.Module) -> None:
     """Restore the original attention modules, carrying over the Bridges' current weights."""
+    checkpoint.uninstall(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, HFAttention):
             original, spec = module._original, module._spec
