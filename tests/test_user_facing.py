@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -27,7 +28,14 @@ def test_readme_python_blocks_run_as_written(capsys):
     blocks = re.findall(r"```python\n(.*?)```", _read("README.md"), flags=re.S)
     assert blocks, "README.md has no ```python block"
     for i, code in enumerate(blocks):
-        exec(compile(code, f"README.md python block {i}", "exec"), {"__name__": f"readme_block_{i}"})
+        # Each block runs as a module of its own, as a user's script would (torch.compile looks a traced
+        # function's module up in sys.modules).
+        name = f"readme_block_{i}"
+        module = sys.modules[name] = types.ModuleType(name)
+        try:
+            exec(compile(code, f"README.md python block {i}", "exec"), module.__dict__)
+        finally:
+            del sys.modules[name]
     out = capsys.readouterr().out
     assert "torch.Size([2, 4, 12, 12])" in out, out
 
