@@ -85,9 +85,9 @@ def main(argv=None) -> dict:
         "HF sdpa compiled": lambda: hf_compiled(ids, use_cache=False).logits,
         "attach compiled": lambda: attached(ids, use_cache=False).logits,
         "attach compiled + run_with_cache hook_z": lambda: h.run_with_cache(ids, names_filter=z_names, use_cache=False),
-        "attach compiled + hook_z edit": lambda: h.run_with_hooks(
-            ids, fwd_hooks=[("blocks.0.attn.hook_z", zero_head)], use_cache=False
-        ).logits,
+        "attach compiled + hook_z edit": lambda: (
+            h.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_z", zero_head)], use_cache=False).logits
+        ),
         "attach eager + run_with_cache hook_z": lambda: h_eager.run_with_cache(
             ids, names_filter=z_names, use_cache=False
         ),
@@ -114,7 +114,9 @@ def main(argv=None) -> dict:
         "config": vars(args),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "rows": {name: {"median_ms": round(1e3 * m, 3), "vs_attach_compiled": round(m / ref, 3)} for name, m in med.items()},
+        "rows": {
+            name: {"median_ms": round(1e3 * m, 3), "vs_attach_compiled": round(m / ref, 3)} for name, m in med.items()
+        },
     }
     width = max(map(len, rows))
     print(f"{args.family}, {args.layers} layers, d_model {args.d_model}, B={args.batch}, S={args.seq}, {args.backend}")

@@ -11,6 +11,9 @@ import sys
 
 import torch
 
+COMMANDS = ("demo", "bench", "bench-model")
+USAGE = "usage: pyqkv [-h] [demo | bench [...] | bench-model [...]]"
+
 
 def demo(timing_seq=(128, 512), timing_batch=4, reps=7) -> int:
     from pyqkv import KVCache, bench, reference
@@ -150,7 +153,7 @@ def hf_workflow() -> bool:
         def ablate(z, hook):  # z: [B, S, H, Dh]
             z[:, :, head] = 0
 
-        ablated = h.run_with_hooks(ids, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", ablate)]).logits
+        ablated = h.run_with_hooks(ids, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", ablate)])  # the logits, as TL
         _, cache = h.run_with_cache(ids, names_filter=lambda name: name.endswith("hook_pattern"))
         pyqkv.hf.detach(model)
     same = (attached - clean).abs().max().item()
@@ -176,9 +179,15 @@ def main(argv=None) -> int:
         from pyqkv import bench_model
 
         return bench_model.main(argv[1:])
-    if argv and argv[0] not in ("demo",):
+    if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 0 if argv[0] in ("-h", "--help") else 2
+        return 0
+    if argv and argv[0] != "demo":
+        # An unknown command is an error, said on stderr with the usage (exit 2, as argparse does).
+        print(
+            f"{USAGE}\npyqkv: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr
+        )
+        return 2
     return demo()
 
 

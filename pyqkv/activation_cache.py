@@ -35,7 +35,10 @@ _TL_ATTN_OUT = re.compile(r"^(blocks\.\d+\.)?hook_attn_out$")
 # A point of the attention inside block 0 (or with no block), as a lone Bridge names it: "hook_<x>".
 _LONE_POINT = re.compile(r"^(?:blocks\.0\.)?attn\.(hook_\w+)$")
 
-_ATTENTION_ONLY = "pyqkv hooks and wraps attention only (blocks.{l}.attn.hook_*)"
+_ATTENTION_ONLY = (
+    "pyqkv hooks attention (blocks.{l}.attn.hook_*) and the residual stream at the block boundaries "
+    "(blocks.{l}.hook_resid_pre, hook_attn_out, hook_resid_post) only"
+)
 
 
 class ActivationCache(dict):
@@ -315,9 +318,9 @@ class ActivationCache(dict):
         layer: the layers strictly before it are included; -1 or None (default) means all.
         return_labels: also return the labels ["L0H0", "L0H1", ...] (and "remainder").
         incl_remainder: append the rest of the residual stream, resid_post of layer `layer` - 1 minus the
-            sum of the heads (TransformerLens's definition; before block 0, resid_pre of block 0). pyqkv
-            never caches the residual stream, so it must have been added to the cache
-            (`blocks.{l}.hook_resid_post`); NotImplementedError names it otherwise.
+            sum of the heads (TransformerLens's definition; before block 0, resid_pre of block 0). The cache
+            must hold it (`blocks.{l}.hook_resid_post`: run_with_cache caches it with names_filter None, or
+            name it); KeyError names it otherwise.
         pos_slice: positions to keep (dim S): an int (the dimension is removed), a slice or (start, stop[,
             step]) tuple, a list or 1-D tensor of indices, or None (all).
         apply_ln: NotImplementedError: it needs the model's final LayerNorm, which pyqkv does not wrap.
@@ -345,10 +348,10 @@ class ActivationCache(dict):
             resid = ("resid_post", n - 1) if n > 0 else ("resid_pre", 0)
             full = get_act_name(*resid)
             if not dict.__contains__(self, full):
-                raise NotImplementedError(
+                raise KeyError(
                     f"{what}(incl_remainder=True): needs the residual stream {full!r}, which is not in the "
-                    f"cache: {_ATTENTION_ONLY}, so run_with_cache never caches it. Add it to the cache (e.g. from "
-                    f"the Hugging Face model's output_hidden_states) or leave incl_remainder False"
+                    f"cache; cache it (run_with_cache(..., names_filter=[..., {full!r}])), or leave "
+                    f"incl_remainder False"
                 )
             remainder = pos.apply(dict.__getitem__(self, full), -2) - stack.sum(dim=0)
             stack = torch.cat([stack, remainder[None].to(stack.dtype)], dim=0)
@@ -357,9 +360,10 @@ class ActivationCache(dict):
 
     # --- TransformerLens methods that need parts of the model pyqkv does not wrap -----------------------
     def accumulated_resid(self, *args, **kwargs):
-        """NotImplementedError: needs the residual stream at every layer (hook_resid_pre/mid/post) and the
-        final LayerNorm, which pyqkv does not hook."""
-        raise _unsupported("accumulated_resid", "the residual stream at every layer (blocks.{l}.hook_resid_*)")
+        """NotImplementedError: TransformerLens stacks resid_pre, resid_mid and the final resid_post and applies
+        the final LayerNorm; pyqkv has no resid_mid and does not wrap the LayerNorm (stack_activation("resid_pre")
+        gives the block inputs)."""
+        raise _unsupported("accumulated_resid", "resid_mid (between attention and MLP) and the final LayerNorm")
 
     def decompose_resid(self, *args, **kwargs):
         """NotImplementedError: needs the embeddings and every attention and MLP output."""

@@ -217,4 +217,3 @@ class ExternalKV:
 
     def undo(self) -> None:
         """Take back the last write (the attention after it failed)."""
-

@@ -88,7 +88,6 @@ def _code_of(fn):
     """The code object a hook's call runs first: a function's, a partial's function's, a callable's __call__."""
     fn = getattr(fn, "func", fn)  # functools.partial
     code = getattr(fn, "__code__", None)
-    if code is None:
-        code = getattr(getattr(type(fn), "__call__", None), "__code__", None)
+    if code is None and callable(fn):
+        code = getattr(type(fn).__call__, "__code__", None)
     return code
-

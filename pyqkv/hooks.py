@@ -77,6 +77,9 @@ class HookPoint:
     rule: object = None
     active: bool = False
     may_edit: bool = False
+    # Called with the point after every add / remove / clear: lets a point that fires from a torch module
+    # hook (pyqkv.hf.residual) register that hook only while the point has hooks.
+    on_change: Optional[Callable[["HookPoint"], None]] = None
 
     def add(
         self, fn: HookFn, dir: str = "fwd", prepend: bool = False, is_permanent: bool = False, read_only: bool = False
@@ -105,6 +108,8 @@ class HookPoint:
     def _changed(self) -> None:
         self.active = bool(self.fwd or self.bwd)
         self.may_edit = bool(self.bwd) or any(not h.read_only for h in self.fwd)
+        if self.on_change is not None:
+            self.on_change(self)
 
     def fire(self, tensor: torch.Tensor) -> torch.Tensor:
         """Run this point's hooks on `tensor` (the caller's layout); returns the activation to continue with.
@@ -263,23 +268,34 @@ _BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 def summarize_names(names) -> str:
-    """A short list of hook names: model-level names `blocks.{i}.<point>` are folded into one line."""
+    """A short list of hook names: model-level names `blocks.{i}.<point>` are folded into one line per kind
+    (the attention's `blocks.{i}.attn.<point>`, the block's own `blocks.{i}.<point>`)."""
     names = list(names)
     parsed = [_BLOCK_NAME.match(n) for n in names]
     if names and all(parsed):
         layers = sorted({int(m.group(1)) for m in parsed})
-        points = list(dict.fromkeys(m.group(2) for m in parsed))
-        shared = points[0].split(".")[0] + "."  # e.g. "attn.", when every point is under it
-        if not all(p.startswith(shared) for p in points):
-            shared = ""
         span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
-        points = [p[len(shared) :] for p in points]
-        return f"blocks.{{{span}}}.{shared}<point> with <point> one of {', '.join(points)}"
+        groups = {}  # "attn." or "" -> points, in first-seen order
+        for m in parsed:
+            point = m.group(2)
+            shared = point.split(".")[0] + "." if "." in point else ""
+            groups.setdefault(shared, {})[point[len(shared) :]] = None
+        return "; ".join(
+            f"blocks.{{{span}}}.{shared}<point> with <point> one of {', '.join(points)}"
+            for shared, points in groups.items()
+        )
     return ", ".join(names)
 
 
 def _fn_name(fn) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+# The values of return_type: TransformerLens's ("logits", "loss", "both", None) and pyqkv's "output" (what the
+# model itself returns: Hugging Face's output object, or a Bridge's attention output).
+RETURN_TYPES = ("logits", "loss", "both", None, "output")
+# return_type left out: "logits" on a model, "output" on a Bridge.
+DEFAULT = type("Default", (), {"__repr__": lambda self: "DEFAULT", "__slots__": ()})()
 
 
 class HookedMixin:
@@ -300,12 +316,17 @@ class HookedMixin:
     def hook_gate(self, name: str) -> Optional[str]:
         return None
 
+    def suggested_names(self) -> list:
+        """The names an unknown-name KeyError lists and suggests from (a tier may leave out the points it
+        refuses)."""
+        return list(self.hook_points()) + list(self.hook_aliases())
+
     # --- lookup -----------------------------------------------------------------------------------
     def _resolve(self, name: str) -> str:
         points = self.hook_points()
         canonical = self.hook_aliases().get(name, name)
         if canonical not in points:
-            valid = list(points) + list(self.hook_aliases())
+            valid = self.suggested_names()
             close = difflib.get_close_matches(name, valid, n=3, cutoff=0.8)
             hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise KeyError(f"unknown hook point {name!r}{hint or '.'} Valid names: {summarize_names(valid)}")
@@ -407,10 +428,30 @@ class HookedMixin:
                 for handle in added:
                     handle.remove()
 
-    def run_with_hooks(self, *args, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, **kwargs):
-        """Run the forward with temporary hooks. Backward hooks fire only while registered, and these are
-        removed on return: with bwd_hooks call backward inside `with model.hooks(...)` instead, or pass
-        reset_hooks_end=False (warned, as TransformerLens warns)."""
+    # --- running the model, with TransformerLens's keywords --------------------------------------------
+    # Whether __call__ runs a whole model whose output holds logits (AttachedModel, InterfaceHooks: True) or
+    # one attention layer (a Bridge: False), which decides what return_type may ask for.
+    returns_model_output = False
+
+    def run_with_hooks(
+        self,
+        *args,
+        fwd_hooks=(),
+        bwd_hooks=(),
+        reset_hooks_end: bool = True,
+        return_type=DEFAULT,
+        loss_per_token: bool = False,
+        **kwargs,
+    ):
+        """Run the forward with temporary hooks and return what `return_type` asks for (see
+        `model_output`: the logits tensor by default on a model, the attention output on a Bridge).
+
+        Backward hooks fire only while registered, and these are removed on return: with bwd_hooks call
+        backward inside `with model.hooks(...)` instead, or pass reset_hooks_end=False (warned, as
+        TransformerLens warns). A TransformerLens keyword pyqkv does not implement raises TypeError
+        (TL_NOT_IMPLEMENTED); it never reaches the model."""
+        refuse_tl_keywords(kwargs, "run_with_hooks")
+        return_type = self._check_return_type(return_type, loss_per_token)
         if bwd_hooks and reset_hooks_end:
             warnings.warn(
                 "bwd_hooks: removed when run_with_hooks returns, before any backward pass can call them; run the "
@@ -418,18 +459,54 @@ class HookedMixin:
                 stacklevel=2,
             )
         with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, reset_hooks_end=reset_hooks_end):
-            return self(*args, **kwargs)
+            out = self(*args, **kwargs)
+        return model_output(self, out, args, kwargs, return_type, loss_per_token)
 
-    def run_with_cache(self, *args, names_filter: NameFilter = None, gather: bool = False, **kwargs):
-        """Run the forward and return (output, cache): canonical names (and aliases asked for by name)
-        mapped to detached hook-format tensors. A point named exactly that cannot fire (a flag is off, the
-        layer lacks the feature, the tier cannot see it) raises ValueError saying why; globs and predicates
-        skip such points.
+    def run_with_cache(
+        self,
+        *args,
+        names_filter: NameFilter = None,
+        return_type=DEFAULT,
+        loss_per_token: bool = False,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        device=None,
+        gather: bool = False,
+        **kwargs,
+    ):
+        """Run the forward and return (output, cache), as TransformerLens's run_with_cache.
 
+        output: what `return_type` asks for (see `model_output`): on a model the logits tensor by default,
+            "loss", "both" (logits, loss), None, or "output" (Hugging Face's output object); on a Bridge its
+            attention output [B, S, D].
+        cache: an ActivationCache of canonical names (and aliases asked for by name) -> detached hook-format
+            tensors.
+        names_filter: None (every point that can fire), a name or alias, a glob ("blocks.*.attn.hook_z"), a
+            list of those, or a predicate on canonical names. A point named exactly that cannot fire (a flag
+            is off, the layer lacks the feature, the tier cannot see it) raises ValueError saying why; globs
+            and predicates skip such points, and warn when they select nothing.
+        remove_batch_dim: cache every tensor without its batch dimension (ValueError when the batch is not 1).
+        incl_bwd: as TransformerLens, also save gradients under `<name>_grad`: run_with_cache calls
+            backward() on the output itself, so the output must be the scalar loss (return_type="loss").
+        device: move every cached tensor there (default: where it was computed).
         gather: under tensor parallelism, where each rank's points hold its own heads, all-gather them so
-        every rank's cache holds every head in global order (a collective: call it on every rank)."""
-        if not isinstance(gather, bool):
-            raise TypeError(f"gather: expected a bool, got {type(gather).__name__}")
+            every rank's cache holds every head in global order (a collective: call it on every rank).
+        A TransformerLens keyword pyqkv does not implement raises TypeError (TL_NOT_IMPLEMENTED); it never
+        reaches the model."""
+        refuse_tl_keywords(kwargs, "run_with_cache")
+        for name, value in (("remove_batch_dim", remove_batch_dim), ("incl_bwd", incl_bwd), ("gather", gather)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+        return_type = self._check_return_type(return_type, loss_per_token)
+        if incl_bwd and (return_type != "loss" or loss_per_token):
+            asked = f"return_type={return_type!r}" + (", loss_per_token=True" if loss_per_token else "")
+            raise ValueError(
+                f"incl_bwd=True: run_with_cache calls backward() on its output, as TransformerLens does, so the "
+                f"output must be a scalar: pass return_type='loss' (got {asked}). For gradients of anything else, "
+                f"call backward yourself inside `with h.hooks(bwd_hooks=...)`"
+            )
+        if device is not None:
+            device = torch.device(device)
         cache = ActivationCache(model=self)
         # A point named exactly that cannot fire here raises (naming what enables it): a cache that silently
         # lacks an asked-for entry invalidates the analysis built on it. Globs and predicates skip such points.
@@ -443,27 +520,180 @@ class HookedMixin:
                 if canonical is not None:
                     aliases_asked.setdefault(canonical, []).append(name)
 
-        def saver(name):
+        def saver(name, suffix=""):
             # Keyed by the name in this object's namespace (the one names_filter used), not hook.name:
             # a Bridge inside an attached model has points named "blocks.{i}.attn.hook_*".
             def save(tensor, hook):
-                cache[name] = tensor.detach()
+                saved = tensor.detach()
+                if remove_batch_dim:
+                    if saved.dim() == 0 or saved.shape[0] != 1:
+                        raise ValueError(
+                            f"remove_batch_dim=True: {name}{suffix} has shape {tuple(saved.shape)}; expected a batch "
+                            f"size of 1 in dim 0 (run one sequence, or cache the batch and slice it)"
+                        )
+                    saved = saved[0]
+                if device is not None:
+                    saved = saved.to(device)
+                cache[name + suffix] = saved
                 for alias in aliases_asked.get(name, ()):
-                    cache[alias] = cache[name]
+                    cache[alias + suffix] = saved
 
             return save
 
         points = self.hook_points()
         added = [points[n].add(saver(n), read_only=True) for n in selected]
+        if incl_bwd:
+            added += [points[n].add(saver(n, "_grad"), dir="bwd") for n in selected]
         try:
             out = self(*args, **kwargs)
+            result = model_output(self, out, args, kwargs, return_type, loss_per_token)
+            if incl_bwd:
+                if not result.requires_grad:
+                    raise RuntimeError(
+                        "incl_bwd=True: the loss does not require grad (is run_with_cache running under "
+                        "torch.no_grad() or torch.inference_mode()?), so no gradient can be cached"
+                    )
+                result.backward()  # inside: the gradient savers fire only while registered
         finally:
             for handle in added:
                 handle.remove()
+        if remove_batch_dim:
+            cache.has_batch_dim = False
         if gather:
             for name in selected:
-                if name in cache:
-                    cache[name] = gather_heads(points[name], cache[name])
-                    for alias in aliases_asked.get(name, ()):
-                        cache[alias] = cache[name]
-        return out, cache
+                for suffix in ("", "_grad"):
+                    if name + suffix in cache:
+                        cache[name + suffix] = gather_heads(points[name], cache[name + suffix])
+                        for alias in aliases_asked.get(name, ()):
+                            cache[alias + suffix] = cache[name + suffix]
+        return result, cache
+
+    def _check_return_type(self, return_type, loss_per_token):
+        """return_type with its default resolved: "logits" on a model, "output" on a Bridge."""
+        if not isinstance(loss_per_token, bool):
+            raise TypeError(f"loss_per_token: expected a bool, got {type(loss_per_token).__name__}")
+        if return_type is DEFAULT:
+            return_type = "logits" if self.returns_model_output else "output"
+        if return_type not in RETURN_TYPES:
+            raise ValueError(f"return_type: expected one of {', '.join(map(repr, RETURN_TYPES))}, got {return_type!r}")
+        if not self.returns_model_output and return_type not in ("output", None):
+            raise ValueError(
+                f"return_type={return_type!r}: a {type(self).__name__} is one attention layer and returns its "
+                f"attention output [B, S, D], which has no logits or loss; use 'output' (the default) or None, or "
+                f"run a whole model attached with pyqkv.hf.attach"
+            )
+        if loss_per_token and return_type not in ("loss", "both"):
+            raise ValueError(f"loss_per_token=True: only with return_type 'loss' or 'both', got {return_type!r}")
+        return return_type
+
+
+# TransformerLens keywords (of HookedTransformer.forward, run_with_cache and run_with_hooks) that pyqkv does
+# not implement, with why. The one list: run_with_cache, run_with_hooks and a model handle's __call__ refuse
+# them by name. Hugging Face models take **kwargs and may drop an unknown keyword without a word, so these
+# never reach the model.
+TL_NOT_IMPLEMENTED = {
+    "prepend_bos": "pyqkv takes token ids, not text: tokenize with or without BOS before the call",
+    "padding_side": "pyqkv takes token ids, not text: pad with the tokenizer and pass attention_mask",
+    "tokens": "the model's input_ids are the tokens (the loss of return_type='loss' is computed from them)",
+    "start_at_layer": "the Hugging Face model runs whole; patch blocks.{i}.hook_resid_pre instead",
+    "stop_at_layer": "the Hugging Face model runs whole; read blocks.{i}.hook_resid_pre from the cache instead",
+    "shortformer_pos_embed": "positions are the Hugging Face model's own",
+    "past_kv_cache": "pass Hugging Face's past_key_values (a transformers Cache) instead",
+    "pos_slice": "slice the cached tensors after the call (cache[name][:, pos])",
+    "clear_contexts": "hook.ctx is cleared by reset_hooks()",
+    "return_cache_object": "run_with_cache always returns an ActivationCache (a dict)",
+    "reset_hooks_end": "run_with_cache always removes its own saving hooks and no others",
+}
+
+
+def refuse_tl_keywords(kwargs: dict, where: str) -> None:
+    """TypeError for a TransformerLens keyword pyqkv does not implement (TL_NOT_IMPLEMENTED)."""
+    for name in kwargs:
+        if name in TL_NOT_IMPLEMENTED:
+            raise TypeError(
+                f"{where}: {name} is a TransformerLens keyword that pyqkv does not implement "
+                f"({TL_NOT_IMPLEMENTED[name]}); it is not passed on to the model"
+            )
+
+
+# The keywords of run_with_cache / run_with_hooks: calling a model handle directly calls the model (and
+# returns its own output), which must not receive them (a Hugging Face model may drop them without a word).
+RUN_KEYWORDS = (
+    "return_type",
+    "loss_per_token",
+    "names_filter",
+    "remove_batch_dim",
+    "incl_bwd",
+    "fwd_hooks",
+    "bwd_hooks",
+)
+
+
+def refuse_model_call_keywords(kwargs: dict, where: str) -> None:
+    """TypeError for a keyword of run_with_cache / run_with_hooks, or a TransformerLens keyword pyqkv does not
+    implement, passed to a call of the model handle itself."""
+    refuse_tl_keywords(kwargs, where)
+    for name in kwargs:
+        if name in RUN_KEYWORDS:
+            raise TypeError(
+                f"{where}: {name} is a keyword of run_with_cache / run_with_hooks; calling the handle calls the "
+                f"Hugging Face model and returns its own output, so it is not passed on"
+            )
+
+
+def model_output(handle, out, args, kwargs, return_type, loss_per_token: bool):
+    """What run_with_cache / run_with_hooks return for `return_type`, from the model's output `out`:
+
+    "logits": the logits tensor [B, S, V] (Hugging Face's `out.logits`); "loss": TransformerLens's next-token
+    loss from the input ids, the mean over positions 0..S-2 of -log p(ids[:, t+1] | logits[:, t]) (masked by
+    attention_mask when one is passed: a transition counts when both of its tokens are attended), or that
+    [B, S-1] per position with loss_per_token; "both": (logits, loss); None: nothing; "output": `out` as is.
+    A model whose output has no logits (no language-model head) raises ValueError for logits and loss."""
+    if return_type == "output":
+        return out
+    if return_type is None:
+        return None
+    logits = getattr(out, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        model = getattr(handle, "model", handle)
+        raise ValueError(
+            f"return_type={return_type!r}: {type(model).__name__} returned {type(out).__name__}, which has no "
+            f"logits (a model without a language-model head, or return_dict=False); pass return_type='output' "
+            f"for the model's own output, or None for the cache alone"
+        )
+    if return_type == "logits":
+        return logits
+    loss = next_token_loss(logits, _input_ids(args, kwargs), kwargs.get("attention_mask"), loss_per_token)
+    return loss if return_type == "loss" else (logits, loss)
+
+
+def _input_ids(args, kwargs) -> torch.Tensor:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dim() != 2:
+        raise ValueError(
+            "return_type='loss' / 'both': the loss is computed from the token ids, as TransformerLens does; "
+            "expected input_ids [B, S] (the first argument or input_ids=), got "
+            f"{type(ids).__name__ if not isinstance(ids, torch.Tensor) else f'{ids.dtype} {tuple(ids.shape)}'}"
+        )
+    return ids
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask=None, per_token: bool = False):
+    """TransformerLens's lm_cross_entropy_loss: logits [B, S, V] at position t predict input_ids[:, t + 1].
+    Returns the mean of -log p over the B*(S-1) predictions ([B, S-1] with per_token); with a [B, S]
+    attention_mask a prediction counts only when both its token and the next are attended (zero per token)."""
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(input_ids.shape):
+        raise ValueError(
+            f"return_type='loss': expected logits [B, S, V] over the input ids [B, S] = {list(input_ids.shape)}, "
+            f"got logits of shape {tuple(logits.shape)}"
+        )
+    log_probs = torch.log_softmax(logits, dim=-1)
+    predicted = log_probs[:, :-1].gather(-1, input_ids[:, 1:, None].to(logits.device))[..., 0]
+    if attention_mask is not None:
+        attended = attention_mask.to(device=logits.device).bool()
+        counted = attended[:, :-1] & attended[:, 1:]
+        predicted = predicted * counted
+        n = counted.sum()
+    else:
+        n = predicted.numel()
+    return -predicted if per_token else -predicted.sum() / n

@@ -26,6 +26,9 @@ class PointSpec:
     requires: a feature the layer must have for the point to fire ("rotary": a rotary embedding;
         "qk_norm": a normalization of queries and keys), or None.
     fires: when it fires, in words (for the README and error messages).
+    interface: what the attn_implementation="pyqkv" tier (pyqkv.hf.interface) does with the point: SEEN (it
+        fires there) or the reason it cannot (that tier receives Q, K, V already projected and returns z).
+        Every row says which: a point the tier silently never fired would invalidate an analysis.
     """
 
     name: str
@@ -37,6 +40,7 @@ class PointSpec:
     aliases: tuple = ()
     flag: Optional[str] = None
     requires: Optional[str] = None
+    interface: str = ""
 
     @property
     def head_axis(self) -> Optional[tuple]:
@@ -49,10 +53,15 @@ class PointSpec:
 
 
 _HEADS = "b s (h d) -> b s h d"
+# PointSpec.interface of a point the attn_implementation="pyqkv" tier fires.
+SEEN = "seen"
+_PROJECTED = "the interface receives Q, K, V already projected, not the layer's input"
+_SPLIT = "the interface receives Q, K, V already projected (no split-input path)"
+_AFTER_Z = "the output projection runs after the interface returns: use hook_z here"
 
 # Firing order (SPEC §2).
 POINTS = (
-    PointSpec("hook_in", "[B, S, D]", "[B, S, D]", 3, "always, first"),
+    PointSpec("hook_in", "[B, S, D]", "[B, S, D]", 3, "always, first", interface=_PROJECTED),
     PointSpec(
         "hook_attn_in",
         "[B, S, H, D]",
@@ -60,6 +69,7 @@ POINTS = (
         4,
         "the residual copied per head; K and V use its first Hkv heads",
         flag="use_attn_in",
+        interface=_PROJECTED,
     ),
     PointSpec(
         "hook_q_input",
@@ -68,6 +78,7 @@ POINTS = (
         4,
         "the residual copied per query head",
         flag="use_split_qkv_input",
+        interface=_SPLIT,
     ),
     PointSpec(
         "hook_k_input",
@@ -76,6 +87,7 @@ POINTS = (
         4,
         "the residual copied per KV head",
         flag="use_split_qkv_input",
+        interface=_SPLIT,
     ),
     PointSpec(
         "hook_v_input",
@@ -84,6 +96,7 @@ POINTS = (
         4,
         "the residual copied per KV head",
         flag="use_split_qkv_input",
+        interface=_SPLIT,
     ),
     PointSpec(
         "hook_q",
@@ -93,6 +106,7 @@ POINTS = (
         "always: the projection's queries",
         default_rule=_HEADS,
         aliases=("q.hook_out",),
+        interface="the interface sees Q only after qk-norm and RoPE: use hook_rot_q here",
     ),
     PointSpec(
         "hook_k",
@@ -102,6 +116,7 @@ POINTS = (
         "always: this call's keys, before the cache append",
         default_rule=_HEADS,
         aliases=("k.hook_out",),
+        interface="the interface sees K only after RoPE and cache.update: use hook_rot_k here",
     ),
     PointSpec(
         "hook_v",
@@ -111,6 +126,7 @@ POINTS = (
         "always: this call's values, before the cache append",
         default_rule=_HEADS,
         aliases=("v.hook_out",),
+        interface=SEEN,
     ),
     PointSpec(
         "hook_q_normed",
@@ -120,6 +136,7 @@ POINTS = (
         "after the query norm, before RoPE",
         default_rule=_HEADS,
         requires="qk_norm",
+        interface="the interface sees Q only after qk-norm and RoPE: use hook_rot_q here",
     ),
     PointSpec(
         "hook_k_normed",
@@ -129,8 +146,18 @@ POINTS = (
         "after the key norm, before RoPE",
         default_rule=_HEADS,
         requires="qk_norm",
+        interface="the interface sees K only after qk-norm, RoPE and cache.update: use hook_rot_k here",
     ),
-    PointSpec("hook_rot_q", "[B, S, H, Dh]", "[B, S, H*Dh]", 3, "after RoPE", default_rule=_HEADS, requires="rotary"),
+    PointSpec(
+        "hook_rot_q",
+        "[B, S, H, Dh]",
+        "[B, S, H*Dh]",
+        3,
+        "after RoPE",
+        default_rule=_HEADS,
+        requires="rotary",
+        interface=SEEN,
+    ),
     PointSpec(
         "hook_rot_k",
         "[B, S, Hkv, Dh]",
@@ -139,6 +166,7 @@ POINTS = (
         "after RoPE, before the cache append",
         default_rule=_HEADS,
         requires="rotary",
+        interface=SEEN,
     ),
     PointSpec(
         "hook_attn_scores",
@@ -146,8 +174,16 @@ POINTS = (
         "[B, H, S, K]",
         4,
         "scaled (and soft-capped) scores with the masks applied, before the softmax",
+        interface=SEEN,
     ),
-    PointSpec("hook_pattern", "[B, H, S, K]", "[B, H, S, K]", 4, "the softmax output (after attention dropout)"),
+    PointSpec(
+        "hook_pattern",
+        "[B, H, S, K]",
+        "[B, H, S, K]",
+        4,
+        "the softmax output (after attention dropout)",
+        interface=SEEN,
+    ),
     PointSpec(
         "hook_z",
         "[B, S, H, Dh]",
@@ -156,6 +192,7 @@ POINTS = (
         "always: pattern · V, the output projection's input",
         default_rule=_HEADS,
         aliases=("o.hook_in",),
+        interface=SEEN,
     ),
     PointSpec(
         "hook_result",
@@ -164,8 +201,51 @@ POINTS = (
         4,
         "each head's output before the head sum and the output bias",
         flag="use_attn_result",
+        interface=_AFTER_Z,
     ),
-    PointSpec("hook_out", "[B, S, D]", "[B, S, D]", 3, "always, last", aliases=("hook_hidden_states", "o.hook_out")),
+    PointSpec(
+        "hook_out",
+        "[B, S, D]",
+        "[B, S, D]",
+        3,
+        "always, last",
+        aliases=("hook_hidden_states", "o.hook_out"),
+        interface=_AFTER_Z,
+    ),
+)
+
+_undeclared = [p.name for p in POINTS if not p.interface]
+if _undeclared:  # each row must say what the interface tier does with it (see PointSpec.interface)
+    raise AssertionError(f"pyqkv.points: no interface verdict for {_undeclared}")
+
+# The residual-stream points of a model's decoder blocks, `blocks.{i}.<name>`, beside the attention's own
+# `blocks.{i}.attn.<name>` (pyqkv.hf.residual). Both tiers fire them: they are read at the block's and the
+# attention module's boundaries, which Hugging Face's code exposes in every family.
+BLOCK_POINTS = (
+    PointSpec(
+        "hook_resid_pre",
+        "[B, S, D]",
+        "[B, S, D]",
+        3,
+        "the hidden states entering decoder block i (Hugging Face's hidden_states[i])",
+        interface=SEEN,
+    ),
+    PointSpec(
+        "hook_attn_out",
+        "[B, S, D]",
+        "[B, S, D]",
+        3,
+        "the attention's output after the output projection, before the block adds it to the residual stream",
+        interface=SEEN,
+    ),
+    PointSpec(
+        "hook_resid_post",
+        "[B, S, D]",
+        "[B, S, D]",
+        3,
+        "the hidden states leaving decoder block i (before any final norm)",
+        interface=SEEN,
+    ),
 )
 
 BY_NAME = {p.name: p for p in POINTS}
@@ -180,10 +260,10 @@ def canonical(name: str) -> str:
     return HOOK_ALIASES.get(name, name)
 
 
-def markdown_table() -> str:
-    """The README's table of hook points, made from POINTS."""
+def markdown_table(points=POINTS) -> str:
+    """The README's table of hook points, made from POINTS (or BLOCK_POINTS)."""
     rows = ["| hook point | aliases | hook format | fires |", "|---|---|---|---|"]
-    for p in POINTS:
+    for p in points:
         when = p.fires
         if p.flag:
             when += f" (only with `{p.flag}`)"

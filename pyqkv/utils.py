@@ -35,9 +35,9 @@ ATTN_NAMES = (
     "k_input",
     "v_input",
 )
-# Short names of residual-stream points of a block: "blocks.{l}.hook_<name>". pyqkv does not make these
-# (it hooks attention only), but a cache may hold them (added by hand, or from another tool), and
-# ActivationCache.stack_head_results(incl_remainder=True) reads resid_post.
+# Short names of residual-stream points of a block: "blocks.{l}.hook_<name>". pyqkv's models have resid_pre,
+# attn_out and resid_post (pyqkv.points.BLOCK_POINTS); resid_mid and mlp_out are known so that a cache holding
+# them (added by hand, or from another tool) answers TransformerLens's short keys.
 RESID_NAMES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 # TransformerLens's aliases of the names above.
 NAME_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v"}

@@ -180,8 +180,11 @@ def test_short_keys_are_the_full_keys(run):
             assert cache[name, layer, "attn"] is cache[full], (name, layer)
             assert cache[name, layer - L] is cache[full], (name, layer - L)  # negative: from the end
         assert cache["attn", layer] is cache[f"blocks.{layer}.attn.hook_pattern"]
-        # TransformerLens's attn_out is pyqkv's attention output, blocks.{l}.attn.hook_out
-        assert cache["attn_out", layer] is cache[f"blocks.{layer}.attn.hook_out"]
+        # TransformerLens's attn_out: blocks.{l}.hook_attn_out, the same values as the attention's own hook_out
+        assert cache["attn_out", layer] is cache[f"blocks.{layer}.hook_attn_out"]
+        assert torch.equal(cache["attn_out", layer], cache[f"blocks.{layer}.attn.hook_out"])
+        for name in ("resid_pre", "resid_post"):
+            assert cache[name, layer] is cache[f"blocks.{layer}.hook_{name}"], (name, layer)
     assert cache["z", -1] is cache[f"blocks.{L - 1}.attn.hook_z"]
     assert cache[("pattern", 0)] is cache["pattern0"] is cache["blocks.0.attn.hook_pattern"]
 
@@ -210,10 +213,10 @@ def test_negative_layers_count_the_model_layers_not_the_cached_ones(run):
 
 def test_missing_and_bad_keys(run):
     _, cache, _, _ = run
-    with pytest.raises(KeyError, match=r"'blocks.1.hook_resid_pre' is not in the cache.*cached: blocks.\{0-1\}"):
-        cache["resid_pre", 1]
+    with pytest.raises(KeyError, match=r"'blocks.1.hook_resid_mid' is not in the cache.*cached: blocks.\{0-1\}"):
+        cache["resid_mid", 1]  # pyqkv has no resid_mid (it does not split the block at its MLP)
     with pytest.raises(KeyError, match=r"hook_pattern"):  # the listing names the cached points
-        cache["resid_pre", 1]
+        cache["resid_mid", 1]
     with pytest.raises(KeyError, match=r"unknown activation name 'nope'"):
         cache["nope", 0]
     with pytest.raises(KeyError, match=r"'blocks.7.attn.hook_z' is not in the cache"):
@@ -252,8 +255,9 @@ def test_stack_activation(run):
         cache.stack_activation("z", 0)
     with pytest.raises(ValueError, match=rf"layer: expected an int in \[0, {L}\].*got 3"):
         cache.stack_activation("z", 3)
-    with pytest.raises(KeyError, match=r"'blocks.0.hook_resid_pre' is not in the cache"):
-        cache.stack_activation("resid_pre")
+    assert torch.equal(cache.stack_activation("resid_pre"), torch.stack([cache["resid_pre", i] for i in range(L)]))
+    with pytest.raises(KeyError, match=r"'blocks.0.hook_resid_mid' is not in the cache"):
+        cache.stack_activation("resid_mid")
 
 
 def test_remove_batch_dim(run):
@@ -396,18 +400,23 @@ def test_stack_head_results_without_batch_dim(run):
 def test_stack_head_results_remainder_from_hidden_states():
     """incl_remainder: resid_post of the last included layer minus the heads, TransformerLens's definition.
     With resid_post from GPT-2's output_hidden_states, the remainder of layer 0 is resid_pre + b_O + the MLP
-    output (what is left of resid_post once the heads are taken out)."""
+    output (what is left of resid_post once the heads are taken out); the cached blocks.0.hook_resid_post is
+    the same tensor."""
     model = gpt2_model()
     h = pyqkv.hf.attach(model)
     mlp_out = {}
     handle = model.transformer.h[0].mlp.register_forward_hook(lambda m, a, out: mlp_out.setdefault(0, out))
     try:
         with torch.no_grad():
-            out, cache = h.run_with_cache(ids(), output_hidden_states=True)
+            out, cache = h.run_with_cache(
+                ids(), output_hidden_states=True, return_type="output", names_filter=lambda n: ".attn." in n
+            )
+            _, resid = h.run_with_cache(ids(), names_filter="blocks.0.hook_resid_post")
     finally:
         handle.remove()
     resid_pre, resid_post = out.hidden_states[0], out.hidden_states[1]  # the last one is after ln_f
-    with pytest.raises(NotImplementedError, match=r"needs the residual stream 'blocks.0.hook_resid_post'"):
+    assert_close(resid["resid_post", 0], resid_post)
+    with pytest.raises(KeyError, match=r"needs the residual stream 'blocks.0.hook_resid_post'"):
         cache.stack_head_results(1, incl_remainder=True)
     cache["blocks.0.hook_resid_post"] = resid_post
     stack, labels = cache.stack_head_results(1, incl_remainder=True, return_labels=True)
@@ -507,7 +516,7 @@ def test_interface_tier_has_no_output_projection():
 # What pyqkv does not wrap
 
 UNSUPPORTED = [
-    ("accumulated_resid", (), r"the residual stream at every layer"),
+    ("accumulated_resid", (), r"resid_mid \(between attention and MLP\) and the final LayerNorm"),
     ("decompose_resid", (), r"the embeddings \(hook_embed, hook_pos_embed\) and the MLP outputs"),
     ("logit_attrs", (torch.zeros(1, D), 0), r"the unembedding \(W_U\) and the final LayerNorm"),
     ("apply_ln_to_stack", (torch.zeros(1, D),), r"the LayerNorms and their scales"),
@@ -520,7 +529,9 @@ UNSUPPORTED = [
 @pytest.mark.parametrize("method,args,missing", UNSUPPORTED, ids=[u[0] for u in UNSUPPORTED])
 def test_model_dependent_methods_raise_naming_what_is_missing(run, method, args, missing):
     _, cache, _, _ = run
-    with pytest.raises(NotImplementedError, match=rf"ActivationCache.{method}: needs {missing}.*attention only"):
+    with pytest.raises(
+        NotImplementedError, match=rf"ActivationCache.{method}: needs {missing}.*pyqkv hooks attention .* only"
+    ):
         getattr(cache, method)(*args)
 
 

@@ -18,7 +18,12 @@ def test_demo_checks_pass(capsys):
 
 def test_cli_help_and_unknown_command(capsys):
     assert main(["--help"]) == 0
-    assert main(["nonsense"]) == 2
+    assert "bench-model" in capsys.readouterr().out
+    assert main(["frobnicate"]) == 2
+    captured = capsys.readouterr()
+    # An unknown command says so on stderr, with the usage, and prints nothing on stdout (issue 20 item 4).
+    assert captured.out == ""
+    assert "usage: pyqkv" in captured.err and "unknown command 'frobnicate'" in captured.err
 
 
 def test_bench_result_has_every_row(tmp_path):

@@ -61,7 +61,7 @@ def one_process(ids):
         try:
             return {
                 "logits": model(ids).logits,
-                "ablated": h.run_with_hooks(ids, fwd_hooks=[("blocks.1.attn.hook_z", pyqkv.zero_heads([1, 2]))]).logits,
+                "ablated": h.run_with_hooks(ids, fwd_hooks=[("blocks.1.attn.hook_z", pyqkv.zero_heads([1, 2]))]),
                 "cache": dict(h.run_with_cache(ids, names_filter=NAMES)[1]),
                 "tokens": model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0),
             }

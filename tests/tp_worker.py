@@ -22,7 +22,7 @@ def main(dirs):
             h = pyqkv.hf.attach(model)
             local = [(b.cfg.n_heads, b.cfg.n_kv_heads, list(b.hook_points()["hook_z"].heads)) for b in h.bridges]
             logits = model(ids).logits
-            ablated = h.run_with_hooks(ids, fwd_hooks=[("blocks.1.attn.hook_z", pyqkv.zero_heads([1, 2]))]).logits
+            ablated = h.run_with_hooks(ids, fwd_hooks=[("blocks.1.attn.hook_z", pyqkv.zero_heads([1, 2]))])
             _, cache = h.run_with_cache(ids, names_filter=NAMES, gather=True)
             tokens = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
         heads = [None] * dist.get_world_size()

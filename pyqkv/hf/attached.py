@@ -23,7 +23,9 @@ from pyqkv.hf import checkpoint, placement
 from pyqkv.hf.families import SUPPORTED, LayerSpec, family_of, layer_spec
 from pyqkv.hf.hf_cache import CacheMirror
 from pyqkv.hf.recording import attention_recorder, install_hf_recording_hooks
-from pyqkv.hooks import HookedMixin
+from pyqkv.hf.residual import ATTN_OUT, ResidualPoints
+from pyqkv.hooks import HookedMixin, HookPoint, refuse_model_call_keywords
+from pyqkv.points import BLOCK_POINTS
 
 
 def bridge_from_module(module, spec: Optional[LayerSpec] = None, **flags) -> Bridge:
@@ -225,6 +227,10 @@ class HFAttention(nn.Module):
         object.__setattr__(self, "_call", CallConvention(type(original)))
         heads = spec.hf_cache_heads if spec.hf_cache_heads not in (None, bridge.cfg.n_kv_heads) else None
         object.__setattr__(self, "_mirror", CacheMirror(layer_idx, hand_back_heads=heads))
+        # blocks.{i}.hook_attn_out: fired here, after the output projection and before a residual the module
+        # adds itself (Bloom), so it is the attention's own output in every family. An attribute read when
+        # nothing is hooked, as every Bridge point.
+        self.attn_out = HookPoint(ATTN_OUT)
         if spec.returns == "with_dense_bias":
             # GPT-NeoX-Japanese: the last layer's output bias, which the module returns for its block to add
             # (before the block's dropout). The same Parameter, kept in the tree under its own name.
@@ -263,6 +269,7 @@ class HFAttention(nn.Module):
         else:
             result = self._mirror.run(self.bridge, hidden_states, hf_cache, call)
         out, pattern = result if call["return_pattern"] else (result, None)
+        out = self.attn_out.fire(out)
         if self._spec.residual_inside:
             out = out + a["residual"]
         if recorder is not None:
@@ -409,20 +416,28 @@ def _attn_implementation(module) -> Optional[str]:
 
 
 class AttachedModel(HookedMixin):
-    """Model-level hooks over every Bridge of an attached model, named `blocks.{i}.attn.hook_*`.
+    """Model-level hooks over every Bridge of an attached model, named `blocks.{i}.attn.hook_*`, and the
+    residual-stream points of its decoder blocks, `blocks.{i}.hook_resid_pre`, `hook_attn_out`,
+    `hook_resid_post` (pyqkv.hf.residual).
 
-    Calling it calls the model. `run_with_cache(*args, names_filter=..., **kwargs)` returns (model
-    output, cache); `hooks(...)`, `add_hook(...)`, `reset_hooks()` work as on a Bridge.
+    Calling it calls the model and returns the model's own output. `run_with_cache(*args, names_filter=...,
+    **kwargs)` returns (logits, cache) as TransformerLens's (HookedMixin.run_with_cache: return_type,
+    remove_batch_dim, incl_bwd); `run_with_hooks`, `hooks(...)`, `add_hook(...)`, `reset_hooks()` work as on
+    a Bridge. After pyqkv.hf.detach(model) the handle raises instead of silently hooking nothing.
     """
 
-    def __init__(self, model: nn.Module, bridges: list):
+    returns_model_output = True
+
+    def __init__(self, model: nn.Module, bridges: list, modules: list = ()):
         # A strong reference: a model built inline (`h = attach(build_model())`) lives as long as its
-        # handle. The model holds nothing of the handle, so there is no cycle to keep it alive longer.
+        # handle. Its attention modules hold the handle too (detach closes it through them): a cycle, which
+        # Python's collector frees once neither is reachable; a deepcopy of the model copies both, consistently.
         self.model = model
         self.bridges = bridges  # index i -> Bridge of block i
         self._points = {}
         self._aliases = {}
         self._owner = {}
+        self.detached = False
         for i, bridge in enumerate(bridges):
             prefix = f"blocks.{i}.attn."
             bridge.set_hook_prefix(prefix)
@@ -431,6 +446,12 @@ class AttachedModel(HookedMixin):
                 self._owner[prefix + name] = (bridge, name)
             for alias, target in bridge.hook_aliases().items():
                 self._aliases[prefix + alias] = prefix + target
+        # modules: [(path, HFAttention)] in block order, for the residual-stream points.
+        residual = ResidualPoints(model, [(i, path) for i, (path, _) in enumerate(modules)], attn_out_from_module=False)
+        for i, (_, module) in enumerate(modules):  # fired by the module itself (see HFAttention)
+            module.attn_out.name = f"blocks.{i}.{ATTN_OUT}"
+            residual.points[module.attn_out.name] = module.attn_out
+        self._points.update(sorted(residual.points.items(), key=lambda item: _block_order(item[0])))
 
     def _compile_target(self) -> nn.Module:
         return self.model
@@ -438,18 +459,46 @@ class AttachedModel(HookedMixin):
     def hook_points(self) -> dict:
         return self._points
 
+    def _check_attached(self) -> None:
+        if self.detached:
+            raise RuntimeError(
+                f"this AttachedModel's {type(self.model).__name__} was detached (pyqkv.hf.detach(model)): its hook "
+                f"points are no longer in the model and no hook would fire; attach again with "
+                f"h = pyqkv.hf.attach(model)"
+            )
+
+    def _select(self, name_or_filter, *, by_name_strict: bool) -> list:
+        # Every way of choosing points (add_hook, hooks(), run_with_cache) passes here: a detached handle
+        # raises before anything is registered.
+        self._check_attached()
+        return super()._select(name_or_filter, by_name_strict=by_name_strict)
+
     def hook_aliases(self) -> dict:
         return self._aliases
 
     def hook_gate(self, name: str) -> Optional[str]:
-        bridge, local = self._owner[name]
+        owner = self._owner.get(name)
+        if owner is None:  # a residual-stream point: it always fires
+            return None
+        bridge, local = owner
         return bridge.hook_gate(local)
 
+    def _close(self) -> None:
+        """Called by detach: every hook off (permanent ones too, so no torch hook stays on the model's blocks),
+        and the handle refuses further use."""
+        for point in self._points.values():
+            point.clear("both", including_permanent=True)
+            point.ctx.clear()
+        self.detached = True
+
     def __call__(self, *args, **kwargs):
+        refuse_model_call_keywords(kwargs, "AttachedModel(...)")
+        self._check_attached()
         return self.model(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return f"AttachedModel({type(self.model).__name__}, {len(self.bridges)} bridges)"
+        state = ", detached" if self.detached else ""
+        return f"AttachedModel({type(self.model).__name__}, {len(self.bridges)} bridges{state})"
 
     def head_output_weights(self, layer: int) -> torch.Tensor:
         """W_O [H, Dh, D] of block `layer` (a view of its Bridge's output weight), for
@@ -458,6 +507,12 @@ class AttachedModel(HookedMixin):
         if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
             raise ValueError(f"layer: expected a block index in [{-n}, {n}), got {layer!r}")
         return self.bridges[layer].W_O
+
+
+def _block_order(name: str) -> tuple:
+    """blocks.{i}.<point>: by block, then in the order of pyqkv.points.BLOCK_POINTS (their firing order)."""
+    _, i, local = name.split(".", 2)
+    return int(i), [p.name for p in BLOCK_POINTS].index(local)
 
 
 def attach(model: nn.Module, **flags) -> AttachedModel:
@@ -478,7 +533,7 @@ def attach(model: nn.Module, **flags) -> AttachedModel:
         found = sorted({type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__})
         raise TypeError(
             f"model: no supported attention module found (supported: {', '.join(SUPPORTED)}; found: "
-            f"{', '.join(found) or 'none'})"
+            f"{', '.join(found) or 'none'}){_interface_note(model)}"
         )
     # Every layer's spec first: an unsupported module or configuration raises before the model is touched.
     specs = [(name, m, layer_spec(m)) for name, m in targets]
@@ -493,20 +548,44 @@ def attach(model: nn.Module, **flags) -> AttachedModel:
             _write_back(bridge, spec)
         raise
     install_hf_recording_hooks(model, [name for name, _ in targets])
-    bridges = []
+    bridges, modules = [], []
     for i, (name, module, spec, bridge) in enumerate(built):
         layer_idx = module.layer_idx if getattr(module, "layer_idx", None) is not None else i
-        _set_submodule(model, name, HFAttention(bridge, module, layer_idx, spec).train(module.training))
+        attached = HFAttention(bridge, module, layer_idx, spec).train(module.training)
+        _set_submodule(model, name, attached)
         bridges.append(bridge)
+        modules.append((name, attached))
     checkpoint.install(model)  # state_dict / load_state_dict in the original modules' keys
-    return AttachedModel(model, bridges)
+    handle = AttachedModel(model, bridges, modules)
+    for _, attached in modules:  # detach() reaches the handle through its modules, to close it
+        object.__setattr__(attached, "_handle", handle)
+    return handle
+
+
+def _interface_note(model: nn.Module) -> str:
+    """For attach's TypeError: the tier that does work when the model's attention goes through Hugging Face's
+    attention interface (BERT, Mixtral, ...), else nothing."""
+    from pyqkv.hf.interface import routes_through_interface
+
+    routed = sorted({type(m).__name__ for m in model.modules() if routes_through_interface(m)})
+    if not routed:
+        return ""
+    return (
+        f". Its attention ({', '.join(routed)}) goes through Hugging Face's attention interface: "
+        f"h = pyqkv.hf.enable(model) gives it pyqkv's attention with the hook points that tier sees (hook_rot_q, "
+        f"hook_rot_k, hook_v, hook_attn_scores, hook_pattern, hook_z and the residual stream)"
+    )
 
 
 def detach(model: nn.Module) -> None:
-    """Restore the original attention modules, carrying over the Bridges' current weights."""
+    """Restore the original attention modules, carrying over the Bridges' current weights. The handle that
+    attach returned is closed: its hooks are removed and it raises on further use."""
     checkpoint.uninstall(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, HFAttention):
+            handle = getattr(module, "_handle", None)
+            if handle is not None and not handle.detached:
+                handle._close()
             original, spec = module._original, module._spec
             # The model may have been moved, cast, or switched between train() and eval() while attached:
             # the weights come back from the Bridge, and the rest of the original (outside the Module tree,

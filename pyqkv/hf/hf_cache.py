@@ -143,7 +143,11 @@ class StaticLayerKV(ExternalKV):
         if not isinstance(keys, torch.Tensor):
             return  # not allocated yet: HF allocates it from the first keys
         B, Hkv, _, Dh = keys.shape
-        if (shape[0], shape[2], shape[3]) != (B, Hkv, Dh) or (dtype is not None and dtype != keys.dtype) or device != keys.device:
+        if (
+            (shape[0], shape[2], shape[3]) != (B, Hkv, Dh)
+            or (dtype is not None and dtype != keys.dtype)
+            or device != keys.device
+        ):
             raise ValueError(
                 f"past_key_values: StaticCache layer {self.layer_idx} holds batch {B}, {Hkv} KV heads of dim {Dh}, "
                 f"{keys.dtype} on {keys.device}; got new keys of shape {tuple(shape)} ({dtype} on {device})"

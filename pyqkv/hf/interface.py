@@ -18,9 +18,9 @@ attention reads in this call, H query heads, Hkv key/value heads, Dh head dim):
 
 | name | shape | what it is here |
 |---|---|---|
+| hook_v | [B, K, Hkv, Dh] | every value attention reads in this call (past + new) |
 | hook_rot_q | [B, S, H, Dh] | Q exactly as attention consumes it: after the projection, any qk-norm, clip_qkv and RoPE (on a family without RoPE this is the projected Q) |
 | hook_rot_k | [B, K, Hkv, Dh] | every key attention reads in this call: the cache's past keys and the new ones, after RoPE (not repeated for GQA) |
-| hook_v | [B, K, Hkv, Dh] | every value attention reads in this call (past + new) |
 | hook_attn_scores | [B, H, S, K] | scaled, masked scores before softmax; hidden entries hold the dtype's most negative value |
 | hook_pattern | [B, H, S, K] | softmax (after attention dropout in train mode); rows sum to 1, fully masked rows are 0 |
 | hook_z | [B, S, H, Dh] | per-head output, the input of the output projection (alias `o.hook_in`) |
@@ -34,8 +34,12 @@ hook receives its own copy: an edit there changes this call's attention only and
 (the next step reads the cache as Hugging Face wrote it).
 
 Not available in this tier (asking for them by name raises ValueError naming `pyqkv.hf.attach`):
-pre-RoPE hook_q / hook_k (the interface never sees them), hook_in, hook_attn_in, the split-input points,
-hook_result and hook_out (the output projection runs after the interface returns).
+pre-RoPE hook_q / hook_k and hook_q_normed / hook_k_normed (the interface never sees them), hook_in,
+hook_attn_in, the split-input points, hook_result and hook_out (the output projection runs after the
+interface returns). The reasons are pyqkv/points.py's (PointSpec.interface).
+
+The decoder block of each `blocks.{i}.attn` layer also has `blocks.{i}.hook_resid_pre`, `hook_attn_out` and
+`hook_resid_post` [B, S, D] (pyqkv.hf.residual), as with attach.
 
 Layer identity: `blocks.{i}.attn.hook_*` with i the module's `layer_idx` (the decoder layer number, also in
 hybrid models whose attention sits in some layers only), when no other module shares it; when no module
@@ -58,35 +62,18 @@ from torch import nn
 from pyqkv import ops
 from pyqkv.attend import attend
 from pyqkv.conversions import Copy
-from pyqkv.hooks import HookedMixin, HookPoint
-from pyqkv.points import BY_NAME
+from pyqkv.hf.residual import ResidualPoints
+from pyqkv.hooks import HookedMixin, HookPoint, refuse_model_call_keywords
+from pyqkv.points import BY_NAME, HOOK_ALIASES, SEEN
+from pyqkv.points import POINTS as POINT_SPECS
 
 IMPLEMENTATION = "pyqkv"
 
-# The points this tier can honour, in firing order.
-POINTS = ("hook_rot_q", "hook_rot_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
-
-# Bridge points the interface cannot see, with the reason (the ValueError of add_hook by name).
-_NOT_VISIBLE = {
-    "hook_in": "the interface receives Q, K, V already projected, not the layer's input",
-    "hook_attn_in": "the interface receives Q, K, V already projected, not the layer's input",
-    "hook_q_input": "the interface receives Q, K, V already projected (no split-input path)",
-    "hook_k_input": "the interface receives Q, K, V already projected (no split-input path)",
-    "hook_v_input": "the interface receives Q, K, V already projected (no split-input path)",
-    "hook_q": "the interface sees Q only after qk-norm and RoPE: use hook_rot_q here",
-    "hook_k": "the interface sees K only after RoPE and cache.update: use hook_rot_k here",
-    "hook_result": "the output projection runs after the interface returns: use hook_z here",
-    "hook_out": "the output projection runs after the interface returns: use hook_z here",
-}
-
-ALIASES = {
-    "v.hook_out": "hook_v",
-    "o.hook_in": "hook_z",
-    "q.hook_out": "hook_q",
-    "k.hook_out": "hook_k",
-    "o.hook_out": "hook_out",
-    "hook_hidden_states": "hook_out",
-}
+# The points this tier can honour, in firing order, and the reason for each it cannot: both read from the
+# one table, pyqkv/points.py (PointSpec.interface).
+POINTS = tuple(p.name for p in POINT_SPECS if p.interface == SEEN)
+_NOT_VISIBLE = {p.name: p.interface for p in POINT_SPECS if p.interface != SEEN}
+ALIASES = HOOK_ALIASES
 
 # Keyword arguments Hugging Face passes that do not change attention's result here, and why.
 _HARMLESS_KWARGS = {
@@ -231,9 +218,10 @@ def _attend(
     q4 = query.transpose(1, 2)  # [B, S, H, Dh], a view: the op reads any strides
     k4, v4 = key.transpose(1, 2), value.transpose(1, 2)  # [B, K, Hkv, Dh]
     points = _NO_POINTS if layer is None else layer.points
+    # In the table's order (pyqkv/points.py: hook_v comes before the rotated points there), as POINTS lists them.
+    v4 = points["hook_v"].fire(v4)  # (a Copy rule: see _Layer)
     q4 = points["hook_rot_q"].fire(q4)
-    k4 = points["hook_rot_k"].fire(k4)  # (a Copy rule: see _Layer)
-    v4 = points["hook_v"].fire(v4)
+    k4 = points["hook_rot_k"].fire(k4)
     z, pattern = attend(
         q4,
         k4,
@@ -412,10 +400,15 @@ _HOOKED_MODELS: "weakref.WeakKeyDictionary[nn.Module, InterfaceHooks]" = weakref
 class InterfaceHooks(HookedMixin):
     """Model-level hooks over every attention module that runs pyqkv's attention, named `blocks.{i}.attn.*`.
 
-    The API of `pyqkv.hf.attach`'s AttachedModel: calling it calls the model; `run_with_cache(*args,
-    names_filter=..., **kwargs)` returns (model output, cache); `run_with_hooks`, `hooks(...)`, `add_hook(...)`,
-    `reset_hooks()`. `layers`: [(hook name prefix, module path)], e.g. ("blocks.0.attn", "model.layers.0.self_attn").
+    The API of `pyqkv.hf.attach`'s AttachedModel: calling it calls the model and returns the model's own
+    output; `run_with_cache(*args, names_filter=..., **kwargs)` returns (logits, cache) as TransformerLens's
+    (HookedMixin.run_with_cache); `run_with_hooks`, `hooks(...)`, `add_hook(...)`, `reset_hooks()`. The decoder
+    blocks of the `blocks.{i}.attn` layers also have `blocks.{i}.hook_resid_pre`, `hook_attn_out` and
+    `hook_resid_post` (pyqkv.hf.residual). `layers`: [(hook name prefix, module path)], e.g. ("blocks.0.attn",
+    "model.layers.0.self_attn").
     """
+
+    returns_model_output = True
 
     def __init__(self, model: nn.Module, targets: list, attach_families: str):
         self._model_ref = weakref.ref(model)
@@ -437,6 +430,8 @@ class InterfaceHooks(HookedMixin):
                 self._aliases[prefix + alias] = prefix + target
         for (_, _, module), layer in zip(targets, self._layers):
             module.__dict__[LAYER_ATTR] = layer
+        numbered = [(int(prefix.split(".")[1]), path) for prefix, path, _ in targets if prefix.startswith("blocks.")]
+        self._points.update(ResidualPoints(model, numbered).points)
 
     @property
     def model(self) -> nn.Module:
@@ -464,7 +459,13 @@ class InterfaceHooks(HookedMixin):
             return None
         return f"not available with attn_implementation='pyqkv': {_NOT_VISIBLE[local]}; {self._attach_note}"
 
+    def suggested_names(self) -> list:
+        """An unknown name's KeyError lists only what this tier fires (not the points it refuses)."""
+        seen = [n for n in self._points if n not in self._gated]
+        return seen + [a for a, target in self._aliases.items() if target not in self._gated]
+
     def __call__(self, *args, **kwargs):
+        refuse_model_call_keywords(kwargs, "InterfaceHooks(...)")
         # A flag reset before each call, not a counter: under torch.compile a counter's value is guarded
         # on and would change on every call (a recompile each time); the flag is False at every entry.
         self._called = False
@@ -592,6 +593,19 @@ def _hook_prefixes(modules: list) -> list:
     return [f"blocks.{i}.attn" if i is not None and counts[i] == 1 else path for i, (path, _) in zip(ids, modules)]
 
 
+def _refuse_attached(model: nn.Module) -> None:
+    """ValueError when pyqkv.hf.attach replaced the model's attention: the two tiers do not stack."""
+    from pyqkv.hf.attached import HFAttention
+
+    attached = [path for path, m in model.named_modules() if isinstance(m, HFAttention)]
+    if attached:
+        raise ValueError(
+            f"model: already attached with pyqkv.hf.attach ({len(attached)} attention modules are Bridges, e.g. "
+            f"{attached[0]}), which has every hook point of this tier and more; use the handle attach returned, "
+            f"or call pyqkv.hf.detach(model) first to use attn_implementation='pyqkv' instead"
+        )
+
+
 def hooks_for(model: nn.Module) -> InterfaceHooks:
     """The model-level hooks of a model that runs attn_implementation="pyqkv" (see the module docstring for
     the hook points and their shapes). Calling it twice on one model gives the same object.
@@ -603,6 +617,7 @@ def hooks_for(model: nn.Module) -> InterfaceHooks:
     existing = _HOOKED_MODELS.get(model)
     if existing is not None:
         return existing
+    _refuse_attached(model)
     routed = [(path, m) for path, m in model.named_modules() if routes_through_interface(m)]
     if not routed:
         found = sorted({type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__})
@@ -639,6 +654,7 @@ def enable(model: nn.Module) -> InterfaceHooks:
     untouched when it raises."""
     if not isinstance(model, nn.Module) or not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"model: expected a Hugging Face PreTrainedModel, got {type(model).__name__}")
+    _refuse_attached(model)
     register()
     if not any(routes_through_interface(m) for m in model.modules()):
         hooks_for(model)  # raises the TypeError that explains it
