@@ -69,7 +69,7 @@ def test_run_with_cache_compiles_once_and_equals_eager(tier, fam_id):
     assert backend.compiles == 1, "the same hooks on new inputs recompiled"
     for (out_e, cache_e), (out_c, cache_c) in zip(eager, compiled):
         assert sorted(cache_c.keys()) == sorted(names)
-        torch.testing.assert_close(out_c.logits, out_e.logits)
+        torch.testing.assert_close(out_c, out_e)  # the logits (return_type="logits")
         for name in names:
             torch.testing.assert_close(cache_c[name], cache_e[name], msg=name)
     assert not torch.equal(compiled[0][1][names[0]], compiled[1][1][names[0]]), "a stale cache entry"
@@ -88,8 +88,9 @@ def _rescale_last_row(pattern, hook):
 
 @pytest.mark.parametrize("tier,fam_id", CASES)
 def test_editing_hooks_compile_and_equal_eager(tier, fam_id):
-    """Zero a head at hook_z, rescale pattern rows, and patch hook_z with a stored clean run (the classic
-    activation-patching step): one graph per hook set, equal to eager with the same hooks."""
+    """Zero a head at hook_z, rescale pattern rows, patch hook_z with a stored clean run (the classic
+    activation-patching step), scale the residual stream at hook_resid_pre (a torch module hook, registered
+    while the point is hooked): one graph per hook set, equal to eager with the same hooks."""
     model, h = _hooked(tier, fam_id)
     clean, corrupt = _ids(1), _ids(2)
     with torch.no_grad():
@@ -102,15 +103,16 @@ def test_editing_hooks_compile_and_equal_eager(tier, fam_id):
         "zero head": [("blocks.0.attn.hook_z", _zero_head(2))],
         "rescale pattern": [("blocks.1.attn.hook_pattern", _rescale_last_row)],
         "patch z": [("blocks.1.attn.hook_z", patch)],
+        "halve resid_pre": [("blocks.1.hook_resid_pre", lambda resid, hook: resid * 0.5)],
     }
     with torch.no_grad():
         plain = model(corrupt, use_cache=False).logits
-        eager = {k: h.run_with_hooks(corrupt, fwd_hooks=v, use_cache=False).logits for k, v in hook_sets.items()}
+        eager = {k: h.run_with_hooks(corrupt, fwd_hooks=v, use_cache=False) for k, v in hook_sets.items()}
         backend = CountingBackend()
         h.compile(fullgraph=True, backend=backend)
         for round_ in range(2):  # the second round reuses the three graphs
             for key, hooks in hook_sets.items():
-                out = h.run_with_hooks(corrupt, fwd_hooks=hooks, use_cache=False).logits
+                out = h.run_with_hooks(corrupt, fwd_hooks=hooks, use_cache=False)
                 torch.testing.assert_close(out, eager[key], msg=key)
                 assert not torch.allclose(out, plain), f"{key}: the hook had no effect"
             assert backend.compiles == len(hook_sets), f"round {round_}: {backend.compiles} compilations"
