@@ -206,12 +206,12 @@ def test_compiled_bridge_with_hooks_recompiles_only_on_hook_change():
         assert backend.compiles == 2
 
 
-@pytest.mark.parametrize("fam_id", ["llama3", "gemma2"])
-def test_compiled_static_cache_generate_with_a_hook_on_every_step(fam_id):
+@pytest.mark.parametrize("tier,fam_id", [("attach", "llama3"), ("attach", "gemma2"), ("interface", "qwen3")])
+def test_compiled_static_cache_generate_with_a_hook_on_every_step(tier, fam_id):
     """generate with a StaticCache (what Hugging Face compiles by itself on a GPU) through the compiled model
     with a hook_z ablation on every step: fixed shapes, so one graph for the prefill and one for every decode
     step; tokens and logits equal eager generation with the same hook (Gemma 2: sliding and full layers)."""
-    model, h = _hooked("attach", fam_id)
+    model, h = _hooked(tier, fam_id)
     ids = _ids(6, B=2, S=6)
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
     kw.update(return_dict_in_generate=True, output_logits=True)
@@ -231,3 +231,18 @@ def test_compiled_static_cache_generate_with_a_hook_on_every_step(fam_id):
     for step, (a, b, p) in enumerate(zip(out.logits, eager.logits, plain.logits)):
         torch.testing.assert_close(a, b, msg=f"step {step}")
         assert not torch.allclose(a, p), f"step {step}: the ablation had no effect"
+
+
+@pytest.mark.parametrize("tier,fam_id", [("attach", "llama3"), ("interface", "llama3")])
+def test_compiled_output_attentions_equal_eager(tier, fam_id):
+    """Hugging Face's output_attentions under a compiled model: its collector is read from the plain attribute
+    transformers keeps while compiling (Dynamo cannot trace ContextVar.get), so the patterns are recorded."""
+    model, h = _hooked(tier, fam_id)
+    ids = _ids(7)
+    with torch.no_grad():
+        eager = model(ids, use_cache=False, output_attentions=True).attentions
+        h.compile(fullgraph=True, backend="eager")
+        compiled = model(ids, use_cache=False, output_attentions=True).attentions
+    assert len(compiled) == len(eager) == L
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)

@@ -318,6 +318,28 @@ def test_static_prefill_slice_refuses_written_keys(where):
         assert fragment in message, message
 
 
+def test_static_prefill_refuses_written_keys_under_torch_compile():
+    """Compiled, the check cannot branch on data: it is an assertion op in the graph, raising when it runs."""
+    from pyqkv.hf import interface as hf_interface
+
+    def tail(k, v, S):
+        k[:, :, S:] = 1.0
+
+    q, k, v = _static_prefill(tail)
+    module = _CausalModule()
+    compiled = torch.compile(
+        lambda q, k, v: hf_interface.attention_forward(module, q, k, v, None, scaling=0.25)[0],
+        backend="aot_eager",
+        fullgraph=True,
+    )
+    with pytest.raises(RuntimeError, match="empty StaticCache prefill"):
+        compiled(q, k, v)
+    q, k, v = _static_prefill(lambda k, v, S: None)
+    torch.testing.assert_close(
+        compiled(q, k, v), hf_interface.attention_forward(module, q, k, v, None, scaling=0.25)[0]
+    )
+
+
 def test_static_prefill_with_unwritten_tail_still_slices():
     """The legitimate case keeps working: an all-zero tail is dropped, and the result is top-left causal over
     the first S keys (sdpa's reading)."""

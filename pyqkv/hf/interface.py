@@ -62,6 +62,7 @@ from torch import nn
 from pyqkv import ops
 from pyqkv.attend import attend
 from pyqkv.conversions import Copy
+from pyqkv.hf.recording import attention_recorder
 from pyqkv.hf.residual import ResidualPoints
 from pyqkv.hooks import HookedMixin, HookPoint, refuse_model_call_keywords
 from pyqkv.points import BY_NAME, HOOK_ALIASES, SEEN
@@ -174,7 +175,7 @@ def attention_forward(
         is_causal=is_causal,
         softcap=softcap,
         position_bias=position_bias,
-        want_pattern=bool(output_attentions) or _recording_attentions(),
+        want_pattern=bool(output_attentions) or attention_recorder() is not None,
     )
 
 
@@ -250,13 +251,18 @@ def _check_unwritten_tail(module, key, value, S: int) -> None:
     the prefill only: decode steps carry a mask or S = 1."""
     K = key.shape[2]
     written = key[:, :, S:].ne(0).any() | value[:, :, S:].ne(0).any()
-    if bool(written):
-        raise ValueError(
-            f"key, value: {type(module).__name__} passed attention_mask None with S={S} queries and K={K} keys "
-            f"(K > S), which pyqkv reads only as an empty StaticCache prefill: expected keys and values past the "
-            f"first {S} to be the unwritten (all-zero) part of the static buffer, got nonzero ones there. Pass an "
-            f"explicit attention mask (or a cache that returns only the written keys)."
-        )
+    message = (
+        f"key, value: {type(module).__name__} passed attention_mask None with S={S} queries and K={K} keys "
+        f"(K > S), which pyqkv reads only as an empty StaticCache prefill: expected keys and values past the "
+        f"first {S} to be the unwritten (all-zero) part of the static buffer, got nonzero ones there. Pass an "
+        f"explicit attention mask (or a cache that returns only the written keys)."
+    )
+    if torch.compiler.is_compiling():
+        # A compiled graph cannot branch on data: the same check as an assertion op in the graph (it raises
+        # RuntimeError with this message when the graph runs).
+        torch._assert_async(~written, message)
+    elif bool(written):
+        raise ValueError(message)
 
 
 def _fused(q4, k4, v4, *, scale, causal, mask, return_pattern=False, alibi=None, softcap=None, window=None):
@@ -312,17 +318,6 @@ def _fold_position_bias(bias, mask, causal: bool, S: int, K: int, dtype):
         j = torch.arange(K, device=bias.device).view(1, K)
         return bias.masked_fill(j > i + (K - S), torch.finfo(dtype).min)
     return bias
-
-
-def _recording_attentions() -> bool:
-    """Whether transformers (>= 5) is collecting attention weights in this forward (output_attentions=True):
-    it records the second element our function returns, so the pattern must be built then."""
-    import sys
-
-    capturing = sys.modules.get("transformers.utils.output_capturing")
-    collector = getattr(capturing, "_active_collector", None)
-    collected = collector.get() if collector is not None else None
-    return isinstance(collected, dict) and "attentions" in collected
 
 
 def _describe(obj) -> str:

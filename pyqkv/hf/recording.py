@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from torch import nn
 
 
@@ -21,9 +22,18 @@ def _output_capturing():
 def attention_recorder():
     """The list transformers >= 5 collects `output_attentions` patterns into during this forward, or None.
     HF fills it from forward hooks on its attention classes, which an HFAttention is not, so HFAttention
-    appends its pattern itself."""
+    appends its pattern itself; the attention-interface tier returns the pattern whenever it is not None
+    (HF records the function's second output then)."""
     collector = getattr(_output_capturing(), "_active_collector", None)
-    collected = collector.get() if collector is not None else None
+    if collector is None:
+        collected = None
+    elif torch.compiler.is_compiling():
+        # Dynamo cannot trace ContextVar.get. transformers' CompileableContextVar keeps the collector in a plain
+        # attribute when its set() ran under compile (a whole compiled model, the case that matters); a compiled
+        # region inside an eager forward cannot see what that forward set, as HF's own recording hooks cannot.
+        collected = getattr(collector, "global_var", None) if getattr(collector, "compiling", False) else None
+    else:
+        collected = collector.get()
     recorder = collected.get("attentions") if isinstance(collected, dict) else None
     return recorder if isinstance(recorder, list) else None
 
