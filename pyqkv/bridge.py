@@ -342,13 +342,8 @@ class Bridge(nn.Module, HookedMixin):
         parallelism a rank's own (hook.heads then says which, and pyqkv.zero_heads uses it). A point
         whose hook format a user's conversion rule changed has no known head axis (heads None)."""
         for name, point in self._points.items():
-            axis = BY_NAME[name].head_axis
-            if axis is None or name in self._custom_rules:
-                point.heads = point.n_heads_total = point.head_dim = None
-                continue
-            dim, kind = axis
-            point.head_dim = dim
-            point.heads, point.n_heads_total = (heads, n_heads_total) if kind == "H" else (kv_heads, n_kv_heads_total)
+            axis = None if name in self._custom_rules else BY_NAME[name].head_axis
+            point.hold_heads(axis, heads, kv_heads, n_heads_total, n_kv_heads_total)
 
     # ---------------------------------------------------------------------------------------------
     # Weights in HookedTransformer format. The native split op turned the source layout into the blocked

@@ -105,6 +105,16 @@ class HookPoint:
                 hooks[:] = [h for h in hooks if h.is_permanent and not including_permanent]
         self._changed()
 
+    def hold_heads(self, head_axis, heads: range, kv_heads: range, n_heads: int, n_kv_heads: int) -> None:
+        """Say which global heads this point's tensor holds along its head axis: `head_axis` is the point's
+        (dim, "H" or "Hkv") from pyqkv/points.py, or None (no head axis, or one a conversion rule moved)."""
+        if head_axis is None:
+            self.heads = self.n_heads_total = self.head_dim = None
+            return
+        dim, kind = head_axis
+        self.head_dim = dim
+        self.heads, self.n_heads_total = (heads, n_heads) if kind == "H" else (kv_heads, n_kv_heads)
+
     def _changed(self) -> None:
         self.active = bool(self.fwd or self.bwd)
         self.may_edit = bool(self.bwd) or any(not h.read_only for h in self.fwd)

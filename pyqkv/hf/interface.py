@@ -368,11 +368,8 @@ def _layer_points(prefix: str, H: Optional[int] = None, Hkv: Optional[int] = Non
     points = {}
     for name in POINTS + tuple(_NOT_VISIBLE):
         point = points[name] = HookPoint(prefix + name, rule=Copy() if name in copied else None)
-        axis = BY_NAME[name].head_axis
-        if axis is not None and H is not None:
-            point.head_dim = axis[0]
-            point.n_heads_total = H if axis[1] == "H" else Hkv
-            point.heads = range(point.n_heads_total)
+        if H is not None:
+            point.hold_heads(BY_NAME[name].head_axis, range(H), range(Hkv), H, Hkv)
     return points
 
 
