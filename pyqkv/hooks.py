@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 
 from pyqkv.activation_cache import ActivationCache  # noqa: F401 (also importable from here)
+from pyqkv.distributed import gather_heads
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], Optional[torch.Tensor]]
 NameFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
@@ -196,31 +197,6 @@ def zero_heads(heads) -> HookFn:
 
     zero.__qualname__ = f"zero_heads({wanted})"
     return zero
-
-
-def gather_heads(point: HookPoint, tensor: torch.Tensor) -> torch.Tensor:
-    """A point's tensor with every rank's heads along its head axis, in global order: the collective
-    run_with_cache(gather=True) makes. Unchanged where the tensor already holds every head."""
-    if point.heads is None or len(point.heads) == point.n_heads_total:
-        return tensor
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            f"{point.name}: gather=True needs torch.distributed initialized (this rank holds heads "
-            f"{point.heads.start}..{point.heads.stop - 1} of {point.n_heads_total})"
-        )
-    starts = [None] * dist.get_world_size()
-    dist.all_gather_object(starts, (point.heads.start, len(point.heads)))
-    widest = max(n for _, n in starts)
-    dim = point.head_dim
-    pad = list(tensor.shape)
-    pad[dim] = widest - tensor.shape[dim]
-    padded = torch.cat([tensor, tensor.new_zeros(pad)], dim) if pad[dim] else tensor.contiguous()
-    parts = [torch.empty_like(padded) for _ in starts]
-    dist.all_gather(parts, padded)
-    ordered = sorted(zip(starts, parts), key=lambda item: item[0][0])
-    return torch.cat([part.narrow(dim, 0, n) for (_, n), part in ordered], dim)
 
 
 def check_hook_output(point: HookPoint, fn: HookFn, out, like: torch.Tensor) -> torch.Tensor:
