@@ -165,10 +165,10 @@ def per_head_logit_attribution(model, tokens, logit_diff_directions, apply_final
     logits, cache = model.run_with_cache(tokens)
     per_head_residual, labels = cache.stack_head_results(layer=-1, pos_slice=-1, return_labels=True)
     scaled_residual_stack = apply_final_ln(cache, per_head_residual, -1)
-    attribution = einops.einsum(
+    per_head_logit_diffs = einops.einsum(
         scaled_residual_stack, logit_diff_directions, "component batch d_model, batch d_model -> component"
-    ) / tokens.shape[0]
-    return attribution, labels, logits, cache
+    )
+    return per_head_logit_diffs / tokens.shape[0], labels, logits, cache
 
 
 def head_z_patching(model, utils, clean_tokens, corrupted_tokens, answer_tokens, n_layers, n_heads):
@@ -244,13 +244,18 @@ def apply_final_ln_by_hand(norm: torch.nn.Module):
     return apply
 
 
-def logit_diff_directions(model, family, answer_tokens):
-    """[B, D]: the unembedding direction of logit(correct) - logit(wrong), through the final norm's weight
-    (Hugging Face's weights are not folded, as TransformerLens's processed ones are)."""
-    _, _, norm, _ = parts(model, family)
+def unembedding_directions(model, answer_tokens):
+    """[B, D]: the unembedding direction of logit(correct) - logit(wrong) (TransformerLens's
+    tokens_to_residual_directions, differenced)."""
     W_U = model.get_output_embeddings().weight.T  # [D, V]
-    directions = W_U[:, answer_tokens[:, 0]] - W_U[:, answer_tokens[:, 1]]  # [D, B]
-    return (directions * norm.weight[:, None]).T.detach()
+    return (W_U[:, answer_tokens[:, 0]] - W_U[:, answer_tokens[:, 1]]).T.detach()
+
+
+def logit_diff_directions(model, family, answer_tokens):
+    """[B, D]: the direction of logit(correct) - logit(wrong) in the scaled residual stream, through the final
+    norm's weight (Hugging Face's weights are not folded, as TransformerLens's processed ones are)."""
+    _, _, norm, _ = parts(model, family)
+    return unembedding_directions(model, answer_tokens) * norm.weight.detach()
 
 
 def hf_induction_scores(model, rep_tokens, seq_len):
@@ -398,7 +403,7 @@ def test_direct_logit_attribution_per_head_equals_hf(family):
     scaled = apply_final_ln_by_hand(norm)(cache, stack, -1)
     total = einops.einsum(scaled, directions, "component batch d_model, batch d_model -> batch")
     bias = getattr(norm, "bias", None)
-    bias_term = (directions / norm.weight) @ bias if bias is not None else torch.zeros(B, dtype=torch.float64)
+    bias_term = (unembedding_directions(reference, answers) * bias).sum(-1) if bias is not None else 0.0
     final = logits[:, -1]
     actual = final.gather(-1, answers)[:, 0] - final.gather(-1, answers)[:, 1]
     # Llama's RMSNorm computes in float32 whatever the model's dtype; GPT-2's LayerNorm in float64.
@@ -429,6 +434,24 @@ def test_resid_pre_patching_grid_equals_hf(family):
     # run, patching any other position changes nothing.
     assert_close(expected[0], torch.eye(S, dtype=torch.float64)[2], **EXACT)
     assert_close(grid, expected, **EXACT)
+
+
+def test_final_ln_refusals_give_the_scaling_the_attribution_needs():
+    """pyqkv has no apply_ln_to_stack (it does not wrap the final norm). Its refusals must say how to scale a
+    stack as TransformerLens does (what apply_final_ln_by_hand does, equal to TransformerLens's above): by
+    the scale of the whole residual stream entering the norm, not by running the norm on each component,
+    which normalizes every head by its own statistics and adds the norm's bias to each of them."""
+    h, _ = attached("gpt2")
+    _, cache = h.run_with_cache(random_tokens((B, S), seed=7))
+    stack = cache.stack_head_results(layer=-1, pos_slice=-1)
+    recipe = (
+        r"cache\['resid_post', -1\].*sqrt\(var \+ eps\).*LayerNorm.*sqrt\(mean\(x\*\*2\) \+ eps\).*RMSNorm"
+        r".*\(stack - stack.mean\(-1, keepdim=True\)\) / scale.*weight"
+    )
+    with pytest.raises(NotImplementedError, match=r"stack_head_results\(apply_ln=True\).*" + recipe):
+        cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True)
+    with pytest.raises(NotImplementedError, match=r"ActivationCache.apply_ln_to_stack: .*" + recipe):
+        cache.apply_ln_to_stack(stack, layer=-1, pos_slice=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------
