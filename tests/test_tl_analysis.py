@@ -81,11 +81,14 @@ def build(family: str):
     return model.double().eval()
 
 
-def attached(family: str):
-    """(pyqkv's handle on an attached model, an untouched Hugging Face copy of the same model)."""
+def hooked(family: str, tier: str = "attach"):
+    """(the model, pyqkv's handle on it, an untouched Hugging Face copy of the same model). tier: "attach"
+    (pyqkv's Bridges replace the attention modules) or "enable" (attn_implementation="pyqkv": Hugging Face
+    keeps its modules and calls pyqkv for attention; no W_O, so no stack_head_results there). The model is
+    returned for the caller to hold: the interface tier's handle holds it only weakly."""
     model = build(family)
     reference = copy.deepcopy(model)
-    return pyqkv.hf.attach(model), reference
+    return model, (pyqkv.hf.attach if tier == "attach" else pyqkv.hf.enable)(model), reference
 
 
 def random_tokens(shape, seed):
@@ -368,9 +371,10 @@ def assert_discriminates(values: torch.Tensor, what: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # pyqkv against Hugging Face by hand
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tier", ["attach", "enable"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_induction_scores_equal_hf_output_attentions(family):
-    h, reference = attached(family)
+def test_induction_scores_equal_hf_output_attentions(family, tier):
+    _model, h, reference = hooked(family, tier)
     rep = repeated_tokens()
     with torch.no_grad(), float64_softmax():
         expected = hf_induction_scores(reference, rep, SEQ_LEN)
@@ -383,7 +387,7 @@ def test_induction_scores_equal_hf_output_attentions(family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_direct_logit_attribution_per_head_equals_hf(family):
-    h, reference = attached(family)
+    _model, h, reference = hooked(family)
     tokens = random_tokens((B, S), seed=7)
     answers = random_tokens((B, 2), seed=8)
     directions = logit_diff_directions(reference, family, answers)
@@ -411,9 +415,10 @@ def test_direct_logit_attribution_per_head_equals_hf(family):
     assert_close(total + bias_term, actual, **tolerance)
 
 
+@pytest.mark.parametrize("tier", ["attach", "enable"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_head_z_patching_grid_equals_hf(family):
-    h, reference = attached(family)
+def test_head_z_patching_grid_equals_hf(family, tier):
+    _model, h, reference = hooked(family, tier)
     clean, corrupted, answers = patching_inputs()
     with torch.no_grad(), float64_softmax():
         expected = hf_head_z_patching(reference, family, clean, corrupted, answers)
@@ -422,9 +427,10 @@ def test_head_z_patching_grid_equals_hf(family):
     assert_close(grid, expected, **EXACT)
 
 
+@pytest.mark.parametrize("tier", ["attach", "enable"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_resid_pre_patching_grid_equals_hf(family):
-    h, reference = attached(family)
+def test_resid_pre_patching_grid_equals_hf(family, tier):
+    _model, h, reference = hooked(family, tier)
     clean, corrupted, answers = patching_inputs()
     with torch.no_grad(), float64_softmax():
         expected = hf_resid_pre_patching(reference, family, clean, corrupted, answers)
@@ -441,7 +447,7 @@ def test_final_ln_refusals_give_the_scaling_the_attribution_needs():
     stack as TransformerLens does (what apply_final_ln_by_hand does, equal to TransformerLens's above): by
     the scale of the whole residual stream entering the norm, not by running the norm on each component,
     which normalizes every head by its own statistics and adds the norm's bias to each of them."""
-    h, _ = attached("gpt2")
+    _model, h, _ = hooked("gpt2")
     _, cache = h.run_with_cache(random_tokens((B, S), seed=7))
     stack = cache.stack_head_results(layer=-1, pos_slice=-1)
     recipe = (
