@@ -2,8 +2,10 @@
 
 The analysis functions below are written as TransformerLens's tutorials write them (`cache["pattern", l]`,
 `cache.stack_head_results(...)`, `utils.get_act_name`, hooks that read `hook.layer()` and edit in place); they
-take any model handle with TransformerLens's hook API, so the very same functions run on pyqkv's attached
-model and, where it is installed, on TransformerLens's own TransformerBridge. Each number is compared with
+take any model handle with TransformerLens's hook API, so the very same functions run on pyqkv's handles
+(pyqkv.hf.attach; pyqkv.hf.enable, the interface tier, where the analysis needs no W_O) and, where it is
+installed, on TransformerLens's own TransformerBridge (`utils` is its `utilities` since TransformerLens 4.0,
+pyqkv's `pyqkv.utils`). Each number is compared with
 the same computation done by hand on the plain Hugging Face model (torch forward hooks on its modules,
 output_attentions), which knows nothing of pyqkv:
 
@@ -12,8 +14,8 @@ output_attentions), which knows nothing of pyqkv:
    onto a logit-difference direction);
 3. activation patching of every head's hook_z and of hook_resid_pre at every (layer, position), from a clean
    run into a corrupted one (logit-difference grids);
-4. the same numbers from TransformerLens's bridge over the same GPT-2 (skipped when build/bench-peers, which
-   `make bench-model` installs, is absent).
+4. the same numbers from TransformerLens's bridge over the same GPT-2 and Llama (skipped when
+   build/bench-peers, which `make bench-model` installs and `make test` does not, is absent).
 
 Models: tiny random GPT-2 and Llama (GQA) in float64, with sharp attention (initializer_range 0.2) and
 non-trivial norm weights and biases, so a wrong layer, head, position or scale changes the numbers by far more
