@@ -39,6 +39,18 @@ _ATTENTION_ONLY = (
     "pyqkv hooks attention (blocks.{l}.attn.hook_*) and the residual stream at the block boundaries "
     "(blocks.{l}.hook_resid_pre, hook_attn_out, hook_resid_post) only"
 )
+# How to do by hand what apply_ln_to_stack / stack_head_results(apply_ln=True) do in TransformerLens for the
+# final norm (tests/test_tl_analysis.py checks this recipe against TransformerLens's apply_ln_to_stack). The
+# scale is that of the whole residual stream entering the norm: running the norm module on the stack instead
+# would normalize each component by its own statistics and add the norm's bias to each.
+_FINAL_LN_BY_HAND = (
+    "scale the stack by hand as TransformerLens does: from x = cache['resid_post', -1] (the residual stream "
+    "entering the final norm, sliced at the stack's positions), scale = sqrt(var + eps) for a LayerNorm "
+    "(x.var(-1, unbiased=False, keepdim=True)) or sqrt(mean(x**2) + eps) for an RMSNorm; then "
+    "(stack - stack.mean(-1, keepdim=True)) / scale for a LayerNorm, stack / scale for an RMSNorm. Hugging "
+    "Face's weights are not folded: multiply the norm's weight into the unembedding direction. (For block "
+    "l's input norm, use cache['resid_pre', l] and that norm.)"
+)
 
 
 class ActivationCache(dict):
@@ -323,7 +335,8 @@ class ActivationCache(dict):
             name it); KeyError names it otherwise.
         pos_slice: positions to keep (dim S): an int (the dimension is removed), a slice or (start, stop[,
             step]) tuple, a list or 1-D tensor of indices, or None (all).
-        apply_ln: NotImplementedError: it needs the model's final LayerNorm, which pyqkv does not wrap.
+        apply_ln: NotImplementedError: it needs the model's final LayerNorm, which pyqkv does not wrap (the
+            error says how to scale the stack by hand).
 
         Raises KeyError when a layer's hook_z is not cached, NotImplementedError when the model has no output
         projection to read (the attn_implementation="pyqkv" tier: use pyqkv.hf.attach).
@@ -332,7 +345,7 @@ class ActivationCache(dict):
         if apply_ln:
             raise NotImplementedError(
                 f"{what}(apply_ln=True): needs the model's final LayerNorm (ln_final), which pyqkv does not wrap "
-                f"({_ATTENTION_ONLY}); apply the Hugging Face model's final norm to the returned stack yourself"
+                f"({_ATTENTION_ONLY}); {_FINAL_LN_BY_HAND}"
             )
         n = self._layers_up_to(layer, "layer")
         pos = _Slice(pos_slice, "pos_slice")
@@ -374,8 +387,11 @@ class ActivationCache(dict):
         raise _unsupported("logit_attrs", "the unembedding (W_U) and the final LayerNorm (ln_final)")
 
     def apply_ln_to_stack(self, *args, **kwargs):
-        """NotImplementedError: needs the LayerNorms' scales."""
-        raise _unsupported("apply_ln_to_stack", "the LayerNorms and their scales (ln_final.hook_scale, ln1, ln2)")
+        """NotImplementedError: needs the LayerNorms' scales; the error says how to scale a stack by hand from the
+        cached residual stream."""
+        raise _unsupported(
+            "apply_ln_to_stack", "the LayerNorms and their scales (ln_final.hook_scale, ln1, ln2)", _FINAL_LN_BY_HAND
+        )
 
     def get_neuron_results(self, *args, **kwargs):
         """NotImplementedError: needs the MLP neurons and W_out."""
@@ -416,11 +432,10 @@ def _span(layers: list) -> str:
     return "{" + ",".join(map(str, layers)) + "}"
 
 
-def _unsupported(method: str, missing: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"ActivationCache.{method}: needs {missing}, and {_ATTENTION_ONLY}; use TransformerLens for it, or "
-        f"compute it from the Hugging Face model"
-    )
+def _unsupported(
+    method: str, missing: str, instead: str = "use TransformerLens for it, or compute it from the Hugging Face model"
+) -> NotImplementedError:
+    return NotImplementedError(f"ActivationCache.{method}: needs {missing}, and {_ATTENTION_ONLY}; {instead}")
 
 
 class _Slice:
