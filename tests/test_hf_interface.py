@@ -757,6 +757,43 @@ def test_hooks_for_needs_the_pyqkv_implementation_and_enable_sets_it():
         assert torch.equal(eager(ids, attention_mask=am).logits, ref)
 
 
+def test_the_handle_keeps_its_model_and_copies_carry_no_hooks():
+    """`h = enable(build())` keeps the model alive through h; a deepcopy or a pickle of a hooked model carries
+    no hooks (hooks_for(copy) makes the copy's own, firing on the copy only)."""
+    import copy
+    import gc
+    import io
+
+    def build():
+        eager, _ = pair("llama")
+        return eager
+
+    h = hf_interface.enable(build())
+    gc.collect()
+    ids, am = left_padded()
+    with torch.no_grad():
+        _, cache = h.run_with_cache(ids, attention_mask=am, names_filter="blocks.0.attn.hook_z")
+    assert list(cache) == ["blocks.0.attn.hook_z"]
+    model = h.model
+    clone = copy.deepcopy(model)
+    h_clone = hf_interface.hooks_for(clone)
+    assert h_clone is not h and h_clone.model is clone
+    fired = []
+    h.add_hook("blocks.0.attn.hook_z", lambda z, hook: fired.append("original"))
+    h_clone.add_hook("blocks.0.attn.hook_z", lambda z, hook: fired.append("copy"))
+    with torch.no_grad():
+        clone(ids, attention_mask=am)
+        model(ids, attention_mask=am)
+    assert fired == ["copy", "original"]
+    h.reset_hooks()
+    h_clone.reset_hooks()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert hf_interface.hooks_for(loaded) is not h
+
+
 def test_points_the_interface_cannot_see_raise_naming_attach():
     _, ours = pair("gpt2")
     h = hf_interface.hooks_for(ours)

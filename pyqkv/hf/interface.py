@@ -341,7 +341,7 @@ class _Layer:
         return None
 
     def __reduce__(self):
-        return (_no_layer, ())
+        return (_restored_as_none, ())
 
     def __init__(self, owner: "InterfaceHooks", prefix: str, path: str, module: Optional[nn.Module] = None):
         self.owner = owner
@@ -377,7 +377,7 @@ def _layer_points(prefix: str, H: Optional[int] = None, Hkv: Optional[int] = Non
 _NO_POINTS = _layer_points("")
 
 
-def _no_layer():
+def _restored_as_none():
     return None
 
 
@@ -385,8 +385,10 @@ def _no_layer():
 # under torch.compile the lookup is then an attribute read Dynamo guards once, where a table keyed by
 # module would be guarded by its contents, which change whenever any other model is hooked or freed.
 LAYER_ATTR = "_pyqkv_layer"
-# model -> its InterfaceHooks, so hooks_for(model) twice gives the same points.
-_HOOKED_MODELS: "weakref.WeakKeyDictionary[nn.Module, InterfaceHooks]" = weakref.WeakKeyDictionary()
+# The attribute of a hooked model that holds its InterfaceHooks, so hooks_for(model) twice gives the same
+# points. The handle holds the model in turn: `h = pyqkv.hf.enable(build_model())` keeps the model alive
+# as long as h (a cycle the garbage collector frees once neither is referenced).
+HOOKS_ATTR = "_pyqkv_interface_hooks"
 
 
 class InterfaceHooks(HookedMixin):
@@ -403,7 +405,7 @@ class InterfaceHooks(HookedMixin):
     returns_model_output = True
 
     def __init__(self, model: nn.Module, targets: list, attach_families: str):
-        self._model_ref = weakref.ref(model)
+        self._model = model
         self._attach_note = attach_families
         self._called = False  # set by attention_forward: some layer ran pyqkv during this call
         self._layers = []
@@ -427,10 +429,15 @@ class InterfaceHooks(HookedMixin):
 
     @property
     def model(self) -> nn.Module:
-        model = self._model_ref()
-        if model is None:
-            raise RuntimeError("the hooked model no longer exists")
-        return model
+        return self._model
+
+    # It hangs on the user's model: a copy or a pickle of that model carries no hooks (hooks_for(copy) makes
+    # the copy's own).
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (_restored_as_none, ())
 
     @property
     def layers(self) -> list:
@@ -606,7 +613,7 @@ def hooks_for(model: nn.Module) -> InterfaceHooks:
     pyqkv.hf.attach where it supports the model), ValueError when the model does not run "pyqkv"."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
-    existing = _HOOKED_MODELS.get(model)
+    existing = model.__dict__.get(HOOKS_ATTR)
     if existing is not None:
         return existing
     _refuse_attached(model)
@@ -634,7 +641,7 @@ def hooks_for(model: nn.Module) -> InterfaceHooks:
         )
     targets = [(prefix, path, m) for (path, m), prefix in zip(ours, _hook_prefixes(ours))]
     hooks = InterfaceHooks(model, targets, _attach_note(model))
-    _HOOKED_MODELS[model] = hooks
+    model.__dict__[HOOKS_ATTR] = hooks
     return hooks
 
 
