@@ -15,8 +15,11 @@ Rows:
 - "pyqkv run_with_cache": the attached model caching every layer's hook_pattern.
 With --generate N: greedy generation of N new tokens (tokens/s) by HF sdpa, by the attached model with
 nothing hooked, and with a hook_z head ablation on every layer (pyqkv.zero_heads).
-Peak MB: on the CPU the extra resident memory of one call, measured in a fresh process; on a GPU
-torch.cuda.max_memory_allocated over one call, above what was allocated before it.
+Peak MB: on the CPU the extra resident memory of one call, measured in a fresh process that builds that
+row alone, with its high-water mark reset just before the call (pyqkv.bench.call_peak_kib; what the row
+returns, patterns or logits, counts); on a GPU torch.cuda.max_memory_allocated over one call, above what
+was allocated before it. `--shape tiny` (2 layers, hidden 32, 1000-token vocabulary) checks the
+benchmark itself quickly: at S = 3072 its patterns are 288 MiB (S = 3136: 300 MiB).
 
     python -m pyqkv bench-model [--batch 2] [--seq 512] [--reps 5] [--json FILE]
     python -m pyqkv bench-model --device cuda --dtype bfloat16 --shape pythia-1.4b --batch 8 --seq 2048 --generate 256
@@ -27,17 +30,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 import torch
 
-from pyqkv.bench import format_table, time_interleaved
+from pyqkv.bench import _peak_mb_in_child, format_table, time_interleaved
 
 VOCAB = 50257
-SHAPES = {  # name: (transformers config class, its arguments); vocabulary 50257 throughout
+SHAPES = {  # name: (transformers config class, its arguments); vocabulary 50257 unless the arguments say
     "gpt2-small": (
         "GPT2Config",
         dict(n_layer=12, n_head=12, n_embd=768, n_positions=4096, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
@@ -50,6 +52,21 @@ SHAPES = {  # name: (transformers config class, its arguments); vocabulary 50257
             num_attention_heads=16,
             intermediate_size=8192,
             max_position_embeddings=4096,
+        ),
+    ),
+    # A small model for quick checks of the benchmark itself: long sequences cost memory (patterns,
+    # L * B * H * S * S) long before they cost time, and a small vocabulary keeps the logits small.
+    "tiny": (
+        "GPT2Config",
+        dict(
+            n_layer=2,
+            n_head=4,
+            n_embd=32,
+            n_positions=4096,
+            vocab_size=1000,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
         ),
     ),
     "llama-gqa-1b": (
@@ -70,10 +87,10 @@ def _config(shape: str, layers=None):
     import transformers
 
     cls, kw = SHAPES[shape]
-    kw = dict(kw)
+    kw = {"vocab_size": VOCAB, **kw}
     if layers is not None:
-        kw["n_layer" if shape == "gpt2-small" else "num_hidden_layers"] = layers
-    cfg = getattr(transformers, cls)(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw)
+        kw["n_layer" if cls == "GPT2Config" else "num_hidden_layers"] = layers
+    cfg = getattr(transformers, cls)(bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw)
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -102,48 +119,82 @@ def have_transformer_lens() -> bool:
 
 
 def rows(
-    layers=None, seed: int = 0, shape: str = "gpt2-small", device="cpu", dtype=torch.float32, generate: int = 0
+    layers=None,
+    seed: int = 0,
+    shape: str = "gpt2-small",
+    device="cpu",
+    dtype=torch.float32,
+    generate: int = 0,
+    names=None,
 ) -> dict:
-    """Row name -> callable(ids). Each row has its own copy of one random model."""
+    """Row name -> callable(ids). Each kind of row (HF sdpa, HF eager, attached, TransformerLens) has its
+    own copy of one random model. names: build only these rows (None: all), so that a process measuring
+    one row's memory holds nothing of the others."""
     import transformers
 
     import pyqkv
 
     torch.manual_seed(seed)
     base = transformers.AutoModelForCausalLM.from_config(_config(shape, layers)).to(device=device, dtype=dtype).eval()
-    sdpa = copy.deepcopy(base)
-    sdpa.config._attn_implementation = "sdpa"
-    eager = copy.deepcopy(base)
-    attached_model = copy.deepcopy(base)
-    h = pyqkv.hf.attach(attached_model)
-    out = {
-        "HF sdpa": lambda ids: sdpa(ids).logits,
-        "pyqkv attached": lambda ids: attached_model(ids).logits,
-        "HF eager + output_attentions": lambda ids: eager(ids, output_attentions=True).attentions,
-        "pyqkv run_with_cache": lambda ids: h.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))[1],
+    copies = {}
+
+    def model(kind: str):
+        """(model, handle): the row kind's copy of base, made on first use; the handle of "attached"."""
+        if kind not in copies:
+            m = copy.deepcopy(base)
+            if kind == "sdpa":
+                m.config._attn_implementation = "sdpa"
+            copies[kind] = (m, pyqkv.hf.attach(m) if kind == "attached" else None)
+        return copies[kind]
+
+    def patterns(h):
+        return lambda ids: h.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))[1]
+
+    # name: (the copy it runs on, fn(model, handle) -> the row's callable)
+    makers = {
+        "HF sdpa": ("sdpa", lambda m, h: lambda ids: m(ids).logits),
+        "pyqkv attached": ("attached", lambda m, h: lambda ids: m(ids).logits),
+        "HF eager + output_attentions": ("eager", lambda m, h: lambda ids: m(ids, output_attentions=True).attentions),
+        "pyqkv run_with_cache": ("attached", lambda m, h: patterns(h)),
     }
     if generate:
         kw = dict(max_new_tokens=generate, min_new_tokens=generate, do_sample=False, pad_token_id=0)
-        ablate = [(f"blocks.{i}.attn.hook_z", pyqkv.zero_heads([0])) for i in range(len(h.bridges))]
-        out["generate: HF sdpa"] = lambda ids: sdpa.generate(ids, **kw)
-        out["generate: pyqkv"] = lambda ids: attached_model.generate(ids, **kw)
 
-        def generate_ablated(ids):
-            with h.hooks(fwd_hooks=ablate):
-                return attached_model.generate(ids, **kw)
+        def ablated(m, h):
+            ablate = [(f"blocks.{i}.attn.hook_z", pyqkv.zero_heads([0])) for i in range(len(h.bridges))]
 
-        out["generate: pyqkv + hook_z ablation"] = generate_ablated
+            def run(ids):
+                with h.hooks(fwd_hooks=ablate):
+                    return m.generate(ids, **kw)
+
+            return run
+
+        makers["generate: HF sdpa"] = ("sdpa", lambda m, h: lambda ids: m.generate(ids, **kw))
+        makers["generate: pyqkv"] = ("attached", lambda m, h: lambda ids: m.generate(ids, **kw))
+        makers["generate: pyqkv + hook_z ablation"] = ("attached", ablated)
     if have_transformer_lens():
-        from transformer_lens.model_bridge import TransformerBridge
+        makers["TransformerLens bridge run_with_cache"] = (None, lambda m, h: _transformer_lens_row(base))
+    if names is not None:
+        unknown = sorted(set(names) - set(makers))
+        if unknown:
+            raise ValueError(f"names: expected row names among {sorted(makers)}, got unknown {unknown}")
+    return {
+        name: make(*(model(kind) if kind else (None, None)))
+        for name, (kind, make) in makers.items()
+        if names is None or name in names
+    }
 
-        directory = tempfile.mkdtemp(prefix="pyqkv-bench-tl-")
-        tok = _tiny_tokenizer(directory, base.config.vocab_size)
-        base.config.save_pretrained(directory)
-        tl = TransformerBridge.boot_transformers(directory, hf_model=copy.deepcopy(base), tokenizer=tok)
-        out["TransformerLens bridge run_with_cache"] = lambda ids: tl.run_with_cache(
-            ids, names_filter=lambda n: n.endswith("hook_pattern")
-        )[1]
-    return out
+
+def _transformer_lens_row(base):
+    """TransformerLens's TransformerBridge (the reference system) on a copy of base, caching every
+    layer's hook_pattern."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    directory = tempfile.mkdtemp(prefix="pyqkv-bench-tl-")
+    tok = _tiny_tokenizer(directory, base.config.vocab_size)
+    base.config.save_pretrained(directory)
+    tl = TransformerBridge.boot_transformers(directory, hf_model=copy.deepcopy(base), tokenizer=tok)
+    return lambda ids: tl.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))[1]
 
 
 def check_rows_agree(fns: dict, ids) -> float:
@@ -174,17 +225,17 @@ def _synced(fn, device):
     return call
 
 
-def peak_memory_mb(row: str, B: int, S: int, layers, shape: str) -> float:
-    """Extra peak resident memory (MB) of one call of `row`, in a fresh process (see pyqkv.bench)."""
+def peak_memory_mb(row: str, B: int, S: int, layers, shape: str) -> Optional[float]:
+    """Extra peak resident memory (MB) of one call of `row`, in a fresh process that builds that row alone
+    (pyqkv.bench.call_peak_kib: the high-water mark reset just before the call); None where the kernel
+    cannot measure it."""
     code = (
         "import torch; from pyqkv import bench, bench_model; "
-        f"fns = bench_model.rows({layers!r}, shape={shape!r}); ids = torch.randint(0, {VOCAB}, ({B}, {S})); "
-        f"fn = fns[{row!r}]; fn(ids[:, :8]); base = bench.high_water_kib()\n"
-        "with torch.inference_mode(): fn(ids)\n"
-        "print(bench.high_water_kib() - base)"
+        f"fns = bench_model.rows({layers!r}, shape={shape!r}, names=[{row!r}]); "
+        f"ids = torch.randint(0, bench_model._config({shape!r}).vocab_size, ({B}, {S})); "
+        f"fn = fns[{row!r}]; fn(ids[:, :8]); print(bench.call_peak_kib(fn, ids))"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
-    return int(res.stdout.strip().splitlines()[-1]) / 1024
+    return _peak_mb_in_child(code)
 
 
 def cuda_peak_mb(fn, args) -> float:
@@ -215,7 +266,8 @@ def run(
     say = (lambda *a: None) if quiet else print
     fns = rows(layers, shape=shape, device=device, dtype=dtype, generate=generate)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (batch, seq), generator=g).to(device)
+    vocab = _config(shape, layers).vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
     agree = check_rows_agree(fns, ids)
     forward = {n: _synced(f, device) for n, f in fns.items() if not n.startswith("generate")}
     spread: dict = time_interleaved(forward, (ids,), reps=reps)
@@ -246,13 +298,14 @@ def run(
         summary["run_with_cache_patterns_vs_transformer_lens"] = (
             spread[tl].median / spread["pyqkv run_with_cache"].median
         )
-    if memory and mem["HF eager + output_attentions"] > 0:  # (tiny sizes can stay below the page granularity)
-        summary["peak_memory_patterns_vs_hf_eager"] = mem["pyqkv run_with_cache"] / mem["HF eager + output_attentions"]
+    eager_mb, ours_mb = mem.get("HF eager + output_attentions"), mem.get("pyqkv run_with_cache")
+    if eager_mb and ours_mb is not None:  # (None: not measurable here; tiny sizes can stay below a page)
+        summary["peak_memory_patterns_vs_hf_eager"] = ours_mb / eager_mb
     generation = {}
     if generate:
         gen = {n: _synced(f, device) for n, f in fns.items() if n.startswith("generate")}
         for B in generate_batches:
-            p_ids = torch.randint(0, VOCAB, (B, prompt), generator=g).to(device)
+            p_ids = torch.randint(0, vocab, (B, prompt), generator=g).to(device)
             sp = time_interleaved(gen, (p_ids,), reps=max(1, reps // 2), warmup=1)
             generation[B] = {n: {"tokens_per_s": B * generate / x.median, "median_s": x.median} for n, x in sp.items()}
         base = "generate: HF sdpa"
@@ -285,6 +338,8 @@ def run(
             + ", ".join(f"{n[10:]} {x['tokens_per_s']:.0f} tok/s" for n, x in r.items())
         )
     say("summary: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    if memory and None in mem.values():
+        say("(peak MB -: this kernel does not let a process reset its memory high-water mark, /proc/self/clear_refs)")
     if tl not in spread:
         say("(no TransformerLens row: transformer_lens is not importable; `make bench-model` provides it)")
     return {
