@@ -15,6 +15,8 @@ Rows:
 - "pyqkv run_with_cache": the attached model caching every layer's hook_pattern.
 With --generate N: greedy generation of N new tokens (tokens/s) by HF sdpa, by the attached model with
 nothing hooked, and with a hook_z head ablation on every layer (pyqkv.zero_heads).
+With --overhead [FAMILY ...] (from a checkout): the overhead-bound decode of bench/overhead.py (16 layers,
+hidden 64, batch 1, greedy), its rows against HF sdpa.
 Peak MB: on the CPU the extra resident memory of one call, measured in a fresh process that builds that
 row alone, with its high-water mark reset just before the call (pyqkv.bench.call_peak_kib; what the row
 returns, patterns or logits, counts); on a GPU torch.cuda.max_memory_allocated over one call, above what
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import sys
 import tempfile
@@ -361,6 +364,65 @@ def run(
     }
 
 
+@functools.lru_cache(maxsize=1)
+def _overhead_module():
+    """bench/overhead.py of this checkout (the overhead-bound decode's rows live there, once), imported by
+    path: it is not part of the installed package."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "overhead.py"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--overhead: expected bench/overhead.py of a pyqkv checkout at {path} (it is not installed with the "
+            "package); run from a checkout"
+        )
+    spec = importlib.util.spec_from_file_location("pyqkv_bench_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def overhead_decode(families=("gpt2", "llama"), new_tokens=64, reps=15, prompt=8, quiet=False) -> dict:
+    """The overhead-bound decode (16 layers, hidden 64, 4 heads, batch 1, greedy: almost all of a step is
+    per-call cost) with bench/overhead.py's rows (HF sdpa and its twin, attach and the interface tier, each
+    with and without one editing hook_z hook), timed as the other rows here: medians of interleaved rounds,
+    ratios to HF sdpa. Result: {family: {row: {median_ms, min_ms, max_ms, noisy, vs_hf_sdpa}}}."""
+    say = (lambda *a: None) if quiet else print
+    overhead = _overhead_module()
+    say(
+        f"\noverhead-bound decode: batch 1, {prompt}-token prompt, {new_tokens} new tokens, greedy "
+        f"(bench/overhead.py's rows); medians of {reps} interleaved rounds"
+    )
+    result = {}
+    for family in families:
+        fns = overhead.build_rows(family, new_tokens)
+        ids = torch.randint(1, 1000, (1, prompt), generator=torch.Generator().manual_seed(1))
+        spread = time_interleaved(fns, (ids,), reps=reps, warmup=1)
+        base = spread["HF sdpa"].median
+        result[family] = {
+            name: {
+                "median_ms": sp.median * 1e3,
+                "min_ms": sp.min * 1e3,
+                "max_ms": sp.max * 1e3,
+                "noisy": sp.noisy,
+                "vs_hf_sdpa": sp.median / base,
+            }
+            for name, sp in spread.items()
+        }
+        table = [
+            [
+                f"{family}: {name}",
+                f"{e['median_ms']:.1f}",
+                f"{e['min_ms']:.1f} - {e['max_ms']:.1f}" + (" noisy" if e["noisy"] else ""),
+                f"{e['vs_hf_sdpa']:.2f}x",
+            ]
+            for name, e in result[family].items()
+        ]
+        say(format_table(["row", "median ms", "min - max", "vs HF sdpa"], table))
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="pyqkv bench-model",
@@ -377,8 +439,25 @@ def main(argv=None) -> int:
     p.add_argument("--generate", type=int, default=0, help="new tokens per generate row (0: no generate rows)")
     p.add_argument("--generate-batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    p.add_argument(
+        "--overhead",
+        nargs="*",
+        metavar="FAMILY",
+        help="add the overhead-bound decode rows of bench/overhead.py for these families (none named: gpt2 llama)",
+    )
+    p.add_argument("--overhead-tokens", type=int, default=64, help="new tokens per overhead-bound decode row")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     a = p.parse_args(argv)
+    overhead = None
+    if a.overhead is not None:  # before measuring: minutes of timing must not end in a missing file
+        try:
+            overhead = _overhead_module()
+        except FileNotFoundError as e:
+            print(e, file=sys.stderr)
+            return 1
+        unknown = sorted(set(a.overhead) - set(overhead.FAMILIES))
+        if unknown:
+            p.error(f"--overhead: expected families among {sorted(overhead.FAMILIES)}, got {unknown}")
     results = {}
     for shape in a.shape:
         results[shape] = run(
@@ -393,6 +472,9 @@ def main(argv=None) -> int:
             generate=a.generate,
             generate_batches=a.generate_batch,
         )
+    if overhead is not None:
+        families = a.overhead or list(overhead.FAMILIES)
+        results["overhead-decode"] = overhead_decode(families, a.overhead_tokens, reps=max(a.reps, 3))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results if len(results) > 1 else next(iter(results.values())), f, indent=2)

@@ -68,3 +68,24 @@ def test_rows_builds_only_the_rows_asked_for():
     assert list(fns) == ["HF sdpa"]
     with pytest.raises(ValueError, match=r"^names: expected row names among .* got unknown \['nope'\]"):
         bench_model.rows(shape=SHAPE, names=["nope"])
+
+
+def test_overhead_decode_rows_come_from_bench_overhead(tmp_path):
+    """--overhead adds bench/overhead.py's rows (reused from there, not copied), timed against HF sdpa."""
+    import json
+
+    out = tmp_path / "model.json"
+    argv = ["--shape", SHAPE, "--seq", "16", "--batch", "1", "--reps", "1", "--no-memory"]
+    assert bench_model.main(argv + ["--overhead", "gpt2", "--overhead-tokens", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    overhead = bench_model._overhead_module()
+    rows = result["overhead-decode"]["gpt2"]
+    assert set(rows) == set(overhead.build_rows("gpt2", 2))
+    assert rows["HF sdpa"]["vs_hf_sdpa"] == 1.0 and rows["attach"]["median_ms"] > 0
+    assert set(result[SHAPE]["rows"]) >= {"HF sdpa", "pyqkv attached"}
+
+
+def test_overhead_rejects_an_unknown_family(capsys):
+    with pytest.raises(SystemExit):
+        bench_model.main(["--shape", SHAPE, "--overhead", "gpt3"])
+    assert "--overhead: expected families among ['gpt2', 'llama'], got ['gpt3']" in capsys.readouterr().err
