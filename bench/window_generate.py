@@ -14,7 +14,7 @@ positions start (KVCache.keep_last). Rows, one random model copied into each, si
   a new KVCache on the next step (the mirror's fallback for cache layers it does not keep in sync).
 
     python bench/window_generate.py [--window 1024] [--prompt 1024] [--new-tokens 32] [--batch 4]
-                                    [--layers 4] [--reps 9] [--json FILE]
+                                    [--layers 4] [--reps 9] [--threads N] [--clock wall|cpu] [--json FILE]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import copy
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -86,8 +87,17 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall time, or this process's CPU time (on a machine shared with other work; best with --threads 1)",
+    )
     p.add_argument("--json", metavar="FILE")
     a = p.parse_args(argv)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     if a.window >= a.prompt + a.new_tokens:
         p.error(f"--window: expected less than prompt + new tokens ({a.prompt + a.new_tokens}), got {a.window}")
     fns = build_rows(a)
@@ -97,12 +107,14 @@ def main(argv=None) -> int:
         for name, fn in fns.items():
             if not torch.equal(fn(ids), ref):
                 print(f"warning: {name} generated other tokens than HF sdpa")
-    spread = time_interleaved(fns, (ids,), reps=a.reps, warmup=1)
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    spread = time_interleaved(fns, (ids,), reps=a.reps, warmup=1, clock=clock)
     base = spread["HF sdpa"].median
     print(
         f"Mistral-shaped, {a.layers} layers, hidden 128, 4 heads (2 KV heads, Dh 32), sliding window {a.window}; "
         f"batch {a.batch}, {a.prompt}-token prompt, {a.new_tokens} new tokens, greedy, float32; "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}; medians of {a.reps} interleaved rounds"
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; {a.clock} time, medians of {a.reps} "
+        "interleaved rounds"
     )
     table = [
         [

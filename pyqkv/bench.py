@@ -150,9 +150,11 @@ class Spread:
         return cls(min(times), statistics.median(times), max(times))
 
 
-def time_interleaved(fns: dict, args: tuple, *, reps: int, warmup: int = 2) -> dict:
+def time_interleaved(fns: dict, args: tuple, *, reps: int, warmup: int = 2, clock=time.perf_counter) -> dict:
     """{name: Spread} of seconds per call of each fn, running every fn once per round in rotating order so
-    slow drifts of the machine hit all rows alike (after `warmup` untimed rounds of every fn)."""
+    slow drifts of the machine hit all rows alike (after `warmup` untimed rounds of every fn). clock: wall
+    time by default; time.process_time (this process's CPU time, all its threads) for a machine shared
+    with other work, where the wall time of a call depends on what else runs."""
     names = list(fns)
     with torch.inference_mode():
         for _ in range(warmup):
@@ -161,9 +163,9 @@ def time_interleaved(fns: dict, args: tuple, *, reps: int, warmup: int = 2) -> d
         times = {name: [] for name in names}
         for r in range(reps):
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                t0 = time.perf_counter()
+                t0 = clock()
                 fns[name](*args)
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     return {name: Spread.of(t) for name, t in times.items()}
 
 
