@@ -92,6 +92,11 @@ def reload_every_step(monkeypatch):
     monkeypatch.setattr(hf_cache.CacheMirror, "run", run)
 
 
+def cache_of(generated):
+    """generate's cache (named `cache` in newer transformers, `past_key_values` before)."""
+    return generated["cache"] if "cache" in generated else generated["past_key_values"]
+
+
 def sliding_layers(cache):
     return [layer for layer in cache.layers if type(layer).__name__ == "DynamicSlidingWindowLayer"]
 
@@ -156,23 +161,38 @@ def test_windowed_cache_storage_is_bounded_and_its_copying_amortized():
 def test_generate_with_a_sliding_cache_equals_hf(device, fam_id, impl, monkeypatch):
     model = sliding_model(device, fam_id, impl)
     ids, am = left_padded(device)
+
+    def run(m, dt):
+        """generate's tokens and logits, and what its cache holds afterwards in each sliding layer."""
+        r = m.generate(ids, **gen_kwargs(am))
+        layers = sliding_layers(cache_of(r))
+        assert layers and all(layer.keys.shape[2] == WINDOW - 1 for layer in layers)
+        assert all(layer.cumulative_length == ids.shape[1] + NEW - 1 for layer in layers)
+        return r.sequences, torch.stack(r.logits), [layer.keys for layer in layers], [layer.values for layer in layers]
+
     with torch.no_grad():
-        hf = model.generate(ids, **gen_kwargs(am))
-        ref_logits = hf_reference(model, lambda m, dt: torch.stack(m.generate(ids, **gen_kwargs(am)).logits))
+        tokens, logits, keys, values = hf_reference(model, run)
         pyqkv.hf.attach(model)
         ours = model.generate(ids, **gen_kwargs(am))
-    assert ours.sequences.tolist() == hf.sequences.tolist()
-    assert_close(torch.stack(ours.logits), ref_logits, f"{fam_id} ({impl}) generate logits vs HF's")
-    # HF's cache after the run holds what HF's own run leaves: the last window - 1 positions, every
-    # position counted, and views of the mirror's storage (written once, not concatenated)
-    ours_sliding, hf_sliding = sliding_layers(ours.past_key_values), sliding_layers(hf.past_key_values)
-    assert ours_sliding and len(ours_sliding) == len(hf_sliding)
-    for a, b in zip(ours_sliding, hf_sliding):
-        assert a.keys.shape == b.keys.shape and a.keys.shape[2] == WINDOW - 1
-        assert a.cumulative_length == b.cumulative_length == ids.shape[1] + NEW - 1
-        assert a.get_mask_sizes(1) == b.get_mask_sizes(1)
-        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-5)
+    assert ours.sequences.tolist() == tokens.lo.tolist()
+    assert_close(torch.stack(ours.logits), logits, f"{fam_id} ({impl}) generate logits vs HF's")
+    # HF's cache after the run holds what HF's own run leaves in it: the last window - 1 positions, every
+    # position counted (the same mask sizes), the same contents, as views of the mirror's storage
+    layers = sliding_layers(cache_of(ours))
+    assert len(layers) == len(keys)
+    for i, layer in enumerate(layers):
+        seen = ids.shape[1] + NEW - 1
+        assert layer.cumulative_length == seen and layer.get_mask_sizes(1) == (WINDOW, seen - (WINDOW - 1))
+        assert_close(layer.keys, keys[i], f"sliding layer {i}'s keys after generate vs HF's")
+        assert_close(layer.values, values[i], f"sliding layer {i}'s values after generate vs HF's")
+    cache = cache_of(ours)
+    storages = {
+        m._mirror._kv[cache][0].k_storage.untyped_storage().data_ptr()
+        for m in model.modules()
+        if hasattr(m, "_mirror") and cache in m._mirror._kv
+    }
+    for i, layer in enumerate(layers):
+        assert layer.keys.untyped_storage().data_ptr() in storages, f"sliding layer {i}: not the mirror's storage"
     with torch.no_grad():
         reload_every_step(monkeypatch)
         reloaded = model.generate(ids, **gen_kwargs(am))
