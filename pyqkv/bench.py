@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -149,9 +150,11 @@ class Spread:
         return cls(min(times), statistics.median(times), max(times))
 
 
-def time_interleaved(fns: dict, args: tuple, *, reps: int, warmup: int = 2) -> dict:
+def time_interleaved(fns: dict, args: tuple, *, reps: int, warmup: int = 2, clock=time.perf_counter) -> dict:
     """{name: Spread} of seconds per call of each fn, running every fn once per round in rotating order so
-    slow drifts of the machine hit all rows alike (after `warmup` untimed rounds of every fn)."""
+    slow drifts of the machine hit all rows alike (after `warmup` untimed rounds of every fn). clock: wall
+    time by default; time.process_time (this process's CPU time, all its threads) for a machine shared
+    with other work, where the wall time of a call depends on what else runs."""
     names = list(fns)
     with torch.inference_mode():
         for _ in range(warmup):
@@ -160,9 +163,9 @@ def time_interleaved(fns: dict, args: tuple, *, reps: int, warmup: int = 2) -> d
         times = {name: [] for name in names}
         for r in range(reps):
             for name in names[r % len(names) :] + names[: r % len(names)]:
-                t0 = time.perf_counter()
+                t0 = clock()
                 fns[name](*args)
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     return {name: Spread.of(t) for name, t in times.items()}
 
 
@@ -203,19 +206,66 @@ def decode_step_times(w: LayerWeights, B: int, context: int, steps: int) -> dict
     return out
 
 
-def peak_memory_mb(row: str, B: int, S: int) -> float:
+def peak_memory_mb(row: str, B: int, S: int) -> Optional[float]:
     """Extra peak resident memory (MB) of one call of a prefill row, measured in a fresh process so no
-    other row's high-water mark hides it: VmHWM after the call minus VmHWM after building the inputs.
-    (VmHWM belongs to the new address space; ru_maxrss would carry over the parent's peak across exec.)"""
+    other row's memory is in it (call_peak_kib); None where the kernel cannot measure it."""
     code = (
         "import torch; from pyqkv import bench; "
         f"w = bench.LayerWeights.random(); rows = bench.prefill_rows(w); x = torch.randn({B}, {S}, 768); "
-        f"fn = rows[{row!r}]; fn(x[:, :8]); base = bench.high_water_kib()\n"
-        "with torch.inference_mode(): fn(x)\n"
-        "print(bench.high_water_kib() - base)"
+        f"fn = rows[{row!r}]; fn(x[:, :8]); print(bench.call_peak_kib(fn, x))"
     )
+    return _peak_mb_in_child(code)
+
+
+def _peak_mb_in_child(code: str) -> Optional[float]:
+    """Run `code` (which prints call_peak_kib's result last) in a fresh Python process: its KiB as MB."""
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(res.stdout.strip().splitlines()[-1]) / 1024
+    last = res.stdout.strip().splitlines()[-1]
+    return None if last == "None" else int(last) / 1024
+
+
+def call_peak_kib(fn, *args) -> Optional[int]:
+    """Extra peak resident memory (KiB) of one call fn(*args), under inference_mode, over what this process
+    holds just before it; None where the kernel does not let a process reset its high-water mark.
+
+    The high-water mark (VmHWM) is a maximum over the process's life: what it touched before the call
+    (building models, other rows, a warm-up) would hide the call below it, which is how a column of such
+    differences read 0 MB for a call returning 200 MB of logits. So, just before the call: garbage is
+    collected; freed memory that malloc keeps is handed back to the kernel (malloc_trim, glibc), so that
+    the call reusing it shows as growth; the high-water mark is reset to the current resident size
+    (writing 5 to /proc/self/clear_refs, Linux >= 4.0). The call's result is held until the mark is read:
+    what a row returns (patterns, logits) counts."""
+    import gc
+
+    gc.collect()
+    _malloc_trim()
+    if not _reset_high_water():
+        return None
+    base = high_water_kib()  # = the resident size now
+    with torch.inference_mode():
+        out = fn(*args)
+    peak = high_water_kib()
+    del out
+    return peak - base
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc; other C libraries: nothing to call
+        libc.malloc_trim(0)
+
+
+def _reset_high_water() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def high_water_kib() -> int:

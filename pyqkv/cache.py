@@ -2,7 +2,9 @@
 
 The reference system grows its cache with torch.cat, an O(K) copy per generated token. Here a step
 writes only its new rows (the native kv_append op); storage is reallocated only when it is full, to
-twice its capacity, so the copying is amortized O(1) per token.
+twice its capacity, so the copying is amortized O(1) per token. A sliding-window cache drops its oldest
+positions (keep_last) by moving where the valid positions start, without a copy; when appends reach the
+storage's end the valid positions move to its front, again amortized O(1) per token.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pyqkv import checks, ops
 
 
 class KVCache:
-    """Keys and values of one attention layer: storage [B, Hkv, capacity, Dh], `length` valid positions.
+    """Keys and values of one attention layer: storage [B, Hkv, capacity, Dh], `length` valid positions
+    (from `start` on: 0 unless keep_last dropped the oldest).
 
     Constructible with no arguments: batch size, head shape, dtype and device are taken from the first
     append, and a later append that does not match raises ValueError. reset() forgets them as well as the
@@ -41,7 +44,10 @@ class KVCache:
         self.k_storage: Optional[torch.Tensor] = None
         self.v_storage: Optional[torch.Tensor] = None
         self.length = 0
-        self._views = None  # (length, k_storage, keys, values) of the last head_major() call
+        # Where the valid positions begin in the storage: keep_last() drops the oldest by moving it, so that
+        # a sliding window costs no copy per token.
+        self.start = 0
+        self._views = None  # (length, start, k_storage, keys, values) of the last head_major() call
         # False after reset(): the storage is kept for reuse, but its shape binds no append until the next.
         self._bound = True
 
@@ -65,18 +71,31 @@ class KVCache:
         (Hugging Face's cache layout). Made once per length and storage, since a decode step asks for
         them twice (the attention op and a Hugging Face cache's mirror)."""
         views = self._views
-        if views is None or views[0] != self.length or views[1] is not self.k_storage:
+        if views is None or views[0] != self.length or views[1] != self.start or views[2] is not self.k_storage:
             if self.k_storage is None:
                 raise ValueError("kv_cache: empty (nothing appended yet)")
-            L = self.length
-            views = self._views = (L, self.k_storage, self.k_storage[:, :, :L], self.v_storage[:, :, :L])
-        return views[2], views[3]
+            L, s, k, v = self.length, self.start, self.k_storage, self.v_storage
+            views = self._views = (L, s, k, k[:, :, s : s + L], v[:, :, s : s + L])
+        return views[3], views[4]
+
+    def keep_last(self, n: int) -> None:
+        """Forget all but the last n positions (all of them if it holds at most n): a sliding window's cache.
+        No copy: the valid positions start later in the storage."""
+        count = checks.integer(n)
+        if count is None or count < 0:
+            got = f"{type(n).__name__} {n!r}" if count is None else f"{count}"
+            exc = TypeError if count is None else ValueError
+            raise exc(f"n: expected a non-negative int, got {got}")
+        drop = max(self.length - count, 0)
+        self.start += drop
+        self.length -= drop
 
     def reset(self) -> None:
         """Forget every position and the batch / head shape, dtype and device: the next append may have any
         (another batch, another layer's heads). The storage is kept and reused when the next append matches
         it, else replaced."""
         self.length = 0
+        self.start = 0
         self._bound = False
 
     def signature(self) -> str:
@@ -137,12 +156,25 @@ class KVCache:
         )
         # An empty first append still allocates: the cache then knows its batch and head shape, and
         # keys / values are [B, 0, Hkv, Dh] views like those of any other empty cache.
-        if replace or need > self.capacity or self.k_storage is None:
-            self._grow(need, k_new, 0 if replace else self.capacity)
-        ops.kv_append(self.k_storage, self.v_storage, k_new, v_new, self.length)
+        if replace or self.k_storage is None or self.start + need > self.capacity:
+            if not replace and self.k_storage is not None and 2 * need <= self.capacity:
+                self._move_to_front()
+            else:
+                self._grow(need, k_new, 0 if replace else self.capacity)
+        ops.kv_append(self.k_storage, self.v_storage, k_new, v_new, self.start + self.length)
         self.length = need
         self._bound = True
         return self.keys, self.values
+
+    def _move_to_front(self) -> None:
+        """Move the valid positions to the front of the storage, in place: for a window's cache (keep_last)
+        whose appends reached the storage's end while at most half of it is in use after this append
+        (need <= capacity / 2 < start: source and destination do not overlap). The next move is then at
+        least capacity - need >= need appended positions away: amortized O(1) copying per position."""
+        L, s = self.length, self.start
+        self.k_storage[:, :, :L] = self.k_storage[:, :, s : s + L]
+        self.v_storage[:, :, :L] = self.v_storage[:, :, s : s + L]
+        self.start = 0
 
     def _grow(self, need: int, like: torch.Tensor, old_capacity: int) -> None:
         B, _, Hkv, Dh = like.shape
@@ -154,22 +186,24 @@ class KVCache:
             k = like.new_empty(B, Hkv, capacity, Dh)
             v = like.new_empty(B, Hkv, capacity, Dh)
         if self.length:
-            k[:, :, : self.length] = self.k_storage[:, :, : self.length]
-            v[:, :, : self.length] = self.v_storage[:, :, : self.length]
+            L, s = self.length, self.start
+            k[:, :, :L] = self.k_storage[:, :, s : s + L]
+            v[:, :, :L] = self.v_storage[:, :, s : s + L]
         self.k_storage, self.v_storage = k, v
+        self.start = 0
 
     def load(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Replace the contents with keys, values [B, L, Hkv, Dh] (e.g. a cache filled elsewhere).
         Checked first: a rejected load keeps the old contents."""
         _check_keys(keys, "keys")
         _check_pair(keys, values, "keys", "values")
-        old = self.k_storage, self.v_storage, self.length, self._bound
+        old = self.k_storage, self.v_storage, self.length, self.start, self._bound
         self.k_storage = self.v_storage = None
-        self.length = 0
+        self.length = self.start = 0
         try:
             self.append(keys, values)
         except BaseException:
-            self.k_storage, self.v_storage, self.length, self._bound = old
+            self.k_storage, self.v_storage, self.length, self.start, self._bound = old
             raise
 
     def __repr__(self) -> str:

@@ -3,13 +3,21 @@
 A Bridge appends to its own preallocated KVCache in place (no torch.cat per token). Inside a Hugging Face
 model the cache the model holds is a transformers Cache; each attached layer keeps a KVCache per live HF
 cache object and shows HF views of its storage, so HF sees the right length and contents (generate's
-bookkeeping, get_seq_length) while the data is written once. Anything HF changed behind our back (a
-cache filled by other code, beam reordering, cropping) is noticed and loaded afresh.
+bookkeeping, get_seq_length) while the data is written once. That holds for DynamicLayer and for
+DynamicSlidingWindowLayer (Mistral, Gemma 2 / 3 ... with sliding_window set), whose window is kept by
+dropping the oldest positions in place (KVCache.keep_last), not by HF's torch.cat of the whole window per
+token. Anything HF changed behind our back (a cache filled by other code, beam reordering, cropping) is
+noticed and loaded afresh; other cache types keep their own storage and get the new rows through update().
+
+The views are live: a tensor taken from HF's layer between steps keeps the positions of that step only
+until the mirror reuses their storage (a window's dropped positions are overwritten by later ones); clone
+it to keep it.
 
 The KVCaches live on the HF cache object itself (one attribute, a dict by layer index), not in a table
 the mirror keeps: they die with it, and under torch.compile a forward that creates its own cache (the
 default use_cache=True) mutates only an object it created, so nothing outside the graph changes and no
-guard on a table's contents makes every call recompile.
+guard on a table's contents makes every call recompile. A StaticCache layer is not mirrored at all: the
+Bridge attends over its own fixed buffers (StaticLayerKV).
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import torch
 from pyqkv.cache import ExternalKV, KVCache
 from pyqkv.checks import describe
 
-# The attribute of a transformers Cache (its self-attention cache) that holds {layer index: KVCache}.
+# The attribute of a transformers Cache (its self-attention cache) that holds, by layer index, the entry
+# [our KVCache, the key tensor handed to HF's layer after the last step (or _NOTHING)].
 MIRRORS_ATTR = "_pyqkv_mirrors"
 
 
@@ -46,27 +55,41 @@ class CacheMirror:
         if getattr(layer, "is_compileable", False):  # a StaticCache layer: HF's own fixed buffers, written by HF
             return bridge(hidden_states, kv_cache=StaticLayerKV(self_cache, idx, call, hidden_states.shape[1]), **call)
         mirrors = getattr(self_cache, MIRRORS_ATTR, None) if layers is not None else None  # (no layers: refused below)
-        ours = None if mirrors is None else mirrors.get(idx)
-        # In sync while HF's layer still holds the very views this mirror handed it after the last step
-        # (crop, beam reordering or another writer replace them): one identity check per step.
-        if ours is None or layer is None or ours._views is None or getattr(layer, "keys", None) is not ours._views[2]:
-            ours = self._load(bridge, self_cache, layer)
+        entry = None if mirrors is None else mirrors.get(idx)
+        # In sync while HF's layer still holds the very key view this mirror handed it after the last step
+        # (crop, beam reordering, reset or another writer replace it): one identity check per step.
+        if entry is None or layer is None or getattr(layer, "keys", None) is not entry[1]:
+            entry = self._load(bridge, self_cache, layer)
+        ours = entry[0]
         past = ours.length
         out = bridge(hidden_states, kv_cache=ours, **call)
-        keys_hf, values_hf = ours.head_major()  # [B, Hkv, K, Dh]: HF's layout, views of our storage
-        if type(layer).__name__ == "DynamicLayer" or (layer is None and _replicates_dynamic(self_cache)):
-            if layer is None or not layer.is_initialized:
-                # Let HF create and initialize the layer (and any before it) through its own code path.
-                self_cache.update(keys_hf[:, :, :0], values_hf[:, :, :0], idx)
-                layer = self_cache.layers[idx]
-            # Mirror views of our preallocated storage: HF sees the right length, no torch.cat per step.
-            layer.keys, layer.values = keys_hf, values_hf
-        else:  # any other cache type keeps its own storage: give it the new rows the ordinary way
+        appended = ours.length - past
+        kind = _kept_in_sync(layer, self_cache)
+        if kind is None:  # any other cache type keeps its own storage: give it the new rows the ordinary way
+            keys_hf, values_hf = ours.head_major()  # [B, Hkv, K, Dh]
             self_cache.update(keys_hf[:, :, past:], values_hf[:, :, past:], idx)
+            entry[1] = _NOTHING  # HF's layer holds its own tensors: loaded afresh next step
+            return out
+        if layer is None or not layer.is_initialized:
+            # Let HF create and initialize the layer (and any before it) through its own code path.
+            keys_hf, values_hf = ours.head_major()
+            self_cache.update(keys_hf[:, :, :0], values_hf[:, :, :0], idx)
+            layer = self_cache.layers[idx]
+        if kind == "window":
+            # HF's DynamicSlidingWindowLayer keeps the last sliding_window - 1 positions (the next query sees
+            # those and itself) and counts every position in cumulative_length, which its mask sizes and
+            # get_seq_length read. The same here, without its torch.cat of the window: the oldest positions
+            # are dropped by moving where ours start (KVCache.keep_last).
+            ours.keep_last(layer.sliding_window - 1)
+            layer.cumulative_length += appended
+        # Mirror views of our preallocated storage: HF sees the right length and contents, no torch.cat.
+        layer.keys, layer.values = ours.head_major()
+        entry[1] = layer.keys
         return out
 
-    def _load(self, bridge, self_cache, layer) -> KVCache:
-        """A fresh KVCache holding what HF's cache holds for this layer (nothing, or what other code wrote)."""
+    def _load(self, bridge, self_cache, layer) -> list:
+        """A fresh KVCache holding what HF's cache holds for this layer (nothing, or what other code wrote),
+        as this HF cache's entry [KVCache, _NOTHING]: nothing handed to HF yet."""
         if isinstance(self_cache, tuple):
             raise TypeError(
                 "past_key_values: legacy tuple caches are not supported; pass a transformers Cache "
@@ -86,15 +109,20 @@ class CacheMirror:
                 # grouped layout): the group's copies are equal, keep the first of each.
                 step = keys.shape[1] // Hkv
                 keys, values = keys[:, ::step], values[:, ::step]
+            if _is_window(layer):
+                # A layer recording its past (assisted decoding) keeps more until HF crops it; a step sees
+                # only the last sliding_window - 1 of them, as its mask sizes (get_mask_sizes) say.
+                first = max(keys.shape[2] - (layer.sliding_window - 1), 0)
+                keys, values = keys[:, :, first:], values[:, :, first:]
             ours.load(keys.transpose(1, 2), values.transpose(1, 2))
         mirrors = getattr(self_cache, MIRRORS_ATTR, None)
         if mirrors is None:
             mirrors = {}
             setattr(self_cache, MIRRORS_ATTR, mirrors)
-        mirrors[self.layer_idx] = ours
+        entry = mirrors[self.layer_idx] = [ours, _NOTHING]
         if self._touched is not None:
             self._touched.add(self_cache)
-        return ours
+        return entry
 
     def hand_back(self, n_kv_heads: int) -> None:
         """Leave every live HF cache this layer mirrored in the form the original module expects. Falcon's
@@ -172,6 +200,29 @@ class StaticLayerKV(ExternalKV):
     def undo(self) -> None:
         if self._before is not None:
             self.cache.layers[self.layer_idx].cumulative_length.copy_(self._before)
+
+
+_NOTHING = object()  # no tensor HF's layer can hold: the next step loads afresh
+
+
+def _is_window(layer) -> bool:
+    return type(layer).__name__ == "DynamicSlidingWindowLayer"
+
+
+def _kept_in_sync(layer, cache):
+    """How HF's layer is kept in sync with the mirror after a step: "dynamic" (it holds views of our
+    storage), "window" (the same, its oldest positions dropped as DynamicSlidingWindowLayer drops them), or
+    None: it keeps storage of its own, and the mirror hands it the new rows through its update(). A window
+    layer recording its past (assisted decoding: it keeps every position until HF crops it) is left to HF's
+    own update, which knows when to crop."""
+    if layer is None:
+        return "dynamic" if _replicates_dynamic(cache) else None
+    name = type(layer).__name__  # the exact classes: a subclass may store its keys otherwise
+    if name == "DynamicLayer":
+        return "dynamic"
+    if name == "DynamicSlidingWindowLayer" and not getattr(layer, "record_past", False):
+        return "window"
+    return None
 
 
 def _replicates_dynamic(cache) -> bool:
