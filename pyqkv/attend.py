@@ -130,7 +130,7 @@ def _fire_slices(
 
     def entries(select, want_scores):
         heads, queries, keys = select.resolve(H, S, K, q.device)
-        return ops.pattern_slice(
+        return ops.pattern_slice_resolved(
             q,
             k,
             lse,

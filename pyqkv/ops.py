@@ -454,10 +454,21 @@ def slice_indices(name: str, value, n: Optional[int] = None, what: str = "", dev
     an int, a slice, a list or tuple of ints, or a 1-D integer tensor -> a 1-D int64 tensor on `device`.
     Negative indices count from the end (n - 1 is -1), as Python's; an int keeps its axis (length 1).
     With n None only the type is checked (before the axis length is known) and `value` is returned.
-    Raises TypeError / ValueError naming `name`, the expected and the received value."""
+    Raises TypeError / ValueError naming `name`, the expected and the received value. Python values are
+    checked in Python (torch.compile traces that without a graph break); a tensor's values are read."""
     if value is None:
         return None
     expected = "None, an int, a slice, a list of ints or a 1-D integer tensor"
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name}: expected {expected}, got a {value.dim()}-D {value.dtype} tensor")
+        if n is None:
+            return value
+        items = value.reshape(-1).to(device=device, dtype=torch.long)
+        out_of_range = (items < -n) | (items >= n)
+        if bool(out_of_range.any()):  # a read of the values (a sync on CUDA)
+            raise ValueError(f"{name}: expected indices in [-{n}, {n}) ({what} = {n}), got {int(items[out_of_range][0])}")
+        return torch.where(items < 0, items + n, items)
     if isinstance(value, slice):
         for part in ("start", "stop", "step"):
             bound = getattr(value, part)
@@ -465,28 +476,24 @@ def slice_indices(name: str, value, n: Optional[int] = None, what: str = "", dev
                 raise TypeError(f"{name}: expected a slice of ints, got {part}={bound!r}")
         if value.step is not None and checks.integer(value.step) == 0:
             raise ValueError(f"{name}: expected a slice with a nonzero step, got {value!r}")
-        return value if n is None else torch.arange(n, device=device)[value]
-    if isinstance(value, torch.Tensor):
-        if value.dim() > 1 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
-            raise TypeError(f"{name}: expected {expected}, got a {value.dim()}-D {value.dtype} tensor")
-        items = value.reshape(-1)
-    elif checks.integer(value) is not None:
-        items = torch.tensor([checks.integer(value)])
+        if n is None:
+            return value
+        return torch.tensor(list(range(n))[value], dtype=torch.long, device=device)
+    if checks.integer(value) is not None:
+        items = [checks.integer(value)]
     elif isinstance(value, (list, tuple)):
         bad = [v for v in value if checks.integer(v) is None]
         if bad:
             raise TypeError(f"{name}: expected a list of ints, got {type(bad[0]).__name__} {bad[0]!r} in it")
-        items = torch.tensor([checks.integer(v) for v in value], dtype=torch.long)
+        items = [checks.integer(v) for v in value]
     else:
         raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
     if n is None:
         return value
-    items = items.to(device=device, dtype=torch.long)
-    out_of_range = (items < -n) | (items >= n)
-    if bool(out_of_range.any()):
-        first = int(items[out_of_range][0])
-        raise ValueError(f"{name}: expected indices in [-{n}, {n}) ({what} = {n}), got {first}")
-    return torch.where(items < 0, items + n, items)
+    for i in items:
+        if not -n <= i < n:
+            raise ValueError(f"{name}: expected indices in [-{n}, {n}) ({what} = {n}), got {i}")
+    return torch.tensor([i + n if i < 0 else i for i in items], dtype=torch.long, device=device)
 
 
 def pattern_slice(
@@ -533,6 +540,30 @@ def pattern_slice(
         heads = slice_indices("heads", heads, q.shape[2], "H, the query heads of q", q.device)
         queries = slice_indices("queries", queries, q.shape[1], "S, the query positions of q", q.device)
         keys = slice_indices("keys", keys, k.shape[1], "K, the key positions of k", q.device)
+    return pattern_slice_resolved(
+        q,
+        k,
+        lse,
+        scale=scale,
+        causal=causal,
+        mask=mask,
+        alibi=alibi,
+        softcap=softcap,
+        window=window,
+        heads=heads,
+        queries=queries,
+        keys=keys,
+        return_scores=return_scores,
+        score_dtype=score_dtype,
+    )
+
+
+def pattern_slice_resolved(
+    q, k, lse, *, scale, causal, mask, alibi, softcap, window, heads, queries, keys, return_scores, score_dtype
+):
+    """pattern_slice with heads / queries / keys already resolved by slice_indices (None or 1-D int64 tensors
+    in [0, n), as PatternSlice.resolve gives them): Python reads none of their values, so torch.compile
+    traces a call whose indices came from Python ints without a graph break (the op still checks them)."""
     pattern, scores = _ops.pattern_slice(
         q,
         k,

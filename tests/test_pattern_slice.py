@@ -10,6 +10,8 @@ Notation: B batch, S query positions, K key positions, H query heads, Hkv key/va
 
 from __future__ import annotations
 
+import warnings
+
 import op_cases
 import pytest
 import torch
@@ -465,3 +467,21 @@ def test_a_conversion_rule_on_the_point_refuses_the_keywords():
     bridge = _bridge(hook_conversions={"hook_pattern": "b h s k -> b s h k"})
     with pytest.raises(ValueError, match=r"pattern_queries: hook_pattern has the conversion rule"):
         bridge.run_with_cache(torch.randn(2, 9, 64), names_filter="hook_pattern", pattern_queries=-1)
+
+
+def test_slices_compile_without_a_graph_break():
+    """With Python indices (an int, a list, a slice) the slice path traces whole under torch.compile(fullgraph=True):
+    no fallback warning, the same entries as eager."""
+    families, left_padded = _families()
+    model = families["llama3"].make("cpu")
+    h = pyqkv.hf.attach(model)
+    ids, am = left_padded("cpu")
+    selection = dict(pattern_heads=[0, -1], pattern_queries=-1, pattern_keys=slice(0, None, 2))
+    with torch.no_grad():
+        _, eager = h.run_with_cache(ids, attention_mask=am, names_filter=BOTH, **selection)
+        h.compile(fullgraph=True, backend="eager")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _, compiled = h.run_with_cache(ids, attention_mask=am, names_filter=BOTH, **selection)
+    for name in eager.keys():
+        torch.testing.assert_close(compiled[name], eager[name])
