@@ -21,7 +21,8 @@ struct SliceAxis {
 
 // An index argument: None, or a 1-D integer tensor whose values lie in [0, n) (negative indices are
 // resolved by the Python wrapper, pyqkv.ops.pattern_slice). `what` names n in the message ("S, the query
-// positions of q"). The values are read only where readable (not under a fake tensor trace).
+// positions of q"). The values are read only where readable (not under a fake tensor trace); on CUDA that
+// read is a device sync.
 inline SliceAxis check_slice_axis(const c10::optional<at::Tensor>& t, const char* name, int64_t n, const char* what,
                                   const at::Tensor& q) {
   if (!t.has_value()) return {at::Tensor(), n};

@@ -485,3 +485,15 @@ def test_slices_compile_without_a_graph_break():
             _, compiled = h.run_with_cache(ids, attention_mask=am, names_filter=BOTH, **selection)
     for name in eager.keys():
         torch.testing.assert_close(compiled[name], eager[name])
+
+
+@pytest.mark.parametrize("impl", ["pattern_slice", "_pattern_slice_aten"])
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=str)
+@pytest.mark.parametrize("case", op_cases.attention_cases(), ids=lambda c: c.name)
+def test_case_table(case, dtype, impl, device):
+    """The whole attention case table (tests/op_cases.py), on every device (CPU, and CUDA where present), for the
+    op and for its ATen form (which CUDA's pattern_slice is) run directly."""
+    ok, msg = op_cases.check_pattern_slice_case(
+        case, dtype, device, torch.ops.pyqkv.attention, getattr(torch.ops.pyqkv, impl)
+    )
+    assert ok, msg
