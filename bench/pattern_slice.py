@@ -181,7 +181,7 @@ def main() -> None:
     whole_at_seq_mb = a * args.seq**2 + b * args.seq + c
     print(
         f"  whole pattern: peak = {a:.4e} S^2 (the cache) + {b:.4f} S + {c:.1f} MB (fitted; at the measured sizes "
-        f"{', '.join(f'{p['predicted_peak_mb']:.0f}' for p in full)} MB predicted): {whole_at_seq_mb / 1024:.1f} GiB "
+        f"{', '.join('%.0f' % p['predicted_peak_mb'] for p in full)} MB predicted): {whole_at_seq_mb / 1024:.1f} GiB "
         f"at S={args.seq}; the largest S within {args.budget_gb} GB: {S_fit}"
     )
     at_budget = []
