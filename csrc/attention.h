@@ -160,15 +160,24 @@ PYQKV_HOST_DEVICE inline int64_t first_visible_key(int64_t i0, int64_t S, int64_
   return window <= 0 || f < 0 ? 0 : f;
 }
 
-// The same rule as a tensor for the split form: [S, K] bool, true where visible; undefined when neither
-// causal nor a window hides anything.
-inline at::Tensor position_visible(int64_t S, int64_t K, bool causal, int64_t window, const at::TensorOptions& opts) {
+// The same rule as a tensor, for chosen query rows `rows` [S'] and key columns `cols` [K'] (int64, 0-based
+// in S and K): [S', K'] bool, true where visible; undefined when neither causal nor a window hides anything.
+// The ATen form of pattern_slice reads it for its rows and columns only (no [S, K] tensor).
+inline at::Tensor position_visible(const at::Tensor& rows, const at::Tensor& cols, int64_t S, int64_t K, bool causal,
+                                   int64_t window) {
   if (!causal && window <= 0) return at::Tensor();
-  const at::Tensor p = at::arange(S, opts.dtype(at::kLong)).view({S, 1}) + (K - S);
-  const at::Tensor j = at::arange(K, opts.dtype(at::kLong)).view({1, K});
-  at::Tensor vis = causal ? j <= p : at::ones({S, K}, opts.dtype(at::kBool));
+  const at::Tensor p = rows.view({-1, 1}) + (K - S);
+  const at::Tensor j = cols.view({1, -1});
+  at::Tensor vis = causal ? j <= p : at::ones({rows.numel(), cols.numel()}, rows.options().dtype(at::kBool));
   if (window > 0) vis = vis & (j > p - window);
   return vis;
+}
+
+// For every query row and key column: [S, K] bool (the split form's scores).
+inline at::Tensor position_visible(int64_t S, int64_t K, bool causal, int64_t window, const at::TensorOptions& opts) {
+  if (!causal && window <= 0) return at::Tensor();
+  return position_visible(at::arange(S, opts.dtype(at::kLong)), at::arange(K, opts.dtype(at::kLong)), S, K, causal,
+                          window);
 }
 
 // ---- Logit softcapping (Gemma 2) ---------------------------------------------------------------------

@@ -43,6 +43,26 @@ TORCH_LIBRARY(pyqkv, m) {
   m.def("attn_softmax(Tensor scores, ScalarType? dtype=None) -> Tensor");
   m.def("attn_apply(Tensor pattern, Tensor v) -> Tensor");
 
+  // Entries of attention's pattern (and scores) at chosen heads, query rows and key columns, from the lse
+  // that attention returned for the same arguments, without the [B, H, S, K] tensor (csrc/pattern_slice.h).
+  // q, k, mask, scale, causal, alibi, softcap, window: as attention; lse [B, H, S] (attention's, float32;
+  // float64 for float64 q). heads [H'], queries [S'], keys [K']: None (all) or 1-D integer indices in
+  // [0, H), [0, S), [0, K), in any order, repeats allowed. Returns pattern [B, H', S', K'] in q's dtype,
+  // pattern[b, h', i', j'] = exp(score - lse[b, h, i]) where query i sees key j and 0 where it does not
+  // (h = heads[h'], i = queries[i'], j = keys[j']), and, with return_scores, the scores there in
+  // score_dtype (default q's), as attn_scores computes them (hidden entries at finfo(score_dtype).min);
+  // else an empty tensor.
+  m.def(
+      "pattern_slice(Tensor q, Tensor k, Tensor lse, Tensor? mask, float scale, bool causal, Tensor? alibi=None,"
+      " float? softcap=None, int? window=None, Tensor? heads=None, Tensor? queries=None, Tensor? keys=None,"
+      " bool return_scores=False, ScalarType? score_dtype=None) -> (Tensor, Tensor)");
+  // pattern_slice composed of ATen ops (csrc/pattern_slice_aten.cpp): what CUDA runs, and, under this
+  // name, callable on any device so that the CPU tests check it against the CPU kernel.
+  m.def(
+      "_pattern_slice_aten(Tensor q, Tensor k, Tensor lse, Tensor? mask, float scale, bool causal,"
+      " Tensor? alibi=None, float? softcap=None, int? window=None, Tensor? heads=None, Tensor? queries=None,"
+      " Tensor? keys=None, bool return_scores=False, ScalarType? score_dtype=None) -> (Tensor, Tensor)");
+
   // The 2-D padding mask rule of attention (csrc/attention.h) on its own, for a caller that checks before
   // it runs anything (the Bridge's pre-check): a TypeError / ValueError naming `name`, or nothing. Reads
   // the values (a device sync on CUDA) only when the mask is float.

@@ -24,6 +24,51 @@ from pyqkv.activation_cache import ActivationCache  # noqa: F401 (also importabl
 from pyqkv.distributed import gather_heads
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], Optional[torch.Tensor]]
+
+# The points whose tensor is [B, H, S, K] (a query row and a key column per entry): the ones run_with_cache's
+# pattern_heads / pattern_queries / pattern_keys slice.
+PATTERN_POINTS = ("hook_attn_scores", "hook_pattern")
+
+
+@dataclass(frozen=True, eq=False)
+class PatternSlice:
+    """Which entries of a [B, H, S, K] attention tensor (hook_pattern, hook_attn_scores) a read-only hook
+    wants: run_with_cache's pattern_heads, pattern_queries and pattern_keys. Each is None (the whole axis),
+    an int, a slice, a list of ints or a 1-D integer tensor; negative indices count from the end of H, S
+    (this call's query positions) and K (every key, a KV cache's included). An int keeps its axis, so the
+    slice is [B, len(heads) or H, len(queries) or S, len(keys) or K]. The rule is ops.slice_indices."""
+
+    heads: object = None
+    queries: object = None
+    keys: object = None
+
+    KEYWORDS = ("pattern_heads", "pattern_queries", "pattern_keys")
+
+    def __post_init__(self):
+        from pyqkv.ops import slice_indices  # (ops loads the native library: imported when first needed)
+
+        for name, value in zip(self.KEYWORDS, (self.heads, self.queries, self.keys)):
+            slice_indices(name, value)  # the types now, before anything runs; the ranges per call
+
+    def resolve(self, H: int, S: int, K: int, device):
+        """(heads, queries, keys) as 1-D int64 tensors on `device` (None for a whole axis); ValueError
+        naming the keyword for an index out of range."""
+        from pyqkv.ops import slice_indices
+
+        return (
+            slice_indices("pattern_heads", self.heads, H, "H, the query heads", device),
+            slice_indices("pattern_queries", self.queries, S, "S, the query positions of this call", device),
+            slice_indices("pattern_keys", self.keys, K, "K, the key positions (a KV cache's included)", device),
+        )
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """These entries of a full [B, H, S, K] tensor (a new tensor: the full one may be freed)."""
+        _, H, S, K = tensor.shape
+        heads, queries, keys = self.resolve(H, S, K, tensor.device)
+        for dim, index in ((1, heads), (2, queries), (3, keys)):
+            if index is not None:
+                tensor = tensor.index_select(dim, index)
+        return tensor
 NameFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
 
 
@@ -40,6 +85,9 @@ class HookHandle:
     dir: str
     is_permanent: bool
     read_only: bool = False
+    # A read-only hook of a [B, H, S, K] point that wants only these entries (run_with_cache with
+    # pattern_heads / _queries / _keys): it is called with them, never with the whole tensor.
+    select: Optional[PatternSlice] = None
 
     def remove(self) -> None:
         self.point.remove(self)
@@ -64,6 +112,9 @@ class HookPoint:
     may_edit: some hook may change the tensor: a forward hook that is not read-only (it may write in
         place by index assignment, `.data` or numpy, none of which a caller can see), or a backward hook
         (its gradient must reach the tensor the caller continues with).
+    slice_only: the PatternSlice every hook wants when all of them are read-only forward hooks wanting the
+        same slice (run_with_cache with pattern_* keywords, no other hook): the caller may then compute just
+        those entries and call fire_slice instead of fire (pyqkv.attend). None otherwise.
     """
 
     name: str
@@ -78,15 +129,24 @@ class HookPoint:
     rule: object = None
     active: bool = False
     may_edit: bool = False
+    slice_only: Optional[PatternSlice] = None
     # Called with the point after every add / remove / clear: lets a point that fires from a torch module
     # hook (pyqkv.hf.residual) register that hook only while the point has hooks.
     on_change: Optional[Callable[["HookPoint"], None]] = None
 
     def add(
-        self, fn: HookFn, dir: str = "fwd", prepend: bool = False, is_permanent: bool = False, read_only: bool = False
+        self,
+        fn: HookFn,
+        dir: str = "fwd",
+        prepend: bool = False,
+        is_permanent: bool = False,
+        read_only: bool = False,
+        select: Optional[PatternSlice] = None,
     ) -> HookHandle:
         _check_hook_args(self.name, fn, dir, prepend, is_permanent)
-        handle = HookHandle(self, fn, dir, is_permanent, read_only)
+        if select is not None and not (read_only or dir == "bwd"):
+            raise ValueError(f"{self.name}: select: only a read-only hook (a cache's saver) may take a slice")
+        handle = HookHandle(self, fn, dir, is_permanent, read_only, select)
         hooks = self.fwd if dir == "fwd" else self.bwd
         hooks.insert(0, handle) if prepend else hooks.append(handle)
         self._changed()
@@ -119,6 +179,9 @@ class HookPoint:
     def _changed(self) -> None:
         self.active = bool(self.fwd or self.bwd)
         self.may_edit = bool(self.bwd) or any(not h.read_only for h in self.fwd)
+        wanted = {id(h.select): h.select for h in self.fwd}
+        one = next(iter(wanted.values())) if len(wanted) == 1 else None
+        self.slice_only = one if not self.bwd and all(h.read_only for h in self.fwd) else None
         if self.on_change is not None:
             self.on_change(self)
 
@@ -134,6 +197,9 @@ class HookPoint:
         rule = self.rule
         hooked = tensor if rule is None else rule.convert(tensor)
         for handle in tuple(self.fwd):
+            if handle.select is not None:  # a read-only saver of some entries: they alone, from the whole tensor
+                handle.fn(handle.select.take(hooked), hook=self)
+                continue
             out = handle.fn(hooked, hook=self)  # TransformerLens's calling convention
             if out is not None:
                 hooked = check_hook_output(self, handle.fn, out, hooked)
@@ -149,6 +215,12 @@ class HookPoint:
             )
         return back
 
+    def fire_slice(self, entries: torch.Tensor) -> None:
+        """Fire a point whose hooks all want the same slice (slice_only is not None) with just those entries,
+        which the caller computed without the whole tensor. The hooks are read-only: nothing comes back."""
+        for handle in tuple(self.fwd):
+            handle.fn(entries, hook=self)
+
     def _backward_hooks(self, handles: tuple):
         """The gradient hook of one forward: the backward hooks registered then, each called only while it
         is still registered (a backward after the hooks() context ended or after remove() calls none)."""
@@ -156,6 +228,9 @@ class HookPoint:
         def on_grad(grad):
             for handle in handles:
                 if handle not in self.bwd:
+                    continue
+                if handle.select is not None:  # a saver of some entries of the gradient
+                    handle.fn(handle.select.take(grad), hook=self)
                     continue
                 out = handle.fn(grad, hook=self)
                 if out is not None:
@@ -458,6 +533,9 @@ class HookedMixin:
         incl_bwd: bool = False,
         device=None,
         gather: bool = False,
+        pattern_heads=None,
+        pattern_queries=None,
+        pattern_keys=None,
         **kwargs,
     ):
         """Run the forward and return (output, cache), as TransformerLens's run_with_cache.
@@ -477,6 +555,15 @@ class HookedMixin:
         device: move every cached tensor there (default: where it was computed).
         gather: under tensor parallelism, where each rank's points hold its own heads, all-gather them so
             every rank's cache holds every head in global order (a collective: call it on every rank).
+        pattern_heads, pattern_queries, pattern_keys: cache only these entries of hook_pattern and
+            hook_attn_scores (and of their _grad with incl_bwd): [B, len(heads) or H, len(queries) or S,
+            len(keys) or K]. Each None (all), an int, a slice, a list or a 1-D integer tensor; negative
+            indices count from the end of H, S (this call's queries) and K (every key, a cache's included).
+            When nothing else hooks those points (no user hook, no training-mode dropout, no output_attentions,
+            no incl_bwd), the layer computes only these entries, from the lse of its fused attention
+            (ops.pattern_slice): no [B, H, S, K] tensor exists. A user's hook there still sees the whole
+            tensor, and the cache holds the slice of what it left. ValueError when names_filter selects
+            neither point, and for an index out of range (naming the keyword).
         A TransformerLens keyword pyqkv does not implement raises TypeError (TL_NOT_IMPLEMENTED); it never
         reaches the model."""
         refuse_tl_keywords(kwargs, "run_with_cache")
@@ -497,6 +584,7 @@ class HookedMixin:
         # A point named exactly that cannot fire here raises (naming what enables it): a cache that silently
         # lacks an asked-for entry invalidates the analysis built on it. Globs and predicates skip such points.
         selected = self._select(names_filter, by_name_strict=True)
+        select, sliced = self._pattern_slice(selected, pattern_heads, pattern_queries, pattern_keys)
         aliases_asked = {}
         if isinstance(names_filter, str):
             names_filter = [names_filter]
@@ -527,9 +615,9 @@ class HookedMixin:
             return save
 
         points = self.hook_points()
-        added = [points[n].add(saver(n), read_only=True) for n in selected]
+        added = [points[n].add(saver(n), read_only=True, select=sliced.get(n)) for n in selected]
         if incl_bwd:
-            added += [points[n].add(saver(n, "_grad"), dir="bwd") for n in selected]
+            added += [points[n].add(saver(n, "_grad"), dir="bwd", select=sliced.get(n)) for n in selected]
         try:
             out = self(*args, **kwargs)
             result = model_output(self, out, args, kwargs, return_type, loss_per_token)
@@ -553,6 +641,38 @@ class HookedMixin:
                         for alias in aliases_asked.get(name, ()):
                             cache[alias + suffix] = cache[name + suffix]
         return result, cache
+
+    def _pattern_slice(self, selected: list, heads, queries, keys):
+        """run_with_cache's pattern_heads / _queries / _keys: (the PatternSlice or None, {selected [B, H, S, K]
+        point: it}). ValueError naming the keyword when no such point is selected, or when a point's tensor is
+        not [B, H, S, K] indexed by global heads (a user's conversion rule, a tensor-parallel rank's heads)."""
+        given = [n for n, v in zip(PatternSlice.KEYWORDS, (heads, queries, keys)) if v is not None]
+        if not given:
+            return None, {}
+        select = PatternSlice(heads, queries, keys)  # TypeError naming the keyword for a wrong type
+        points = self.hook_points()
+        sliced = [n for n in selected if n.rsplit(".", 1)[-1] in PATTERN_POINTS]
+        if not sliced:
+            raise ValueError(
+                f"{given[0]}: slices the cached {' and '.join(PATTERN_POINTS)}, but names_filter selects neither "
+                f"(cache them, e.g. names_filter=lambda name: name.endswith('hook_pattern'))"
+            )
+        from pyqkv.conversions import Identity
+
+        for n in sliced:
+            point = points[n]
+            if point.rule is not None and not isinstance(point.rule, Identity):
+                raise ValueError(
+                    f"{given[0]}: {n} has the conversion rule {point.rule!r}, so its hook format is not "
+                    f"[B, H, S, K] and the indices would not mean query rows and key columns"
+                )
+            if heads is not None and point.heads is not None and len(point.heads) != point.n_heads_total:
+                raise ValueError(
+                    f"pattern_heads: {n} holds heads {point.heads.start}..{point.heads.stop - 1} of "
+                    f"{point.n_heads_total} on this rank (tensor parallelism); select heads after gathering "
+                    f"(cache[name][:, heads]) instead"
+                )
+        return select, {n: select for n in sliced}
 
     def _check_return_type(self, return_type, loss_per_token):
         """return_type with its default resolved: "logits" on a model, "output" on a Bridge."""
@@ -612,6 +732,7 @@ RUN_KEYWORDS = (
     "incl_bwd",
     "fwd_hooks",
     "bwd_hooks",
+    *PatternSlice.KEYWORDS,
 )
 
 

@@ -385,9 +385,9 @@ def _check_optional_tensor(name: str, t, layout: str) -> None:
         raise TypeError(f"{name}: expected a Tensor or None ({layout}), got {type(t).__name__}")
 
 
-def _check_dtype(dtype) -> None:
+def _check_dtype(dtype, name: str = "dtype") -> None:
     if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype: expected a floating-point dtype or None, got {type(dtype).__name__} {dtype!r}")
+        raise TypeError(f"{name}: expected a floating-point dtype or None, got {type(dtype).__name__} {dtype!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,6 +441,250 @@ def attn_apply(pattern, v):
     _check_tensor("pattern", pattern, "[B, H, S, K]")
     _check_tensor("v", v, "[B, K, Hkv, Dh]")
     return _ops.attn_apply(pattern, v)
+
+
+# --------------------------------------------------------------------------------------------------
+# pattern_slice: entries of the pattern (and scores) at chosen heads, query rows and key columns, from the
+# lse attention returns, without the [B, H, S, K] tensor (csrc/pattern_slice.h)
+
+
+def slice_indices(name: str, value, n: Optional[int] = None, what: str = "", device=None):
+    """The one rule for a chosen set of indices along an axis of length n (pattern_slice's heads / queries /
+    keys, run_with_cache's pattern_heads / pattern_queries / pattern_keys): None (the whole axis) -> None;
+    an int, a slice, a list or tuple of ints, or a 1-D integer tensor -> a 1-D int64 tensor on `device`.
+    Negative indices count from the end (n - 1 is -1), as Python's; an int keeps its axis (length 1).
+    With n None only the type is checked (before the axis length is known) and `value` is returned.
+    Raises TypeError / ValueError naming `name`, the expected and the received value. Python values are
+    checked in Python (torch.compile traces that without a graph break); a tensor's values are read."""
+    if value is None:
+        return None
+    expected = "None, an int, a slice, a list of ints or a 1-D integer tensor"
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name}: expected {expected}, got a {value.dim()}-D {value.dtype} tensor")
+        if n is None:
+            return value
+        items = value.reshape(-1).to(device=device, dtype=torch.long)
+        out_of_range = (items < -n) | (items >= n)
+        if bool(out_of_range.any()):  # a read of the values (a sync on CUDA)
+            raise ValueError(f"{name}: expected indices in [-{n}, {n}) ({what} = {n}), got {int(items[out_of_range][0])}")
+        return torch.where(items < 0, items + n, items)
+    if isinstance(value, slice):
+        for part in ("start", "stop", "step"):
+            bound = getattr(value, part)
+            if bound is not None and checks.integer(bound) is None:
+                raise TypeError(f"{name}: expected a slice of ints, got {part}={bound!r}")
+        if value.step is not None and checks.integer(value.step) == 0:
+            raise ValueError(f"{name}: expected a slice with a nonzero step, got {value!r}")
+        if n is None:
+            return value
+        return torch.tensor(list(range(n))[value], dtype=torch.long, device=device)
+    if checks.integer(value) is not None:
+        items = [checks.integer(value)]
+    elif isinstance(value, (list, tuple)):
+        bad = [v for v in value if checks.integer(v) is None]
+        if bad:
+            raise TypeError(f"{name}: expected a list of ints, got {type(bad[0]).__name__} {bad[0]!r} in it")
+        items = [checks.integer(v) for v in value]
+    else:
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+    if n is None:
+        return value
+    for i in items:
+        if not -n <= i < n:
+            raise ValueError(f"{name}: expected indices in [-{n}, {n}) ({what} = {n}), got {i}")
+    return torch.tensor([i + n if i < 0 else i for i in items], dtype=torch.long, device=device)
+
+
+def pattern_slice(
+    q,
+    k,
+    lse,
+    *,
+    scale: float,
+    causal: bool,
+    mask=None,
+    alibi=None,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
+    heads=None,
+    queries=None,
+    keys=None,
+    return_scores: bool = False,
+    score_dtype: Optional[torch.dtype] = None,
+):
+    """Entries of attention's pattern at chosen heads, query rows and key columns, without the [B, H, S, K]
+    tensor. Returns (pattern [B, H', S', K'], scores [B, H', S', K'] or None).
+
+    q [B, S, H, Dh], k [B, K, Hkv, Dh], scale, causal, mask, alibi, softcap, window: exactly as given to
+    ops.attention; lse [B, H, S]: the log-sum-exp that call returned. heads, queries, keys: None (the whole
+    axis: H' = H, S' = S, K' = K) or the chosen indices of that axis (slice_indices: an int, a slice, a list
+    or a 1-D integer tensor; negative ones count from the end of H, S and K; any order, repeats allowed).
+
+        pattern[b, h', i', j'] = exp(score[b, h, i, j] - lse[b, h, i])   where query i sees key j, else 0
+        (h = heads[h'], i = queries[i'], j = keys[j'])
+
+    equal (by the tolerance rule) to attention(..., return_pattern=True)'s pattern[b][heads][:, queries][..., keys].
+    With return_scores also the scores there, as attn_scores computes them (softcap(scale * q.k) + alibi +
+    the additive mask, hidden entries at finfo(score_dtype).min), in score_dtype (default q's). Costs
+    O(B * H' * S' * K' * Dh) time and O(B * H' * S' * K') memory: the last query row of every head at
+    K = 32k keys is B * H * 32k entries, not B * H * S * 32k.
+    """
+    _check_tensor("q", q, "[B, S, H, Dh]")
+    _check_tensor("k", k, "[B, K, Hkv, Dh]")
+    _check_tensor("lse", lse, "[B, H, S]")
+    _check_optional_tensor("mask", mask, "[B, K] or [B or 1, 1 or H, S, K]")
+    _check_optional_tensor("alibi", alibi, "[B or 1, H or 1, K]")
+    _check_dtype(score_dtype, "score_dtype")
+    if q.dim() == 4 and k.dim() == 4:  # else the op names the bad rank
+        heads = slice_indices("heads", heads, q.shape[2], "H, the query heads of q", q.device)
+        queries = slice_indices("queries", queries, q.shape[1], "S, the query positions of q", q.device)
+        keys = slice_indices("keys", keys, k.shape[1], "K, the key positions of k", q.device)
+    return pattern_slice_resolved(
+        q,
+        k,
+        lse,
+        scale=scale,
+        causal=causal,
+        mask=mask,
+        alibi=alibi,
+        softcap=softcap,
+        window=window,
+        heads=heads,
+        queries=queries,
+        keys=keys,
+        return_scores=return_scores,
+        score_dtype=score_dtype,
+    )
+
+
+def pattern_slice_resolved(
+    q, k, lse, *, scale, causal, mask, alibi, softcap, window, heads, queries, keys, return_scores, score_dtype
+):
+    """pattern_slice with heads / queries / keys already resolved by slice_indices (None or 1-D int64 tensors
+    in [0, n), as PatternSlice.resolve gives them): Python reads none of their values, so torch.compile
+    traces a call whose indices came from Python ints without a graph break (the op still checks them)."""
+    pattern, scores = _ops.pattern_slice(
+        q,
+        k,
+        lse,
+        mask,
+        _check_scale(scale),
+        bool(causal),
+        alibi,
+        _check_softcap(softcap),
+        _check_window(window),
+        heads,
+        queries,
+        keys,
+        checks.boolean("return_scores", return_scores),
+        score_dtype,
+    )
+    return pattern, (scores if return_scores else None)
+
+
+_PATTERN_SLICE_DEFAULTS = (None, None, None, None, None, None, False, None)  # alibi .. score_dtype
+
+
+@torch.library.register_fake("pyqkv::pattern_slice")
+def _pattern_slice_fake(
+    q,
+    k,
+    lse,
+    mask,
+    scale,
+    causal,
+    alibi=None,
+    softcap=None,
+    window=None,
+    heads=None,
+    queries=None,
+    keys=None,
+    return_scores=False,
+    score_dtype=None,
+):
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "q, k: expected 4-D [B, S, H, Dh] / [B, K, Hkv, Dh]")
+    B, S, H, _ = q.shape
+    K = k.shape[1]
+    torch._check(
+        lse.dim() == 3 and tuple(lse.shape) == (B, H, S),
+        lambda: f"lse: expected shape [B, H, S] = [{B}, {H}, {S}], got {list(lse.shape)}",
+    )
+    shape = (
+        B,
+        H if heads is None else heads.shape[0],
+        S if queries is None else queries.shape[0],
+        K if keys is None else keys.shape[0],
+    )
+    sd = score_dtype or q.dtype
+    return q.new_empty(shape), (q.new_empty(shape, dtype=sd) if return_scores else q.new_empty(0, dtype=sd))
+
+
+def _pattern_slice_setup(ctx, inputs, output):
+    q, k, lse, mask, scale, causal, alibi, softcap, window, heads, queries, keys, _, _ = (
+        tuple(inputs) + _PATTERN_SLICE_DEFAULTS[len(inputs) - 6 :]
+    )
+    ctx.scale, ctx.causal, ctx.softcap, ctx.window = scale, causal, softcap, window
+    ctx.save_for_backward(q, k, lse, mask, alibi, heads, queries, keys)
+
+
+def _pattern_slice_backward(ctx, grad_pattern, grad_scores):
+    """From P = exp(s - lse) at visible entries: dS = dP ⊙ P + d(scores) at visible entries, dlse = -Σ_j dP ⊙ P;
+    through the softcap s = c·tanh(r / c) of r = scale·q·k: dR = dS ⊙ (1 − tanh²(r / c)); dq = scale · dR k,
+    dk = scale · dRᵀ q, d(additive mask) = dS, d(alibi) = Σ_i dS, each accumulated at the chosen indices
+    (repeats add up; GQA heads into their KV head; broadcast dims of mask and alibi summed)."""
+    q, k, lse, mask, alibi, heads, queries, keys = ctx.saved_tensors
+    B, S, H, _ = q.shape
+    K, Hkv = k.shape[1], k.shape[2]
+    acc = _acc_dtype(q.dtype)
+    dev = q.device
+    hi = heads if heads is not None else torch.arange(H, device=dev)
+    qi = queries if queries is not None else torch.arange(S, device=dev)
+    kj = keys if keys is not None else torch.arange(K, device=dev)
+    kvh = hi.div(H // Hkv, rounding_mode="floor")
+    qa, ka = q.to(acc), k.to(acc)
+    P, s = _ops.pattern_slice(
+        qa, ka, lse, mask, ctx.scale, ctx.causal, alibi, ctx.softcap, ctx.window, hi, qi, kj, True, acc
+    )
+    visible = s != torch.finfo(acc).min
+    dS = torch.zeros_like(P)
+    if grad_pattern is not None:
+        dS = grad_pattern.to(acc) * P
+    grad_lse = -dS.sum(-1)  # [B, H', S']
+    if grad_scores is not None and grad_scores.numel() > 0:
+        dS = dS + grad_scores.to(acc) * visible
+    qs = qa[:, qi][:, :, hi]  # [B, S', H', Dh]
+    ks = ka[:, kj][:, :, kvh]  # [B, K', H', Dh]
+    dR = dS
+    if ctx.softcap:
+        t = torch.tanh(torch.einsum("bihd,bjhd->bhij", qs, ks) * (ctx.scale / ctx.softcap))
+        dR = dS * (1 - t * t)
+    b = torch.arange(B, device=dev)
+    gq = gk = glse = gmask = galibi = None
+    if ctx.needs_input_grad[0]:
+        part = torch.einsum("bhij,bjhd->bihd", dR, ks) * ctx.scale
+        gq = qa.new_zeros(q.shape).index_put_((b[:, None, None], qi[None, :, None], hi[None, None, :]), part, True)
+        gq = gq.to(q.dtype)
+    if ctx.needs_input_grad[1]:
+        part = torch.einsum("bhij,bihd->bjhd", dR, qs) * ctx.scale
+        gk = ka.new_zeros(k.shape).index_put_((b[:, None, None], kj[None, :, None], kvh[None, None, :]), part, True)
+        gk = gk.to(k.dtype)
+    if ctx.needs_input_grad[2]:
+        glse = lse.new_zeros(lse.shape).index_put_((b[:, None, None], hi[None, :, None], qi[None, None, :]), grad_lse, True)
+    if ctx.needs_input_grad[3] and mask is not None and mask.dim() == 4 and mask.is_floating_point():
+        mb = b if mask.shape[0] == B else torch.zeros_like(b)
+        mh = hi if mask.shape[1] == H else torch.zeros_like(hi)
+        index = (mb[:, None, None, None], mh[None, :, None, None], qi[None, None, :, None], kj[None, None, None, :])
+        gmask = torch.zeros(mask.shape, dtype=acc, device=dev).index_put_(index, dS, True).to(mask.dtype)
+    if alibi is not None and ctx.needs_input_grad[6:7] == (True,):
+        ab = b if alibi.shape[0] == B else torch.zeros_like(b)
+        ah = hi if alibi.shape[1] == H else torch.zeros_like(hi)
+        index = (ab[:, None, None], ah[None, :, None], kj[None, None, :])
+        galibi = torch.zeros(alibi.shape, dtype=acc, device=dev).index_put_(index, dS.sum(2), True).to(alibi.dtype)
+    return gq, gk, glse, gmask, None, None, galibi, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("pyqkv::pattern_slice", _pattern_slice_backward, setup_context=_pattern_slice_setup)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -208,6 +208,60 @@ def attn_scores(q, k, *, scale, causal, mask=None, alibi=None, softcap=None, win
     return scores.to(q.dtype).masked_fill(~vis, torch.finfo(q.dtype).min)
 
 
+def pattern_slice(
+    q,
+    k,
+    lse,
+    *,
+    scale,
+    causal,
+    mask=None,
+    alibi=None,
+    softcap=None,
+    window=None,
+    heads=None,
+    queries=None,
+    keys=None,
+    compute_dtype=torch.float64,
+):
+    """Entries of the pattern (and the scores) at chosen heads, query rows and key columns, from the lse.
+
+    q [B,S,H,Dh], k [B,K,Hkv,Dh] and the other arguments as in attention; lse [B,H,S] (attention's).
+    heads, queries, keys: None (all) or 1-D int64 indices in [0, H), [0, S), [0, K). Returns (pattern, scores),
+    each [B, H', S', K'] in q's dtype: pattern = exp(score - lse) where the query sees the key, 0 elsewhere;
+    scores as attn_scores (hidden entries at the dtype's most negative value). Written as the definition:
+    the full [B,H,S,K] scores, then the slice (the op never builds them).
+    """
+    B, S, H, _ = q.shape
+    K = k.shape[1]
+    scores = attn_scores(
+        q, k, scale=scale, causal=causal, mask=mask, alibi=alibi, softcap=softcap, window=window, compute_dtype=compute_dtype
+    )
+    full = attn_scores(  # the same scores unrounded, for the exponent
+        q.to(compute_dtype),
+        k.to(compute_dtype),
+        scale=scale,
+        causal=causal,
+        mask=mask,
+        alibi=alibi,
+        softcap=softcap,
+        window=window,
+        compute_dtype=compute_dtype,
+    )
+    vis = visible_keys(B, H, S, K, causal=causal, mask=mask, window=window, device=q.device).expand(B, H, S, K)
+    row_lse = lse.to(compute_dtype).unsqueeze(-1)
+    pattern = torch.where(vis & (row_lse > float("-inf")), torch.exp(full - row_lse), torch.zeros((), dtype=compute_dtype))
+
+    def take(t):
+        if heads is not None:
+            t = t[:, heads]
+        if queries is not None:
+            t = t[:, :, queries]
+        return t if keys is None else t[..., keys]
+
+    return take(pattern).to(q.dtype), take(scores)
+
+
 def rotate_half(x):
     """GPT-NeoX / Llama: [x1, x2] -> [-x2, x1] over the last dim, halves of width R/2."""
     half = x.shape[-1] // 2

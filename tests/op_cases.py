@@ -654,6 +654,63 @@ def check_attention_case(case: AttnCase, dtype, device, run):
 
 
 # --------------------------------------------------------------------------------------------------
+# pattern_slice: entries of the pattern at chosen heads, query rows and key columns, from attention's lse
+
+
+def pattern_slice_selections(case: AttnCase) -> list:
+    """(name, heads, queries, keys) for a case: 1-D int64 index tensors in range, or None for a whole axis."""
+    B, S, K, H = case.B, case.S, case.K, case.H
+    ix = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    chosen = [("last row", None, ix(S - 1), None), ("first column", None, None, ix(0))]
+    chosen.append(("repeats", ix(H - 1, 0, H - 1), ix(S - 1, 0, S - 1), ix(min(3, K - 1), K - 1, 0, 0)))
+    return chosen if S > 0 and K > 0 else []
+
+
+def check_pattern_slice_case(case: AttnCase, dtype, device, attention, pattern_slice):
+    """Runs `attention(q, k, v, mask, scale, causal, return_pattern, alibi, softcap, window) -> (z, lse, pattern)`
+    and `pattern_slice(q, k, lse, mask, scale, causal, alibi, softcap, window, heads, queries, keys, return_scores,
+    score_dtype) -> (pattern, scores)` on the case and checks every selection of pattern_slice_selections against
+    the reference's pattern by the tolerance rule, hidden entries exactly 0 and hidden scores at the dtype's
+    minimum. The reference is the op's own definition (reference.pattern_slice) from the same lse: the lse is an
+    input of the op, and a float32 lse of large logits (|lse| ~ 500, half an ulp ~ 1.5e-5) moves every entry of
+    its row by that much relative, whoever computes exp(score - lse). Returns (ok, message) as
+    check_attention_case."""
+    q, k, v, mask, scale, alibi, k_ref, v_ref = build_attention_inputs(case, dtype, device)
+    kw = dict(scale=scale, causal=case.causal, mask=mask, alibi=alibi, softcap=case.softcap, window=case.window)
+    B, S, K, H = case.B, case.S, case.K, case.H
+    vis = ref.visible_keys(B, H, S, K, causal=case.causal, mask=mask, window=case.window, device=q.device)
+    vis = vis.expand(B, H, S, K)
+    _, lse, _ = attention(q, k, v, mask, scale, case.causal, False, alibi, case.softcap, case.window)
+    p_hi, _ = ref.pattern_slice(q.to(f64), k_ref.to(f64), lse, **kw)
+    p_lo = p_hi if dtype == f64 else ref.pattern_slice(q, k_ref, lse, **kw, compute_dtype=dtype)[0]
+    problems, summary = [], []
+    for name, heads, queries, keys in pattern_slice_selections(case):
+        idx = [None if t is None else t.to(device) for t in (heads, queries, keys)]
+
+        def take(t):
+            for dim, i in zip((1, 2, 3), idx):
+                if i is not None:
+                    t = t.index_select(dim, i)
+            return t
+
+        pattern, scores = pattern_slice(
+            q, k, lse, mask, scale, case.causal, alibi, case.softcap, case.window, *idx, True, None
+        )
+        want = take(p_hi)
+        if pattern.shape != want.shape or pattern.dtype != dtype or scores.shape != want.shape:
+            problems.append(f"{name}: shape/dtype {tuple(pattern.shape)} {pattern.dtype}, expected {tuple(want.shape)}")
+            continue
+        _rule(problems, summary, name, pattern, want, take(p_lo))
+        hidden = ~take(vis)
+        if (pattern[hidden] != 0).any():
+            problems.append(f"{name}: a hidden entry got weight")
+        if (scores[hidden] != torch.finfo(dtype).min).any():
+            problems.append(f"{name}: a hidden score is not the dtype's minimum")
+    msg = " ".join(summary)
+    return not problems, msg + ("" if not problems else "  <-- " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------
 # rotary
 
 
