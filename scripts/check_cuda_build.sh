@@ -29,18 +29,23 @@ VENV=$ROOT/.venv-cuda-$TORCH_VERSION
 TORCH_PIN=torch==$TORCH_VERSION
 OUT=$ROOT/build/cuda-check
 ARCHS=${TORCH_CUDA_ARCH_LIST:-9.0}  # one arch keeps the CI build short; setup.py's default has more
-OPS="split_qkv pack_qkv per_head_proj attention kv_append rotary"
 
 if [ "${PYQKV_CUDA_CHECK:-1}" = "0" ]; then
   echo "cuda-build-check: skipped (PYQKV_CUDA_CHECK=0)"
   exit 0
 fi
 
-# The assertion, shared by both paths: a CUDA kernel is registered for every op in the schema.
+# The assertion, shared by both paths: every op of the schema (csrc/ops.cpp) with a CPU kernel has a CUDA
+# kernel too (ops registered once for every device, as composites, need none). Read from the dispatcher, so
+# a new op is checked without being listed here.
 CHECK_PY="
 import sys, torch, pyqkv
-ops = '$OPS'.split()
-missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key('pyqkv::' + op, 'CUDA')]
+has = torch._C._dispatch_has_kernel_for_dispatch_key
+ops = sorted(n.split('::')[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith('pyqkv::'))
+ops = [op for op in ops if has('pyqkv::' + op, 'CPU')]
+if 'attention' not in ops:
+    sys.exit(f'cuda-build-check: FAILED: the schema has no pyqkv::attention CPU kernel ({ops})')
+missing = [op for op in ops if not has('pyqkv::' + op, 'CUDA')]
 where = pyqkv._C.__file__
 if missing:
     sys.exit(f'cuda-build-check: FAILED: no CUDA kernel for {missing} in {where}')

@@ -17,7 +17,7 @@ ROOT=$PWD
 PY=${PYQKV_MAIN_PY:-$ROOT/.venv/bin/python}
 OUT=$ROOT/build/sanitize
 CXX=${CXX:-g++}
-TESTS=${PYQKV_SANITIZE_TESTS:-"tests/test_ops.py tests/test_rotary.py tests/test_bridge.py tests/test_bridge_positions.py tests/test_bridge_fastpath.py tests/test_bridge_oracle.py tests/test_hooks.py tests/test_bad_input.py tests/test_fuzz.py tests/test_decode_soak.py"}
+TESTS=${PYQKV_SANITIZE_TESTS:-"tests/test_ops.py tests/test_rotary.py tests/test_bridge.py tests/test_bridge_positions.py tests/test_bridge_fastpath.py tests/test_bridge_oracle.py tests/test_hooks.py tests/test_bad_input.py tests/test_fuzz.py tests/test_decode_soak.py tests/test_pattern_slice.py"}
 
 start=$(date +%s)
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"

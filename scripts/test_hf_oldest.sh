@@ -11,7 +11,7 @@ ROOT=$PWD
 PY=${PYQKV_MAIN_PY:-$ROOT/.venv/bin/python}
 OLDEST=$(sed -n 's/.*"transformers>=\([0-9.]*\)".*/\1/p' pyproject.toml | head -n 1)
 SITE=$ROOT/build/hf-oldest/site
-TESTS=${PYQKV_HF_TESTS:-"tests/test_hf.py tests/test_hf_families.py tests/test_placement.py tests/test_tensor_parallel.py tests/test_hf_interface.py"}
+TESTS=${PYQKV_HF_TESTS:-"tests/test_hf.py tests/test_hf_families.py tests/test_placement.py tests/test_tensor_parallel.py tests/test_hf_interface.py tests/test_hf_cache_window.py tests/test_checkpoint.py tests/test_compile_hooks.py tests/test_tl_contract.py"}
 
 REQS=requirements/hf-oldest.txt
 if ! grep -q "^transformers==$OLDEST\$" "$REQS"; then
