@@ -57,20 +57,6 @@ def attend(
     scores_slice = scores_point.slice_only if scores_point is not None and scores_point.active else None
     pattern_slice = pattern_point.slice_only if pattern_point is not None and pattern_point.active else None
     pattern_hooked = pattern_point is not None and pattern_point.active and pattern_slice is None
-    slices = dict(
-        q=q,
-        k=k,
-        scale=scale,
-        causal=causal,
-        mask=mask,
-        alibi=alibi,
-        softcap=softcap,
-        window=window,
-        score_dtype=score_dtype,
-        scores_point=scores_point,
-        pattern_point=pattern_point,
-        scores_slice=scores_slice,
-    )
     if scores_point is not None and scores_point.active and scores_slice is None:
         scores = ops.attn_scores(
             q, k, scale=scale, causal=causal, mask=mask, dtype=score_dtype, alibi=alibi, softcap=softcap, window=window
@@ -84,13 +70,45 @@ def attend(
         return ops.attn_apply(pattern, v), pattern
     if not (pattern_hooked or dropout_p or want_pattern):
         z, lse, _ = fused(q, k, v, scale=scale, causal=causal, mask=mask, alibi=alibi, softcap=softcap, window=window)
-        _fire_slices(lse, pattern_slice=pattern_slice, **slices)
+        if scores_slice is not None or pattern_slice is not None:  # (a decode step's common case: neither)
+            _fire_slices(
+                lse,
+                q,
+                k,
+                scale,
+                causal,
+                mask,
+                alibi,
+                softcap,
+                window,
+                score_dtype,
+                scores_point,
+                pattern_point,
+                scores_slice,
+                pattern_slice,
+            )
         return z, None
     z, lse, pattern = fused(
         q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True, alibi=alibi, softcap=softcap, window=window
     )
     # The pattern exists here (a hook, dropout or the caller needs it whole); a slice of the scores does not.
-    _fire_slices(lse, pattern_slice=None, **slices)
+    if scores_slice is not None:
+        _fire_slices(
+            lse,
+            q,
+            k,
+            scale,
+            causal,
+            mask,
+            alibi,
+            softcap,
+            window,
+            score_dtype,
+            scores_point,
+            pattern_point,
+            scores_slice,
+            None,
+        )
     if pattern_slice is not None:
         pattern_hooked = True  # the savers take their entries from the pattern (after dropout, as cached)
     if dropout_p:
@@ -105,7 +123,6 @@ def attend(
 
 def _fire_slices(
     lse,
-    *,
     q,
     k,
     scale,

@@ -69,6 +69,8 @@ class PatternSlice:
             if index is not None:
                 tensor = tensor.index_select(dim, index)
         return tensor
+
+
 NameFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
 
 

@@ -467,7 +467,9 @@ def slice_indices(name: str, value, n: Optional[int] = None, what: str = "", dev
         items = value.reshape(-1).to(device=device, dtype=torch.long)
         out_of_range = (items < -n) | (items >= n)
         if bool(out_of_range.any()):  # a read of the values (a sync on CUDA)
-            raise ValueError(f"{name}: expected indices in [-{n}, {n}) ({what} = {n}), got {int(items[out_of_range][0])}")
+            raise ValueError(
+                f"{name}: expected indices in [-{n}, {n}) ({what} = {n}), got {int(items[out_of_range][0])}"
+            )
         return torch.where(items < 0, items + n, items)
     if isinstance(value, slice):
         for part in ("start", "stop", "step"):
@@ -670,7 +672,9 @@ def _pattern_slice_backward(ctx, grad_pattern, grad_scores):
         gk = ka.new_zeros(k.shape).index_put_((b[:, None, None], kj[None, :, None], kvh[None, None, :]), part, True)
         gk = gk.to(k.dtype)
     if ctx.needs_input_grad[2]:
-        glse = lse.new_zeros(lse.shape).index_put_((b[:, None, None], hi[None, :, None], qi[None, None, :]), grad_lse, True)
+        glse = lse.new_zeros(lse.shape).index_put_(
+            (b[:, None, None], hi[None, :, None], qi[None, None, :]), grad_lse, True
+        )
     if ctx.needs_input_grad[3] and mask is not None and mask.dim() == 4 and mask.is_floating_point():
         mb = b if mask.shape[0] == B else torch.zeros_like(b)
         mh = hi if mask.shape[1] == H else torch.zeros_like(hi)

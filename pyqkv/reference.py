@@ -235,7 +235,15 @@ def pattern_slice(
     B, S, H, _ = q.shape
     K = k.shape[1]
     scores = attn_scores(
-        q, k, scale=scale, causal=causal, mask=mask, alibi=alibi, softcap=softcap, window=window, compute_dtype=compute_dtype
+        q,
+        k,
+        scale=scale,
+        causal=causal,
+        mask=mask,
+        alibi=alibi,
+        softcap=softcap,
+        window=window,
+        compute_dtype=compute_dtype,
     )
     full = attn_scores(  # the same scores unrounded, for the exponent
         q.to(compute_dtype),
@@ -250,7 +258,9 @@ def pattern_slice(
     )
     vis = visible_keys(B, H, S, K, causal=causal, mask=mask, window=window, device=q.device).expand(B, H, S, K)
     row_lse = lse.to(compute_dtype).unsqueeze(-1)
-    pattern = torch.where(vis & (row_lse > float("-inf")), torch.exp(full - row_lse), torch.zeros((), dtype=compute_dtype))
+    pattern = torch.where(
+        vis & (row_lse > float("-inf")), torch.exp(full - row_lse), torch.zeros((), dtype=compute_dtype)
+    )
 
     def take(t):
         if heads is not None:

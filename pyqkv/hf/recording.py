@@ -27,11 +27,13 @@ def attention_recorder():
     collector = getattr(_output_capturing(), "_active_collector", None)
     if collector is None:
         collected = None
+    elif getattr(collector, "compiling", False):
+        # transformers' CompileableContextVar keeps the collector in a plain attribute when its set() ran under
+        # compile (a whole compiled model): Dynamo cannot trace ContextVar.get.
+        collected = collector.global_var
     elif torch.compiler.is_compiling():
-        # Dynamo cannot trace ContextVar.get. transformers' CompileableContextVar keeps the collector in a plain
-        # attribute when its set() ran under compile (a whole compiled model, the case that matters); a compiled
-        # region inside an eager forward cannot see what that forward set, as HF's own recording hooks cannot.
-        collected = getattr(collector, "global_var", None) if getattr(collector, "compiling", False) else None
+        collected = None  # a compiled region inside an eager forward cannot see what that forward set (as
+        # HF's own recording hooks cannot)
     else:
         collected = collector.get()
     recorder = collected.get("attentions") if isinstance(collected, dict) else None
