@@ -85,8 +85,8 @@ def main(argv=None) -> dict:
         "HF sdpa compiled": lambda: hf_compiled(ids, use_cache=False).logits,
         "attach compiled": lambda: attached(ids, use_cache=False).logits,
         "attach compiled + run_with_cache hook_z": lambda: h.run_with_cache(ids, names_filter=z_names, use_cache=False),
-        "attach compiled + hook_z edit": lambda: (
-            h.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_z", zero_head)], use_cache=False).logits
+        "attach compiled + hook_z edit": lambda: (  # the logits (return_type="logits")
+            h.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_z", zero_head)], use_cache=False)
         ),
         "attach eager + run_with_cache hook_z": lambda: h_eager.run_with_cache(
             ids, names_filter=z_names, use_cache=False
