@@ -68,47 +68,29 @@ def attend(
         if pattern_point is not None and pattern_point.active:  # a slice saver takes its entries from it
             pattern = pattern_point.fire(pattern)
         return ops.attn_apply(pattern, v), pattern
-    if not (pattern_hooked or dropout_p or want_pattern):
-        z, lse, _ = fused(q, k, v, scale=scale, causal=causal, mask=mask, alibi=alibi, softcap=softcap, window=window)
-        if scores_slice is not None or pattern_slice is not None:  # (a decode step's common case: neither)
-            _fire_slices(
-                lse,
-                q,
-                k,
-                scale,
-                causal,
-                mask,
-                alibi,
-                softcap,
-                window,
-                score_dtype,
-                scores_point,
-                pattern_point,
-                scores_slice,
-                pattern_slice,
-            )
-        return z, None
+    whole = bool(pattern_hooked or dropout_p or want_pattern)  # someone needs the [B, H, S, K] pattern
     z, lse, pattern = fused(
-        q, k, v, scale=scale, causal=causal, mask=mask, return_pattern=True, alibi=alibi, softcap=softcap, window=window
+        q,
+        k,
+        v,
+        scale=scale,
+        causal=causal,
+        mask=mask,
+        return_pattern=whole,
+        alibi=alibi,
+        softcap=softcap,
+        window=window,
     )
-    # The pattern exists here (a hook, dropout or the caller needs it whole); a slice of the scores does not.
-    if scores_slice is not None:
+    # Slices from the lse: of the scores always (they exist nowhere here), of the pattern only when it was not
+    # made whole (then the savers take their entries from it). A decode step's common case: neither.
+    pattern_from_lse = None if whole else pattern_slice
+    if scores_slice is not None or pattern_from_lse is not None:
         _fire_slices(
-            lse,
-            q,
-            k,
-            scale,
-            causal,
-            mask,
-            alibi,
-            softcap,
-            window,
-            score_dtype,
-            scores_point,
-            pattern_point,
-            scores_slice,
-            None,
-        )
+            lse, q, k, scale, causal, mask, alibi, softcap, window, score_dtype, scores_point, pattern_point,
+            scores_slice, pattern_from_lse,
+        )  # fmt: skip
+    if not whole:
+        return z, None
     if pattern_slice is not None:
         pattern_hooked = True  # the savers take their entries from the pattern (after dropout, as cached)
     if dropout_p:
