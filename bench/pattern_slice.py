@@ -109,7 +109,7 @@ def interleaved(rows, S: int, rounds: int, reps: int) -> list:
         for row in rows:
             runs[row].append(in_subprocess(row, S, reps))
     merged = []
-    for row, results in runs.items():
+    for results in runs.values():
         times = [t for r in results for t in r["times_s"]]
         merged.append(
             dict(

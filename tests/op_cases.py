@@ -659,7 +659,7 @@ def check_attention_case(case: AttnCase, dtype, device, run):
 
 def pattern_slice_selections(case: AttnCase) -> list:
     """(name, heads, queries, keys) for a case: 1-D int64 index tensors in range, or None for a whole axis."""
-    B, S, K, H = case.B, case.S, case.K, case.H
+    S, K, H = case.S, case.K, case.H
     ix = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     chosen = [("last row", None, ix(S - 1), None), ("first column", None, None, ix(0))]
     chosen.append(("repeats", ix(H - 1, 0, H - 1), ix(S - 1, 0, S - 1), ix(min(3, K - 1), K - 1, 0, 0)))

@@ -27,6 +27,7 @@
 #include <immintrin.h>
 #endif
 
+#include "mask_view.h"
 #include "../attention.h"
 #include "../attention_plan.h"
 
@@ -207,18 +208,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
-  const bool* padp = pad.defined() ? pad.data_ptr<bool>() : nullptr;
-  const acc_t* biasp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
-  const bool* vis4p = vis4.defined() ? vis4.data_ptr<bool>() : nullptr;
-  // The strides of whichever 4-D mask there is (at most one), 0 on broadcast dims.
-  const at::Tensor& m4 = bias.defined() ? bias : vis4;
-  const int64_t mb_s = m4.defined() ? (m4.size(0) == 1 ? 0 : m4.stride(0)) : 0;
-  const int64_t mh_s = m4.defined() ? (m4.size(1) == 1 ? 0 : m4.stride(1)) : 0;
-  const int64_t ms_s = m4.defined() ? m4.stride(2) : 0, mk_s = m4.defined() ? m4.stride(3) : 0;
-  const acc_t* alibip = alibi.defined() ? alibi.data_ptr<acc_t>() : nullptr;
-  const int64_t ab_s = alibi.defined() && alibi.size(0) != 1 ? alibi.stride(0) : 0;
-  const int64_t ah_s = alibi.defined() && alibi.size(1) != 1 ? alibi.stride(1) : 0;
-  const int64_t ak_s = alibi.defined() ? alibi.stride(2) : 0;
+  const cpu::MaskView<acc_t> mv(pad, bias, vis4, alibi);  // pointers and strides of the masks and ALiBi
   scalar_t* zp = z.data_ptr<scalar_t>();                                        // [B, S, H, Dh]
   acc_t* lsep = lse.data_ptr<acc_t>();                                          // [B, H, S]
   scalar_t* patp = pattern.defined() ? pattern.data_ptr<scalar_t>() : nullptr;  // [B, H, S, K]
@@ -238,7 +228,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     // V is copied when it cannot be read in place, and for blocks holding padded keys (2-D mask false):
     // their rows are zeroed there, so whatever a padded slot holds (NaN included) never reaches z through
     // its weight 0 (the CUDA kernels zero padded V rows the same way).
-    std::vector<acc_t> kbuf(k_direct ? 0 : key_block * Dh), vbuf(v_direct && !padp ? 0 : key_block * Dh);
+    std::vector<acc_t> kbuf(k_direct ? 0 : key_block * Dh), vbuf(v_direct && !mv.pad ? 0 : key_block * Dh);
     std::vector<acc_t> mx(max_rows), sum(max_rows);
     // With a pattern request the raw scores of the block's rows over all K keys are kept and
     // normalized once each row's log-sum-exp is known: one pass over keys, exact in every dtype. For
@@ -283,7 +273,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const scalar_t* kblk = kp + b * ks.b + j0 * ks.s + hk * ks.h;
         const scalar_t* vblk = vp + b * vs.b + j0 * vs.s + hk * vs.h;
         // A [nk, Dh] block of K or V as a matrix: read in place when the GEMM can, else converted.
-        const bool* prow_blk = padp ? padp + b * K + j0 : nullptr;  // this block's padding flags
+        const bool* prow_blk = mv.pad ? mv.pad + b * K + j0 : nullptr;  // this block's padding flags
         const bool has_padded = prow_blk && std::find(prow_blk, prow_blk + nk, false) != prow_blk + nk;
         // Returns the block's first row and its row stride (unit inner stride).
         auto block = [&](const scalar_t* src, const Strides4& st, bool direct, std::vector<acc_t>& buf,
@@ -330,12 +320,12 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
             const int64_t n_out = std::min<int64_t>(nk, first_visible_key(i, S, K, window) - j0);
             for (int64_t c = 0; c < n_out; ++c) srow[c] = neg_inf;
           }
-          if (alibip) {  // a per-key bias, the same for every query position; masks below still hide
-            const acc_t* arow = alibip + b * ab_s + h * ah_s + j0 * ak_s;
-            if (ak_s == 1) {
+          if (mv.alibi) {  // a per-key bias, the same for every query position; masks below still hide
+            const acc_t* arow = mv.alibi + b * mv.ab + h * mv.ah + j0 * mv.ak;
+            if (mv.ak == 1) {
               for (int64_t c = 0; c < nk; ++c) srow[c] += arow[c];
             } else {
-              for (int64_t c = 0; c < nk; ++c) srow[c] += arow[c * ak_s];
+              for (int64_t c = 0; c < nk; ++c) srow[c] += arow[c * mv.ak];
             }
           }
           if (needs_causal) {  // keys after K - S + i are hidden for this row
@@ -346,15 +336,15 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
             for (int64_t c = 0; c < nk; ++c)
               if (!prow_blk[c]) srow[c] = neg_inf;
           }
-          if (vis4p) {
-            const bool* vrow = vis4p + b * mb_s + h * mh_s + i * ms_s + j0 * mk_s;
+          if (mv.vis4) {
+            const bool* vrow = mv.vis4 + b * mv.mb + h * mv.mh + i * mv.ms + j0 * mv.mk;
             for (int64_t c = 0; c < nk; ++c)
-              if (!vrow[c * mk_s]) srow[c] = neg_inf;
+              if (!vrow[c * mv.mk]) srow[c] = neg_inf;
           }
-          if (biasp) {
-            const acc_t* brow = biasp + b * mb_s + h * mh_s + i * ms_s + j0 * mk_s;
+          if (mv.bias) {
+            const acc_t* brow = mv.bias + b * mv.mb + h * mv.mh + i * mv.ms + j0 * mv.mk;
             for (int64_t c = 0; c < nk; ++c) {
-              const acc_t add = brow[c * mk_s];
+              const acc_t add = brow[c * mv.mk];
               srow[c] = additive_visible(add, hidden) ? srow[c] + add : neg_inf;
             }
           }

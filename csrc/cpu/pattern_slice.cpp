@@ -14,6 +14,7 @@
 #include <limits>
 #include <vector>
 
+#include "mask_view.h"
 #include "../pattern_slice.h"
 
 namespace pyqkv {
@@ -61,18 +62,7 @@ void pattern_slice_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t qsb = q.stride(0), qss = q.stride(1), qsh = q.stride(2), qsd = q.stride(3);
   const int64_t ksb = k.stride(0), kss = k.stride(1), ksh = k.stride(2), ksd = k.stride(3);
   const int64_t lb = lse.stride(0), lh = lse.stride(1), ls = lse.stride(2);
-  const bool* padp = pad.defined() ? pad.data_ptr<bool>() : nullptr;
-  const acc_t* biasp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
-  const bool* vis4p = vis4.defined() ? vis4.data_ptr<bool>() : nullptr;
-  // The strides of whichever 4-D mask there is (at most one), 0 on broadcast dims.
-  const at::Tensor& m4 = bias.defined() ? bias : vis4;
-  const int64_t mb_s = m4.defined() ? (m4.size(0) == 1 ? 0 : m4.stride(0)) : 0;
-  const int64_t mh_s = m4.defined() ? (m4.size(1) == 1 ? 0 : m4.stride(1)) : 0;
-  const int64_t ms_s = m4.defined() ? m4.stride(2) : 0, mk_s = m4.defined() ? m4.stride(3) : 0;
-  const acc_t* alibip = alibi.defined() ? alibi.data_ptr<acc_t>() : nullptr;
-  const int64_t ab_s = alibi.defined() && alibi.size(0) != 1 ? alibi.stride(0) : 0;
-  const int64_t ah_s = alibi.defined() && alibi.size(1) != 1 ? alibi.stride(1) : 0;
-  const int64_t ak_s = alibi.defined() ? alibi.stride(2) : 0;
+  const cpu::MaskView<acc_t> mv(pad, bias, vis4, alibi);  // pointers and strides of the masks and ALiBi
   scalar_t* patp = pattern.data_ptr<scalar_t>();
   acc_t* scp = scores.defined() ? scores.data_ptr<acc_t>() : nullptr;
 
@@ -116,12 +106,12 @@ void pattern_slice_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
           for (int64_t c = 0; c < nk; ++c) {
             const int64_t j = cols ? cols[c0 + c] : c0 + c;
             acc_t s = softcapped(sc[r * kKeyBlock + c], cap);
-            if (alibip) s += alibip[b * ab_s + h * ah_s + j * ak_s];
+            if (mv.alibi) s += mv.alibi[b * mv.ab + h * mv.ah + j * mv.ak];
             bool visible = position_visible(i, j, S, K, causal, d.window);
-            if (padp) visible = visible && padp[b * K + j];
-            if (vis4p) visible = visible && vis4p[b * mb_s + h * mh_s + i * ms_s + j * mk_s];
-            if (biasp) {
-              const acc_t add = biasp[b * mb_s + h * mh_s + i * ms_s + j * mk_s];
+            if (mv.pad) visible = visible && mv.pad[b * K + j];
+            if (mv.vis4) visible = visible && mv.vis4[b * mv.mb + h * mv.mh + i * mv.ms + j * mv.mk];
+            if (mv.bias) {
+              const acc_t add = mv.bias[b * mv.mb + h * mv.mh + i * mv.ms + j * mv.mk];
               visible = visible && additive_visible(add, hidden);
               s += add;
             }
