@@ -167,7 +167,9 @@ def main() -> None:
         print(json.dumps(run_row(args._row, args.seq, args.reps)))
         return
 
-    print(f"GPT-2-small-shaped GPT2Model, 4 layers, batch 1, float32; {args.rounds} rounds x {args.reps} timed forwards")
+    print(
+        f"GPT-2-small-shaped GPT2Model, 4 layers, batch 1, float32; {args.rounds} rounds x {args.reps} timed forwards"
+    )
     slice_rows = ("unhooked", "last row", "first column")
     results = interleaved(slice_rows, args.seq, args.rounds, args.reps)
     ratios(results)

@@ -38,8 +38,21 @@ OP_CASES = [
     C("window bool4d tails", 1, 89, 300, 4, 2, 80, mask="bool4d", mask_shape="BH", window=33),
     C("softcap alibi per_batch", 2, 17, 40, 4, 4, 64, q_gain=4.0, softcap=2.0, alibi="per_batch", alibi_dtype="q"),
     C("alibi strided add4d", 2, 17, 17, 4, 4, 32, alibi="strided", alibi_dtype="f64", mask="add", mask_shape="BH"),
-    C("softcap window alibi b1 add", 1, 30, 30, 4, 1, 64, q_gain=3.0, softcap=5.0, window=9, alibi="b1",
-      mask="add", mask_dtype="q"),
+    C(
+        "softcap window alibi b1 add",
+        1,
+        30,
+        30,
+        4,
+        1,
+        64,
+        q_gain=3.0,
+        softcap=5.0,
+        window=9,
+        alibi="b1",
+        mask="add",
+        mask_dtype="q",
+    ),
     C("decode S=1 MQA", 2, 1, 24, 12, 1, 32),
     C("no mask 130x280 mm path", 1, 130, 280, 2, 2, 64, causal=False),
 ]
@@ -203,7 +216,9 @@ def test_gradcheck():
 def test_bad_input_names_the_argument():
     q, k, lse, add, alibi = _small(f32, grad=False)
     kw = dict(scale=0.4, causal=True)
-    with pytest.raises(ValueError, match=r"queries: expected indices in \[-5, 5\) \(S, the query positions of q = 5\), got 5"):
+    with pytest.raises(
+        ValueError, match=r"queries: expected indices in \[-5, 5\) \(S, the query positions of q = 5\), got 5"
+    ):
         ops.pattern_slice(q, k, lse, queries=[0, 5], **kw)
     with pytest.raises(ValueError, match=r"keys: expected indices in \[-7, 7\).*got -8"):
         ops.pattern_slice(q, k, lse, keys=-8, **kw)
@@ -337,7 +352,9 @@ def test_attached_model_caches_slices(fam_id, monkeypatch):
     B, S = ids.shape
     assert sliced["blocks.0.attn.hook_pattern"].shape == (B, 2, 2, len(range(0, S, 3)))
     with torch.no_grad():
-        assert torch.equal(h.run_with_cache(ids, attention_mask=am, names_filter=BOTH, **SLICE)[0], h(ids, attention_mask=am).logits)
+        assert torch.equal(
+            h.run_with_cache(ids, attention_mask=am, names_filter=BOTH, **SLICE)[0], h(ids, attention_mask=am).logits
+        )
 
 
 def test_attached_model_with_a_kv_cache(monkeypatch):
