@@ -234,18 +234,7 @@ def pattern_slice(
     """
     B, S, H, _ = q.shape
     K = k.shape[1]
-    scores = attn_scores(
-        q,
-        k,
-        scale=scale,
-        causal=causal,
-        mask=mask,
-        alibi=alibi,
-        softcap=softcap,
-        window=window,
-        compute_dtype=compute_dtype,
-    )
-    full = attn_scores(  # the same scores unrounded, for the exponent
+    full = attn_scores(  # unrounded (q, k cast first), for the exponent
         q.to(compute_dtype),
         k.to(compute_dtype),
         scale=scale,
@@ -257,6 +246,8 @@ def pattern_slice(
         compute_dtype=compute_dtype,
     )
     vis = visible_keys(B, H, S, K, causal=causal, mask=mask, window=window, device=q.device).expand(B, H, S, K)
+    # attn_scores(q, k) itself: the same values rounded once to q's dtype, hidden entries at its most negative
+    scores = full.to(q.dtype).masked_fill(~vis, torch.finfo(q.dtype).min)
     row_lse = lse.to(compute_dtype).unsqueeze(-1)
     pattern = torch.where(
         vis & (row_lse > float("-inf")), torch.exp(full - row_lse), torch.zeros((), dtype=compute_dtype)
