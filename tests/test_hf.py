@@ -219,6 +219,27 @@ def test_static_cache_generation(device, padded):
         torch.testing.assert_close(a, r, msg=f"step {step}")
 
 
+def test_static_cache_step_that_fails_leaves_the_position_counter(device):
+    """A failure after the keys went into a StaticCache layer (here a hook raising) steps HF's position counter
+    back, so the failed call leaves the cache's length as it was."""
+    from transformers import StaticCache
+
+    model = make_model(device)
+    ids, _ = inputs(device, left_pad=(0, 0))
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    h = pyqkv.hf.attach(model)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        before = [layer.cumulative_length.clone() for layer in cache.layers]
+
+        def fail(z, hook):
+            raise RuntimeError("hook failed")
+
+        with pytest.raises(RuntimeError, match="hook failed"), h.hooks(fwd_hooks=[("blocks.0.attn.hook_z", fail)]):
+            model(ids[:, :1], past_key_values=cache)
+    assert [layer.cumulative_length.item() for layer in cache.layers] == [t.item() for t in before]
+
+
 def test_deepcopy_of_attached_model(device):
     model = make_model(device)
     ids, am = inputs(device)

@@ -164,7 +164,7 @@ class StaticLayerKV(ExternalKV):
         self.length = 0 if self.K is None else self.K - S
         if self.length < 0:
             raise ValueError(f"attention_mask: spans {self.K} keys, fewer than this call's {S} new positions")
-        self._before = None
+        self._written = 0  # rows the last write() stored
 
     def check_appendable(self, shape: tuple, dtype, device) -> None:
         keys = getattr(self.cache.layers[self.layer_idx], "keys", None)
@@ -182,11 +182,7 @@ class StaticLayerKV(ExternalKV):
             )
 
     def write(self, k_new, v_new):
-        S = k_new.shape[1]
-        layer = self.cache.layers[self.layer_idx]
-        counter = getattr(layer, "cumulative_length", None)
-        if isinstance(counter, torch.Tensor):
-            self._before = counter.clone()
+        S = self._written = k_new.shape[1]
         keys, values = self.cache.update(k_new.transpose(1, 2), v_new.transpose(1, 2), self.layer_idx)
         K = S if self.K is None else self.K
         if keys.shape[2] < K or (self.K is not None and keys.shape[2] != K):
@@ -198,8 +194,11 @@ class StaticLayerKV(ExternalKV):
         return keys.transpose(1, 2), values.transpose(1, 2)  # [B, K, Hkv, Dh] views of HF's buffers
 
     def undo(self) -> None:
-        if self._before is not None:
-            self.cache.layers[self.layer_idx].cumulative_length.copy_(self._before)
+        """Step HF's position counter back over the rows write() stored (its update advanced it by them);
+        no copy of the counter is taken per step for this rare path."""
+        counter = getattr(self.cache.layers[self.layer_idx], "cumulative_length", None)
+        if self._written and isinstance(counter, torch.Tensor):
+            counter.sub_(self._written)
 
 
 _NOTHING = object()  # no tensor HF's layer can hold: the next step loads afresh
